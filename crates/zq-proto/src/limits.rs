@@ -1,0 +1,35 @@
+//! Hard limits every decoder checks before it allocates, and the protocol version range.
+
+/// Protocol versions this build speaks, inclusive. Any change to a message layout bumps
+/// [`PROTOCOL_VERSION_MAX`]; the handshake messages themselves never change layout.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// See [`PROTOCOL_VERSION_MIN`].
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+
+/// First four bytes of every `Hello`: "ZQ" and two bytes of zeros, so a stray client of
+/// another protocol is told apart from a zq peer of another version.
+pub const MAGIC: [u8; 4] = *b"ZQ\0\0";
+
+/// Largest payload of one data chunk (the `zfs send` bytes in one frame).
+pub const MAX_CHUNK_LEN: usize = 1024 * 1024;
+
+/// Largest frame body (kind byte + payload) a decoder accepts. A length prefix above this
+/// is rejected before any buffer is reserved.
+pub const MAX_FRAME_LEN: usize = 2 * 1024 * 1024;
+
+/// Longest dataset or snapshot name carried in a message (ZFS's own limit is 255 bytes).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Most datasets in one listing request or response.
+pub const MAX_LIST_DATASETS: usize = 65_536;
+
+/// Most snapshots reported for one dataset in a listing response.
+pub const MAX_SNAPSHOTS_PER_DATASET: usize = 1_000_000;
+
+/// Longest free-text field (error messages, software versions).
+pub const MAX_TEXT_LEN: usize = 16 * 1024;
+
+/// Most capability names a peer may advertise per kind, and the longest such name.
+pub const MAX_CAPABILITIES: usize = 32;
+/// See [`MAX_CAPABILITIES`].
+pub const MAX_CAPABILITY_LEN: usize = 64;

@@ -1,0 +1,461 @@
+//! Every message zq peers exchange, and the size checks applied to each after decoding.
+//!
+//! Messages travel bincode-encoded (bincode 2.0.1, standard configuration) inside
+//! [`Frame::Message`](crate::Frame). The variant order of [`Message`] is part of the wire
+//! format: new variants are appended and bump the protocol version. `Hello`, `Welcome` and
+//! `Refused` are frozen forever so that any two versions can at least tell each other apart.
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::*;
+
+/// One protocol message. The comment on each variant says which side sends it and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Sender → receiver, first frame of the handshake stream. Frozen layout.
+    Hello(Hello),
+    /// Receiver → sender: the handshake succeeded with these parameters. Frozen layout.
+    Welcome(Welcome),
+    /// Receiver → sender: the handshake failed; the connection will be closed. Frozen layout.
+    Refused(Refusal),
+    /// Sender → receiver, first frame of a listing stream.
+    ListRequest(ListRequest),
+    /// Receiver → sender, the answer to a [`ListRequest`].
+    ListResponse(ListResponse),
+    /// Sender → receiver, first frame of a step stream; data chunks follow.
+    StepHeader(StepHeader),
+    /// Sender → receiver, after the last data chunk of a step.
+    StepEnd(StepEnd),
+    /// Sender → receiver, instead of [`StepEnd`] when the sending side failed mid-stream.
+    StepAbort(StepAbort),
+    /// Receiver → sender, the outcome of a step.
+    Verdict(Verdict),
+    /// Either way: a request on this stream failed before it could be answered.
+    Error(WireError),
+}
+
+impl Message {
+    /// Short name of the variant, for error messages and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Refused(_) => "Refused",
+            Message::ListRequest(_) => "ListRequest",
+            Message::ListResponse(_) => "ListResponse",
+            Message::StepHeader(_) => "StepHeader",
+            Message::StepEnd(_) => "StepEnd",
+            Message::StepAbort(_) => "StepAbort",
+            Message::Verdict(_) => "Verdict",
+            Message::Error(_) => "Error",
+        }
+    }
+
+    /// Checks every variable-length field against the limits in [`crate::limits`].
+    /// The decoder calls this on every message; a peer's message is hostile until it passes.
+    pub fn validate(&self) -> Result<(), LimitError> {
+        match self {
+            Message::Hello(h) => {
+                check_text("Hello.software", &h.software)?;
+                for (field, caps) in [
+                    ("Hello.compression", &h.compression),
+                    ("Hello.checksums", &h.checksums),
+                    ("Hello.resume", &h.resume),
+                ] {
+                    check_count(field, caps.len(), MAX_CAPABILITIES)?;
+                    for c in caps {
+                        check_len(field, c.len(), MAX_CAPABILITY_LEN)?;
+                    }
+                }
+                Ok(())
+            }
+            Message::Welcome(w) => {
+                check_text("Welcome.software", &w.software)?;
+                check_len(
+                    "Welcome.compression",
+                    w.compression.len(),
+                    MAX_CAPABILITY_LEN,
+                )?;
+                check_len("Welcome.checksum", w.checksum.len(), MAX_CAPABILITY_LEN)?;
+                check_count("Welcome.resume", w.resume.len(), MAX_CAPABILITIES)?;
+                for r in &w.resume {
+                    check_len("Welcome.resume", r.len(), MAX_CAPABILITY_LEN)?;
+                }
+                Ok(())
+            }
+            Message::Refused(r) => check_text("Refused.message", &r.message),
+            Message::ListRequest(r) => {
+                check_count("ListRequest.roots", r.roots.len(), MAX_LIST_DATASETS)?;
+                r.roots
+                    .iter()
+                    .try_for_each(|root| check_name("ListRequest.roots", &root.dataset))
+            }
+            Message::ListResponse(r) => {
+                check_count("ListResponse.datasets", r.datasets.len(), MAX_LIST_DATASETS)?;
+                for d in &r.datasets {
+                    check_name("ListResponse.datasets", &d.name)?;
+                    check_count(
+                        "ListResponse.snapshots",
+                        d.snapshots.len(),
+                        MAX_SNAPSHOTS_PER_DATASET,
+                    )?;
+                    for s in &d.snapshots {
+                        check_name("ListResponse.snapshots", &s.name)?;
+                    }
+                }
+                Ok(())
+            }
+            Message::StepHeader(h) => {
+                check_name("StepHeader.source", &h.source)?;
+                check_name("StepHeader.target", &h.target)?;
+                check_name("StepHeader.to", &h.to.name)?;
+                if let Some(from) = &h.from {
+                    check_name("StepHeader.from", &from.name)?;
+                }
+                if let ForceAction::RollbackTo(s) = &h.force {
+                    check_name("StepHeader.force", &s.name)?;
+                }
+                Ok(())
+            }
+            Message::StepEnd(_) => Ok(()),
+            Message::StepAbort(a) => check_text("StepAbort.reason", &a.reason),
+            Message::Verdict(Verdict::Committed(c)) => {
+                check_name("Verdict.dataset", &c.dataset)?;
+                check_count(
+                    "Verdict.snapshots",
+                    c.snapshots.len(),
+                    MAX_SNAPSHOTS_PER_DATASET,
+                )?;
+                c.snapshots
+                    .iter()
+                    .try_for_each(|s| check_name("Verdict.snapshots", &s.name))
+            }
+            Message::Verdict(Verdict::Failed(e)) | Message::Error(e) => {
+                check_text("WireError.message", &e.message)?;
+                if let Some(s) = &e.receiver_newest {
+                    check_name("WireError.receiver_newest", &s.name)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A field of a decoded message exceeded its limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {actual} exceeds the limit of {limit}")]
+pub struct LimitError {
+    /// `Message.field` that was too large.
+    pub field: &'static str,
+    /// Its size (bytes or entries).
+    pub actual: usize,
+    /// The limit from [`crate::limits`].
+    pub limit: usize,
+}
+
+fn check_len(field: &'static str, actual: usize, limit: usize) -> Result<(), LimitError> {
+    if actual > limit {
+        return Err(LimitError {
+            field,
+            actual,
+            limit,
+        });
+    }
+    Ok(())
+}
+use check_len as check_count;
+
+fn check_name(field: &'static str, s: &str) -> Result<(), LimitError> {
+    check_len(field, s.len(), MAX_NAME_LEN)
+}
+
+fn check_text(field: &'static str, s: &str) -> Result<(), LimitError> {
+    check_len(field, s.len(), MAX_TEXT_LEN)
+}
+
+/// Sender's opening message. Capabilities are names (not enums) so that a peer ignores the
+/// ones it does not know instead of failing to decode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always [`MAGIC`].
+    pub magic: [u8; 4],
+    /// Lowest protocol version the sender speaks.
+    pub min_version: u16,
+    /// Highest protocol version the sender speaks.
+    pub max_version: u16,
+    /// Compression codecs the sender can produce, in order of preference (`"none"`, `"zstd"`).
+    pub compression: Vec<String>,
+    /// Checksums the sender can compute (`"blake3"`).
+    pub checksums: Vec<String>,
+    /// Resume kinds the sender supports (`"zfs-token"`, `"spool"`).
+    pub resume: Vec<String>,
+    /// Free text, e.g. `zq-send 0.1.0`, for logs only.
+    pub software: String,
+}
+
+/// The receiver's acceptance: the agreed version and one choice per capability kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Protocol version both sides now speak.
+    pub version: u16,
+    /// Compression the sender may use (one of those it offered).
+    pub compression: String,
+    /// Checksum both sides use.
+    pub checksum: String,
+    /// Resume kinds both sides support.
+    pub resume: Vec<String>,
+    /// Free text, e.g. `zq-recv 0.1.0`, for logs only.
+    pub software: String,
+}
+
+/// Why a handshake was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Machine-readable reason.
+    pub reason: RefusalReason,
+    /// Lowest version the refusing side speaks.
+    pub min_version: u16,
+    /// Highest version the refusing side speaks.
+    pub max_version: u16,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// Machine-readable handshake refusal reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalReason {
+    /// The version ranges do not overlap.
+    VersionMismatch,
+    /// No common checksum (or another mandatory capability).
+    NoCommonCapability,
+    /// The first frame was not a valid `Hello`.
+    BadHello,
+}
+
+/// Request the snapshot lists of several datasets (and optionally their descendants) at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListRequest {
+    /// The datasets to list, on the receiver.
+    pub roots: Vec<ListRoot>,
+}
+
+/// One entry of a [`ListRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListRoot {
+    /// Full dataset name on the receiver.
+    pub dataset: String,
+    /// Also list every descendant.
+    pub recursive: bool,
+}
+
+/// Every existing dataset under the requested roots, with its snapshots. A requested dataset
+/// that does not exist is simply absent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListResponse {
+    /// Existing datasets, parents before children.
+    pub datasets: Vec<DatasetSnapshots>,
+}
+
+/// One dataset and its snapshots, oldest first (by `createtxg`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetSnapshots {
+    /// Full dataset name.
+    pub name: String,
+    /// Snapshots, oldest first.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// A snapshot as both sides see it. Identity is the GUID; the name is for people.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// The part after `@`.
+    pub name: String,
+    /// ZFS's GUID of the snapshot, identical on every copy.
+    pub guid: u64,
+    /// Transaction group that created it on this pool (orders snapshots on one side only).
+    pub createtxg: u64,
+}
+
+/// A snapshot named in a step: name for people, GUID for identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SnapRef {
+    /// The part after `@`.
+    pub name: String,
+    /// ZFS's GUID of the snapshot.
+    pub guid: u64,
+}
+
+/// First frame of a step: what is about to be sent and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepHeader {
+    /// Source dataset on the sender (for logs and errors).
+    pub source: String,
+    /// Target dataset on the receiver; must be inside the sender's allowed root.
+    pub target: String,
+    /// Incremental base, or `None` for a full stream.
+    pub from: Option<SnapRef>,
+    /// The snapshot this step ends with.
+    pub to: SnapRef,
+    /// The stream carries every snapshot between `from` and `to` (`zfs send -I`).
+    pub intermediates: bool,
+    /// What the receiver may destroy before receiving (only with the user's `--force`).
+    pub force: ForceAction,
+    /// Compression of the data chunks, one of the names agreed in the handshake.
+    pub compression: String,
+}
+
+/// Destruction the sender's user authorised with `--force` for this step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForceAction {
+    /// Nothing: refuse if the target has diverged.
+    None,
+    /// Roll the target back to this snapshot (destroying newer ones) before receiving.
+    RollbackTo(SnapRef),
+    /// The target exists with no snapshot in common: destroy its snapshots and replace it.
+    Replace,
+}
+
+/// Last frame of a step's data: what the receiver must have seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepEnd {
+    /// Total bytes of the (uncompressed) send stream.
+    pub total_len: u64,
+    /// BLAKE3 of the whole (uncompressed) send stream.
+    pub hash: [u8; 32],
+}
+
+/// The sending side failed mid-stream (e.g. `zfs send` exited non-zero).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepAbort {
+    /// Why, for the receiver's log.
+    pub reason: String,
+}
+
+/// Outcome of one step, from the receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// The stream was verified and received.
+    Committed(Committed),
+    /// The step failed; nothing was committed.
+    Failed(WireError),
+}
+
+/// What a committed step left on the receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed {
+    /// Target dataset.
+    pub dataset: String,
+    /// GUID of the snapshot the step ended with (equals the header's `to.guid`).
+    pub guid: u64,
+    /// The target's snapshots after the receive, oldest first.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// A typed error carried on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// Human-readable detail (may include `zfs` stderr).
+    pub message: String,
+    /// The receiver's newest snapshot of the target, where it helps (divergence).
+    pub receiver_newest: Option<SnapRef>,
+}
+
+impl WireError {
+    /// An error without a snapshot reference.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        truncate_utf8(&mut message, MAX_TEXT_LEN);
+        WireError {
+            kind,
+            message,
+            receiver_newest: None,
+        }
+    }
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}
+
+/// Truncates `s` to at most `max` bytes on a character boundary.
+pub fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+}
+
+/// Kinds of failure a receiver reports. Whether retrying can help is [`ErrorKind::retryable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The target is outside the sender's allowed root.
+    NotAuthorized,
+    /// A dataset or snapshot name is not valid.
+    InvalidName,
+    /// The target has snapshots newer than the base, or none in common with the source.
+    Diverged,
+    /// The incremental base does not exist on the target.
+    BaseMissing,
+    /// A full stream was sent but the target already exists.
+    TargetExists,
+    /// The stream's data did not match its checksums or length.
+    Checksum,
+    /// The stream ended early or frames arrived out of order.
+    Protocol,
+    /// The sender aborted the step.
+    Aborted,
+    /// `zfs receive` (or another zfs command on the receiver) failed.
+    Zfs,
+    /// The receiver committed a snapshot other than the one the header named.
+    GuidMismatch,
+    /// Anything else on the receiver.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Whether retrying the same step later can succeed without anyone changing anything.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Checksum | ErrorKind::Protocol | ErrorKind::Aborted | ErrorKind::Internal
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_rejects_long_names() {
+        let m = Message::ListRequest(ListRequest {
+            roots: vec![ListRoot {
+                dataset: "a".repeat(MAX_NAME_LEN + 1),
+                recursive: false,
+            }],
+        });
+        let err = m.validate().unwrap_err();
+        assert_eq!(err.field, "ListRequest.roots");
+    }
+
+    #[test]
+    fn wire_error_truncates_on_char_boundary() {
+        let e = WireError::new(ErrorKind::Zfs, "é".repeat(MAX_TEXT_LEN));
+        assert!(e.message.len() <= MAX_TEXT_LEN);
+        assert!(e.message.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn retryable_kinds() {
+        assert!(ErrorKind::Checksum.retryable());
+        assert!(!ErrorKind::Diverged.retryable());
+        assert!(!ErrorKind::NotAuthorized.retryable());
+    }
+}

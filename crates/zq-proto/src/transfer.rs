@@ -1,0 +1,364 @@
+//! The data part of one replication step, on both sides.
+//!
+//! [`StepEncoder`] hashes each chunk and the whole stream on the sender. [`StepDecoder`]
+//! checks them on the receiver and decides which bytes may reach `zfs receive`: a chunk is
+//! released only after its own hash matched, and the newest chunk is held back until the
+//! `StepEnd` frame confirms the total length and the whole-stream hash. A ZFS stream ends
+//! with its END record, so `zfs receive` cannot commit a snapshot from a stream that was
+//! not verified to the last byte.
+
+use bytes::Bytes;
+
+use crate::codec::Frame;
+use crate::message::{Message, StepEnd};
+
+/// Sender side of one step's data: per-chunk and whole-stream BLAKE3.
+#[derive(Debug, Default)]
+pub struct StepEncoder {
+    stream: blake3::Hasher,
+    total: u64,
+}
+
+impl StepEncoder {
+    /// A new step.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Accounts for `data` and returns its hash, to be sent in front of it.
+    pub fn chunk(&mut self, data: &[u8]) -> [u8; 32] {
+        self.stream.update(data);
+        self.total += data.len() as u64;
+        *blake3::hash(data).as_bytes()
+    }
+
+    /// Bytes accounted for so far.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The `StepEnd` that closes the data.
+    pub fn end(&self) -> StepEnd {
+        StepEnd {
+            total_len: self.total,
+            hash: *self.stream.finalize().as_bytes(),
+        }
+    }
+}
+
+/// What the receiver should do after a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepEvent {
+    /// Nothing to write yet (the chunk is held back).
+    Nothing,
+    /// These verified bytes may be written to `zfs receive`.
+    Data(Bytes),
+    /// The stream is complete and verified: write `last` (if any), then close stdin.
+    Complete {
+        /// The held-back final chunk.
+        last: Option<Bytes>,
+        /// Total bytes of the stream.
+        total_len: u64,
+    },
+}
+
+/// The step's data failed verification or arrived out of order. Nothing after the last
+/// released chunk has reached `zfs receive`, and the held-back chunk never will.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransferError {
+    /// A chunk's bytes do not match its hash.
+    #[error("chunk at stream offset {offset} ({len} bytes) failed its BLAKE3 check")]
+    ChunkChecksum {
+        /// Offset of the chunk in the stream.
+        offset: u64,
+        /// Its length.
+        len: usize,
+    },
+    /// `StepEnd` claims a length other than what arrived.
+    #[error("stream length mismatch: sender says {claimed} bytes, received {received}")]
+    LengthMismatch {
+        /// From `StepEnd`.
+        claimed: u64,
+        /// Counted here.
+        received: u64,
+    },
+    /// Every chunk matched but the whole-stream hash did not (a chunk lost or reordered).
+    #[error("whole-stream BLAKE3 mismatch after {0} bytes")]
+    StreamChecksum(u64),
+    /// The sender aborted the step.
+    #[error("sender aborted the step: {0}")]
+    Aborted(String),
+    /// A frame that does not belong here.
+    #[error("unexpected {got} frame during step data")]
+    Unexpected {
+        /// The frame's name.
+        got: &'static str,
+    },
+    /// The stream ended before `StepEnd`.
+    #[error("stream ended after {0} bytes without StepEnd")]
+    Truncated(u64),
+}
+
+/// Receiver side of one step's data.
+#[derive(Debug, Default)]
+pub struct StepDecoder {
+    stream: blake3::Hasher,
+    total: u64,
+    pending: Option<Bytes>,
+    done: bool,
+}
+
+impl StepDecoder {
+    /// A new step, after its header was accepted.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes verified so far (including the held-back chunk).
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Feeds one frame.
+    pub fn on_frame(&mut self, frame: Frame) -> Result<StepEvent, TransferError> {
+        if self.done {
+            return Err(TransferError::Unexpected { got: frame.name() });
+        }
+        match frame {
+            Frame::Data { hash, data } => {
+                if blake3::hash(&data).as_bytes() != &hash {
+                    self.pending = None;
+                    return Err(TransferError::ChunkChecksum {
+                        offset: self.total,
+                        len: data.len(),
+                    });
+                }
+                self.stream.update(&data);
+                self.total += data.len() as u64;
+                Ok(match self.pending.replace(data) {
+                    Some(prev) => StepEvent::Data(prev),
+                    None => StepEvent::Nothing,
+                })
+            }
+            Frame::Message(Message::StepEnd(end)) => {
+                self.done = true;
+                let last = self.pending.take();
+                if end.total_len != self.total {
+                    return Err(TransferError::LengthMismatch {
+                        claimed: end.total_len,
+                        received: self.total,
+                    });
+                }
+                if self.stream.finalize().as_bytes() != &end.hash {
+                    return Err(TransferError::StreamChecksum(self.total));
+                }
+                Ok(StepEvent::Complete {
+                    last,
+                    total_len: self.total,
+                })
+            }
+            Frame::Message(Message::StepAbort(a)) => {
+                self.done = true;
+                self.pending = None;
+                Err(TransferError::Aborted(a.reason))
+            }
+            other => {
+                self.pending = None;
+                Err(TransferError::Unexpected { got: other.name() })
+            }
+        }
+    }
+
+    /// The peer finished its side of the stream: anything before `StepEnd` is truncation.
+    pub fn on_eof(&self) -> Result<(), TransferError> {
+        if self.done {
+            Ok(())
+        } else {
+            Err(TransferError::Truncated(self.total))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode, encode_data_header};
+    use crate::message::StepAbort;
+    use bytes::{BufMut, BytesMut};
+    use proptest::prelude::*;
+
+    /// Encodes a whole step's data as the sender would, into one byte buffer.
+    fn sender_wire(chunks: &[Vec<u8>]) -> BytesMut {
+        let mut enc = StepEncoder::new();
+        let mut wire = BytesMut::new();
+        for c in chunks {
+            let h = enc.chunk(c);
+            wire.put_slice(&encode_data_header(&h, c.len()));
+            wire.put_slice(c);
+        }
+        encode(&Message::StepEnd(enc.end()), &mut wire).unwrap();
+        wire
+    }
+
+    /// Drives a decoder over `wire`, feeding it in pieces of `piece` bytes like a network
+    /// would; returns the bytes released to `zfs receive` and the outcome.
+    fn receiver_run(wire: &[u8], piece: usize) -> (Vec<u8>, Result<u64, String>) {
+        let mut dec = StepDecoder::new();
+        let mut buf = BytesMut::new();
+        let mut released = Vec::new();
+        for part in wire.chunks(piece.max(1)) {
+            buf.put_slice(part);
+            loop {
+                match decode(&mut buf) {
+                    Ok(Some(f)) => match dec.on_frame(f) {
+                        Ok(StepEvent::Nothing) => {}
+                        Ok(StepEvent::Data(d)) => released.extend_from_slice(&d),
+                        Ok(StepEvent::Complete { last, total_len }) => {
+                            if let Some(l) = last {
+                                released.extend_from_slice(&l);
+                            }
+                            return (released, Ok(total_len));
+                        }
+                        Err(e) => return (released, Err(e.to_string())),
+                    },
+                    Ok(None) => break,
+                    Err(e) => return (released, Err(e.to_string())),
+                }
+            }
+        }
+        (released, dec.on_eof().map(|_| 0).map_err(|e| e.to_string()))
+    }
+
+    #[test]
+    fn clean_stream_is_released_whole() {
+        let chunks = vec![b"abc".to_vec(), b"defg".to_vec(), vec![7; 1000]];
+        let (out, r) = receiver_run(&sender_wire(&chunks), 5);
+        assert_eq!(r, Ok(1007));
+        assert_eq!(out, chunks.concat());
+    }
+
+    #[test]
+    fn last_chunk_is_held_back_until_end() {
+        let mut dec = StepDecoder::new();
+        let d = Bytes::from_static(b"only chunk");
+        let hash = *blake3::hash(&d).as_bytes();
+        assert_eq!(
+            dec.on_frame(Frame::Data {
+                hash,
+                data: d.clone()
+            }),
+            Ok(StepEvent::Nothing)
+        );
+        // Truncation right here: the only chunk never leaves the decoder.
+        assert_eq!(dec.on_eof(), Err(TransferError::Truncated(10)));
+    }
+
+    #[test]
+    fn flipped_bit_in_chunk_is_caught_before_release() {
+        let chunks = vec![b"first".to_vec(), b"secnd".to_vec(), b"third".to_vec()];
+        let mut wire = sender_wire(&chunks);
+        // Flip a bit in the payload of the third data frame.
+        let third_payload = 2 * (crate::DATA_HEADER_LEN + 5) + crate::DATA_HEADER_LEN;
+        wire[third_payload] ^= 0x01;
+        let (out, r) = receiver_run(&wire, 64);
+        assert!(r.unwrap_err().contains("failed its BLAKE3 check"));
+        // Only the first chunk was released; the second (verified, held back) never is.
+        assert_eq!(out, b"first");
+    }
+
+    #[test]
+    fn dropped_chunk_fails_whole_stream_and_holds_back_tail() {
+        // Build frames, then remove the middle data frame: each remaining chunk verifies,
+        // but the length and stream hash do not.
+        let chunks = vec![b"aaaa".to_vec(), b"bbbb".to_vec(), b"cccc".to_vec()];
+        let wire = sender_wire(&chunks);
+        let frame = crate::DATA_HEADER_LEN + 4;
+        let mut cut = BytesMut::new();
+        cut.put_slice(&wire[..frame]);
+        cut.put_slice(&wire[2 * frame..]);
+        let (out, r) = receiver_run(&cut, 1000);
+        assert!(r.unwrap_err().contains("length mismatch"));
+        assert_eq!(
+            out, b"aaaa",
+            "the held-back last chunk must not be released"
+        );
+    }
+
+    #[test]
+    fn abort_and_unexpected_frames() {
+        let mut dec = StepDecoder::new();
+        let e = dec
+            .on_frame(Frame::Message(Message::StepAbort(StepAbort {
+                reason: "zfs send died".into(),
+            })))
+            .unwrap_err();
+        assert_eq!(e, TransferError::Aborted("zfs send died".into()));
+        let mut dec = StepDecoder::new();
+        let e = dec
+            .on_frame(Frame::Message(Message::StepEnd(StepEnd {
+                total_len: 0,
+                hash: *blake3::hash(b"").as_bytes(),
+            })))
+            .unwrap();
+        assert_eq!(
+            e,
+            StepEvent::Complete {
+                last: None,
+                total_len: 0
+            }
+        );
+        assert!(matches!(
+            dec.on_frame(Frame::Message(Message::StepEnd(StepEnd {
+                total_len: 0,
+                hash: [0; 32]
+            }))),
+            Err(TransferError::Unexpected { .. })
+        ));
+    }
+
+    proptest! {
+        /// Any split of the wire into network reads yields exactly the sent bytes.
+        #[test]
+        fn any_fragmentation_round_trips(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..10),
+            piece in 1usize..200,
+        ) {
+            let (out, r) = receiver_run(&sender_wire(&chunks), piece);
+            prop_assert_eq!(r, Ok(chunks.iter().map(|c| c.len() as u64).sum()));
+            prop_assert_eq!(out, chunks.concat());
+        }
+
+        /// Truncating the wire anywhere never completes and never releases the final chunk.
+        #[test]
+        fn truncation_never_completes(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..100), 1..6),
+            frac in 0.0f64..1.0,
+        ) {
+            let wire = sender_wire(&chunks);
+            let cut = ((wire.len() as f64) * frac) as usize;
+            let (out, r) = receiver_run(&wire[..cut], 7);
+            prop_assert!(r.is_err());
+            let all = chunks.concat();
+            let last = chunks.last().map(|c| c.len()).unwrap_or(0);
+            prop_assert!(out.len() <= all.len() - last);
+            prop_assert_eq!(&out[..], &all[..out.len()]);
+        }
+
+        /// A single flipped bit anywhere in the data frames is always detected.
+        #[test]
+        fn any_bit_flip_is_detected(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..100), 1..6),
+            pos in any::<usize>(),
+            bit in 0u8..8,
+        ) {
+            let mut wire = sender_wire(&chunks);
+            let data_len: usize = chunks.iter().map(|c| c.len() + crate::DATA_HEADER_LEN).sum();
+            let i = pos % data_len;
+            wire[i] ^= 1 << bit;
+            let (out, r) = receiver_run(&wire, 50);
+            prop_assert!(r.is_err());
+            let all = chunks.concat();
+            prop_assert_eq!(&out[..], &all[..out.len()]);
+        }
+    }
+}

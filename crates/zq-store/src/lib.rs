@@ -1,1 +1,13 @@
-//! placeholder
+//! The snapshot store: every `zfs` invocation zq makes, with argv only (never a shell),
+//! names validated by ZFS's rules before they reach a command line, and `zfs` output parsed
+//! by pure functions tested on captured OpenZFS and zfs-fuse output.
+
+pub mod command;
+pub mod name;
+pub mod parse;
+pub mod zfs;
+
+pub use command::{CommandError, Reader, Writer};
+pub use name::{DatasetName, NameError, SnapshotName};
+pub use parse::{Kind, Version};
+pub use zfs::{Capabilities, DatasetState, Snapshot, StoreError, Zfs};

@@ -1,0 +1,346 @@
+//! The zfs backend: every `zfs` invocation zq makes, with capabilities probed once.
+//!
+//! zq does not define a store trait yet: zfs is the only backend, and a trait shaped by
+//! one implementation would be shaped wrong. The btrfs backend will introduce it, with
+//! this type as its first implementation.
+
+use std::path::{Path, PathBuf};
+
+use crate::command::{run, Argv, CommandError, Reader, Writer};
+use crate::name::{DatasetName, NameError, SnapshotName};
+use crate::parse::{
+    is_missing_dataset, parse_get, parse_list, parse_version, Entry, Kind, ParseError, Version,
+};
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A `zfs` command could not be run or failed (stderr included).
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// `zfs` printed something zq does not understand.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// `zfs` reported a name zq cannot handle (e.g. a dataset name with a space).
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+impl StoreError {
+    /// The stderr of the failed `zfs` command, if any.
+    pub fn stderr(&self) -> Option<&str> {
+        match self {
+            StoreError::Command(c) => c.stderr(),
+            _ => None,
+        }
+    }
+}
+
+/// A snapshot of one dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Snapshot {
+    /// The part after `@`.
+    pub name: String,
+    /// GUID, identical on every copy.
+    pub guid: u64,
+    /// Creation txg on this pool.
+    pub createtxg: u64,
+}
+
+/// A dataset and its snapshots, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetState {
+    /// The dataset.
+    pub name: DatasetName,
+    /// Filesystem or volume.
+    pub kind: Kind,
+    /// Snapshots ordered by `createtxg`.
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// Which modern `zfs` features this host has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// OpenZFS userland version, when `zfs version` answers.
+    pub version: Option<Version>,
+    /// `zfs list -p` (exact numbers in one line per item).
+    pub list_parsable: bool,
+    /// `zfs receive -u` (do not mount received filesystems).
+    pub recv_no_mount: bool,
+    /// Bookmarks (`zfs bookmark`, `send -i #bm`).
+    pub bookmarks: bool,
+    /// `zfs send -nvP` size estimates.
+    pub send_estimate: bool,
+    /// `zfs receive -s` and `receive_resume_token`.
+    pub resumable_receive: bool,
+}
+
+impl Capabilities {
+    /// Capabilities implied by `zfs version` output, or the legacy set if it did not parse.
+    pub fn from_version(v: Option<Version>, list_parsable: bool) -> Self {
+        match v {
+            // Every release that has `zfs version` (0.8+) has all of these.
+            Some(_) => Capabilities {
+                version: v,
+                list_parsable: true,
+                recv_no_mount: true,
+                bookmarks: true,
+                send_estimate: true,
+                resumable_receive: true,
+            },
+            // Pre-0.8 OpenZFS or illumos: `list -p` and `recv -u` exist; zq does not rely
+            // on the rest there. zfs-fuse has none of it.
+            None => Capabilities {
+                list_parsable,
+                recv_no_mount: list_parsable,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// The zfs command-line backend.
+#[derive(Debug, Clone)]
+pub struct Zfs {
+    program: PathBuf,
+    caps: Capabilities,
+}
+
+impl Zfs {
+    /// Probes `program` (normally `zfs`) once for its capabilities.
+    pub async fn probe(program: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let program = program.as_ref().to_path_buf();
+        let version = match run(&Argv::new(&program).arg("version")).await {
+            Ok(out) => parse_version(&out),
+            Err(e @ CommandError::Spawn { .. }) => return Err(e.into()),
+            Err(_) => None,
+        };
+        let list_parsable = version.is_some()
+            || run(&Argv::new(&program).args(["list", "-Hp", "-o", "name", "-d", "0"]))
+                .await
+                .is_ok();
+        let caps = Capabilities::from_version(version, list_parsable);
+        tracing::debug!(?caps, program = %program.display(), "probed zfs");
+        Ok(Zfs { program, caps })
+    }
+
+    /// Uses `program` with known capabilities (tests, or a probe done elsewhere).
+    pub fn with_capabilities(program: impl AsRef<Path>, caps: Capabilities) -> Self {
+        Zfs {
+            program: program.as_ref().to_path_buf(),
+            caps,
+        }
+    }
+
+    /// What the probe found.
+    pub fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    fn zfs(&self) -> Argv {
+        Argv::new(&self.program)
+    }
+
+    /// `root` (and its descendants if `recursive`) with their snapshots, parents first.
+    /// Empty if `root` does not exist.
+    pub async fn list(
+        &self,
+        root: &DatasetName,
+        recursive: bool,
+    ) -> Result<Vec<DatasetState>, StoreError> {
+        let depth = if recursive { "-r" } else { "-d1" };
+        let argv = if self.caps.list_parsable {
+            self.zfs()
+                .args(["list", "-Hp", "-o", "name,type,guid,createtxg"])
+                .args(["-t", "filesystem,volume,snapshot", depth])
+        } else {
+            self.zfs()
+                .args(["get", "-Hp", "-o", "name,property,value", depth])
+                .arg("type,guid,createtxg")
+        }
+        .arg(root.as_str());
+        let out = match run(&argv).await {
+            Ok(out) => out,
+            Err(e) if e.stderr().is_some_and(is_missing_dataset) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let entries = if self.caps.list_parsable {
+            parse_list(&out)?
+        } else {
+            parse_get(&out)?
+        };
+        tree_from_entries(entries, root, recursive)
+    }
+
+    /// Creates `snap`.
+    pub async fn snapshot(&self, snap: &SnapshotName) -> Result<(), StoreError> {
+        run(&self.zfs().arg("snapshot").arg(snap.to_string())).await?;
+        Ok(())
+    }
+
+    /// Starts `zfs send` of `to`, incremental from `from` (same dataset) if given, with every
+    /// intermediate snapshot (`-I`) if `intermediates`.
+    pub fn send(
+        &self,
+        from: Option<&SnapshotName>,
+        to: &SnapshotName,
+        intermediates: bool,
+    ) -> Result<Reader, StoreError> {
+        let mut argv = self.zfs().arg("send");
+        if let Some(from) = from {
+            argv = argv
+                .arg(if intermediates { "-I" } else { "-i" })
+                .arg(from.to_string());
+        }
+        Ok(Reader::spawn(&argv.arg(to.to_string()))?)
+    }
+
+    /// Starts `zfs receive` into `target`. `force` adds `-F` (only after the caller rolled
+    /// back or cleared the target with the user's `--force`).
+    pub fn receive(&self, target: &DatasetName, force: bool) -> Result<Writer, StoreError> {
+        let argv = self
+            .zfs()
+            .arg("receive")
+            .arg_if(self.caps.recv_no_mount, "-u")
+            .arg_if(force, "-F")
+            .arg(target.as_str());
+        Ok(Writer::spawn(&argv)?)
+    }
+
+    /// `zfs rollback -r snap`: destroys every snapshot newer than `snap`.
+    pub async fn rollback(&self, snap: &SnapshotName) -> Result<(), StoreError> {
+        run(&self.zfs().args(["rollback", "-r"]).arg(snap.to_string())).await?;
+        Ok(())
+    }
+
+    /// Destroys one snapshot.
+    pub async fn destroy_snapshot(&self, snap: &SnapshotName) -> Result<(), StoreError> {
+        run(&self.zfs().arg("destroy").arg(snap.to_string())).await?;
+        Ok(())
+    }
+
+    /// Creates `dataset` and any missing ancestors (`zfs create -p`); no-op if it exists.
+    pub async fn create_all(&self, dataset: &DatasetName) -> Result<(), StoreError> {
+        run(&self.zfs().args(["create", "-p"]).arg(dataset.as_str())).await?;
+        Ok(())
+    }
+}
+
+/// Groups a listing into datasets with their snapshots (oldest first), parents before
+/// children. Non-recursive listings keep only `root` itself.
+pub fn tree_from_entries(
+    entries: Vec<Entry>,
+    root: &DatasetName,
+    recursive: bool,
+) -> Result<Vec<DatasetState>, StoreError> {
+    let mut datasets: Vec<DatasetState> = Vec::new();
+    let mut snapshots: Vec<(String, Snapshot)> = Vec::new();
+    for e in entries {
+        match e.kind {
+            Kind::Filesystem | Kind::Volume => {
+                let name = DatasetName::parse(&e.name)?;
+                if name.is_within(root) && (recursive || name == *root) {
+                    datasets.push(DatasetState {
+                        name,
+                        kind: e.kind,
+                        snapshots: Vec::new(),
+                    });
+                }
+            }
+            Kind::Snapshot => {
+                let Some((ds, snap)) = e.name.split_once('@') else {
+                    continue;
+                };
+                snapshots.push((
+                    ds.to_string(),
+                    Snapshot {
+                        name: snap.to_string(),
+                        guid: e.guid,
+                        createtxg: e.createtxg,
+                    },
+                ));
+            }
+            Kind::Bookmark => {}
+        }
+    }
+    // Sorting by components puts every parent before its children.
+    datasets.sort_by(|a, b| a.name.as_str().split('/').cmp(b.name.as_str().split('/')));
+    for (ds, snap) in snapshots {
+        if let Ok(i) = datasets.binary_search_by(|d| d.name.as_str().split('/').cmp(ds.split('/')))
+        {
+            crate::name::validate_snapshot_component(&snap.name)?;
+            datasets[i].snapshots.push(snap);
+        }
+    }
+    for d in &mut datasets {
+        d.snapshots.sort_by_key(|s| s.createtxg);
+    }
+    Ok(datasets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(name: &str, kind: Kind, guid: u64, createtxg: u64) -> Entry {
+        Entry {
+            name: name.into(),
+            kind,
+            guid,
+            createtxg,
+        }
+    }
+
+    fn sample() -> Vec<Entry> {
+        vec![
+            e("t/a/b", Kind::Filesystem, 1, 5),
+            e("t/a@s2", Kind::Snapshot, 12, 20),
+            e("t/a", Kind::Filesystem, 2, 3),
+            e("t/a@s1", Kind::Snapshot, 11, 10),
+            e("t/a/b@s1", Kind::Snapshot, 21, 10),
+            e("t/a-x", Kind::Filesystem, 3, 4),
+        ]
+    }
+
+    #[test]
+    fn recursive_tree_is_parent_first_and_txg_ordered() {
+        let root = DatasetName::parse("t/a").unwrap();
+        let t = tree_from_entries(sample(), &root, true).unwrap();
+        let names: Vec<_> = t.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["t/a", "t/a/b"]);
+        let snaps: Vec<_> = t[0].snapshots.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(snaps, ["s1", "s2"]);
+        assert_eq!(t[1].snapshots[0].guid, 21);
+    }
+
+    #[test]
+    fn non_recursive_keeps_root_only() {
+        let root = DatasetName::parse("t/a").unwrap();
+        let t = tree_from_entries(sample(), &root, false).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].snapshots.len(), 2);
+    }
+
+    #[test]
+    fn dataset_name_zq_cannot_handle_is_an_error_not_a_skip() {
+        let root = DatasetName::parse("t").unwrap();
+        let err =
+            tree_from_entries(vec![e("t/a b", Kind::Filesystem, 1, 1)], &root, true).unwrap_err();
+        assert!(err.to_string().contains("t/a b"), "{err}");
+    }
+
+    #[test]
+    fn capabilities_by_version() {
+        let modern = Capabilities::from_version(
+            Some(Version {
+                major: 2,
+                minor: 1,
+                patch: 11,
+            }),
+            true,
+        );
+        assert!(modern.resumable_receive && modern.bookmarks && modern.recv_no_mount);
+        let fuse = Capabilities::from_version(None, false);
+        assert_eq!(fuse, Capabilities::default());
+    }
+}

@@ -1,1 +1,11 @@
-//! placeholder
+//! zq's transport: QUIC (quinn) with TLS 1.3 (rustls), self-signed identities pinned by
+//! public-key fingerprint on both sides, and zq frames over QUIC streams.
+
+pub mod endpoint;
+pub mod framed;
+pub mod identity;
+pub mod pin;
+
+pub use endpoint::{peer_fingerprint, resolve, server, Client, NetError, Tuning};
+pub use framed::{FramedRecv, FramedSend, StreamError};
+pub use identity::{Fingerprint, Identity, IdentityError};

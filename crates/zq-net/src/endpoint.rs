@@ -1,0 +1,224 @@
+//! QUIC endpoints: a client that pins the receiver's key and a server that admits only
+//! pinned senders, both TLS 1.3 over quinn with keep-alive so one connection lives through
+//! idle periods and is reused for every dataset and step.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{TransportConfig, VarInt};
+use rustls_pki_types::CertificateDer;
+
+use crate::identity::{Fingerprint, Identity};
+use crate::pin::{PinnedClients, PinnedServer};
+
+/// ALPN of protocol family 1; the in-band handshake negotiates the exact version.
+pub const ALPN: &[u8] = b"zq/1";
+
+/// Name sent as SNI. Certificates are pinned by key, so it carries no meaning.
+const SERVER_NAME: &str = "zq";
+
+/// Transport settings.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Per-stream receive window (bytes).
+    pub stream_window: u32,
+    /// Per-connection receive window (bytes).
+    pub connection_window: u32,
+    /// How often an idle connection sends a keep-alive.
+    pub keep_alive: Duration,
+    /// How long without any packet before a connection is considered dead.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            stream_window: 16 * 1024 * 1024,
+            connection_window: 64 * 1024 * 1024,
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Tuning {
+    fn transport(&self) -> Result<TransportConfig, NetError> {
+        let mut t = TransportConfig::default();
+        t.stream_receive_window(VarInt::from_u32(self.stream_window))
+            .receive_window(VarInt::from_u32(self.connection_window))
+            .send_window(u64::from(self.connection_window))
+            .keep_alive_interval(Some(self.keep_alive))
+            .max_idle_timeout(Some(self.idle_timeout.try_into().map_err(|_| {
+                NetError::Config(format!("idle timeout {:?} too large", self.idle_timeout))
+            })?))
+            .max_concurrent_uni_streams(VarInt::from_u32(0));
+        Ok(t)
+    }
+}
+
+/// A transport-level failure.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Binding or configuring the UDP socket failed.
+    #[error("cannot use UDP socket {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS or QUIC configuration was rejected (a bug or an unusable key).
+    #[error("invalid TLS/QUIC configuration: {0}")]
+    Config(String),
+    /// The address could not be resolved.
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, String),
+    /// The receiver presented a key other than the pinned one.
+    #[error(
+        "receiver at {addr} presented key {got}, but --peer pins {expected}: refusing to connect"
+    )]
+    WrongPeerKey {
+        /// Where.
+        addr: SocketAddr,
+        /// `--peer`.
+        expected: Fingerprint,
+        /// What it presented.
+        got: Fingerprint,
+    },
+    /// The connection could not be established or was lost.
+    #[error("connection to {addr} failed: {source}")]
+    Connection {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: quinn::ConnectionError,
+    },
+}
+
+impl NetError {
+    /// Whether retrying later can help (network trouble) or not (keys, configuration).
+    pub fn retryable(&self) -> bool {
+        matches!(self, NetError::Connection { .. } | NetError::Resolve(..))
+    }
+}
+
+/// Resolves `host:port` (names, IPv4, `[IPv6]:port`) to the first address.
+pub async fn resolve(target: &str) -> Result<SocketAddr, NetError> {
+    tokio::net::lookup_host(target)
+        .await
+        .map_err(|e| NetError::Resolve(target.to_string(), e.to_string()))?
+        .next()
+        .ok_or_else(|| NetError::Resolve(target.to_string(), "no address".into()))
+}
+
+/// The sender's side: connects to one receiver whose key is pinned.
+#[derive(Debug)]
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    peer: Fingerprint,
+    seen: Arc<Mutex<Option<Fingerprint>>>,
+}
+
+impl Client {
+    /// A client endpoint for a receiver at an address of `family_of`'s family.
+    pub fn new(
+        identity: Identity,
+        peer: Fingerprint,
+        family_of: SocketAddr,
+        tuning: &Tuning,
+    ) -> Result<Self, NetError> {
+        let seen = Arc::new(Mutex::new(None));
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| NetError::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedServer::new(peer, seen.clone())))
+            .with_client_auth_cert(vec![identity.cert], identity.key)
+            .map_err(|e| NetError::Config(format!("our identity: {e}")))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = QuicClientConfig::try_from(tls).map_err(|e| NetError::Config(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(tuning.transport()?));
+        let bind: SocketAddr = if family_of.is_ipv6() {
+            "[::]:0".parse().expect("literal address")
+        } else {
+            "0.0.0.0:0".parse().expect("literal address")
+        };
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .map_err(|source| NetError::Bind { addr: bind, source })?;
+        endpoint.set_default_client_config(config);
+        Ok(Client {
+            endpoint,
+            peer,
+            seen,
+        })
+    }
+
+    /// Opens a connection to `addr` and checks the receiver's key.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<quinn::Connection, NetError> {
+        let connecting = self
+            .endpoint
+            .connect(addr, SERVER_NAME)
+            .map_err(|e| NetError::Config(format!("connect to {addr}: {e}")))?;
+        match connecting.await {
+            Ok(c) => Ok(c),
+            Err(source) => {
+                let seen = self.seen.lock().ok().and_then(|s| *s);
+                match seen {
+                    Some(got) if got != self.peer => Err(NetError::WrongPeerKey {
+                        addr,
+                        expected: self.peer,
+                        got,
+                    }),
+                    _ => Err(NetError::Connection { addr, source }),
+                }
+            }
+        }
+    }
+
+    /// Closes the endpoint, waiting briefly for the peer to learn of it.
+    pub async fn shutdown(&self) {
+        self.endpoint.close(VarInt::from_u32(0), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// The receiver's endpoint on `listen`, admitting only senders whose key is in `allowed`.
+pub fn server(
+    identity: Identity,
+    allowed: impl IntoIterator<Item = Fingerprint>,
+    listen: SocketAddr,
+    tuning: &Tuning,
+) -> Result<quinn::Endpoint, NetError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::Config(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(PinnedClients::new(allowed)))
+        .with_single_cert(vec![identity.cert], identity.key)
+        .map_err(|e| NetError::Config(format!("our identity: {e}")))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| NetError::Config(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(tuning.transport()?));
+    quinn::Endpoint::server(config, listen).map_err(|source| NetError::Bind {
+        addr: listen,
+        source,
+    })
+}
+
+/// The fingerprint of the key the peer authenticated with.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    Fingerprint::of_certificate(certs.first()?).ok()
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}

@@ -1,0 +1,138 @@
+//! zq frames over one QUIC stream: [`FramedSend`] writes messages and data chunks (the
+//! chunk bytes are handed to quinn without a copy), [`FramedRecv`] reads frames with a
+//! buffer bounded by the largest frame.
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
+use zq_proto::{codec, Frame, FrameError, Message};
+
+/// Reading or writing frames on a stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The peer sent bytes that are not a valid frame.
+    #[error("invalid frame from peer: {0}")]
+    Frame(#[from] FrameError),
+    /// Writing to the stream failed (peer reset or stopped it, or the connection was lost).
+    #[error("stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// Reading from the stream failed.
+    #[error("stream read failed: {0}")]
+    Read(String),
+    /// The stream is already closed.
+    #[error("stream closed: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    /// The peer finished the stream where a frame was required.
+    #[error("peer closed the stream while we expected {0}")]
+    Eof(&'static str),
+    /// The peer sent a valid frame that does not belong here.
+    #[error("expected {expected}, peer sent {got}")]
+    Unexpected {
+        /// What we expected.
+        expected: &'static str,
+        /// What came.
+        got: &'static str,
+    },
+}
+
+/// The sending half of a framed stream.
+#[derive(Debug)]
+pub struct FramedSend {
+    inner: quinn::SendStream,
+    buf: BytesMut,
+}
+
+impl FramedSend {
+    /// Wraps a QUIC send stream.
+    pub fn new(inner: quinn::SendStream) -> Self {
+        FramedSend {
+            inner,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Writes one message frame.
+    pub async fn send(&mut self, msg: &Message) -> Result<(), StreamError> {
+        self.buf.clear();
+        codec::encode(msg, &mut self.buf)?;
+        self.inner.write_all(&self.buf).await?;
+        Ok(())
+    }
+
+    /// Writes one data frame: header, then `data` itself.
+    pub async fn send_data(&mut self, hash: &[u8; 32], data: Bytes) -> Result<(), StreamError> {
+        let header = Bytes::copy_from_slice(&codec::encode_data_header(hash, data.len()));
+        self.inner.write_all_chunks(&mut [header, data]).await?;
+        Ok(())
+    }
+
+    /// Finishes the stream (no more frames from us).
+    pub fn finish(&mut self) -> Result<(), StreamError> {
+        self.inner.finish()?;
+        Ok(())
+    }
+
+    /// Waits until the peer has received everything or stopped the stream.
+    pub async fn stopped(&mut self) {
+        let _ = self.inner.stopped().await;
+    }
+}
+
+/// The receiving half of a framed stream.
+#[derive(Debug)]
+pub struct FramedRecv {
+    inner: quinn::RecvStream,
+    buf: BytesMut,
+    eof: bool,
+}
+
+impl FramedRecv {
+    /// Wraps a QUIC receive stream.
+    pub fn new(inner: quinn::RecvStream) -> Self {
+        FramedRecv {
+            inner,
+            buf: BytesMut::with_capacity(64 * 1024),
+            eof: false,
+        }
+    }
+
+    /// The next frame, or `None` when the peer finished the stream cleanly between frames.
+    pub async fn next(&mut self) -> Result<Option<Frame>, StreamError> {
+        loop {
+            if let Some(frame) = codec::decode(&mut self.buf)? {
+                return Ok(Some(frame));
+            }
+            if self.eof {
+                codec::finish(&self.buf)?;
+                return Ok(None);
+            }
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            let n = self
+                .inner
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| StreamError::Read(e.to_string()))?;
+            if n == 0 {
+                self.eof = true;
+            }
+        }
+    }
+
+    /// The next frame, which must be a message.
+    pub async fn message(&mut self, expected: &'static str) -> Result<Message, StreamError> {
+        match self.next().await? {
+            Some(Frame::Message(m)) => Ok(m),
+            Some(other) => Err(StreamError::Unexpected {
+                expected,
+                got: other.name(),
+            }),
+            None => Err(StreamError::Eof(expected)),
+        }
+    }
+
+    /// Tells the peer to stop sending on this stream (we will not read further).
+    pub fn stop(&mut self) {
+        let _ = self.inner.stop(quinn::VarInt::from_u32(1));
+    }
+}

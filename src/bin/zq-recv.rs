@@ -1,1 +1,143 @@
-fn main() {}
+//! `zq-recv`: receives ZFS snapshots from pinned `zq-send` peers over QUIC.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use zq::{exit, fail};
+use zq_net::{Fingerprint, Identity, Tuning};
+use zq_proto::Capabilities;
+use zq_repl::{Policy, Receiver};
+use zq_store::{DatasetName, Zfs};
+
+const ROLE: &str = "zq-recv";
+
+/// Receive ZFS snapshots from pinned zq-send peers over QUIC.
+#[derive(Parser, Debug)]
+#[command(name = "zq-recv", version, about)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text (logs go to stderr).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create this receiver's identity in DIR and print its fingerprint.
+    Keygen {
+        /// Directory for zq-recv.crt and zq-recv.key (created with mode 0700).
+        dir: PathBuf,
+    },
+    /// Print the fingerprint of the identity in DIR.
+    Fingerprint {
+        /// Directory holding zq-recv.crt.
+        dir: PathBuf,
+    },
+    /// Accept senders and receive their streams until SIGTERM/SIGINT.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// UDP address to listen on, e.g. [::]:7446. Port 0 picks a free port; the bound
+    /// address is printed on stdout as `listening on ADDR`.
+    #[arg(long, default_value = "[::]:7446", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Directory holding this receiver's identity (see `keygen`).
+    #[arg(long, value_name = "DIR")]
+    identity: PathBuf,
+    /// Allow the sender with this fingerprint to write inside ROOT (repeatable; one root
+    /// per sender).
+    #[arg(long, value_name = "FINGERPRINT=ROOT", required = true, value_parser = parse_allow)]
+    allow: Vec<(Fingerprint, DatasetName)>,
+    /// The zfs program to run.
+    #[arg(long, default_value = "zfs", value_name = "PATH")]
+    zfs: PathBuf,
+}
+
+fn parse_allow(s: &str) -> Result<(Fingerprint, DatasetName), String> {
+    let (fp, root) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected FINGERPRINT=ROOT"))?;
+    let fp = Fingerprint::parse(fp)?;
+    let root = DatasetName::parse(root).map_err(|e| e.to_string())?;
+    Ok((fp, root))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Keygen { dir } => zq::keygen(&dir, ROLE),
+        Command::Fingerprint { dir } => zq::fingerprint(&dir, ROLE),
+        Command::Serve(args) => {
+            zq::init_logging(cli.log_json);
+            match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(serve(args)),
+                Err(e) => fail(exit::FAILURE, &anyhow::Error::new(e)),
+            }
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let mut policy = Policy::default();
+    for (fp, root) in &args.allow {
+        if let Err(e) = policy.allow(*fp, root.clone()) {
+            return fail(exit::USAGE, &anyhow::anyhow!(e).context("--allow"));
+        }
+    }
+    let identity = match Identity::load(&args.identity, ROLE) {
+        Ok(i) => i,
+        Err(e) => {
+            return fail(
+                exit::USAGE,
+                &anyhow::Error::new(e).context("loading identity"),
+            )
+        }
+    };
+    let zfs = match Zfs::probe(&args.zfs).await {
+        Ok(z) => z,
+        Err(e) => return fail(exit::FAILURE, &anyhow::Error::new(e).context("probing zfs")),
+    };
+    let endpoint = match zq_net::server(
+        identity,
+        policy.fingerprints(),
+        args.listen,
+        &Tuning::default(),
+    ) {
+        Ok(e) => e,
+        Err(e) => return fail(exit::USAGE, &anyhow::Error::new(e)),
+    };
+    let bound = endpoint.local_addr().unwrap_or(args.listen);
+    println!("listening on {bound}");
+    tracing::info!(%bound, senders = args.allow.len(), "zq-recv ready");
+    let caps = Capabilities::current(format!("zq-recv {}", env!("CARGO_PKG_VERSION")));
+    let receiver = Receiver::new(zfs, policy, caps);
+    let serving = tokio::spawn(receiver.serve(endpoint.clone()));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    endpoint.close(0u32.into(), b"receiver shutting down");
+    serving.abort();
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

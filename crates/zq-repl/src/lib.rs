@@ -1,1 +1,54 @@
-//! placeholder
+//! Replication: planning (pure functions over snapshot lists) and the sender and receiver
+//! engines that carry out the plan over one QUIC connection.
+
+pub mod error;
+pub mod plan;
+pub mod receiver;
+pub mod sender;
+
+pub use error::ReplError;
+pub use plan::{plan, Plan, PlanError, PlanOptions, Step};
+pub use receiver::{Policy, Receiver};
+pub use sender::{Job, Sender};
+
+use zq_store::DatasetName;
+
+/// What happened to one dataset of a job.
+#[derive(Debug)]
+pub struct DatasetReport {
+    /// Source dataset.
+    pub source: DatasetName,
+    /// Target dataset.
+    pub target: DatasetName,
+    /// Outcome.
+    pub outcome: DatasetOutcome,
+}
+
+/// Outcome of one dataset.
+#[derive(Debug)]
+pub enum DatasetOutcome {
+    /// Nothing new to send.
+    UpToDate,
+    /// Steps were committed by the receiver.
+    Sent {
+        /// Steps run.
+        steps: usize,
+        /// Stream bytes sent.
+        bytes: u64,
+        /// The newest snapshot now on the destination.
+        newest: String,
+        /// Snapshots the destination holds now.
+        committed: usize,
+    },
+    /// The dataset could not be brought up to date.
+    Failed(ReplError),
+}
+
+/// Converts a store snapshot into its wire form.
+pub fn to_info(s: &zq_store::Snapshot) -> zq_proto::SnapshotInfo {
+    zq_proto::SnapshotInfo {
+        name: s.name.clone(),
+        guid: s.guid,
+        createtxg: s.createtxg,
+    }
+}

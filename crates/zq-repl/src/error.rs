@@ -1,0 +1,90 @@
+//! Errors of the replication engines, with whether retrying can help.
+
+use zq_net::{NetError, StreamError};
+use zq_proto::{ErrorKind, HandshakeError, WireError};
+use zq_store::{NameError, StoreError};
+
+use crate::plan::PlanError;
+
+/// Replicating a dataset failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplError {
+    /// The source dataset does not exist.
+    #[error("source dataset {0} does not exist")]
+    SourceMissing(String),
+    /// The plan refused (divergence, nothing in common) — needs a human or `--force`.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The receiver reported an error.
+    #[error("receiver: {}", .0.message)]
+    Remote(WireError),
+    /// A local `zfs` command failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A name could not be used.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// The transport failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// A stream failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The connection was lost.
+    #[error("connection lost: {0}")]
+    Connection(String),
+    /// The peer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Not attempted.
+    #[error("skipped: {0}")]
+    Skipped(String),
+}
+
+impl From<zq_store::CommandError> for ReplError {
+    fn from(e: zq_store::CommandError) -> Self {
+        ReplError::Store(e.into())
+    }
+}
+
+impl ReplError {
+    pub(crate) fn connection(e: quinn::ConnectionError) -> Self {
+        ReplError::Connection(e.to_string())
+    }
+
+    /// Whether retrying later, with nothing changed by a human, can succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ReplError::Remote(e) => e.kind.retryable(),
+            ReplError::Net(e) => e.retryable(),
+            ReplError::Stream(_) | ReplError::Connection(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether this is a divergence only `--force` (or a human) can resolve.
+    pub fn needs_force(&self) -> bool {
+        matches!(self, ReplError::Plan(_))
+            || matches!(
+                self,
+                ReplError::Remote(WireError {
+                    kind: ErrorKind::Diverged | ErrorKind::TargetExists,
+                    ..
+                })
+            )
+    }
+
+    /// Whether the receiver refused this sender's authority.
+    pub fn not_authorized(&self) -> bool {
+        matches!(
+            self,
+            ReplError::Remote(WireError {
+                kind: ErrorKind::NotAuthorized,
+                ..
+            })
+        )
+    }
+}

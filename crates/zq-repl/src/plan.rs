@@ -1,0 +1,376 @@
+//! Planning: a pure function from the source's and destination's snapshot lists to the
+//! steps that bring the destination up to date, or the reason it must not be touched.
+//!
+//! Snapshots are identified by GUID only. The common base is the newest destination
+//! snapshot whose GUID exists on the source. Destruction on the destination is planned only
+//! with the user's `--force`, and the receiver re-checks its own state before acting on it.
+
+use std::collections::HashSet;
+
+use zq_proto::{ForceAction, SnapRef, SnapshotInfo};
+
+/// How to plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PlanOptions {
+    /// Send only the newest snapshot (`zfs send -i`) instead of every intermediate (`-I`).
+    pub newest_only: bool,
+    /// Roll back or replace a diverged destination (`--force`).
+    pub force: bool,
+}
+
+/// One `zfs send` stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// A full stream of `to`.
+    Full {
+        /// The snapshot.
+        to: SnapshotInfo,
+    },
+    /// An incremental stream from `from` to `to`.
+    Incremental {
+        /// The base, present on both sides.
+        from: SnapshotInfo,
+        /// The newest snapshot to send.
+        to: SnapshotInfo,
+        /// Carry every snapshot in between (`-I`).
+        intermediates: bool,
+    },
+}
+
+impl Step {
+    /// The snapshot the step ends with.
+    pub fn to(&self) -> &SnapshotInfo {
+        match self {
+            Step::Full { to } | Step::Incremental { to, .. } => to,
+        }
+    }
+}
+
+/// What to do for one dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Destruction authorised by `--force`, carried by the first step.
+    pub force: ForceAction,
+    /// Steps in order; empty when the destination is up to date.
+    pub steps: Vec<Step>,
+    /// Something the user should know even though the plan is fine.
+    pub note: Option<String>,
+}
+
+/// Why a dataset must not be replicated as things stand.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// The destination has snapshots newer than the common base.
+    #[error(
+        "destination has diverged: it has {newer} snapshot(s) newer than the common base @{base} \
+             (destination newest @{dest_newest}, source newest @{source_newest}); \
+             use --force to roll the destination back to @{base}"
+    )]
+    Diverged {
+        /// The common base.
+        base: String,
+        /// How many destination snapshots are newer.
+        newer: usize,
+        /// Newest on the destination.
+        dest_newest: String,
+        /// Newest on the source.
+        source_newest: String,
+    },
+    /// The destination exists but shares no snapshot with the source.
+    #[error("destination exists but has no snapshot in common with the source \
+             (destination newest {}, source newest @{source_newest}); \
+             use --force to replace the destination", dest_newest.as_deref().map(|s| format!("@{s}")).unwrap_or_else(|| "none".into()))]
+    NoCommonSnapshot {
+        /// Newest on the destination, if it has any.
+        dest_newest: Option<String>,
+        /// Newest on the source.
+        source_newest: String,
+    },
+}
+
+/// Plans replication of one dataset. Both lists are ordered oldest first; `dest` is `None`
+/// when the destination dataset does not exist.
+pub fn plan(
+    source: &[SnapshotInfo],
+    dest: Option<&[SnapshotInfo]>,
+    opts: PlanOptions,
+) -> Result<Plan, PlanError> {
+    let up_to_date = |note: Option<String>| Plan {
+        force: ForceAction::None,
+        steps: Vec::new(),
+        note,
+    };
+    let (Some(oldest), Some(newest)) = (source.first(), source.last()) else {
+        return Ok(up_to_date(Some(
+            "source has no snapshots: nothing to send".into(),
+        )));
+    };
+    let initial = |force| {
+        let mut steps = vec![Step::Full { to: oldest.clone() }];
+        if newest.guid != oldest.guid {
+            steps.push(Step::Incremental {
+                from: oldest.clone(),
+                to: newest.clone(),
+                intermediates: !opts.newest_only,
+            });
+        }
+        Plan {
+            force,
+            steps,
+            note: None,
+        }
+    };
+    let Some(dest) = dest else {
+        return Ok(initial(ForceAction::None));
+    };
+    let source_guids: HashSet<u64> = source.iter().map(|s| s.guid).collect();
+    let Some(base_pos) = dest.iter().rposition(|s| source_guids.contains(&s.guid)) else {
+        if opts.force {
+            return Ok(initial(ForceAction::Replace));
+        }
+        return Err(PlanError::NoCommonSnapshot {
+            dest_newest: dest.last().map(|s| s.name.clone()),
+            source_newest: newest.name.clone(),
+        });
+    };
+    let base = &dest[base_pos];
+    let newer = dest.len() - base_pos - 1;
+    let mut force = ForceAction::None;
+    if newer > 0 {
+        if !opts.force {
+            return Err(PlanError::Diverged {
+                base: base.name.clone(),
+                newer,
+                dest_newest: dest[dest.len() - 1].name.clone(),
+                source_newest: newest.name.clone(),
+            });
+        }
+        force = ForceAction::RollbackTo(SnapRef {
+            name: base.name.clone(),
+            guid: base.guid,
+        });
+    }
+    // The source's copy of the base (same GUID; the name may differ).
+    let src_pos = source
+        .iter()
+        .position(|s| s.guid == base.guid)
+        .expect("base GUID was found in the source set");
+    if src_pos == source.len() - 1 {
+        let note = (newer > 0).then(|| {
+            format!(
+                "destination has {newer} snapshot(s) newer than @{}; nothing new to send, \
+                 so nothing was rolled back",
+                base.name
+            )
+        });
+        return Ok(up_to_date(note));
+    }
+    Ok(Plan {
+        force,
+        steps: vec![Step::Incremental {
+            from: source[src_pos].clone(),
+            to: newest.clone(),
+            intermediates: !opts.newest_only,
+        }],
+        note: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn s(name: &str, guid: u64) -> SnapshotInfo {
+        SnapshotInfo {
+            name: name.into(),
+            guid,
+            createtxg: guid * 10,
+        }
+    }
+
+    fn opts() -> PlanOptions {
+        PlanOptions::default()
+    }
+
+    #[test]
+    fn no_destination_is_full_then_incremental_with_intermediates() {
+        let src = [s("a", 1), s("b", 2), s("c", 3)];
+        let p = plan(&src, None, opts()).unwrap();
+        assert_eq!(
+            p.steps,
+            vec![
+                Step::Full { to: s("a", 1) },
+                Step::Incremental {
+                    from: s("a", 1),
+                    to: s("c", 3),
+                    intermediates: true
+                }
+            ]
+        );
+        assert_eq!(p.force, ForceAction::None);
+    }
+
+    #[test]
+    fn single_snapshot_is_one_full() {
+        let p = plan(&[s("a", 1)], None, opts()).unwrap();
+        assert_eq!(p.steps, vec![Step::Full { to: s("a", 1) }]);
+    }
+
+    #[test]
+    fn common_base_gives_one_incremental() {
+        let src = [s("a", 1), s("b", 2), s("c", 3)];
+        let p = plan(&src, Some(&[s("a", 1)]), opts()).unwrap();
+        assert_eq!(
+            p.steps,
+            vec![Step::Incremental {
+                from: s("a", 1),
+                to: s("c", 3),
+                intermediates: true
+            }]
+        );
+        let p = plan(
+            &src,
+            Some(&[s("a", 1)]),
+            PlanOptions {
+                newest_only: true,
+                ..opts()
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            p.steps[..],
+            [Step::Incremental {
+                intermediates: false,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn nothing_new_is_empty() {
+        let src = [s("a", 1), s("b", 2)];
+        let p = plan(&src, Some(&src), opts()).unwrap();
+        assert!(p.steps.is_empty());
+        assert!(p.note.is_none());
+    }
+
+    #[test]
+    fn identity_is_guid_not_name() {
+        // Same names, different GUIDs: nothing in common.
+        let src = [s("a", 1), s("b", 2)];
+        let e = plan(&src, Some(&[s("a", 99)]), opts()).unwrap_err();
+        assert!(matches!(e, PlanError::NoCommonSnapshot { .. }));
+        // Renamed on the destination but same GUID: common.
+        let p = plan(&src, Some(&[s("renamed", 1)]), opts()).unwrap();
+        assert_eq!(p.steps.len(), 1);
+    }
+
+    #[test]
+    fn diverged_is_refused_naming_both_newest() {
+        let src = [s("a", 1), s("b", 2)];
+        let dst = [s("a", 1), s("local", 50)];
+        let e = plan(&src, Some(&dst), opts()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("@local") && msg.contains("@b") && msg.contains("--force"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn force_rolls_back_to_base() {
+        let src = [s("a", 1), s("b", 2)];
+        let dst = [s("a", 1), s("local", 50)];
+        let p = plan(
+            &src,
+            Some(&dst),
+            PlanOptions {
+                force: true,
+                ..opts()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            p.force,
+            ForceAction::RollbackTo(SnapRef {
+                name: "a".into(),
+                guid: 1
+            })
+        );
+        assert_eq!(p.steps.len(), 1);
+    }
+
+    #[test]
+    fn force_replaces_when_nothing_in_common() {
+        let src = [s("a", 1)];
+        let p = plan(
+            &src,
+            Some(&[s("x", 9)]),
+            PlanOptions {
+                force: true,
+                ..opts()
+            },
+        )
+        .unwrap();
+        assert_eq!(p.force, ForceAction::Replace);
+        assert_eq!(p.steps, vec![Step::Full { to: s("a", 1) }]);
+        // An existing destination without snapshots is also "nothing in common".
+        let e = plan(&src, Some(&[]), opts()).unwrap_err();
+        assert!(e.to_string().contains("destination newest none"), "{e}");
+    }
+
+    #[test]
+    fn empty_source_sends_nothing() {
+        let p = plan(&[], None, opts()).unwrap();
+        assert!(p.steps.is_empty());
+        assert!(p.note.unwrap().contains("no snapshots"));
+    }
+
+    #[test]
+    fn newest_common_base_is_used() {
+        // The destination also holds an older common snapshot; the newest common one wins.
+        let src = [s("a", 1), s("b", 2), s("c", 3), s("d", 4)];
+        let p = plan(&src, Some(&[s("a", 1), s("c", 3)]), opts()).unwrap();
+        assert_eq!(
+            p.steps,
+            vec![Step::Incremental {
+                from: s("c", 3),
+                to: s("d", 4),
+                intermediates: true
+            }]
+        );
+    }
+
+    proptest! {
+        /// For any destination that is a prefix of the source, the plan ends at the source's
+        /// newest snapshot and never asks for destruction.
+        #[test]
+        fn prefix_destination_catches_up(n in 1usize..20, k in 0usize..20) {
+            let src: Vec<_> = (1..=n as u64).map(|g| s(&format!("s{g}"), g)).collect();
+            let k = k.min(n);
+            let dst = &src[..k];
+            let p = plan(&src, (k > 0).then_some(dst), opts()).unwrap();
+            prop_assert_eq!(p.force, ForceAction::None);
+            if k == n {
+                prop_assert!(p.steps.is_empty());
+            } else {
+                prop_assert_eq!(p.steps.last().unwrap().to(), src.last().unwrap());
+            }
+        }
+
+        /// Without --force, a plan never carries a destructive action.
+        #[test]
+        fn no_destruction_without_force(
+            src in proptest::collection::vec(0u64..8, 0..8),
+            dst in proptest::collection::vec(0u64..8, 0..8),
+            exists in any::<bool>(),
+        ) {
+            let src: Vec<_> = src.iter().map(|&g| s("x", g)).collect();
+            let dst: Vec<_> = dst.iter().map(|&g| s("y", g)).collect();
+            if let Ok(p) = plan(&src, exists.then_some(&dst[..]), opts()) {
+                prop_assert_eq!(p.force, ForceAction::None);
+            }
+        }
+    }
+}

@@ -1,0 +1,493 @@
+//! The receiver engine: admits pinned senders, confines each to its destination root,
+//! answers listings and runs steps, feeding `zfs receive` only verified bytes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use tracing::{debug, info, info_span, warn, Instrument};
+use zq_net::{peer_fingerprint, Fingerprint, FramedRecv, FramedSend, StreamError};
+use zq_proto::{
+    Capabilities, Committed, DatasetSnapshots, ErrorKind, ForceAction, ListResponse, Message,
+    StepDecoder, StepEvent, StepHeader, TransferError, Verdict, WireError,
+};
+use zq_store::{DatasetName, SnapshotName, Zfs};
+
+use crate::to_info;
+
+/// Which sender may write where: each sender key maps to one destination root.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    roots: HashMap<Fingerprint, DatasetName>,
+}
+
+impl Policy {
+    /// Adds `fingerprint` with its root; a key may have only one root.
+    pub fn allow(&mut self, fingerprint: Fingerprint, root: DatasetName) -> Result<(), String> {
+        if let Some(old) = self.roots.get(&fingerprint) {
+            return Err(format!(
+                "sender {fingerprint} is already allowed into {old}; a sender has one root"
+            ));
+        }
+        self.roots.insert(fingerprint, root);
+        Ok(())
+    }
+
+    /// The keys that may connect.
+    pub fn fingerprints(&self) -> Vec<Fingerprint> {
+        self.roots.keys().copied().collect()
+    }
+
+    /// The root of `fingerprint`.
+    pub fn root(&self, fingerprint: &Fingerprint) -> Option<&DatasetName> {
+        self.roots.get(fingerprint)
+    }
+}
+
+/// Checks that `name` is a valid dataset inside `root`.
+pub fn authorize(root: &DatasetName, name: &str) -> Result<DatasetName, WireError> {
+    let ds = DatasetName::parse(name)
+        .map_err(|e| WireError::new(ErrorKind::InvalidName, e.to_string()))?;
+    if !ds.is_within(root) {
+        return Err(WireError::new(
+            ErrorKind::NotAuthorized,
+            format!("{ds} is outside this sender's destination root {root}"),
+        ));
+    }
+    Ok(ds)
+}
+
+/// The receiving side, shared by all connections.
+#[derive(Debug)]
+pub struct Receiver {
+    zfs: Zfs,
+    policy: Policy,
+    caps: Capabilities,
+    busy: Mutex<HashSet<DatasetName>>,
+}
+
+/// Marks a target busy for the duration of one step.
+struct Busy<'a>(&'a Mutex<HashSet<DatasetName>>, DatasetName);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.0.lock() {
+            b.remove(&self.1);
+        }
+    }
+}
+
+impl Receiver {
+    /// A receiver with this policy.
+    pub fn new(zfs: Zfs, policy: Policy, caps: Capabilities) -> Arc<Self> {
+        Arc::new(Receiver {
+            zfs,
+            policy,
+            caps,
+            busy: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Accepts connections on `endpoint` until it is closed.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let this = self.clone();
+            let remote = incoming.remote_address();
+            tokio::spawn(async move {
+                match incoming.await {
+                    Ok(conn) => {
+                        this.connection(conn)
+                            .instrument(info_span!("conn", %remote))
+                            .await
+                    }
+                    Err(e) => {
+                        warn!(%remote, error = %e, "connection refused or failed during handshake")
+                    }
+                }
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, conn: quinn::Connection) {
+        let Some(root) = peer_fingerprint(&conn).and_then(|fp| {
+            let root = self.policy.root(&fp).cloned();
+            info!(sender = %fp.short(), root = ?root.as_ref().map(|r| r.to_string()), "sender connected");
+            root
+        }) else {
+            conn.close(1u32.into(), b"unknown sender key");
+            return;
+        };
+        if let Err(e) = self.handshake(&conn).await {
+            warn!(error = %e, "handshake failed");
+            conn.close(2u32.into(), b"handshake failed");
+            return;
+        }
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    info!(reason = %e, "connection closed");
+                    return;
+                }
+            };
+            let this = self.clone();
+            let root = root.clone();
+            tokio::spawn(async move {
+                let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+                if let Err(e) = this.stream(&root, &mut send, &mut recv).await {
+                    warn!(error = %e, "stream failed");
+                }
+            });
+        }
+    }
+
+    async fn handshake(&self, conn: &quinn::Connection) -> Result<(), String> {
+        let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+        let reply = match recv.message("Hello").await {
+            Ok(Message::Hello(h)) => {
+                info!(peer = %h.software, versions = ?(h.min_version, h.max_version), "hello");
+                self.caps.accept(&h).map_err(|r| (r.message.clone(), r))
+            }
+            Ok(other) => Err(self.bad_hello(format!("first message was {}", other.name()))),
+            Err(e) => Err(self.bad_hello(e.to_string())),
+        };
+        let (msg, result) = match reply {
+            Ok(w) => {
+                info!(version = w.version, "handshake complete");
+                (Message::Welcome(w), Ok(()))
+            }
+            Err((why, r)) => (Message::Refused(r), Err(why)),
+        };
+        send.send(&msg).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        // Let the refusal reach the sender before the connection closes.
+        if result.is_err() {
+            send.stopped().await;
+        }
+        result
+    }
+
+    fn bad_hello(&self, why: String) -> (String, zq_proto::Refusal) {
+        let r = zq_proto::Refusal {
+            reason: zq_proto::RefusalReason::BadHello,
+            min_version: self.caps.min_version,
+            max_version: self.caps.max_version,
+            message: format!("expected a zq Hello: {why}"),
+        };
+        (r.message.clone(), r)
+    }
+
+    async fn stream(
+        &self,
+        root: &DatasetName,
+        send: &mut FramedSend,
+        recv: &mut FramedRecv,
+    ) -> Result<(), StreamError> {
+        let reply = match recv.message("a request").await {
+            Ok(Message::ListRequest(r)) => match self.list(root, r).await {
+                Ok(l) => Message::ListResponse(l),
+                Err(e) => Message::Error(e),
+            },
+            Ok(Message::StepHeader(h)) => {
+                let span = info_span!("step", target = %h.target, to = %h.to.name);
+                let v = self.step(root, h, recv).instrument(span).await;
+                Message::Verdict(v)
+            }
+            Ok(other) => Message::Error(WireError::new(
+                ErrorKind::Protocol,
+                format!(
+                    "a stream must start with ListRequest or StepHeader, not {}",
+                    other.name()
+                ),
+            )),
+            Err(e) => Message::Error(WireError::new(ErrorKind::Protocol, e.to_string())),
+        };
+        if let Message::Verdict(Verdict::Failed(e)) | Message::Error(e) = &reply {
+            warn!(kind = ?e.kind, error = %e.message, "request failed");
+            recv.stop();
+        }
+        send.send(&reply).await?;
+        send.finish()?;
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        root: &DatasetName,
+        req: zq_proto::ListRequest,
+    ) -> Result<ListResponse, WireError> {
+        let mut datasets = Vec::new();
+        for r in req.roots {
+            let ds = authorize(root, &r.dataset)?;
+            let tree = self
+                .zfs
+                .list(&ds, r.recursive)
+                .await
+                .map_err(|e| WireError::new(ErrorKind::Zfs, e.to_string()))?;
+            datasets.extend(tree.into_iter().map(|d| DatasetSnapshots {
+                name: d.name.to_string(),
+                snapshots: d.snapshots.iter().map(to_info).collect(),
+            }));
+        }
+        Ok(ListResponse { datasets })
+    }
+
+    async fn step(&self, root: &DatasetName, h: StepHeader, recv: &mut FramedRecv) -> Verdict {
+        match self.step_inner(root, &h, recv).await {
+            Ok(c) => {
+                info!(guid = c.guid, "committed");
+                Verdict::Committed(c)
+            }
+            Err(e) => Verdict::Failed(e),
+        }
+    }
+
+    async fn step_inner(
+        &self,
+        root: &DatasetName,
+        h: &StepHeader,
+        recv: &mut FramedRecv,
+    ) -> Result<Committed, WireError> {
+        let target = authorize(root, &h.target)?;
+        let name_err =
+            |e: zq_store::NameError| WireError::new(ErrorKind::InvalidName, e.to_string());
+        let to = target.snapshot(&h.to.name).map_err(name_err)?;
+        if let Some(f) = &h.from {
+            target.snapshot(&f.name).map_err(name_err)?;
+        }
+        if h.compression != "none" {
+            return Err(WireError::new(
+                ErrorKind::Protocol,
+                format!("compression {:?} was not negotiated", h.compression),
+            ));
+        }
+        let _busy = {
+            let mut busy = self.busy.lock().map_err(|_| internal("lock poisoned"))?;
+            if !busy.insert(target.clone()) {
+                return Err(WireError::new(
+                    ErrorKind::Internal,
+                    format!("another step into {target} is in progress"),
+                ));
+            }
+            Busy(&self.busy, target.clone())
+        };
+        let force = self.prepare(root, &target, h).await?;
+
+        let mut zrecv = self.zfs.receive(&target, force).map_err(zfs_err)?;
+        let mut decoder = StepDecoder::new();
+        let fed = async {
+            loop {
+                let frame = match recv.next().await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return Err(transfer_err(decoder.on_eof().err())),
+                    Err(e) => return Err(WireError::new(ErrorKind::Protocol, e.to_string())),
+                };
+                match decoder.on_frame(frame) {
+                    Ok(StepEvent::Nothing) => {}
+                    Ok(StepEvent::Data(d)) => zrecv_write(&mut zrecv, &d).await?,
+                    Ok(StepEvent::Complete { last, total_len }) => {
+                        if let Some(d) = last {
+                            zrecv_write(&mut zrecv, &d).await?;
+                        }
+                        return Ok(total_len);
+                    }
+                    Err(e) => return Err(transfer_err(Some(e))),
+                }
+            }
+        }
+        .await;
+        let total = match fed {
+            Ok(total) => total,
+            Err(e) => {
+                // zfs receive never saw the end of the stream: it discards what it has.
+                zrecv.abort().await;
+                return Err(e);
+            }
+        };
+        zrecv.finish().await.map_err(|e| zfs_err(e.into()))?;
+        debug!(bytes = total, "zfs receive finished");
+
+        let state = self
+            .zfs
+            .list(&target, false)
+            .await
+            .map_err(zfs_err)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| internal(format!("{target} does not exist after zfs receive")))?;
+        let snapshots: Vec<_> = state.snapshots.iter().map(to_info).collect();
+        if !snapshots.iter().any(|s| s.guid == h.to.guid) {
+            return Err(WireError::new(
+                ErrorKind::GuidMismatch,
+                format!(
+                    "after receiving, {to} has no snapshot with GUID {} that the header named",
+                    h.to.guid
+                ),
+            ));
+        }
+        Ok(Committed {
+            dataset: target.to_string(),
+            guid: h.to.guid,
+            snapshots,
+        })
+    }
+
+    /// Checks the target's real state against the header and carries out the destruction
+    /// the sender's `--force` authorised. Returns whether `zfs receive -F` is needed.
+    async fn prepare(
+        &self,
+        root: &DatasetName,
+        target: &DatasetName,
+        h: &StepHeader,
+    ) -> Result<bool, WireError> {
+        let state = self.zfs.list(target, false).await.map_err(zfs_err)?;
+        let snaps = state.first().map(|d| d.snapshots.as_slice());
+        let newest = snaps.and_then(|s| s.last()).map(|s| zq_proto::SnapRef {
+            name: s.name.clone(),
+            guid: s.guid,
+        });
+        let with_newest = |mut e: WireError| {
+            e.receiver_newest = newest.clone();
+            e
+        };
+        match (&h.from, snaps) {
+            (None, None) => {
+                // A full stream into a new dataset: its parent must exist.
+                if let Some(parent) = target.parent() {
+                    if self
+                        .zfs
+                        .list(&parent, false)
+                        .await
+                        .map_err(zfs_err)?
+                        .is_empty()
+                    {
+                        if !parent.is_within(root) {
+                            return Err(WireError::new(
+                                ErrorKind::Zfs,
+                                format!("{parent} does not exist on the receiver (create it, or allow a root that exists)"),
+                            ));
+                        }
+                        self.zfs.create_all(&parent).await.map_err(zfs_err)?;
+                        info!(%parent, "created parent datasets");
+                    }
+                }
+                Ok(false)
+            }
+            (None, Some(existing)) => {
+                if h.force != ForceAction::Replace {
+                    return Err(with_newest(WireError::new(
+                        ErrorKind::TargetExists,
+                        format!(
+                            "{target} already exists; a full stream would replace it (use --force)"
+                        ),
+                    )));
+                }
+                for s in existing {
+                    let snap = target
+                        .snapshot(&s.name)
+                        .map_err(|e| internal(e.to_string()))?;
+                    self.zfs.destroy_snapshot(&snap).await.map_err(zfs_err)?;
+                }
+                warn!(destroyed = existing.len(), "--force: replacing the target");
+                Ok(true)
+            }
+            (Some(from), None) => Err(WireError::new(
+                ErrorKind::BaseMissing,
+                format!(
+                    "{target} does not exist, so it cannot receive an incremental from @{}",
+                    from.name
+                ),
+            )),
+            (Some(from), Some(existing)) => {
+                let Some(pos) = existing.iter().position(|s| s.guid == from.guid) else {
+                    return Err(with_newest(WireError::new(
+                        ErrorKind::BaseMissing,
+                        format!(
+                            "{target} has no snapshot with the base's GUID {} (@{})",
+                            from.guid, from.name
+                        ),
+                    )));
+                };
+                if pos == existing.len() - 1 {
+                    return Ok(false);
+                }
+                let base_here = &existing[pos];
+                match &h.force {
+                    ForceAction::RollbackTo(r) if r.guid == from.guid => {
+                        let snap: SnapshotName = target
+                            .snapshot(&base_here.name)
+                            .map_err(|e| internal(e.to_string()))?;
+                        self.zfs.rollback(&snap).await.map_err(zfs_err)?;
+                        warn!(to = %snap, destroyed = existing.len() - pos - 1, "--force: rolled back");
+                        Ok(true)
+                    }
+                    _ => Err(with_newest(WireError::new(
+                        ErrorKind::Diverged,
+                        format!(
+                            "{target} has {} snapshot(s) newer than the base @{} (newest @{}); use --force to roll back",
+                            existing.len() - pos - 1,
+                            base_here.name,
+                            existing[existing.len() - 1].name
+                        ),
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+async fn zrecv_write(w: &mut zq_store::Writer, data: &[u8]) -> Result<(), WireError> {
+    w.write(data).await.map_err(|e| zfs_err(e.into()))
+}
+
+fn zfs_err(e: zq_store::StoreError) -> WireError {
+    WireError::new(ErrorKind::Zfs, e.to_string())
+}
+
+fn internal(msg: impl Into<String>) -> WireError {
+    WireError::new(ErrorKind::Internal, msg)
+}
+
+fn transfer_err(e: Option<TransferError>) -> WireError {
+    let Some(e) = e else {
+        return WireError::new(ErrorKind::Protocol, "stream ended early");
+    };
+    let kind = match &e {
+        TransferError::ChunkChecksum { .. }
+        | TransferError::LengthMismatch { .. }
+        | TransferError::StreamChecksum(_) => ErrorKind::Checksum,
+        TransferError::Aborted(_) => ErrorKind::Aborted,
+        TransferError::Unexpected { .. } | TransferError::Truncated(_) => ErrorKind::Protocol,
+    };
+    WireError::new(kind, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    #[rstest]
+    #[case("backup/a", true)]
+    #[case("backup/a/home/x", true)]
+    #[case("backup/ab", false)]
+    #[case("backup", false)]
+    #[case("other/a", false)]
+    #[case("backup/a/../b", false)]
+    #[case("/backup/a", false)]
+    #[case("-backup/a", false)]
+    #[case("backup/a/x y", false)]
+    #[case("backup/a/x;reboot", false)]
+    fn authorization(#[case] target: &str, #[case] ok: bool) {
+        let root = DatasetName::parse("backup/a").unwrap();
+        assert_eq!(authorize(&root, target).is_ok(), ok, "{target}");
+    }
+
+    #[test]
+    fn one_root_per_sender() {
+        let mut p = Policy::default();
+        let fp = Fingerprint::parse(&"ab".repeat(32)).unwrap();
+        p.allow(fp, DatasetName::parse("b/a").unwrap()).unwrap();
+        assert!(p.allow(fp, DatasetName::parse("b/c").unwrap()).is_err());
+    }
+}

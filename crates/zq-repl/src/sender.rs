@@ -1,0 +1,287 @@
+//! The sender engine: one connection, a handshake, one batched listing per job, then one
+//! QUIC stream per step carrying `zfs send` output to the receiver.
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tracing::{info, info_span, warn, Instrument};
+use zq_net::{FramedRecv, FramedSend};
+use zq_proto::{
+    Capabilities, Committed, ListRequest, ListRoot, Message, Session, SnapRef, StepAbort,
+    StepEncoder, StepHeader, Verdict,
+};
+use zq_store::{DatasetName, Zfs};
+
+use crate::error::ReplError;
+use crate::plan::{plan, PlanOptions, Step};
+use crate::{to_info, DatasetOutcome, DatasetReport};
+
+/// Bytes of `zfs send` output per data frame.
+const CHUNK: usize = 256 * 1024;
+
+/// One replication job: a source dataset (tree) and where it goes.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Source dataset.
+    pub source: DatasetName,
+    /// Target dataset on the receiver.
+    pub target: DatasetName,
+    /// Also replicate every descendant, parents first.
+    pub recursive: bool,
+    /// Planning options (`-i` vs `-I`, `--force`).
+    pub options: PlanOptions,
+}
+
+/// A connected, handshaken sender.
+#[derive(Debug)]
+pub struct Sender {
+    conn: quinn::Connection,
+    zfs: Zfs,
+    session: Session,
+}
+
+impl Sender {
+    /// Runs the handshake on a fresh connection.
+    pub async fn handshake(
+        conn: quinn::Connection,
+        zfs: Zfs,
+        caps: &Capabilities,
+    ) -> Result<Self, ReplError> {
+        let (send, recv) = conn.open_bi().await.map_err(ReplError::connection)?;
+        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+        send.send(&Message::Hello(caps.hello())).await?;
+        send.finish()?;
+        let session = match recv.message("Welcome").await? {
+            Message::Welcome(w) => caps.check_welcome(&w)?,
+            Message::Refused(r) => return Err(zq_proto::HandshakeError::Refused(r).into()),
+            other => {
+                return Err(zq_proto::HandshakeError::Unexpected {
+                    expected: "Welcome",
+                    got: other.name(),
+                }
+                .into())
+            }
+        };
+        info!(version = session.version, peer = %session.peer_software, "handshake complete");
+        Ok(Sender { conn, zfs, session })
+    }
+
+    /// What the handshake agreed on.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Replicates `job`: lists both sides once, plans each dataset, runs the steps
+    /// (parents before children). One dataset's failure does not stop its siblings, but a
+    /// dataset whose parent failed is skipped.
+    pub async fn replicate(&self, job: &Job) -> Result<Vec<DatasetReport>, ReplError> {
+        let sources = self.zfs.list(&job.source, job.recursive).await?;
+        if sources.is_empty() {
+            return Err(ReplError::SourceMissing(job.source.to_string()));
+        }
+        let dest = self.list_remote(&job.target, job.recursive).await?;
+        let mut reports: Vec<DatasetReport> = Vec::new();
+        for src in &sources {
+            let target = src.name.rebase(&job.source, &job.target)?;
+            let parent_failed = reports.iter().any(|r| {
+                matches!(r.outcome, DatasetOutcome::Failed(_)) && src.name.is_within(&r.source)
+            });
+            let outcome = if parent_failed {
+                DatasetOutcome::Failed(ReplError::Skipped("its parent failed".into()))
+            } else {
+                let dest_snaps = dest
+                    .datasets
+                    .iter()
+                    .find(|d| d.name == target.as_str())
+                    .map(|d| d.snapshots.as_slice());
+                let span = info_span!("dataset", source = %src.name, target = %target);
+                self.replicate_one(src, &target, dest_snaps, job.options)
+                    .instrument(span)
+                    .await
+            };
+            reports.push(DatasetReport {
+                source: src.name.clone(),
+                target,
+                outcome,
+            });
+        }
+        Ok(reports)
+    }
+
+    async fn replicate_one(
+        &self,
+        src: &zq_store::DatasetState,
+        target: &DatasetName,
+        dest: Option<&[zq_proto::SnapshotInfo]>,
+        options: PlanOptions,
+    ) -> DatasetOutcome {
+        let source: Vec<_> = src.snapshots.iter().map(to_info).collect();
+        let plan = match plan(&source, dest, options) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "refusing to replicate");
+                return DatasetOutcome::Failed(e.into());
+            }
+        };
+        if let Some(note) = &plan.note {
+            info!("{note}");
+        }
+        if plan.steps.is_empty() {
+            info!("up to date");
+            return DatasetOutcome::UpToDate;
+        }
+        let mut force = plan.force.clone();
+        let mut bytes = 0;
+        let mut last = None;
+        for step in &plan.steps {
+            match self.run_step(&src.name, target, step, force).await {
+                Ok((committed, n)) => {
+                    bytes += n;
+                    last = Some(committed);
+                }
+                Err(e) => {
+                    warn!(error = %e, "step failed");
+                    return DatasetOutcome::Failed(e);
+                }
+            }
+            // Destruction, if any, was done before the first step.
+            force = zq_proto::ForceAction::None;
+        }
+        let newest = plan
+            .steps
+            .last()
+            .map(|s| s.to().name.clone())
+            .unwrap_or_default();
+        DatasetOutcome::Sent {
+            steps: plan.steps.len(),
+            bytes,
+            newest,
+            committed: last.map(|c| c.snapshots.len()).unwrap_or(0),
+        }
+    }
+
+    /// Lists `target` (and descendants) on the receiver in one request.
+    pub async fn list_remote(
+        &self,
+        target: &DatasetName,
+        recursive: bool,
+    ) -> Result<zq_proto::ListResponse, ReplError> {
+        let (send, recv) = self.conn.open_bi().await.map_err(ReplError::connection)?;
+        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+        send.send(&Message::ListRequest(ListRequest {
+            roots: vec![ListRoot {
+                dataset: target.to_string(),
+                recursive,
+            }],
+        }))
+        .await?;
+        send.finish()?;
+        match recv.message("ListResponse").await? {
+            Message::ListResponse(r) => Ok(r),
+            Message::Error(e) => Err(ReplError::Remote(e)),
+            other => Err(ReplError::Protocol(format!(
+                "expected ListResponse, receiver sent {}",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Runs one step on its own stream; returns the receiver's commit and the stream size.
+    async fn run_step(
+        &self,
+        source: &DatasetName,
+        target: &DatasetName,
+        step: &Step,
+        force: zq_proto::ForceAction,
+    ) -> Result<(Committed, u64), ReplError> {
+        let started = Instant::now();
+        let (from, to, intermediates) = match step {
+            Step::Full { to } => (None, to, false),
+            Step::Incremental {
+                from,
+                to,
+                intermediates,
+            } => (Some(from), to, *intermediates),
+        };
+        let header = StepHeader {
+            source: source.to_string(),
+            target: target.to_string(),
+            from: from.map(|f| SnapRef {
+                name: f.name.clone(),
+                guid: f.guid,
+            }),
+            to: SnapRef {
+                name: to.name.clone(),
+                guid: to.guid,
+            },
+            intermediates,
+            force,
+            compression: "none".into(),
+        };
+        let to_snap = source.snapshot(&to.name)?;
+        let from_snap = from.map(|f| source.snapshot(&f.name)).transpose()?;
+
+        let (send, recv) = self.conn.open_bi().await.map_err(ReplError::connection)?;
+        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+        send.send(&Message::StepHeader(header)).await?;
+
+        let mut encoder = StepEncoder::new();
+        // A write error means the receiver stopped reading (it refused the step or failed);
+        // its verdict, read below, says why.
+        let send_result = async {
+            let mut zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates)?;
+            let mut buf = BytesMut::with_capacity(CHUNK);
+            loop {
+                if !zsend.fill(&mut buf, CHUNK).await? {
+                    break;
+                }
+                let chunk = buf.split().freeze();
+                let hash = encoder.chunk(&chunk);
+                send.send_data(&hash, chunk).await?;
+            }
+            zsend.wait().await?;
+            Ok::<(), ReplError>(())
+        }
+        .await;
+        match &send_result {
+            Ok(()) => {
+                let _ = send.send(&Message::StepEnd(encoder.end())).await;
+            }
+            Err(e) => {
+                let _ = send
+                    .send(&Message::StepAbort(StepAbort {
+                        reason: e.to_string(),
+                    }))
+                    .await;
+            }
+        }
+        let _ = send.finish();
+        let verdict = recv.message("Verdict").await;
+        match (verdict, send_result) {
+            (Ok(Message::Verdict(Verdict::Committed(c))), Ok(())) => {
+                if c.guid != to.guid {
+                    return Err(ReplError::Protocol(format!(
+                        "receiver committed GUID {} but the step sent @{} with GUID {}",
+                        c.guid, to.name, to.guid
+                    )));
+                }
+                info!(
+                    snapshot = %to.name,
+                    bytes = encoder.total(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "step committed"
+                );
+                Ok((c, encoder.total()))
+            }
+            (Ok(Message::Verdict(Verdict::Failed(e))), _) => Err(ReplError::Remote(e)),
+            (Ok(Message::Verdict(Verdict::Committed(_))), Err(e)) => Err(e),
+            (Ok(other), _) => Err(ReplError::Protocol(format!(
+                "expected Verdict, receiver sent {}",
+                other.name()
+            ))),
+            // No verdict: the local failure, if any, is the better explanation.
+            (Err(_), Err(e)) => Err(e),
+            (Err(e), Ok(())) => Err(e.into()),
+        }
+    }
+}

@@ -441,7 +441,15 @@ async fn zrecv_write(w: &mut zq_store::Writer, data: &[u8]) -> Result<(), WireEr
 }
 
 fn zfs_err(e: zq_store::StoreError) -> WireError {
-    WireError::new(ErrorKind::Zfs, e.to_string())
+    let mut msg = e.to_string();
+    if msg.contains("has been modified") {
+        msg.push_str(
+            " (hint: the replica was changed since its last snapshot, and even reading files \
+             updates atime; set atime=off or readonly=on on the destination root, or use \
+             --force to roll the changes back)",
+        );
+    }
+    WireError::new(ErrorKind::Zfs, msg)
 }
 
 fn internal(msg: impl Into<String>) -> WireError {

@@ -1,0 +1,347 @@
+//! Shared fixtures of the end-to-end tests: file-backed pools with unique names that are
+//! destroyed even when a test fails, identities, and the real `zq-send`/`zq-recv` binaries.
+//!
+//! A test that needs ZFS calls [`zfs_or_skip`]. Without root or ZFS it prints why and
+//! skips, unless `ZQ_REQUIRE_ZFS=1` (set by CI), where it fails instead.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub const SEND: &str = env!("CARGO_BIN_EXE_zq-send");
+pub const RECV: &str = env!("CARGO_BIN_EXE_zq-recv");
+
+/// Runs `zfs`/`zpool` with `args`; panics with stderr on failure.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program}: {e}");
+        });
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn zfs(args: &[&str]) -> String {
+    sh("zfs", args)
+}
+
+fn can_use_zfs() -> Result<(), String> {
+    // SAFETY-free check for root: zfs-fuse and zpool create need it.
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Err("not running as root".into());
+    }
+    let probe = |_: ()| Command::new("zpool").arg("list").output();
+    let out = probe(()).map_err(|e| format!("zpool not installed: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    // zfs-fuse installed but its daemon not running: start it.
+    if Path::new("/usr/sbin/zfs-fuse").exists() || Path::new("/sbin/zfs-fuse").exists() {
+        let _ = Command::new("zfs-fuse").status();
+        for _ in 0..50 {
+            if probe(()).map(|o| o.status.success()).unwrap_or(false) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Err(format!(
+        "zpool list failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    ))
+}
+
+/// True if ZFS can be used. Otherwise prints why and returns false (skip), or panics when
+/// `ZQ_REQUIRE_ZFS=1`.
+pub fn zfs_or_skip(test: &str) -> bool {
+    static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
+    match AVAILABLE.get_or_init(can_use_zfs) {
+        Ok(()) => true,
+        Err(why) => {
+            if std::env::var("ZQ_REQUIRE_ZFS").as_deref() == Ok("1") {
+                panic!("{test}: ZFS is required (ZQ_REQUIRE_ZFS=1) but unavailable: {why}");
+            }
+            eprintln!(
+                "SKIPPED {test}: needs root and ZFS ({why}); set ZQ_REQUIRE_ZFS=1 to fail instead"
+            );
+            false
+        }
+    }
+}
+
+/// A pool on a sparse file, destroyed on drop.
+pub struct Pool {
+    pub name: String,
+    file: PathBuf,
+}
+
+impl Pool {
+    pub fn new(tag: &str) -> Pool {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "zqt{}x{}{tag}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let dir = PathBuf::from("/var/tmp/zq-test-pools");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!("{name}.img"));
+        let f = std::fs::File::create(&file).unwrap();
+        f.set_len(256 << 20).unwrap();
+        sh("zpool", &["create", &name, file.to_str().unwrap()]);
+        Pool { name, file }
+    }
+
+    /// `pool/rel`.
+    pub fn ds(&self, rel: &str) -> String {
+        if rel.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{rel}", self.name)
+        }
+    }
+
+    /// Creates `pool/rel`.
+    pub fn create(&self, rel: &str) -> String {
+        let ds = self.ds(rel);
+        zfs(&["create", "-p", &ds]);
+        ds
+    }
+
+    /// Writes `bytes` of pseudo-random content to `file` in `pool/rel` (mounted by zfs).
+    pub fn write(&self, rel: &str, file: &str, bytes: usize, seed: u64) {
+        let mountpoint = zfs(&["get", "-H", "-o", "value", "mountpoint", &self.ds(rel)]);
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let data: Vec<u8> = (0..bytes)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(Path::new(mountpoint.trim()).join(file), data).unwrap();
+    }
+
+    /// Snapshot `pool/rel@snap`.
+    pub fn snap(&self, rel: &str, snap: &str) {
+        zfs(&["snapshot", &format!("{}@{snap}", self.ds(rel))]);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = Command::new("zpool")
+            .args(["destroy", "-f", &self.name])
+            .status();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// `(snapshot name, guid)` of `dataset`, oldest first; empty if it does not exist.
+pub fn snapshots(dataset: &str) -> Vec<(String, u64)> {
+    let out = Command::new("zfs")
+        .args([
+            "get",
+            "-Hp",
+            "-d1",
+            "-o",
+            "name,property,value",
+            "guid,createtxg",
+            dataset,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows: Vec<(String, u64, u64)> = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        let Some((_, snap)) = f[0].split_once('@') else {
+            continue;
+        };
+        if f[0].split_once('@').map(|(d, _)| d) != Some(dataset) {
+            continue;
+        }
+        let v: u64 = f[2].parse().unwrap();
+        match rows.iter_mut().find(|r| r.0 == snap) {
+            Some(r) => {
+                if f[1] == "guid" {
+                    r.1 = v
+                } else {
+                    r.2 = v
+                }
+            }
+            None => rows.push(if f[1] == "guid" {
+                (snap.to_string(), v, 0)
+            } else {
+                (snap.to_string(), 0, v)
+            }),
+        }
+    }
+    rows.sort_by_key(|r| r.2);
+    rows.into_iter().map(|(n, g, _)| (n, g)).collect()
+}
+
+/// Every dataset (filesystems only) under `root`, sorted.
+pub fn datasets(root: &str) -> Vec<String> {
+    let out = Command::new("zfs")
+        .args(["list", "-H", "-o", "name", "-t", "filesystem", "-r", root])
+        .output()
+        .unwrap();
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+/// Sender and receiver identities in a temporary directory.
+pub struct Keys {
+    pub dir: tempfile::TempDir,
+    pub send_fp: String,
+    pub recv_fp: String,
+}
+
+impl Keys {
+    pub fn new() -> Keys {
+        let dir = tempfile::tempdir().unwrap();
+        let keygen = |bin: &str| {
+            let out = Command::new(bin)
+                .arg("keygen")
+                .arg(dir.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        let send_fp = keygen(SEND);
+        let recv_fp = keygen(RECV);
+        Keys {
+            dir,
+            send_fp,
+            recv_fp,
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        self.dir.path().to_str().unwrap()
+    }
+}
+
+/// A running `zq-recv serve`, killed on drop.
+pub struct Recv {
+    child: Child,
+    pub addr: String,
+}
+
+impl Recv {
+    /// Starts a receiver allowing each `(fingerprint, root)`.
+    pub fn start(keys: &Keys, allow: &[(&str, &str)]) -> Recv {
+        let mut cmd = Command::new(RECV);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--identity",
+            keys.path(),
+        ]);
+        for (fp, root) in allow {
+            cmd.arg("--allow").arg(format!("{fp}={root}"));
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected zq-recv output {line:?}"))
+            .to_string();
+        Recv { child, addr }
+    }
+}
+
+impl Drop for Recv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `zq-send run SOURCE ADDR TARGET --identity .. --peer .. EXTRA...`.
+pub fn send(keys: &Keys, recv: &Recv, source: &str, target: &str, extra: &[&str]) -> Output {
+    send_with_peer(keys, &keys.recv_fp, recv, source, target, extra)
+}
+
+pub fn send_with_peer(
+    keys: &Keys,
+    peer: &str,
+    recv: &Recv,
+    source: &str,
+    target: &str,
+    extra: &[&str],
+) -> Output {
+    let out = Command::new(SEND)
+        .args([
+            "run",
+            source,
+            &recv.addr,
+            target,
+            "--identity",
+            keys.path(),
+            "--peer",
+            peer,
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    eprintln!(
+        "zq-send {source} -> {target} {extra:?}: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Reads a file from a dataset's mountpoint. Reading a mounted replica updates atime, which
+/// makes ZFS refuse the next incremental into it ("modified since most recent snapshot"), so
+/// tests read replicas only after their last receive. (zfs-fuse has no `.zfs/snapshot`,
+/// and hangs mounting a dataset that inherits `atime=off`.)
+pub fn read(dataset: &str, file: &str) -> Vec<u8> {
+    // OpenZFS receives with -u (not mounted); zfs-fuse mounts. Mount if needed.
+    let _ = Command::new("zfs").args(["mount", dataset]).output();
+    let mp = zfs(&["get", "-H", "-o", "value", "mountpoint", dataset]);
+    std::fs::read(Path::new(mp.trim()).join(file)).unwrap()
+}

@@ -1,0 +1,255 @@
+//! End-to-end replication on real file-backed pools through the real binaries over
+//! loopback QUIC: full, incremental with intermediates, newest-only, nothing new,
+//! recursive trees, divergence refused and forced, wrong keys, roots and versions refused.
+
+mod common;
+
+use common::*;
+
+/// Names of `snaps`.
+fn names(snaps: &[(String, u64)]) -> Vec<&str> {
+    snaps.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+#[test]
+fn full_then_incremental_with_intermediates_then_nothing_new() {
+    if !zfs_or_skip("full_then_incremental") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.ds("hostA"))]);
+    let home = src.create("home");
+    src.write("home", "f1", 100_000, 1);
+    src.snap("home", "s1");
+    src.write("home", "f2", 5_000, 2);
+    src.snap("home", "s2");
+    src.snap("home", "s3");
+
+    let target = dst.ds("hostA/home");
+    let out = send(&keys, &recv, &home, &target, &[]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("sent 2 step(s)"), "{}", stdout(&out));
+    // GUID identity: the destination holds exactly the source's snapshots.
+    assert_eq!(snapshots(&target), snapshots(&home));
+
+    // Incremental carries every intermediate snapshot (-I).
+    src.write("home", "f3", 7_000, 3);
+    src.snap("home", "s4");
+    src.snap("home", "s5");
+    let out = send(&keys, &recv, &home, &target, &[]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("sent 1 step(s)"), "{}", stdout(&out));
+    assert_eq!(names(&snapshots(&target)), ["s1", "s2", "s3", "s4", "s5"]);
+    assert_eq!(snapshots(&target), snapshots(&home));
+
+    // Nothing new: nothing sent, exit 0.
+    let out = send(&keys, &recv, &home, &target, &[]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("up to date"), "{}", stdout(&out));
+    for f in ["f1", "f2", "f3"] {
+        assert_eq!(read(&target, f), read(&home, f), "{f}");
+    }
+}
+
+#[test]
+fn newest_only_skips_intermediates() {
+    if !zfs_or_skip("newest_only") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("data");
+    src.snap("data", "a");
+    let target = dst.ds("data");
+    assert!(send(&keys, &recv, &ds, &target, &[]).status.success());
+    src.write("data", "x", 1000, 9);
+    src.snap("data", "b");
+    src.snap("data", "c");
+    let out = send(&keys, &recv, &ds, &target, &["--newest-only"]);
+    assert!(out.status.success());
+    assert_eq!(names(&snapshots(&target)), ["a", "c"]);
+}
+
+#[test]
+fn recursive_tree_parents_first() {
+    if !zfs_or_skip("recursive_tree") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.ds("b"))]);
+    for rel in ["vm", "vm/a", "vm/a/deep", "vm/b"] {
+        src.create(rel);
+        src.write(rel, "data", 3000, rel.len() as u64);
+    }
+    zfs(&["snapshot", "-r", &format!("{}@r1", src.ds("vm"))]);
+    zfs(&["snapshot", "-r", &format!("{}@r2", src.ds("vm"))]);
+    let out = send(
+        &keys,
+        &recv,
+        &src.ds("vm"),
+        &dst.ds("b/vm"),
+        &["--recursive"],
+    );
+    assert!(out.status.success());
+    assert_eq!(
+        datasets(&dst.ds("b")),
+        [
+            dst.ds("b"),
+            dst.ds("b/vm"),
+            dst.ds("b/vm/a"),
+            dst.ds("b/vm/a/deep"),
+            dst.ds("b/vm/b")
+        ]
+    );
+    for rel in ["vm", "vm/a", "vm/a/deep", "vm/b"] {
+        let target = dst.ds(&format!("b/{rel}"));
+        assert_eq!(snapshots(&target), snapshots(&src.ds(rel)), "{rel}");
+        assert_eq!(read(&target, "data"), read(&src.ds(rel), "data"), "{rel}");
+    }
+}
+
+#[test]
+fn divergence_is_refused_then_forced() {
+    if !zfs_or_skip("divergence") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    src.snap("fs", "one");
+    let target = dst.ds("fs");
+    assert!(send(&keys, &recv, &ds, &target, &[]).status.success());
+
+    // The destination grows its own snapshot; the source moves on.
+    zfs(&["snapshot", &format!("{target}@local")]);
+    src.write("fs", "new", 2000, 4);
+    src.snap("fs", "two");
+    let before = snapshots(&target);
+    let out = send(&keys, &recv, &ds, &target, &[]);
+    assert_eq!(out.status.code(), Some(3), "divergence exits 3");
+    let err = stderr(&out);
+    assert!(
+        err.contains("@local") && err.contains("@two") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        snapshots(&target),
+        before,
+        "nothing destroyed without --force"
+    );
+
+    let out = send(&keys, &recv, &ds, &target, &["--force"]);
+    assert!(out.status.success());
+    assert_eq!(names(&snapshots(&target)), ["one", "two"]);
+    assert_eq!(snapshots(&target), snapshots(&ds));
+}
+
+#[test]
+fn no_common_snapshot_is_refused_then_replaced_with_force() {
+    if !zfs_or_skip("no_common_snapshot") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    src.write("fs", "f", 4000, 5);
+    src.snap("fs", "s1");
+    let target = dst.create("fs");
+    dst.snap("fs", "unrelated");
+    let out = send(&keys, &recv, &ds, &target, &[]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("no snapshot in common"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(names(&snapshots(&target)), ["unrelated"]);
+
+    let out = send(&keys, &recv, &ds, &target, &["--force"]);
+    assert!(out.status.success());
+    assert_eq!(snapshots(&target), snapshots(&ds));
+    assert_eq!(read(&target, "f"), read(&ds, "f"));
+}
+
+#[test]
+fn wrong_keys_are_refused() {
+    if !zfs_or_skip("wrong_keys") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let other = Keys::new();
+    let ds = src.create("fs");
+    src.snap("fs", "s1");
+
+    // The receiver presents a key other than the pinned one.
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let out = send_with_peer(&keys, &other.recv_fp, &recv, &ds, &dst.ds("fs"), &[]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(stderr(&out).contains("presented key"), "{}", stderr(&out));
+    drop(recv);
+
+    // The receiver does not know this sender's key.
+    let recv = Recv::start(&keys, &[(&other.send_fp, &dst.name)]);
+    let out = send(&keys, &recv, &ds, &dst.ds("fs"), &[]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(datasets(&dst.name) == [dst.name.clone()], "nothing created");
+}
+
+#[test]
+fn target_outside_allowed_root_is_refused() {
+    if !zfs_or_skip("outside_root") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    dst.create("hostA");
+    dst.create("hostB");
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.ds("hostA"))]);
+    let ds = src.create("fs");
+    src.snap("fs", "s1");
+    let before = datasets(&dst.name);
+    for target in [
+        dst.ds("hostB/fs"),
+        dst.ds("hostAx"),
+        dst.name.clone(),
+        src.ds("stolen"),
+    ] {
+        let out = send(&keys, &recv, &ds, &target, &[]);
+        assert_eq!(out.status.code(), Some(5), "{target}");
+        assert!(
+            stderr(&out).contains("outside this sender's destination root"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(datasets(&dst.name), before, "nothing changed");
+    // Names that are not datasets at all never leave the sender.
+    for bad in ["../etc", "-o", "a b", "x;reboot"] {
+        let out = send(&keys, &recv, &ds, bad, &[]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+    }
+}
+
+#[test]
+fn unknown_protocol_version_is_refused() {
+    if !zfs_or_skip("protocol_version") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    src.snap("fs", "s1");
+    let out = send(
+        &keys,
+        &recv,
+        &ds,
+        &dst.ds("fs"),
+        &["--protocol-version", "99"],
+    );
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        stderr(&out).contains("protocol version mismatch"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(snapshots(&dst.ds("fs")).is_empty());
+}

@@ -58,6 +58,18 @@ pub fn fingerprint(dir: &Path, role: &str) -> ExitCode {
     }
 }
 
+/// `err` and its causes, joined by `: ` (what `{:#}` does for anyhow errors).
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
+
 /// Prints `err` with its causes and returns `code`.
 pub fn fail(code: u8, err: &anyhow::Error) -> ExitCode {
     eprintln!("error: {err:#}");

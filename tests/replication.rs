@@ -192,6 +192,11 @@ fn wrong_keys_are_refused() {
     let recv = Recv::start(&keys, &[(&other.send_fp, &dst.name)]);
     let out = send(&keys, &recv, &ds, &dst.ds("fs"), &[]);
     assert_eq!(out.status.code(), Some(4));
+    let err = stderr(&out);
+    assert!(
+        err.contains("refused this sender's key") && err.contains(&keys.send_fp),
+        "{err}"
+    );
     assert!(datasets(&dst.name) == [dst.name.clone()], "nothing created");
 }
 

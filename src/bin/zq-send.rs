@@ -145,7 +145,7 @@ async fn run(args: RunArgs) -> ExitCode {
                 r.source, r.target
             ),
             DatasetOutcome::Failed(e) => {
-                eprintln!("error: {} -> {}: {e}", r.source, r.target);
+                eprintln!("error: {} -> {}: {}", r.source, r.target, zq::chain(e));
                 code = code.max(code_for(e));
             }
         }
@@ -162,20 +162,23 @@ async fn connect(
     caps: &Capabilities,
 ) -> anyhow::Result<(Sender, Client)> {
     let addr = zq_net::resolve(&args.addr).await?;
+    let ours = identity.fingerprint;
     let client = Client::new(identity, args.peer, addr, &Tuning::default())?;
     let conn = client
         .connect(addr)
         .await
         .with_context(|| format!("connecting to receiver {}", args.addr))?;
-    let sender = Sender::handshake(conn, zfs, caps).await.map_err(|e| {
-        let hint = if matches!(e, ReplError::Stream(_) | ReplError::Connection(_)) {
-            " (if the receiver logged an unknown sender key, add this sender's fingerprint with --allow)"
-        } else {
-            ""
-        };
-        anyhow::Error::new(e).context(format!("handshake with receiver {}{hint}", args.addr))
-    })?;
-    Ok((sender, client))
+    match Sender::handshake(conn.clone(), zfs, caps).await {
+        Ok(sender) => Ok((sender, client)),
+        Err(_) if zq_net::closed_by_tls_alert(&conn) => anyhow::bail!(
+            "receiver {} refused this sender's key {ours}: on the receiver, allow it with \
+             --allow {ours}=ROOT",
+            args.addr
+        ),
+        Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("handshake with receiver {}", args.addr)))
+        }
+    }
 }
 
 fn code_for(e: &ReplError) -> u8 {

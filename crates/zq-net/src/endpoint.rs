@@ -30,6 +30,8 @@ pub struct Tuning {
     pub keep_alive: Duration,
     /// How long without any packet before a connection is considered dead.
     pub idle_timeout: Duration,
+    /// How long to wait for a receiver to answer a new connection.
+    pub connect_timeout: Duration,
 }
 
 impl Default for Tuning {
@@ -39,6 +41,7 @@ impl Default for Tuning {
             connection_window: 64 * 1024 * 1024,
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -62,7 +65,7 @@ impl Tuning {
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     /// Binding or configuring the UDP socket failed.
-    #[error("cannot use UDP socket {addr}: {source}")]
+    #[error("cannot use UDP socket {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -88,8 +91,16 @@ pub enum NetError {
         /// What it presented.
         got: Fingerprint,
     },
+    /// No answer within the connect timeout.
+    #[error("no answer from {addr} within {secs} s (is zq-recv running there, and is UDP port {} reachable?)", addr.port())]
+    Timeout {
+        /// Where.
+        addr: SocketAddr,
+        /// The timeout.
+        secs: u64,
+    },
     /// The connection could not be established or was lost.
-    #[error("connection to {addr} failed: {source}")]
+    #[error("connection to {addr} failed")]
     Connection {
         /// Where.
         addr: SocketAddr,
@@ -102,7 +113,10 @@ pub enum NetError {
 impl NetError {
     /// Whether retrying later can help (network trouble) or not (keys, configuration).
     pub fn retryable(&self) -> bool {
-        matches!(self, NetError::Connection { .. } | NetError::Resolve(..))
+        matches!(
+            self,
+            NetError::Connection { .. } | NetError::Resolve(..) | NetError::Timeout { .. }
+        )
     }
 }
 
@@ -121,6 +135,7 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     peer: Fingerprint,
     seen: Arc<Mutex<Option<Fingerprint>>>,
+    connect_timeout: Duration,
 }
 
 impl Client {
@@ -155,6 +170,7 @@ impl Client {
             endpoint,
             peer,
             seen,
+            connect_timeout: tuning.connect_timeout,
         })
     }
 
@@ -164,7 +180,13 @@ impl Client {
             .endpoint
             .connect(addr, SERVER_NAME)
             .map_err(|e| NetError::Config(format!("connect to {addr}: {e}")))?;
-        match connecting.await {
+        let result = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| NetError::Timeout {
+                addr,
+                secs: self.connect_timeout.as_secs(),
+            })?;
+        match result {
             Ok(c) => Ok(c),
             Err(source) => {
                 let seen = self.seen.lock().ok().and_then(|s| *s);
@@ -208,6 +230,18 @@ pub fn server(
         addr: listen,
         source,
     })
+}
+
+/// True if `conn` was closed by the peer during or right after the TLS handshake with a
+/// TLS alert: for a zq sender, the receiver refused our key.
+pub fn closed_by_tls_alert(conn: &quinn::Connection) -> bool {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ConnectionClosed(c)) => {
+            // QUIC carries TLS alerts as CRYPTO_ERROR codes 0x0100..=0x01ff.
+            (0x100..0x200).contains(&u64::from(c.error_code))
+        }
+        _ => false,
+    }
 }
 
 /// The fingerprint of the key the peer authenticated with.

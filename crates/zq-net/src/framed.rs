@@ -3,8 +3,11 @@
 //! buffer bounded by the largest frame.
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
 use zq_proto::{codec, Frame, FrameError, Message};
+
+/// Most bytes taken from quinn per read; the buffer never holds more than one frame plus
+/// this.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// Reading or writing frames on a stream failed.
 #[derive(Debug, thiserror::Error)]
@@ -13,13 +16,13 @@ pub enum StreamError {
     #[error("invalid frame from peer: {0}")]
     Frame(#[from] FrameError),
     /// Writing to the stream failed (peer reset or stopped it, or the connection was lost).
-    #[error("stream write failed: {0}")]
+    #[error("stream write failed")]
     Write(#[from] quinn::WriteError),
     /// Reading from the stream failed.
-    #[error("stream read failed: {0}")]
-    Read(String),
+    #[error("stream read failed")]
+    Read(#[from] quinn::ReadError),
     /// The stream is already closed.
-    #[error("stream closed: {0}")]
+    #[error("stream already closed")]
     Closed(#[from] quinn::ClosedStream),
     /// The peer finished the stream where a frame was required.
     #[error("peer closed the stream while we expected {0}")]
@@ -105,16 +108,9 @@ impl FramedRecv {
                 codec::finish(&self.buf)?;
                 return Ok(None);
             }
-            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
-                self.buf.reserve(64 * 1024);
-            }
-            let n = self
-                .inner
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| StreamError::Read(e.to_string()))?;
-            if n == 0 {
-                self.eof = true;
+            match self.inner.read_chunk(READ_CHUNK, true).await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None => self.eof = true,
             }
         }
     }

@@ -34,7 +34,7 @@ pub enum IdentityError {
         mode: u32,
     },
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,

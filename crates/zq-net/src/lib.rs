@@ -6,6 +6,8 @@ pub mod framed;
 pub mod identity;
 pub mod pin;
 
-pub use endpoint::{peer_fingerprint, resolve, server, Client, NetError, Tuning};
+pub use endpoint::{
+    closed_by_tls_alert, peer_fingerprint, resolve, server, Client, NetError, Tuning,
+};
 pub use framed::{FramedRecv, FramedSend, StreamError};
 pub use identity::{Fingerprint, Identity, IdentityError};

@@ -14,6 +14,9 @@ use zq_store::{DatasetName, SnapshotName, Zfs};
 
 use crate::to_info;
 
+/// How long a connected sender has to complete the zq handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Which sender may write where: each sender key maps to one destination root.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -116,7 +119,11 @@ impl Receiver {
             conn.close(1u32.into(), b"unknown sender key");
             return;
         };
-        if let Err(e) = self.handshake(&conn).await {
+        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&conn));
+        let result = handshake
+            .await
+            .unwrap_or_else(|_| Err(format!("no Hello within {HANDSHAKE_TIMEOUT:?}")));
+        if let Err(e) = result {
             warn!(error = %e, "handshake failed");
             conn.close(2u32.into(), b"handshake failed");
             return;

@@ -18,7 +18,7 @@ const MAX_STDERR: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     /// The program could not be started at all (not installed, not executable).
-    #[error("cannot run {program}: {source}")]
+    #[error("cannot run {program}")]
     Spawn {
         /// The program.
         program: String,
@@ -37,7 +37,7 @@ pub enum CommandError {
         stderr: String,
     },
     /// Reading from or writing to the process failed.
-    #[error("`{argv}`: I/O error: {source}")]
+    #[error("`{argv}`: I/O error")]
     Io {
         /// The command line.
         argv: String,

@@ -13,9 +13,9 @@ fn names(snaps: &[(String, u64)]) -> Vec<&str> {
 
 #[test]
 fn full_then_incremental_with_intermediates_then_nothing_new() {
-    if !zfs_or_skip("full_then_incremental") {
+    let Some(_zfs) = zfs_or_skip("full_then_incremental") else {
         return;
-    }
+    };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.ds("hostA"))]);
     let home = src.create("home");
@@ -53,9 +53,9 @@ fn full_then_incremental_with_intermediates_then_nothing_new() {
 
 #[test]
 fn newest_only_skips_intermediates() {
-    if !zfs_or_skip("newest_only") {
+    let Some(_zfs) = zfs_or_skip("newest_only") else {
         return;
-    }
+    };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
     let ds = src.create("data");
@@ -72,9 +72,9 @@ fn newest_only_skips_intermediates() {
 
 #[test]
 fn recursive_tree_parents_first() {
-    if !zfs_or_skip("recursive_tree") {
+    let Some(_zfs) = zfs_or_skip("recursive_tree") else {
         return;
-    }
+    };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.ds("b"))]);
     for rel in ["vm", "vm/a", "vm/a/deep", "vm/b"] {
@@ -110,9 +110,9 @@ fn recursive_tree_parents_first() {
 
 #[test]
 fn divergence_is_refused_then_forced() {
-    if !zfs_or_skip("divergence") {
+    let Some(_zfs) = zfs_or_skip("divergence") else {
         return;
-    }
+    };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
     let ds = src.create("fs");
@@ -146,9 +146,9 @@ fn divergence_is_refused_then_forced() {
 
 #[test]
 fn no_common_snapshot_is_refused_then_replaced_with_force() {
-    if !zfs_or_skip("no_common_snapshot") {
+    let Some(_zfs) = zfs_or_skip("no_common_snapshot") else {
         return;
-    }
+    };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
     let ds = src.create("fs");
@@ -173,9 +173,9 @@ fn no_common_snapshot_is_refused_then_replaced_with_force() {
 
 #[test]
 fn wrong_keys_are_refused() {
-    if !zfs_or_skip("wrong_keys") {
+    let Some(_zfs) = zfs_or_skip("wrong_keys") else {
         return;
-    }
+    };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let other = Keys::new();
     let ds = src.create("fs");
@@ -202,9 +202,9 @@ fn wrong_keys_are_refused() {
 
 #[test]
 fn target_outside_allowed_root_is_refused() {
-    if !zfs_or_skip("outside_root") {
+    let Some(_zfs) = zfs_or_skip("outside_root") else {
         return;
-    }
+    };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     dst.create("hostA");
     dst.create("hostB");
@@ -236,9 +236,9 @@ fn target_outside_allowed_root_is_refused() {
 
 #[test]
 fn unknown_protocol_version_is_refused() {
-    if !zfs_or_skip("protocol_version") {
+    let Some(_zfs) = zfs_or_skip("protocol_version") else {
         return;
-    }
+    };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
     let ds = src.create("fs");

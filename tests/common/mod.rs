@@ -1,8 +1,10 @@
 //! Shared fixtures of the end-to-end tests: file-backed pools with unique names that are
 //! destroyed even when a test fails, identities, and the real `zq-send`/`zq-recv` binaries.
 //!
-//! A test that needs ZFS calls [`zfs_or_skip`]. Without root or ZFS it prints why and
-//! skips, unless `ZQ_REQUIRE_ZFS=1` (set by CI), where it fails instead.
+//! A test that needs ZFS starts with `let Some(_zfs) = zfs_or_skip("name") else { return };`.
+//! Without root or ZFS it prints why and skips, unless `ZQ_REQUIRE_ZFS=1` (set by CI),
+//! where it fails instead. The guard serializes ZFS tests across processes and threads:
+//! zfs-fuse deadlocks when two datasets are created and mounted at the same time.
 
 #![allow(dead_code)]
 
@@ -66,22 +68,36 @@ fn can_use_zfs() -> Result<(), String> {
     ))
 }
 
-/// True if ZFS can be used. Otherwise prints why and returns false (skip), or panics when
-/// `ZQ_REQUIRE_ZFS=1`.
-pub fn zfs_or_skip(test: &str) -> bool {
+const POOL_DIR: &str = "/var/tmp/zq-test-pools";
+
+/// Exclusive use of ZFS for one test; declare it first so it is released last.
+pub struct ZfsGuard {
+    _lock: std::fs::File,
+    _thread: std::sync::MutexGuard<'static, ()>,
+}
+
+/// `Some(guard)` if ZFS can be used. Otherwise prints why and returns `None` (skip), or
+/// panics when `ZQ_REQUIRE_ZFS=1`.
+pub fn zfs_or_skip(test: &str) -> Option<ZfsGuard> {
     static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
-    match AVAILABLE.get_or_init(can_use_zfs) {
-        Ok(()) => true,
-        Err(why) => {
-            if std::env::var("ZQ_REQUIRE_ZFS").as_deref() == Ok("1") {
-                panic!("{test}: ZFS is required (ZQ_REQUIRE_ZFS=1) but unavailable: {why}");
-            }
-            eprintln!(
-                "SKIPPED {test}: needs root and ZFS ({why}); set ZQ_REQUIRE_ZFS=1 to fail instead"
-            );
-            false
+    static THREADS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Err(why) = AVAILABLE.get_or_init(can_use_zfs) {
+        if std::env::var("ZQ_REQUIRE_ZFS").as_deref() == Ok("1") {
+            panic!("{test}: ZFS is required (ZQ_REQUIRE_ZFS=1) but unavailable: {why}");
         }
+        eprintln!(
+            "SKIPPED {test}: needs root and ZFS ({why}); set ZQ_REQUIRE_ZFS=1 to fail instead"
+        );
+        return None;
     }
+    let thread = THREADS.lock().unwrap_or_else(|p| p.into_inner());
+    std::fs::create_dir_all(POOL_DIR).unwrap();
+    let lock = std::fs::File::create(Path::new(POOL_DIR).join(".lock")).unwrap();
+    lock.lock().unwrap();
+    Some(ZfsGuard {
+        _lock: lock,
+        _thread: thread,
+    })
 }
 
 /// A pool on a sparse file, destroyed on drop.
@@ -98,7 +114,7 @@ impl Pool {
             std::process::id(),
             N.fetch_add(1, Ordering::SeqCst)
         );
-        let dir = PathBuf::from("/var/tmp/zq-test-pools");
+        let dir = PathBuf::from(POOL_DIR);
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join(format!("{name}.img"));
         let f = std::fs::File::create(&file).unwrap();
@@ -148,10 +164,23 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        let _ = Command::new("zpool")
-            .args(["destroy", "-f", &self.name])
-            .status();
-        let _ = std::fs::remove_file(&self.file);
+        // zfs-fuse can report a pool busy for a moment after its last user exits.
+        let mut last = String::new();
+        for _ in 0..20 {
+            match Command::new("zpool")
+                .args(["destroy", "-f", &self.name])
+                .output()
+            {
+                Ok(o) if o.status.success() => {
+                    let _ = std::fs::remove_file(&self.file);
+                    return;
+                }
+                Ok(o) => last = String::from_utf8_lossy(&o.stderr).into_owned(),
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        eprintln!("WARNING: could not destroy test pool {}: {last}", self.name);
     }
 }
 

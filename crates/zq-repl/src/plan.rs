@@ -57,6 +57,36 @@ pub struct Plan {
     pub note: Option<String>,
 }
 
+impl Plan {
+    /// Every source snapshot the destination must hold once the plan ran: from the first
+    /// step's start to the newest, or only the steps' ends when intermediates are skipped.
+    pub fn expected<'a>(&self, source: &'a [SnapshotInfo]) -> Vec<&'a SnapshotInfo> {
+        let Some(first) = self.steps.first() else {
+            return Vec::new();
+        };
+        let start = match first {
+            Step::Full { to } => to,
+            Step::Incremental { from, .. } => from,
+        };
+        let all_between = self.steps.iter().all(|s| match s {
+            Step::Full { .. } => true,
+            Step::Incremental { intermediates, .. } => *intermediates,
+        });
+        let from = source
+            .iter()
+            .position(|s| s.guid == start.guid)
+            .unwrap_or(0);
+        source[from..]
+            .iter()
+            .filter(|s| {
+                all_between
+                    || s.guid == start.guid
+                    || self.steps.iter().any(|st| st.to().guid == s.guid)
+            })
+            .collect()
+    }
+}
+
 /// Why a dataset must not be replicated as things stand.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -340,6 +370,27 @@ mod tests {
                 intermediates: true
             }]
         );
+    }
+
+    #[test]
+    fn expected_snapshots() {
+        let src = [s("a", 1), s("b", 2), s("c", 3), s("d", 4)];
+        let guids = |p: &Plan| p.expected(&src).iter().map(|s| s.guid).collect::<Vec<_>>();
+        assert_eq!(guids(&plan(&src, None, opts()).unwrap()), [1, 2, 3, 4]);
+        assert_eq!(
+            guids(&plan(&src, Some(&[s("b", 2)]), opts()).unwrap()),
+            [2, 3, 4]
+        );
+        let newest_only = PlanOptions {
+            newest_only: true,
+            ..opts()
+        };
+        assert_eq!(guids(&plan(&src, None, newest_only).unwrap()), [1, 4]);
+        assert_eq!(
+            guids(&plan(&src, Some(&[s("b", 2)]), newest_only).unwrap()),
+            [2, 4]
+        );
+        assert!(guids(&plan(&src, Some(&src), opts()).unwrap()).is_empty());
     }
 
     proptest! {

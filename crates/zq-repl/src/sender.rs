@@ -147,6 +147,21 @@ impl Sender {
             // Destruction, if any, was done before the first step.
             force = zq_proto::ForceAction::None;
         }
+        // Exit 0 means the destination holds every snapshot it was asked to: check the
+        // receiver's own listing after the last step rather than trusting the plan.
+        let held = last.map(|c| c.snapshots).unwrap_or_default();
+        let missing: Vec<String> = plan
+            .expected(&source)
+            .into_iter()
+            .filter(|s| !held.iter().any(|h| h.guid == s.guid))
+            .map(|s| format!("@{}", s.name))
+            .collect();
+        if !missing.is_empty() {
+            return DatasetOutcome::Failed(ReplError::Protocol(format!(
+                "every step was committed, but the destination lacks {}",
+                missing.join(", ")
+            )));
+        }
         let newest = plan
             .steps
             .last()
@@ -156,7 +171,7 @@ impl Sender {
             steps: plan.steps.len(),
             bytes,
             newest,
-            committed: last.map(|c| c.snapshots.len()).unwrap_or(0),
+            committed: held.len(),
         }
     }
 

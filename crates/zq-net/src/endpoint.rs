@@ -202,10 +202,15 @@ impl Client {
         }
     }
 
-    /// Closes the endpoint, waiting briefly for the peer to learn of it.
+    /// Closes the endpoint so the receiver learns of it at once.
+    ///
+    /// CONNECTION_CLOSE goes out as soon as the endpoint driver runs after `close`; a few
+    /// milliseconds let it do so. Waiting for `wait_idle` to finish would sit out the whole
+    /// draining period (3 PTO, about 80 ms even on loopback), which only absorbs late
+    /// packets and is of no use to a process about to exit.
     pub async fn shutdown(&self) {
         self.endpoint.close(VarInt::from_u32(0), b"done");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(5), self.endpoint.wait_idle()).await;
     }
 }
 

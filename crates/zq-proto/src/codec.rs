@@ -234,6 +234,58 @@ mod tests {
         assert_eq!(decode(&mut b).unwrap(), Some(Frame::Data { hash, data }));
     }
 
+    /// Golden bytes: the wire layout documented in docs/protocol.md. A failure here means
+    /// the wire format changed: bump the protocol version and update the document.
+    #[test]
+    fn wire_layout_is_stable() {
+        let f = frame_of(&Message::StepEnd(StepEnd {
+            total_len: 300,
+            hash: [0xaa; 32],
+        }));
+        let mut want = vec![0, 0, 0, 37, KIND_MESSAGE, 6, 251, 0x2c, 0x01];
+        want.extend_from_slice(&[0xaa; 32]);
+        assert_eq!(&f[..], &want[..]);
+
+        let f = frame_of(&Message::Hello(Hello {
+            magic: crate::limits::MAGIC,
+            min_version: 1,
+            max_version: 1,
+            compression: vec!["none".into()],
+            checksums: vec!["blake3".into()],
+            resume: vec![],
+            software: "x".into(),
+        }));
+        let body: &[u8] = &[
+            KIND_MESSAGE,
+            0,
+            b'Z',
+            b'Q',
+            0,
+            0,
+            1,
+            1,
+            1,
+            4,
+            b'n',
+            b'o',
+            b'n',
+            b'e',
+            1,
+            6,
+            b'b',
+            b'l',
+            b'a',
+            b'k',
+            b'e',
+            b'3',
+            0,
+            1,
+            b'x',
+        ];
+        assert_eq!(&f[4..], body);
+        assert_eq!(&f[..4], &(body.len() as u32).to_be_bytes());
+    }
+
     #[test]
     fn partial_frames_wait_for_more() {
         let full = frame_of(&sample_header());

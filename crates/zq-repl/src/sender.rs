@@ -75,11 +75,16 @@ impl Sender {
     /// (parents before children). One dataset's failure does not stop its siblings, but a
     /// dataset whose parent failed is skipped.
     pub async fn replicate(&self, job: &Job) -> Result<Vec<DatasetReport>, ReplError> {
-        let sources = self.zfs.list(&job.source, job.recursive).await?;
+        // Both listings at once: one local zfs call and one round trip.
+        let (sources, dest) = tokio::join!(
+            self.zfs.list(&job.source, job.recursive),
+            self.list_remote(&job.target, job.recursive)
+        );
+        let sources = sources?;
         if sources.is_empty() {
             return Err(ReplError::SourceMissing(job.source.to_string()));
         }
-        let dest = self.list_remote(&job.target, job.recursive).await?;
+        let dest = dest?;
         let mut reports: Vec<DatasetReport> = Vec::new();
         for src in &sources {
             let target = src.name.rebase(&job.source, &job.target)?;

@@ -1,7 +1,7 @@
 //! Shared plumbing of the `zq-send` and `zq-recv` binaries: logging, exit codes and the
 //! identity subcommands. The engines live in the `zq-*` crates; this stays thin.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
@@ -36,25 +36,40 @@ pub fn init_logging(json: bool) {
     }
 }
 
-/// `keygen DIR`: creates the identity of `role` and prints its fingerprint.
-pub fn keygen(dir: &Path, role: &str) -> ExitCode {
-    match zq_net::Identity::generate(dir, role) {
-        Ok(fp) => {
-            println!("{fp}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(exit::USAGE, &anyhow::Error::new(e).context("keygen")),
-    }
+/// The identity subcommands both binaries share.
+#[derive(clap::Subcommand, Debug)]
+pub enum IdentityCommand {
+    /// Create this program's identity (certificate and 0600 key) in DIR and print its
+    /// fingerprint. Refuses to overwrite an existing identity.
+    Keygen {
+        /// Directory for the identity files (created with mode 0700).
+        dir: PathBuf,
+    },
+    /// Print the fingerprint of this program's existing identity in DIR.
+    Fingerprint {
+        /// Directory holding the identity.
+        dir: PathBuf,
+    },
 }
 
-/// `fingerprint DIR`: prints the fingerprint of the existing identity of `role`.
-pub fn fingerprint(dir: &Path, role: &str) -> ExitCode {
-    match zq_net::Identity::fingerprint_of(dir, role) {
-        Ok(fp) => {
-            println!("{fp}");
-            ExitCode::SUCCESS
+impl IdentityCommand {
+    /// Runs the command for `role` (`zq-send` or `zq-recv`): prints one fingerprint line.
+    pub fn run(&self, role: &str) -> ExitCode {
+        let result = match self {
+            IdentityCommand::Keygen { dir } => {
+                zq_net::Identity::generate(dir, role).map_err(|e| (e, "keygen"))
+            }
+            IdentityCommand::Fingerprint { dir } => {
+                zq_net::Identity::fingerprint_of(dir, role).map_err(|e| (e, "fingerprint"))
+            }
+        };
+        match result {
+            Ok(fp) => {
+                println!("{fp}");
+                ExitCode::SUCCESS
+            }
+            Err((e, what)) => fail(exit::USAGE, &anyhow::Error::new(e).context(what)),
         }
-        Err(e) => fail(exit::USAGE, &anyhow::Error::new(e).context("fingerprint")),
     }
 }
 

@@ -15,7 +15,7 @@ const ROLE: &str = "zq-recv";
 
 /// Receive ZFS snapshots from pinned zq-send peers over QUIC.
 #[derive(Parser, Debug)]
-#[command(name = "zq-recv", version, about)]
+#[command(name = "zq-recv", version)]
 struct Cli {
     /// Log as JSON lines instead of human-readable text (logs go to stderr).
     #[arg(long, global = true)]
@@ -26,16 +26,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create this receiver's identity in DIR and print its fingerprint.
-    Keygen {
-        /// Directory for zq-recv.crt and zq-recv.key (created with mode 0700).
-        dir: PathBuf,
-    },
-    /// Print the fingerprint of the identity in DIR.
-    Fingerprint {
-        /// Directory holding zq-recv.crt.
-        dir: PathBuf,
-    },
+    #[command(flatten)]
+    Identity(zq::IdentityCommand),
     /// Accept senders and receive their streams until SIGTERM/SIGINT.
     Serve(ServeArgs),
 }
@@ -70,8 +62,7 @@ fn parse_allow(s: &str) -> Result<(Fingerprint, DatasetName), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Keygen { dir } => zq::keygen(&dir, ROLE),
-        Command::Fingerprint { dir } => zq::fingerprint(&dir, ROLE),
+        Command::Identity(cmd) => cmd.run(ROLE),
         Command::Serve(args) => {
             zq::init_logging(cli.log_json);
             match tokio::runtime::Runtime::new() {

@@ -15,7 +15,7 @@ const ROLE: &str = "zq-send";
 
 /// Replicate ZFS snapshots to a zq-recv over one authenticated QUIC connection.
 #[derive(Parser, Debug)]
-#[command(name = "zq-send", version, about)]
+#[command(name = "zq-send", version)]
 struct Cli {
     /// Log as JSON lines instead of human-readable text (logs go to stderr).
     #[arg(long, global = true)]
@@ -26,16 +26,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create this sender's identity in DIR and print its fingerprint.
-    Keygen {
-        /// Directory for zq-send.crt and zq-send.key (created with mode 0700).
-        dir: PathBuf,
-    },
-    /// Print the fingerprint of the identity in DIR.
-    Fingerprint {
-        /// Directory holding zq-send.crt.
-        dir: PathBuf,
-    },
+    #[command(flatten)]
+    Identity(zq::IdentityCommand),
     /// Replicate SOURCE to TARGET on the receiver at ADDR, once.
     Run(RunArgs),
 }
@@ -75,8 +67,7 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Keygen { dir } => zq::keygen(&dir, ROLE),
-        Command::Fingerprint { dir } => zq::fingerprint(&dir, ROLE),
+        Command::Identity(cmd) => cmd.run(ROLE),
         Command::Run(args) => {
             zq::init_logging(cli.log_json);
             let rt = match tokio::runtime::Runtime::new() {

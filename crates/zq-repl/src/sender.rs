@@ -1,6 +1,7 @@
 //! The sender engine: one connection, a handshake, one batched listing per job, then one
 //! QUIC stream per step carrying `zfs send` output to the receiver.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -85,6 +86,11 @@ impl Sender {
             return Err(ReplError::SourceMissing(job.source.to_string()));
         }
         let dest = dest?;
+        let dest: HashMap<&str, &[zq_proto::SnapshotInfo]> = dest
+            .datasets
+            .iter()
+            .map(|d| (d.name.as_str(), d.snapshots.as_slice()))
+            .collect();
         let mut reports: Vec<DatasetReport> = Vec::new();
         for src in &sources {
             let target = src.name.rebase(&job.source, &job.target)?;
@@ -94,11 +100,7 @@ impl Sender {
             let outcome = if parent_failed {
                 DatasetOutcome::Failed(ReplError::Skipped("its parent failed".into()))
             } else {
-                let dest_snaps = dest
-                    .datasets
-                    .iter()
-                    .find(|d| d.name == target.as_str())
-                    .map(|d| d.snapshots.as_slice());
+                let dest_snaps = dest.get(target.as_str()).copied();
                 let span = info_span!("dataset", source = %src.name, target = %target);
                 self.replicate_one(src, &target, dest_snaps, job.options)
                     .instrument(span)

@@ -1,0 +1,196 @@
+//! The receiver's refusals over real QUIC on loopback, without ZFS: its `zfs` program does
+//! not exist, so every refusal below also proves that no `zfs` command was attempted.
+
+use std::net::SocketAddr;
+
+use zq_net::{Client, FramedRecv, FramedSend, Identity, Tuning};
+use zq_proto::{
+    Capabilities, ErrorKind, ForceAction, Message, RefusalReason, SnapRef, StepHeader, Verdict,
+};
+use zq_repl::{Policy, Receiver};
+use zq_store::{DatasetName, Zfs};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    client: Client,
+    addr: SocketAddr,
+}
+
+/// A receiver allowing one sender into `backup/a`, and a client with that sender's key.
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let recv_fp = Identity::generate(dir.path(), "zq-recv").unwrap();
+    let send_fp = Identity::generate(dir.path(), "zq-send").unwrap();
+    let mut policy = Policy::default();
+    policy
+        .allow(send_fp, DatasetName::parse("backup/a").unwrap())
+        .unwrap();
+    let endpoint = zq_net::server(
+        Identity::load(dir.path(), "zq-recv").unwrap(),
+        policy.fingerprints(),
+        "127.0.0.1:0".parse().unwrap(),
+        &Tuning::default(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let zfs = Zfs::with_capabilities("/nonexistent/zfs", Default::default());
+    let receiver = Receiver::new(zfs, policy, Capabilities::current("test-recv"));
+    tokio::spawn(receiver.serve(endpoint));
+    let client = Client::new(
+        Identity::load(dir.path(), "zq-send").unwrap(),
+        recv_fp,
+        addr,
+        &Tuning::default(),
+    )
+    .unwrap();
+    Setup {
+        _dir: dir,
+        client,
+        addr,
+    }
+}
+
+/// Sends `first` on a new stream and returns the receiver's answer.
+async fn exchange(conn: &quinn::Connection, first: &Message) -> Message {
+    let (s, r) = conn.open_bi().await.unwrap();
+    let (mut s, mut r) = (FramedSend::new(s), FramedRecv::new(r));
+    s.send(first).await.unwrap();
+    let _ = s.finish();
+    r.message("answer").await.unwrap()
+}
+
+async fn handshaken(setup: &Setup) -> quinn::Connection {
+    let conn = setup.client.connect(setup.addr).await.unwrap();
+    let hello = Capabilities::current("test-send").hello();
+    assert!(matches!(
+        exchange(&conn, &Message::Hello(hello)).await,
+        Message::Welcome(_)
+    ));
+    conn
+}
+
+fn header(target: &str) -> Message {
+    Message::StepHeader(StepHeader {
+        source: "tank/x".into(),
+        target: target.into(),
+        from: None,
+        to: SnapRef {
+            name: "s1".into(),
+            guid: 7,
+        },
+        intermediates: false,
+        force: ForceAction::None,
+        compression: "none".into(),
+    })
+}
+
+#[tokio::test]
+async fn unknown_protocol_version_is_refused_with_both_ranges() {
+    let setup = setup().await;
+    let conn = setup.client.connect(setup.addr).await.unwrap();
+    let mut hello = Capabilities::current("test-send").hello();
+    hello.min_version = 50;
+    hello.max_version = 60;
+    match exchange(&conn, &Message::Hello(hello)).await {
+        Message::Refused(r) => {
+            assert_eq!(r.reason, RefusalReason::VersionMismatch);
+            assert!(r.message.contains("50..=60"), "{}", r.message);
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    // The receiver then closes the connection.
+    conn.closed().await;
+}
+
+#[tokio::test]
+async fn a_request_before_the_handshake_is_refused() {
+    let setup = setup().await;
+    let conn = setup.client.connect(setup.addr).await.unwrap();
+    match exchange(&conn, &header("backup/a/x")).await {
+        Message::Refused(r) => assert_eq!(r.reason, RefusalReason::BadHello),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn targets_outside_the_root_are_refused_before_any_zfs_command() {
+    let setup = setup().await;
+    let conn = handshaken(&setup).await;
+    for (target, kind) in [
+        ("backup/b/x", ErrorKind::NotAuthorized),
+        ("backup", ErrorKind::NotAuthorized),
+        ("backup/ab", ErrorKind::NotAuthorized),
+        ("other/a", ErrorKind::NotAuthorized),
+        ("backup/a/../b", ErrorKind::InvalidName),
+        ("/backup/a/x", ErrorKind::InvalidName),
+        ("-o", ErrorKind::InvalidName),
+        ("backup/a/x y", ErrorKind::InvalidName),
+        ("backup/a/x;reboot", ErrorKind::InvalidName),
+        ("backup/a/$(id)", ErrorKind::InvalidName),
+    ] {
+        match exchange(&conn, &header(target)).await {
+            Message::Verdict(Verdict::Failed(e)) => assert_eq!(e.kind, kind, "{target}: {e}"),
+            other => panic!("{target}: expected a failed verdict, got {other:?}"),
+        }
+    }
+    // Listing outside the root is refused the same way.
+    let list = Message::ListRequest(zq_proto::ListRequest {
+        roots: vec![zq_proto::ListRoot {
+            dataset: "backup/b".into(),
+            recursive: true,
+        }],
+    });
+    match exchange(&conn, &list).await {
+        Message::Error(e) => assert_eq!(e.kind, ErrorKind::NotAuthorized),
+        other => panic!("expected Error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_header_naming_an_invalid_snapshot_is_refused() {
+    let setup = setup().await;
+    let conn = handshaken(&setup).await;
+    let mut h = header("backup/a/x");
+    if let Message::StepHeader(h) = &mut h {
+        h.to.name = "s1;rm".into();
+    }
+    match exchange(&conn, &h).await {
+        Message::Verdict(Verdict::Failed(e)) => assert_eq!(e.kind, ErrorKind::InvalidName),
+        other => panic!("expected a failed verdict, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_stream_must_start_with_a_request() {
+    let setup = setup().await;
+    let conn = handshaken(&setup).await;
+    let end = Message::StepEnd(zq_proto::StepEnd {
+        total_len: 0,
+        hash: [0; 32],
+    });
+    match exchange(&conn, &end).await {
+        Message::Error(e) => assert_eq!(e.kind, ErrorKind::Protocol, "{e}"),
+        other => panic!("expected Error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_frame_is_refused_without_allocating_it() {
+    let setup = setup().await;
+    let conn = handshaken(&setup).await;
+    let (mut s, r) = conn.open_bi().await.unwrap();
+    s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let _ = s.finish();
+    match FramedRecv::new(r).message("answer").await.unwrap() {
+        Message::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::Protocol);
+            assert!(e.message.contains("exceeds the maximum"), "{}", e.message);
+        }
+        other => panic!("expected Error, got {other:?}"),
+    }
+    // The connection survives a bad stream: the next request is still answered.
+    assert!(matches!(
+        exchange(&conn, &header("other/x")).await,
+        Message::Verdict(Verdict::Failed(_))
+    ));
+}

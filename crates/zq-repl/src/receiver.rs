@@ -113,7 +113,10 @@ impl Receiver {
     async fn connection(self: Arc<Self>, conn: quinn::Connection) {
         let Some(root) = peer_fingerprint(&conn).and_then(|fp| {
             let root = self.policy.root(&fp).cloned();
-            info!(sender = %fp.short(), root = ?root.as_ref().map(|r| r.to_string()), "sender connected");
+            match &root {
+                Some(r) => info!(sender = %fp.short(), root = %r, "sender connected"),
+                None => warn!(sender = %fp, "connected key has no root; closing"),
+            }
             root
         }) else {
             conn.close(1u32.into(), b"unknown sender key");
@@ -138,12 +141,16 @@ impl Receiver {
             };
             let this = self.clone();
             let root = root.clone();
-            tokio::spawn(async move {
-                let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
-                if let Err(e) = this.stream(&root, &mut send, &mut recv).await {
-                    warn!(error = %e, "stream failed");
+            tokio::spawn(
+                async move {
+                    let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+                    if let Err(e) = this.stream(&root, &mut send, &mut recv).await {
+                        warn!(error = %e, "stream failed");
+                    }
                 }
-            });
+                // Keep the connection's span (remote address) on every request's logs.
+                .instrument(tracing::Span::current()),
+            );
         }
     }
 

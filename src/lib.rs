@@ -36,6 +36,18 @@ pub fn init_logging(json: bool) {
     }
 }
 
+/// Installs logging and runs `main` on a multi-threaded tokio runtime.
+pub fn block_on(log_json: bool, main: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    init_logging(log_json);
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(main),
+        Err(e) => fail(
+            exit::FAILURE,
+            &anyhow::Error::new(e).context("starting the runtime"),
+        ),
+    }
+}
+
 /// The identity subcommands both binaries share.
 #[derive(clap::Subcommand, Debug)]
 pub enum IdentityCommand {

@@ -63,13 +63,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Identity(cmd) => cmd.run(ROLE),
-        Command::Serve(args) => {
-            zq::init_logging(cli.log_json);
-            match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt.block_on(serve(args)),
-                Err(e) => fail(exit::FAILURE, &anyhow::Error::new(e)),
-            }
-        }
+        Command::Serve(args) => zq::block_on(cli.log_json, serve(args)),
     }
 }
 

@@ -68,14 +68,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Identity(cmd) => cmd.run(ROLE),
-        Command::Run(args) => {
-            zq::init_logging(cli.log_json);
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => return fail(exit::FAILURE, &anyhow::Error::new(e)),
-            };
-            rt.block_on(run(args))
-        }
+        Command::Run(args) => zq::block_on(cli.log_json, run(args)),
     }
 }
 

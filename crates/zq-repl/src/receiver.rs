@@ -66,6 +66,8 @@ pub struct Receiver {
     policy: Policy,
     caps: Capabilities,
     busy: Mutex<HashSet<DatasetName>>,
+    /// Held around dataset-creating receives where concurrent mounts are unsafe (zfs-fuse).
+    mounts: tokio::sync::Mutex<()>,
 }
 
 /// Marks a target busy for the duration of one step.
@@ -87,6 +89,7 @@ impl Receiver {
             policy,
             caps,
             busy: Mutex::new(HashSet::new()),
+            mounts: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -284,6 +287,11 @@ impl Receiver {
                 ));
             }
             Busy(&self.busy, target.clone())
+        };
+        // A full stream creates (and mounts) a dataset: one at a time where that is unsafe.
+        let _mounting = match h.from {
+            None if !self.zfs.capabilities().concurrent_mounts => Some(self.mounts.lock().await),
+            _ => None,
         };
         let force = self.prepare(root, &target, h).await?;
 

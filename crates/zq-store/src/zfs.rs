@@ -73,6 +73,9 @@ pub struct Capabilities {
     pub send_estimate: bool,
     /// `zfs receive -s` and `receive_resume_token`.
     pub resumable_receive: bool,
+    /// Datasets may be created (mounted) concurrently. zfs-fuse deadlocks when two are
+    /// (see docs/operations.md), so callers serialize dataset-creating commands there.
+    pub concurrent_mounts: bool,
 }
 
 impl Capabilities {
@@ -87,12 +90,14 @@ impl Capabilities {
                 bookmarks: true,
                 send_estimate: true,
                 resumable_receive: true,
+                concurrent_mounts: true,
             },
             // Pre-0.8 OpenZFS or illumos: `list -p` and `recv -u` exist; zq does not rely
             // on the rest there. zfs-fuse has none of it.
             None => Capabilities {
                 list_parsable,
                 recv_no_mount: list_parsable,
+                concurrent_mounts: list_parsable,
                 ..Default::default()
             },
         }
@@ -172,9 +177,15 @@ impl Zfs {
         tree_from_entries(entries, root, recursive)
     }
 
-    /// Creates `snap`.
-    pub async fn snapshot(&self, snap: &SnapshotName) -> Result<(), StoreError> {
-        run(&self.zfs().arg("snapshot").arg(snap.to_string())).await?;
+    /// Creates `snap`, and with `recursive` the same snapshot of every descendant, atomically
+    /// (`zfs snapshot -r`).
+    pub async fn snapshot(&self, snap: &SnapshotName, recursive: bool) -> Result<(), StoreError> {
+        let argv = self
+            .zfs()
+            .arg("snapshot")
+            .arg_if(recursive, "-r")
+            .arg(snap.to_string());
+        run(&argv).await?;
         Ok(())
     }
 

@@ -104,8 +104,33 @@ fn recursive_tree_parents_first() {
     for rel in ["vm", "vm/a", "vm/a/deep", "vm/b"] {
         let target = dst.ds(&format!("b/{rel}"));
         assert_eq!(snapshots(&target), snapshots(&src.ds(rel)), "{rel}");
+    }
+
+    // Regression: on zfs-fuse (no `receive -u`) mounting the received children created
+    // their mountpoints inside the replicated parent, so the parent's next incremental was
+    // refused as "modified since most recent snapshot" and the whole tree stopped.
+    for rel in ["vm", "vm/b"] {
+        src.write(rel, "more", 2000, 7);
+    }
+    zfs(&["snapshot", "-r", &format!("{}@r3", src.ds("vm"))]);
+    let out = send(
+        &keys,
+        &recv,
+        &src.ds("vm"),
+        &dst.ds("b/vm"),
+        &["--recursive"],
+    );
+    assert!(
+        out.status.success(),
+        "second recursive run: {}",
+        stderr(&out)
+    );
+    for rel in ["vm", "vm/a", "vm/a/deep", "vm/b"] {
+        let target = dst.ds(&format!("b/{rel}"));
+        assert_eq!(snapshots(&target), snapshots(&src.ds(rel)), "{rel}");
         assert_eq!(read(&target, "data"), read(&src.ds(rel), "data"), "{rel}");
     }
+    assert_eq!(read(&dst.ds("b/vm"), "more"), read(&src.ds("vm"), "more"));
 }
 
 #[test]

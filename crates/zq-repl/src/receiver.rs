@@ -431,7 +431,13 @@ impl Receiver {
                     )));
                 };
                 if pos == existing.len() - 1 {
-                    return Ok(false);
+                    // The base is the target's newest snapshot. Without `receive -u`
+                    // (zfs-fuse) zfs mounts every replica, and mounting a received child
+                    // creates its mountpoint in the parent, so replicas get modified by the
+                    // receives themselves and the next incremental would be refused. There,
+                    // `-F` rolls back exactly what `-u` would have prevented: changes since
+                    // the newest snapshot, which is the base. No snapshot is destroyed.
+                    return Ok(!self.zfs.capabilities().recv_no_mount);
                 }
                 let base_here = &existing[pos];
                 match &h.force {

@@ -221,6 +221,7 @@ pub fn server(
     listen: SocketAddr,
     tuning: &Tuning,
 ) -> Result<quinn::Endpoint, NetError> {
+    let (reset_key, cid_key) = restart_keys(&identity.key);
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| NetError::Config(e.to_string()))?
@@ -231,10 +232,38 @@ pub fn server(
     let quic = QuicServerConfig::try_from(tls).map_err(|e| NetError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(tuning.transport()?));
-    quinn::Endpoint::server(config, listen).map_err(|source| NetError::Bind {
+    let bind_err = |source| NetError::Bind {
         addr: listen,
         source,
-    })
+    };
+    let socket = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| NetError::Config("no async runtime for quinn".into()))?;
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind_err)
+}
+
+/// Keys that survive a restart, derived from the receiver's private key: the stateless-reset
+/// key and the key that signs connection IDs. With both, a restarted receiver recognizes
+/// its predecessor's connection IDs and answers their packets with a valid stateless reset,
+/// so senders reconnect at once instead of waiting out the idle timeout. (quinn's defaults
+/// are random per endpoint, and it drops packets whose CID it did not sign.)
+fn restart_keys(key: &rustls_pki_types::PrivateKeyDer<'_>) -> (ring::hmac::Key, u64) {
+    use sha2::Digest;
+    let derive = |label: &[u8]| {
+        let mut h = sha2::Sha256::new();
+        h.update(label);
+        h.update(key.secret_der());
+        h.finalize()
+    };
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derive(b"zq stateless reset v1\0"));
+    let cid = derive(b"zq connection id v1\0");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid[..8]);
+    (reset, u64::from_le_bytes(cid_key))
 }
 
 /// True if `conn` was closed by the peer during or right after the TLS handshake with a

@@ -48,6 +48,25 @@ pub fn block_on(log_json: bool, main: impl std::future::Future<Output = ExitCode
     }
 }
 
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// The identity subcommands both binaries share.
 #[derive(clap::Subcommand, Debug)]
 pub enum IdentityCommand {
@@ -97,8 +116,13 @@ pub fn chain(err: &dyn std::error::Error) -> String {
     s
 }
 
+/// Prints `err` with its causes on stderr.
+pub fn report(err: &anyhow::Error) {
+    eprintln!("error: {err:#}");
+}
+
 /// Prints `err` with its causes and returns `code`.
 pub fn fail(code: u8, err: &anyhow::Error) -> ExitCode {
-    eprintln!("error: {err:#}");
+    report(err);
     ExitCode::from(code)
 }

@@ -102,27 +102,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
     let caps = Capabilities::current(format!("zq-recv {}", env!("CARGO_PKG_VERSION")));
     let receiver = Receiver::new(zfs, policy, caps);
     let serving = tokio::spawn(receiver.serve(endpoint.clone()));
-    shutdown_signal().await;
+    zq::shutdown_signal().await;
     tracing::info!("shutting down");
     endpoint.close(0u32.into(), b"receiver shutting down");
     serving.abort();
     ExitCode::SUCCESS
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -1,14 +1,17 @@
 //! `zq-send`: replicates local ZFS datasets to a `zq-recv` over one QUIC connection.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use zq::{exit, fail};
 use zq_net::{Client, Fingerprint, Identity, Tuning};
 use zq_proto::Capabilities;
-use zq_repl::{DatasetOutcome, Job, PlanOptions, ReplError, Sender};
+use zq_repl::{DaemonOptions, DatasetOutcome, Job, PlanOptions, ReplError, Sender};
 use zq_store::{DatasetName, Zfs};
 
 const ROLE: &str = "zq-send";
@@ -59,9 +62,36 @@ struct RunArgs {
     /// The zfs program to run.
     #[arg(long, default_value = "zfs", value_name = "PATH")]
     zfs: PathBuf,
+    /// Run as a daemon: replicate at least this often (e.g. 1s, 100ms) until SIGTERM or
+    /// SIGINT, reconnecting as needed. Without --snapshot-every it replicates snapshots
+    /// that something else creates.
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    every: Option<Duration>,
+    /// Daemon: create the snapshot zq_<UTC time> of the source (recursively with
+    /// --recursive) this often and replicate right after each. Implies --every with the
+    /// same period unless given.
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    snapshot_every: Option<Duration>,
+    /// Daemon: wait a random time up to this before starting (spreads a fleet's load).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
+    jitter: Duration,
+    /// Daemon: most replication steps in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    max_steps: u16,
     /// Speak only this protocol version (for compatibility testing).
     #[arg(long, hide = true)]
     protocol_version: Option<u16>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (examples: 100ms, 1s, 5m)"))
+}
+
+fn parse_period(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: a period must be longer than zero")),
+        d => Ok(d),
+    }
 }
 
 fn main() -> ExitCode {
@@ -91,8 +121,8 @@ async fn run(args: RunArgs) -> ExitCode {
         caps.min_version = v;
         caps.max_version = v;
     }
-    let (sender, client) = match connect(&args, identity, zfs, &caps).await {
-        Ok(s) => s,
+    let peer = match Peer::new(&args, identity, caps).await {
+        Ok(p) => Arc::new(p),
         Err(e) => return fail(exit::CONNECT, &e),
     };
     let job = Job {
@@ -104,15 +134,29 @@ async fn run(args: RunArgs) -> ExitCode {
             force: args.force,
         },
     };
+    let code = match args.every.or(args.snapshot_every) {
+        Some(every) => daemon(&args, every, job, zfs, peer.clone()).await,
+        None => once(&args, job, zfs, &peer).await,
+    };
+    peer.client.shutdown().await;
+    ExitCode::from(code)
+}
+
+/// Replicates once and reports each dataset; returns the exit code.
+async fn once(args: &RunArgs, job: Job, zfs: Zfs, peer: &Peer) -> u8 {
+    let sender = match peer.connect(zfs).await {
+        Ok(s) => s,
+        Err(e) => {
+            zq::report(&e);
+            return exit::CONNECT;
+        }
+    };
     let reports = match sender.replicate(&job).await {
         Ok(r) => r,
         Err(e) => {
             let code = code_for(&e);
-            client.shutdown().await;
-            return fail(
-                code,
-                &anyhow::Error::new(e).context(format!("replicating {}", args.source)),
-            );
+            zq::report(&anyhow::Error::new(e).context(format!("replicating {}", args.source)));
+            return code;
         }
     };
     let mut code = exit::OK;
@@ -134,33 +178,79 @@ async fn run(args: RunArgs) -> ExitCode {
             }
         }
     }
-    drop(sender);
-    client.shutdown().await;
-    ExitCode::from(code)
+    code
 }
 
-async fn connect(
-    args: &RunArgs,
-    identity: Identity,
-    zfs: Zfs,
-    caps: &Capabilities,
-) -> anyhow::Result<(Sender, Client)> {
-    let addr = zq_net::resolve(&args.addr).await?;
-    let ours = identity.fingerprint;
-    let client = Client::new(identity, args.peer, addr, &Tuning::default())?;
-    let conn = client
-        .connect(addr)
-        .await
-        .with_context(|| format!("connecting to receiver {}", args.addr))?;
-    match Sender::handshake(conn.clone(), zfs, caps).await {
-        Ok(sender) => Ok((sender, client)),
-        Err(_) if zq_net::closed_by_tls_alert(&conn) => anyhow::bail!(
-            "receiver {} refused this sender's key {ours}: on the receiver, allow it with \
-             --allow {ours}=ROOT",
-            args.addr
-        ),
-        Err(e) => {
-            Err(anyhow::Error::new(e).context(format!("handshake with receiver {}", args.addr)))
+/// Runs as a daemon until SIGTERM/SIGINT; returns the exit code (0 on a signal).
+async fn daemon(args: &RunArgs, every: Duration, job: Job, zfs: Zfs, peer: Arc<Peer>) -> u8 {
+    let opts = DaemonOptions {
+        every,
+        snapshot_every: args.snapshot_every,
+        jitter: args.jitter,
+        max_steps: usize::from(args.max_steps),
+    };
+    tracing::info!(
+        source = %job.source, target = %job.target, every = ?opts.every,
+        snapshot_every = ?opts.snapshot_every, max_steps = opts.max_steps, "daemon starting"
+    );
+    let connect_zfs = zfs.clone();
+    let connect: zq_repl::daemon::Connect = Box::new(move || {
+        let (peer, zfs) = (peer.clone(), connect_zfs.clone());
+        Box::pin(async move { peer.connect(zfs).await.map_err(|e| format!("{e:#}")) })
+    });
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        zq::shutdown_signal().await;
+        tracing::info!("signal received, stopping");
+        let _ = stop.send(true);
+    });
+    zq_repl::daemon::run(job, opts, zfs, connect, stopped).await;
+    exit::OK
+}
+
+/// The receiver: one client endpoint reused for every (re)connection, so TLS sessions can
+/// be resumed.
+struct Peer {
+    client: Client,
+    addr: SocketAddr,
+    name: String,
+    ours: Fingerprint,
+    caps: Capabilities,
+}
+
+impl Peer {
+    async fn new(args: &RunArgs, identity: Identity, caps: Capabilities) -> anyhow::Result<Self> {
+        let addr = zq_net::resolve(&args.addr).await?;
+        let ours = identity.fingerprint;
+        let client = Client::new(identity, args.peer, addr, &Tuning::default())?;
+        Ok(Peer {
+            client,
+            addr,
+            name: args.addr.clone(),
+            ours,
+            caps,
+        })
+    }
+
+    /// Connects and runs the handshake.
+    async fn connect(&self, zfs: Zfs) -> anyhow::Result<Sender> {
+        let conn = self
+            .client
+            .connect(self.addr)
+            .await
+            .with_context(|| format!("connecting to receiver {}", self.name))?;
+        match Sender::handshake(conn.clone(), zfs, &self.caps).await {
+            Ok(sender) => Ok(sender),
+            Err(_) if zq_net::closed_by_tls_alert(&conn) => anyhow::bail!(
+                "receiver {} refused this sender's key {}: on the receiver, allow it with \
+                 --allow {}=ROOT",
+                self.name,
+                self.ours,
+                self.ours
+            ),
+            Err(e) => {
+                Err(anyhow::Error::new(e).context(format!("handshake with receiver {}", self.name)))
+            }
         }
     }
 }

@@ -284,14 +284,13 @@ pub struct Recv {
 impl Recv {
     /// Starts a receiver allowing each `(fingerprint, root)`.
     pub fn start(keys: &Keys, allow: &[(&str, &str)]) -> Recv {
+        Recv::start_on(keys, allow, "127.0.0.1:0")
+    }
+
+    /// Starts a receiver on `listen` (e.g. the address of one that was killed).
+    pub fn start_on(keys: &Keys, allow: &[(&str, &str)], listen: &str) -> Recv {
         let mut cmd = Command::new(RECV);
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--identity",
-            keys.path(),
-        ]);
+        cmd.args(["serve", "--listen", listen, "--identity", keys.path()]);
         for (fp, root) in allow {
             cmd.arg("--allow").arg(format!("{fp}={root}"));
         }
@@ -310,6 +309,14 @@ impl Recv {
             .unwrap_or_else(|| panic!("unexpected zq-recv output {line:?}"))
             .to_string();
         Recv { child, addr }
+    }
+}
+
+impl Recv {
+    /// SIGKILL, as a crash or power loss would.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -373,4 +380,77 @@ pub fn read(dataset: &str, file: &str) -> Vec<u8> {
     let _ = Command::new("zfs").args(["mount", dataset]).output();
     let mp = zfs(&["get", "-H", "-o", "value", "mountpoint", dataset]);
     std::fs::read(Path::new(mp.trim()).join(file)).unwrap()
+}
+
+/// A `zq-send run ... --every` daemon with its stderr in a file; SIGKILLed on drop.
+pub struct Daemon {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(keys: &Keys, recv: &Recv, source: &str, target: &str, extra: &[&str]) -> Daemon {
+        let log = keys.dir.path().join("daemon.log");
+        let child = Command::new(SEND)
+            .args(["run", source, &recv.addr, target, "--identity", keys.path()])
+            .args(["--peer", &keys.recv_fp])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    /// SIGTERM, then waits up to `within` for a clean exit; returns the exit code.
+    pub fn stop(mut self, within: Duration) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("daemon did not exit within {within:?} of SIGTERM");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How many source snapshots are newer than the destination's newest (by GUID); the whole
+/// source count if the destination has none of them.
+pub fn lag(source: &str, target: &str) -> usize {
+    let src = snapshots(source);
+    let dst = snapshots(target);
+    match dst
+        .last()
+        .and_then(|(_, g)| src.iter().position(|(_, s)| s == g))
+    {
+        Some(pos) => src.len() - 1 - pos,
+        None => src.len(),
+    }
+}
+
+/// Polls `cond` every 100 ms for up to `limit`.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cond()
 }

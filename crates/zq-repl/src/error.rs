@@ -77,6 +77,26 @@ impl ReplError {
             )
     }
 
+    /// Whether the receiver's state differs from what the sender assumed (a stale cursor):
+    /// list the destination again and re-plan.
+    pub fn stale_destination(&self) -> bool {
+        matches!(
+            self,
+            ReplError::Remote(WireError {
+                kind: ErrorKind::Diverged | ErrorKind::BaseMissing | ErrorKind::TargetExists,
+                ..
+            })
+        )
+    }
+
+    /// Whether the connection is gone and must be re-established.
+    pub fn connection_lost(&self) -> bool {
+        matches!(
+            self,
+            ReplError::Connection(_) | ReplError::Stream(_) | ReplError::Net(_)
+        )
+    }
+
     /// Whether the receiver refused this sender's authority.
     pub fn not_authorized(&self) -> bool {
         matches!(

@@ -1,11 +1,13 @@
 //! Replication: planning (pure functions over snapshot lists) and the sender and receiver
 //! engines that carry out the plan over one QUIC connection.
 
+pub mod daemon;
 pub mod error;
 pub mod plan;
 pub mod receiver;
 pub mod sender;
 
+pub use daemon::DaemonOptions;
 pub use error::ReplError;
 pub use plan::{plan, Plan, PlanError, PlanOptions, Step};
 pub use receiver::{Policy, Receiver};

@@ -102,7 +102,7 @@ impl Sender {
             } else {
                 let dest_snaps = dest.get(target.as_str()).copied();
                 let span = info_span!("dataset", source = %src.name, target = %target);
-                self.replicate_one(src, &target, dest_snaps, job.options)
+                self.replicate_dataset(src, &target, dest_snaps, job.options)
                     .instrument(span)
                     .await
             };
@@ -115,7 +115,11 @@ impl Sender {
         Ok(reports)
     }
 
-    async fn replicate_one(
+    /// Brings one dataset up to date given what the destination holds: its snapshot list,
+    /// `None` if it does not exist, or in steady state just the cursor (the snapshot the
+    /// receiver last committed). The receiver re-checks the base, so a stale cursor gives
+    /// a `Diverged`/`BaseMissing` error and the caller lists again.
+    pub async fn replicate_dataset(
         &self,
         src: &zq_store::DatasetState,
         target: &DatasetName,

@@ -5,9 +5,11 @@
 pub mod command;
 pub mod name;
 pub mod parse;
+pub mod stream;
 pub mod zfs;
 
 pub use command::{CommandError, Reader, Writer};
 pub use name::{DatasetName, NameError, SnapshotName};
 pub use parse::{Kind, Version};
+pub use stream::{parse_begin, BeginError, StreamBegin};
 pub use zfs::{Capabilities, DatasetState, Snapshot, StoreError, Zfs};

@@ -1,0 +1,185 @@
+//! The first record of a `zfs send` stream (DRR_BEGIN): which snapshot the stream creates
+//! and which one it needs, read from the bytes themselves.
+//!
+//! Both sides use it so that a replication step needs no `zfs` call besides `send` and
+//! `receive`: the sender learns the GUID of a snapshot it just created from its own stream,
+//! and the receiver checks the stream against the step's header before `zfs receive` sees
+//! a byte. The layout (`dmu_replay_record_t`, 312 bytes) has not changed since the first
+//! ZFS release; zfs-fuse and OpenZFS 2.x write the same one, in the sender's byte order:
+//!
+//! | offset | field |
+//! | --- | --- |
+//! | 0 | `drr_type: u32` (0 = DRR_BEGIN) |
+//! | 4 | `drr_payloadlen: u32` |
+//! | 8 | `drr_magic: u64` (0x2F5BACBAC; byte-swapped in a stream of the other byte order) |
+//! | 16 | `drr_versioninfo: u64` (low 2 bits: 1 substream, 2 compound; feature flags above) |
+//! | 24 | `drr_creation_time: u64` |
+//! | 32 | `drr_type: u32` (objset type), 36 `drr_flags: u32` |
+//! | 40 | `drr_toguid: u64` |
+//! | 48 | `drr_fromguid: u64` (0 for a full stream) |
+//! | 56 | `drr_toname: [u8; 256]` (NUL-terminated `pool/fs@snap`) |
+
+/// Length of the BEGIN record, the first bytes of every stream.
+pub const BEGIN_RECORD_LEN: usize = 312;
+
+/// `DMU_BACKUP_MAGIC`.
+const MAGIC: u64 = 0x2_F5BA_CBAC;
+
+/// What the BEGIN record says about a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamBegin {
+    /// GUID of the snapshot the stream creates (0 in a compound stream's first record).
+    pub to_guid: u64,
+    /// GUID of the snapshot it must be applied on; `None` for a full stream.
+    pub from_guid: Option<u64>,
+    /// `pool/fs@snap` as named on the sending side.
+    pub to_name: String,
+    /// A compound stream (`zfs send -I` or `-R`), whose first record describes the package
+    /// (no GUIDs; the name of the last snapshot) rather than one snapshot.
+    pub compound: bool,
+}
+
+/// The bytes are not the start of a `zfs send` stream zq can use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BeginError {
+    /// Fewer bytes than one BEGIN record.
+    #[error("a zfs send stream starts with a {BEGIN_RECORD_LEN}-byte BEGIN record; only {0} bytes arrived")]
+    TooShort(usize),
+    /// The magic number is wrong in both byte orders.
+    #[error("not a zfs send stream (magic {0:#x})")]
+    BadMagic(u64),
+    /// The first record is not a BEGIN record.
+    #[error("a zfs send stream must start with a BEGIN record, not record type {0}")]
+    NotBegin(u32),
+}
+
+/// Parses the BEGIN record at the start of `bytes` (which may hold more of the stream).
+pub fn parse_begin(bytes: &[u8]) -> Result<StreamBegin, BeginError> {
+    let rec = bytes
+        .get(..BEGIN_RECORD_LEN)
+        .ok_or(BeginError::TooShort(bytes.len()))?;
+    let le_magic = u64_at(rec, 8, false);
+    let big_endian = match le_magic {
+        MAGIC => false,
+        m if m.swap_bytes() == MAGIC => true,
+        m => return Err(BeginError::BadMagic(m)),
+    };
+    let record_type = u32_at(rec, 0, big_endian);
+    if record_type != 0 {
+        return Err(BeginError::NotBegin(record_type));
+    }
+    let versioninfo = u64_at(rec, 16, big_endian);
+    let from = u64_at(rec, 48, big_endian);
+    let name = &rec[56..];
+    let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+    Ok(StreamBegin {
+        to_guid: u64_at(rec, 40, big_endian),
+        from_guid: (from != 0).then_some(from),
+        to_name: String::from_utf8_lossy(name).into_owned(),
+        compound: versioninfo & 0x3 == 2,
+    })
+}
+
+fn u64_at(rec: &[u8], at: usize, big_endian: bool) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&rec[at..at + 8]);
+    if big_endian {
+        u64::from_be_bytes(b)
+    } else {
+        u64::from_le_bytes(b)
+    }
+}
+
+fn u32_at(rec: &[u8], at: usize, big_endian: bool) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&rec[at..at + 4]);
+    if big_endian {
+        u32::from_be_bytes(b)
+    } else {
+        u32::from_le_bytes(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rstest::rstest;
+
+    // Captured on zfs-fuse 0.7.0 (pool v23): `zfs send [-i|-I] zqma/fs@s1 ...`, where the
+    // snapshots' GUIDs were read with `zfs get -Hp guid`.
+    const S1: u64 = 10299075463925339385;
+    const S2: u64 = 11386937075674283587;
+
+    #[rstest]
+    #[case::full(&include_bytes!("../tests/fixtures/zfs-fuse-send-full.zs")[..], S1, None, "zqma/fs@s1", false)]
+    #[case::incremental(&include_bytes!("../tests/fixtures/zfs-fuse-send-i.zs")[..], S2, Some(S1), "zqma/fs@s2", false)]
+    // -I s1..s4 is a compound stream: a BEGIN record with no GUIDs that names the last
+    // snapshot, an END record, then one substream per snapshot.
+    #[case::intermediates(&include_bytes!("../tests/fixtures/zfs-fuse-send-I.zs")[..], 0, None, "zqma/fs@s4", true)]
+    fn captured_zfs_fuse_streams(
+        #[case] stream: &[u8],
+        #[case] to: u64,
+        #[case] from: Option<u64>,
+        #[case] name: &str,
+        #[case] compound: bool,
+    ) {
+        let b = parse_begin(stream).unwrap();
+        assert_eq!(
+            (b.to_guid, b.from_guid, b.to_name.as_str()),
+            (to, from, name)
+        );
+        assert_eq!(b.compound, compound);
+    }
+
+    /// A BEGIN record as OpenZFS 2.x writes it: feature flags in `drr_versioninfo`
+    /// (LARGE_BLOCKS | EMBED_DATA | LZ4 | SA_SPILL here), optionally big-endian.
+    fn openzfs_begin(big_endian: bool, versioninfo: u64) -> Vec<u8> {
+        let mut rec = vec![0u8; BEGIN_RECORD_LEN];
+        let put64 = |rec: &mut Vec<u8>, at: usize, v: u64| {
+            let b = if big_endian {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            };
+            rec[at..at + 8].copy_from_slice(&b);
+        };
+        put64(&mut rec, 8, MAGIC);
+        put64(&mut rec, 16, versioninfo);
+        put64(&mut rec, 40, 42);
+        put64(&mut rec, 48, 7);
+        rec[56..56 + 13].copy_from_slice(b"tank/vm@zq_1\0");
+        rec
+    }
+
+    #[rstest]
+    #[case::little_endian(false)]
+    #[case::big_endian(true)]
+    fn openzfs_layout_with_feature_flags(#[case] big_endian: bool) {
+        let features = (0x800 | 0x10000 | 0x20000 | 0x80000) << 2;
+        let b = parse_begin(&openzfs_begin(big_endian, features | 1)).unwrap();
+        assert_eq!((b.to_guid, b.from_guid), (42, Some(7)));
+        assert_eq!(b.to_name, "tank/vm@zq_1");
+        assert!(!b.compound);
+        assert!(parse_begin(&openzfs_begin(big_endian, 2)).unwrap().compound);
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_stream() {
+        let good = include_bytes!("../tests/fixtures/zfs-fuse-send-i.zs");
+        assert_eq!(parse_begin(&good[..100]), Err(BeginError::TooShort(100)));
+        let mut bad = good.to_vec();
+        bad[8] ^= 1;
+        assert!(matches!(parse_begin(&bad), Err(BeginError::BadMagic(_))));
+        let mut end = good.to_vec();
+        end[0] = 2; // DRR_END
+        assert_eq!(parse_begin(&end), Err(BeginError::NotBegin(2)));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = parse_begin(&bytes);
+        }
+    }
+}

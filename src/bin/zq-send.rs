@@ -16,6 +16,9 @@ use zq_store::{DatasetName, Zfs};
 
 const ROLE: &str = "zq-send";
 
+/// `--keep-last` when zq creates the snapshots and the user did not say.
+const DEFAULT_KEEP_LAST: usize = 100;
+
 /// Replicate ZFS snapshots to a zq-recv over one authenticated QUIC connection.
 #[derive(Parser, Debug)]
 #[command(name = "zq-send", version)]
@@ -78,6 +81,11 @@ struct RunArgs {
     /// Daemon: most replication steps in flight at once.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     max_steps: u16,
+    /// Daemon: retention of zq's own snapshots (names starting with zq_) on both sides:
+    /// keep the newest N, never the common base or anything not yet replicated. Other
+    /// snapshots are never touched. Default 100 with --snapshot-every, otherwise off.
+    #[arg(long, value_name = "N")]
+    keep_last: Option<usize>,
     /// Speak only this protocol version (for compatibility testing).
     #[arg(long, hide = true)]
     protocol_version: Option<u16>,
@@ -188,6 +196,10 @@ async fn daemon(args: &RunArgs, every: Duration, job: Job, zfs: Zfs, peer: Arc<P
         snapshot_every: args.snapshot_every,
         jitter: args.jitter,
         max_steps: usize::from(args.max_steps),
+        // zq's own snapshots would pile up at one per period: prune by default then.
+        keep_last: args
+            .keep_last
+            .or(args.snapshot_every.map(|_| DEFAULT_KEEP_LAST)),
     };
     tracing::info!(
         source = %job.source, target = %job.target, every = ?opts.every,

@@ -275,7 +275,7 @@ impl Keys {
     }
 }
 
-/// A running `zq-recv serve`, killed on drop.
+/// A running `zq-recv serve`, stopped on drop.
 pub struct Recv {
     child: Child,
     pub addr: String,
@@ -322,9 +322,24 @@ impl Recv {
 
 impl Drop for Recv {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child);
     }
+}
+
+/// SIGTERM, then SIGKILL after 5 s. zq exits cleanly on SIGTERM and reaps its `zfs`
+/// children; a SIGKILL alone would orphan them, still working on pools being destroyed.
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..100 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Runs `zq-send run SOURCE ADDR TARGET --identity .. --peer .. EXTRA...`.
@@ -382,7 +397,7 @@ pub fn read(dataset: &str, file: &str) -> Vec<u8> {
     std::fs::read(Path::new(mp.trim()).join(file)).unwrap()
 }
 
-/// A `zq-send run ... --every` daemon with its stderr in a file; SIGKILLed on drop.
+/// A `zq-send run ... --every` daemon with its stderr in a file; stopped on drop.
 pub struct Daemon {
     child: Child,
     pub log: PathBuf,
@@ -424,8 +439,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child);
     }
 }
 

@@ -482,6 +482,15 @@ mod tests {
                 }),
             arb_wire_error().prop_map(|e| Message::Verdict(Verdict::Failed(e))),
             arb_wire_error().prop_map(Message::Error),
+            (arb_name(), any::<u32>(), any::<u64>()).prop_map(|(dataset, keep_last, base_guid)| {
+                Message::Prune(PruneRequest {
+                    dataset,
+                    keep_last,
+                    base_guid,
+                })
+            }),
+            proptest::collection::vec(arb_name(), 0..5)
+                .prop_map(|destroyed| Message::Pruned(Pruned { destroyed })),
         ]
     }
 

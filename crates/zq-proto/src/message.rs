@@ -32,6 +32,10 @@ pub enum Message {
     Verdict(Verdict),
     /// Either way: a request on this stream failed before it could be answered.
     Error(WireError),
+    /// Sender → receiver: apply retention to the `zq_` snapshots of one target.
+    Prune(PruneRequest),
+    /// Receiver → sender, the answer to a [`PruneRequest`].
+    Pruned(Pruned),
 }
 
 impl Message {
@@ -48,6 +52,8 @@ impl Message {
             Message::StepAbort(_) => "StepAbort",
             Message::Verdict(_) => "Verdict",
             Message::Error(_) => "Error",
+            Message::Prune(_) => "Prune",
+            Message::Pruned(_) => "Pruned",
         }
     }
 
@@ -129,6 +135,17 @@ impl Message {
                 c.snapshots
                     .iter()
                     .try_for_each(|s| check_name("Verdict.snapshots", &s.name))
+            }
+            Message::Prune(p) => check_name("Prune.dataset", &p.dataset),
+            Message::Pruned(p) => {
+                check_count(
+                    "Pruned.destroyed",
+                    p.destroyed.len(),
+                    MAX_SNAPSHOTS_PER_DATASET,
+                )?;
+                p.destroyed
+                    .iter()
+                    .try_for_each(|s| check_name("Pruned.destroyed", s))
             }
             Message::Verdict(Verdict::Failed(e)) | Message::Error(e) => {
                 check_text("WireError.message", &e.message)?;
@@ -349,6 +366,26 @@ pub struct Committed {
     pub guid: u64,
     /// The target's snapshots after the receive, oldest first.
     pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// Retention for one target: destroy its `zq_` snapshots except the newest `keep_last`,
+/// never the one with `base_guid` (the common base) or anything newer. The receiver decides
+/// which snapshots those are from its own listing; a target without that base is left alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneRequest {
+    /// Target dataset on the receiver.
+    pub dataset: String,
+    /// How many of the newest `zq_` snapshots to keep.
+    pub keep_last: u32,
+    /// GUID of the common base, which is never destroyed.
+    pub base_guid: u64,
+}
+
+/// What a [`PruneRequest`] destroyed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pruned {
+    /// Names (after `@`) of the destroyed snapshots.
+    pub destroyed: Vec<String>,
 }
 
 /// A typed error carried on the wire.

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use zq_proto::SnapshotInfo;
 use zq_store::{DatasetName, DatasetState, Zfs};
 
+use crate::retention::{prunable, ZQ_PREFIX};
 use crate::sender::{Job, Sender};
 use crate::{to_info, DatasetOutcome, ReplError};
 
@@ -35,7 +36,14 @@ pub struct DaemonOptions {
     pub jitter: Duration,
     /// Most replication steps in flight at once.
     pub max_steps: usize,
+    /// Retention: keep this many of the newest `zq_` snapshots on both sides (never the
+    /// common base or anything newer); `None` keeps everything.
+    pub keep_last: Option<usize>,
 }
+
+/// What the retention loop needs to know of the replication loop: each source dataset's
+/// target and the snapshot the receiver last committed.
+type Cursors = HashMap<DatasetName, (DatasetName, SnapshotInfo)>;
 
 /// Opens a connection and runs the handshake; called again after a failure.
 pub type Connect =
@@ -116,6 +124,20 @@ pub async fn run(
             _ = shutdown.changed() => return,
         }
     }
+    let (cursors_tx, cursors_rx) = watch::channel(Cursors::new());
+    let (conn_tx, conn_rx) = watch::channel(None::<Arc<Sender>>);
+    let mut retention = None;
+    if let Some(keep) = opts.keep_last {
+        let every = (opts.every * 5).max(Duration::from_secs(5));
+        retention = Some(tokio::spawn(retention_loop(
+            zfs.clone(),
+            keep,
+            every,
+            cursors_rx,
+            conn_rx,
+            shutdown.clone(),
+        )));
+    }
     let mut tick = tokio::time::interval(opts.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sender: Option<Arc<Sender>> = None;
@@ -139,6 +161,7 @@ pub async fn run(
                     backoff.succeeded();
                     let s = Arc::new(s);
                     sender = Some(s.clone());
+                    let _ = conn_tx.send(Some(s.clone()));
                     s
                 }
                 Err(e) => {
@@ -148,16 +171,19 @@ pub async fn run(
                 }
             },
         };
-        let iteration = state.iterate(&s, &zfs, &job, &opts);
-        tokio::pin!(iteration);
-        let lost = tokio::select! {
-            lost = &mut iteration => lost,
-            _ = shutdown.changed() => {
-                info!("stopping: letting the steps in flight finish");
-                let _ = tokio::time::timeout(Duration::from_secs(30), &mut iteration).await;
-                break;
+        let lost = {
+            let iteration = state.iterate(&s, &zfs, &job, &opts);
+            tokio::pin!(iteration);
+            tokio::select! {
+                lost = &mut iteration => lost,
+                _ = shutdown.changed() => {
+                    info!("stopping: letting the steps in flight finish");
+                    let _ = tokio::time::timeout(Duration::from_secs(30), &mut iteration).await;
+                    break;
+                }
             }
         };
+        let _ = cursors_tx.send(state.cursors.clone());
         if lost {
             let delay = backoff.failed();
             warn!(
@@ -165,9 +191,10 @@ pub async fn run(
                 "connection lost; reconnecting"
             );
             sender = None;
+            let _ = conn_tx.send(None);
         }
     }
-    if let Some(t) = snapshots {
+    for t in [snapshots, retention].into_iter().flatten() {
         t.abort();
     }
     drop(sender);
@@ -206,11 +233,61 @@ async fn snapshot_loop(
     }
 }
 
+/// Applies retention to both sides of every dataset with a cursor, every `every`. A failure
+/// is logged and retried on the next pass; replication never waits for it.
+async fn retention_loop(
+    zfs: Zfs,
+    keep: usize,
+    every: Duration,
+    cursors: watch::Receiver<Cursors>,
+    conn: watch::Receiver<Option<Arc<Sender>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let keep_u32 = u32::try_from(keep).unwrap_or(u32::MAX);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let cursors = cursors.borrow().clone();
+        let sender = conn.borrow().clone();
+        for (source, (target, base)) in cursors {
+            match zfs.list(&source, false).await {
+                Ok(state) => {
+                    let snaps: Vec<_> = state
+                        .first()
+                        .map(|d| d.snapshots.iter().map(to_info).collect())
+                        .unwrap_or_default();
+                    for s in prunable(&snaps, ZQ_PREFIX, keep, base.guid) {
+                        let destroyed = match source.snapshot(&s.name) {
+                            Ok(snap) => {
+                                zfs.destroy_snapshot(&snap).await.map_err(|e| e.to_string())
+                            }
+                            Err(e) => Err(e.to_string()),
+                        };
+                        if let Err(e) = destroyed {
+                            warn!(dataset = %source, snapshot = %s.name, error = %e, "retention: cannot destroy");
+                        }
+                    }
+                }
+                Err(e) => warn!(dataset = %source, error = %e, "retention: cannot list"),
+            }
+            if let Some(sender) = &sender {
+                if let Err(e) = sender.prune_remote(&target, keep_u32, base.guid).await {
+                    warn!(dataset = %target, error = %chain(&e), "retention on the receiver failed");
+                }
+            }
+        }
+    }
+}
+
 /// What the daemon knows per source dataset.
 #[derive(Debug, Default)]
 struct State {
-    /// The snapshot the receiver last committed, per source dataset.
-    cursors: HashMap<DatasetName, SnapshotInfo>,
+    /// Per source dataset: its target and the snapshot the receiver last committed.
+    cursors: Cursors,
     /// The last error logged per dataset (to log a persisting error once).
     errors: HashMap<DatasetName, String>,
 }
@@ -265,7 +342,7 @@ impl State {
         let mut lost = false;
         for src in sources {
             let newest = src.snapshots.last().map(to_info);
-            let cursor = self.cursors.get(&src.name);
+            let cursor = self.cursors.get(&src.name).map(|(_, c)| c);
             if let (Some(n), Some(c)) = (&newest, cursor) {
                 if n.guid == c.guid {
                     continue;
@@ -287,21 +364,31 @@ impl State {
                 let outcome = sender
                     .replicate_dataset(&src, &target, None, job.options)
                     .await;
-                lost |= self.record(&src, newest, outcome);
+                lost |= self.record(&src, &target, newest, outcome);
                 continue;
             }
             let (sender, permits, options) = (sender.clone(), permits.clone(), job.options);
             steps.spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                let outcome = sender
+                let mut outcome = sender
                     .replicate_dataset(&src, &target, dest.as_deref(), options)
                     .await;
-                (src, newest, outcome)
+                if let Some(ahead) = receiver_ahead(&outcome, &src) {
+                    // E.g. the receiver committed our last step but died before its verdict
+                    // reached us: continue from where it really is.
+                    debug!(dataset = %src.name, at = %ahead.name, "receiver is ahead of the cursor");
+                    outcome = sender
+                        .replicate_dataset(&src, &target, Some(&[ahead]), options)
+                        .await;
+                }
+                (src, target, newest, outcome)
             });
         }
         while let Some(done) = steps.join_next().await {
             match done {
-                Ok((src, newest, outcome)) => lost |= self.record(&src, newest, outcome),
+                Ok((src, target, newest, outcome)) => {
+                    lost |= self.record(&src, &target, newest, outcome)
+                }
                 Err(e) => warn!(error = %e, "replication task failed"),
             }
         }
@@ -312,6 +399,7 @@ impl State {
     fn record(
         &mut self,
         src: &DatasetState,
+        target: &DatasetName,
         newest: Option<SnapshotInfo>,
         outcome: DatasetOutcome,
     ) -> bool {
@@ -329,7 +417,7 @@ impl State {
                     info!(dataset = %src.name, "replicating again");
                 }
                 match newest {
-                    Some(n) => self.cursors.insert(src.name.clone(), n),
+                    Some(n) => self.cursors.insert(src.name.clone(), (target.clone(), n)),
                     None => self.cursors.remove(&src.name),
                 };
                 false
@@ -352,6 +440,22 @@ impl State {
             self.errors.insert(dataset.clone(), message);
         }
     }
+}
+
+/// If `outcome` is the receiver refusing a stale cursor while its newest snapshot is one of
+/// the source's (it is ahead on the same chain, not diverged), that snapshot.
+fn receiver_ahead(outcome: &DatasetOutcome, src: &DatasetState) -> Option<SnapshotInfo> {
+    let DatasetOutcome::Failed(ReplError::Remote(e)) = outcome else {
+        return None;
+    };
+    if e.kind != zq_proto::ErrorKind::Diverged {
+        return None;
+    }
+    let newest = e.receiver_newest.as_ref()?;
+    src.snapshots
+        .iter()
+        .find(|s| s.guid == newest.guid)
+        .map(to_info)
 }
 
 fn chain(e: &ReplError) -> String {
@@ -377,6 +481,43 @@ mod tests {
         zq_store::name::validate_snapshot_component(&name).unwrap();
         let later = snapshot_name(t + Duration::from_millis(1));
         assert!(later > name);
+    }
+
+    fn state(guids: &[u64]) -> DatasetState {
+        DatasetState {
+            name: DatasetName::parse("t/a").unwrap(),
+            kind: zq_store::Kind::Filesystem,
+            snapshots: guids
+                .iter()
+                .map(|&g| zq_store::Snapshot {
+                    name: format!("s{g}"),
+                    guid: g,
+                    createtxg: g,
+                })
+                .collect(),
+        }
+    }
+
+    fn refused(kind: zq_proto::ErrorKind, newest: Option<u64>) -> DatasetOutcome {
+        let mut e = zq_proto::WireError::new(kind, "refused");
+        e.receiver_newest = newest.map(|guid| zq_proto::SnapRef {
+            name: format!("s{guid}"),
+            guid,
+        });
+        DatasetOutcome::Failed(ReplError::Remote(e))
+    }
+
+    #[test]
+    fn receiver_ahead_on_the_same_chain_is_followed_not_treated_as_divergence() {
+        use zq_proto::ErrorKind::*;
+        let src = state(&[1, 2, 3]);
+        let ahead = receiver_ahead(&refused(Diverged, Some(2)), &src).unwrap();
+        assert_eq!(ahead.guid, 2);
+        // A snapshot the source does not have: real divergence.
+        assert!(receiver_ahead(&refused(Diverged, Some(9)), &src).is_none());
+        assert!(receiver_ahead(&refused(Diverged, None), &src).is_none());
+        assert!(receiver_ahead(&refused(BaseMissing, Some(2)), &src).is_none());
+        assert!(receiver_ahead(&DatasetOutcome::UpToDate, &src).is_none());
     }
 
     #[test]

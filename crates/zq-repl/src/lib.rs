@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod error;
 pub mod plan;
 pub mod receiver;
+pub mod retention;
 pub mod sender;
 
 pub use daemon::DaemonOptions;

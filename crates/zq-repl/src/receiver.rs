@@ -1,7 +1,7 @@
 //! The receiver engine: admits pinned senders, confines each to its destination root,
 //! answers listings and runs steps, feeding `zfs receive` only verified bytes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -65,21 +65,18 @@ pub struct Receiver {
     zfs: Zfs,
     policy: Policy,
     caps: Capabilities,
-    busy: Mutex<HashSet<DatasetName>>,
+    /// One lock per target: steps into a target wait for each other, retention skips a
+    /// target that is in use.
+    targets: Mutex<HashMap<DatasetName, Arc<tokio::sync::Mutex<()>>>>,
     /// Held around dataset-creating receives where concurrent mounts are unsafe (zfs-fuse).
     mounts: tokio::sync::Mutex<()>,
 }
 
-/// Marks a target busy for the duration of one step.
-struct Busy<'a>(&'a Mutex<HashSet<DatasetName>>, DatasetName);
+/// How long retention waits for a step on the same target before skipping it this time.
+const PRUNE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut b) = self.0.lock() {
-            b.remove(&self.1);
-        }
-    }
-}
+/// How long a step waits for another step or retention pass on the same target.
+const TARGET_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Receiver {
     /// A receiver with this policy.
@@ -88,9 +85,14 @@ impl Receiver {
             zfs,
             policy,
             caps,
-            busy: Mutex::new(HashSet::new()),
+            targets: Mutex::new(HashMap::new()),
             mounts: tokio::sync::Mutex::new(()),
         })
+    }
+
+    fn target_lock(&self, target: &DatasetName) -> Result<Arc<tokio::sync::Mutex<()>>, WireError> {
+        let mut targets = self.targets.lock().map_err(|_| internal("lock poisoned"))?;
+        Ok(targets.entry(target.clone()).or_default().clone())
     }
 
     /// Accepts connections on `endpoint` until it is closed.
@@ -205,6 +207,10 @@ impl Receiver {
                 Ok(l) => Message::ListResponse(l),
                 Err(e) => Message::Error(e),
             },
+            Ok(Message::Prune(p)) => match self.prune(root, p).await {
+                Ok(destroyed) => Message::Pruned(zq_proto::Pruned { destroyed }),
+                Err(e) => Message::Error(e),
+            },
             Ok(Message::StepHeader(h)) => {
                 let span = info_span!("step", target = %h.target, to = %h.to.name);
                 let v = self.step(root, h, recv).instrument(span).await;
@@ -249,6 +255,40 @@ impl Receiver {
         Ok(ListResponse { datasets })
     }
 
+    /// Retention of one target's `zq_` snapshots (see [`crate::retention`]). Skipped while a
+    /// step into the target runs; the next request catches up.
+    async fn prune(
+        &self,
+        root: &DatasetName,
+        req: zq_proto::PruneRequest,
+    ) -> Result<Vec<String>, WireError> {
+        let target = authorize(root, &req.dataset)?;
+        let lock = self.target_lock(&target)?;
+        let Ok(_busy) = tokio::time::timeout(PRUNE_WAIT, lock.lock_owned()).await else {
+            return Ok(Vec::new());
+        };
+        let state = self.zfs.list(&target, false).await.map_err(zfs_err)?;
+        let Some(state) = state.first() else {
+            return Ok(Vec::new());
+        };
+        let snapshots: Vec<_> = state.snapshots.iter().map(to_info).collect();
+        let keep = usize::try_from(req.keep_last).unwrap_or(usize::MAX);
+        let mut destroyed = Vec::new();
+        for s in
+            crate::retention::prunable(&snapshots, crate::retention::ZQ_PREFIX, keep, req.base_guid)
+        {
+            let snap = target
+                .snapshot(&s.name)
+                .map_err(|e| internal(e.to_string()))?;
+            self.zfs.destroy_snapshot(&snap).await.map_err(zfs_err)?;
+            destroyed.push(s.name.clone());
+        }
+        if !destroyed.is_empty() {
+            debug!(%target, count = destroyed.len(), "pruned");
+        }
+        Ok(destroyed)
+    }
+
     async fn step(&self, root: &DatasetName, h: StepHeader, recv: &mut FramedRecv) -> Verdict {
         match self.step_inner(root, &h, recv).await {
             Ok(c) => {
@@ -278,16 +318,15 @@ impl Receiver {
                 format!("compression {:?} was not negotiated", h.compression),
             ));
         }
-        let _busy = {
-            let mut busy = self.busy.lock().map_err(|_| internal("lock poisoned"))?;
-            if !busy.insert(target.clone()) {
-                return Err(WireError::new(
+        let lock = self.target_lock(&target)?;
+        let _busy = tokio::time::timeout(TARGET_WAIT, lock.lock_owned())
+            .await
+            .map_err(|_| {
+                WireError::new(
                     ErrorKind::Internal,
-                    format!("another step into {target} is in progress"),
-                ));
-            }
-            Busy(&self.busy, target.clone())
-        };
+                    format!("{target} has been busy with another step for {TARGET_WAIT:?}"),
+                )
+            })?;
         // A full stream creates (and mounts) a dataset: one at a time where that is unsafe.
         let _mounting = match h.from {
             None if !self.zfs.capabilities().concurrent_mounts => Some(self.mounts.lock().await),

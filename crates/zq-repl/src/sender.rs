@@ -212,6 +212,33 @@ impl Sender {
         }
     }
 
+    /// Asks the receiver to prune `target`'s `zq_` snapshots (see [`crate::retention`]);
+    /// returns the names it destroyed.
+    pub async fn prune_remote(
+        &self,
+        target: &DatasetName,
+        keep_last: u32,
+        base_guid: u64,
+    ) -> Result<Vec<String>, ReplError> {
+        let (send, recv) = self.conn.open_bi().await.map_err(ReplError::connection)?;
+        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+        send.send(&Message::Prune(zq_proto::PruneRequest {
+            dataset: target.to_string(),
+            keep_last,
+            base_guid,
+        }))
+        .await?;
+        send.finish()?;
+        match recv.message("Pruned").await? {
+            Message::Pruned(p) => Ok(p.destroyed),
+            Message::Error(e) => Err(ReplError::Remote(e)),
+            other => Err(ReplError::Protocol(format!(
+                "expected Pruned, receiver sent {}",
+                other.name()
+            ))),
+        }
+    }
+
     /// Runs one step on its own stream; returns the receiver's commit and the stream size.
     async fn run_step(
         &self,

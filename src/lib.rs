@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
+pub mod status;
+
 /// Exit codes, documented in `docs/operations.md`. Scripts and systemd act on these.
 pub mod exit {
     /// Everything asked for was done.

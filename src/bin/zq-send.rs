@@ -34,8 +34,20 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Identity(zq::IdentityCommand),
-    /// Replicate SOURCE to TARGET on the receiver at ADDR, once.
-    Run(RunArgs),
+    /// Replicate SOURCE to TARGET on the receiver at ADDR, once (or as a daemon).
+    Run(Box<RunArgs>),
+    /// Show each running daemon's datasets: last replicated snapshot, its age (replication
+    /// lag), snapshots not sent yet, last error. Reads the daemons' status files.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Status files or directories holding them (default: where daemons write them).
+    paths: Vec<PathBuf>,
+    /// Print the status files' JSON (one document per line) instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -86,6 +98,10 @@ struct RunArgs {
     /// snapshots are never touched. Default 100 with --snapshot-every, otherwise off.
     #[arg(long, value_name = "N")]
     keep_last: Option<usize>,
+    /// Daemon: write the status that `zq-send status` shows to this file after every
+    /// iteration [default: $RUNTIME_DIRECTORY or /run/zq, file send-<SOURCE>--<TARGET>.json].
+    #[arg(long, value_name = "PATH")]
+    status_file: Option<PathBuf>,
     /// Speak only this protocol version (for compatibility testing).
     #[arg(long, hide = true)]
     protocol_version: Option<u16>,
@@ -106,7 +122,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Identity(cmd) => cmd.run(ROLE),
-        Command::Run(args) => zq::block_on(cli.log_json, run(args)),
+        Command::Run(args) => zq::block_on(cli.log_json, run(*args)),
+        Command::Status(args) => zq::status::show(&args.paths, args.json),
     }
 }
 
@@ -200,6 +217,12 @@ async fn daemon(args: &RunArgs, every: Duration, job: Job, zfs: Zfs, peer: Arc<P
         keep_last: args
             .keep_last
             .or(args.snapshot_every.map(|_| DEFAULT_KEEP_LAST)),
+        status_file: Some(
+            args.status_file
+                .clone()
+                .unwrap_or_else(|| zq::status::default_file(&job.source, &job.target)),
+        ),
+        receiver: args.addr.clone(),
     };
     tracing::info!(
         source = %job.source, target = %job.target, every = ?opts.every,

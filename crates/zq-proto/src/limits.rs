@@ -3,8 +3,9 @@
 /// Protocol versions this build speaks, inclusive. Any change to a message layout bumps
 /// [`PROTOCOL_VERSION_MAX`]; the handshake messages themselves never change layout.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-/// See [`PROTOCOL_VERSION_MIN`].
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+/// See [`PROTOCOL_VERSION_MIN`]. Version 2 (same layouts): a step header may leave the GUID
+/// of its `to` snapshot to the stream (0), and `Prune`/`Pruned` exist.
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
 
 /// First four bytes of every `Hello`: "ZQ" and two bytes of zeros, so a stray client of
 /// another protocol is told apart from a zq peer of another version.

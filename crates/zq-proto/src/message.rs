@@ -311,7 +311,10 @@ pub struct StepHeader {
     pub target: String,
     /// Incremental base, or `None` for a full stream.
     pub from: Option<SnapRef>,
-    /// The snapshot this step ends with.
+    /// The snapshot this step ends with. From version 2 its GUID may be 0: a snapshot the
+    /// sender just created, whose GUID the receiver takes from the stream's BEGIN record
+    /// (or, with intermediates, from its listing after the receive) and reports in
+    /// [`Committed::guid`].
     pub to: SnapRef,
     /// The stream carries every snapshot between `from` and `to` (`zfs send -I`).
     pub intermediates: bool,
@@ -362,9 +365,11 @@ pub enum Verdict {
 pub struct Committed {
     /// Target dataset.
     pub dataset: String,
-    /// GUID of the snapshot the step ended with (equals the header's `to.guid`).
+    /// GUID of the snapshot the step ended with (the header's `to.guid`, or the one the
+    /// receiver resolved when the header left it 0).
     pub guid: u64,
-    /// The target's snapshots after the receive, oldest first.
+    /// The target's snapshots after the receive, oldest first. The receiver may compute
+    /// this list rather than list the target; a `createtxg` of 0 then means unknown.
     pub snapshots: Vec<SnapshotInfo>,
 }
 

@@ -1,28 +1,40 @@
-//! The daemon: for one job, a snapshot loop and a replication loop over one persistent
-//! connection that is re-established with capped exponential backoff when it breaks.
+//! The daemon: for one job, a snapshot loop, a replication loop and a retention loop, each
+//! its own task so that none stalls the others, over one persistent connection that is
+//! re-established with capped exponential backoff when it breaks.
 //!
-//! Steady state needs no remote listing: the daemon remembers, per dataset, the snapshot the
-//! receiver last committed (its cursor) and sends the next incremental from it. The receiver
-//! re-checks the base; if the cursor is stale it refuses, the cursor is dropped, and the
-//! next iteration lists the destination and re-plans. Datasets whose target does not exist
+//! Steady state lists neither side: the daemon remembers, per dataset, the source snapshots
+//! it knows, the ones its snapshot loop created since, and the snapshot the receiver last
+//! committed (its cursor), and sends the new snapshots on top of the cursor ([`tracked`]).
+//! The receiver re-checks the base; if the cursor is stale it refuses, the cursor is dropped,
+//! and the next iteration lists both sides and re-plans. The source is listed at start,
+//! after any failure, every [`REFRESH`] (to find new child datasets), and every iteration
+//! when something other than zq makes the snapshots. Datasets whose target does not exist
 //! yet are created one after the other, parents first; all other steps run in parallel up
 //! to `max_steps`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 use zq_proto::SnapshotInfo;
-use zq_store::{DatasetName, DatasetState, Zfs};
+use zq_store::{DatasetName, Zfs};
 
 use crate::retention::{prunable, ZQ_PREFIX};
 use crate::sender::{Job, Sender};
 use crate::{to_info, DatasetOutcome, ReplError};
+
+pub mod tracked;
+use tracked::{Next, Status, Tracked};
+
+/// How often the source is listed in full even when nothing failed: new child datasets of a
+/// recursive job are picked up within this time.
+pub const REFRESH: Duration = Duration::from_secs(30);
 
 /// How the daemon runs.
 #[derive(Debug, Clone)]
@@ -39,11 +51,11 @@ pub struct DaemonOptions {
     /// Retention: keep this many of the newest `zq_` snapshots on both sides (never the
     /// common base or anything newer); `None` keeps everything.
     pub keep_last: Option<usize>,
+    /// Where to write the status (`zq-send status` reads it) after every iteration.
+    pub status_file: Option<PathBuf>,
+    /// The receiver's address, for the status.
+    pub receiver: String,
 }
-
-/// What the retention loop needs to know of the replication loop: each source dataset's
-/// target and the snapshot the receiver last committed.
-type Cursors = HashMap<DatasetName, (DatasetName, SnapshotInfo)>;
 
 /// Opens a connection and runs the handshake; called again after a failure.
 pub type Connect =
@@ -107,14 +119,14 @@ pub async fn run(
     connect: Connect,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let snapshot_made = Arc::new(Notify::new());
+    let (made_tx, mut made) = mpsc::unbounded_channel();
     let mut snapshots = None;
     if let Some(every) = opts.snapshot_every {
         snapshots = Some(tokio::spawn(snapshot_loop(
             zfs.clone(),
             job.clone(),
             every,
-            snapshot_made.clone(),
+            made_tx,
             shutdown.clone(),
         )));
     }
@@ -143,14 +155,18 @@ pub async fn run(
     let mut sender: Option<Arc<Sender>> = None;
     let mut backoff = Backoff::new();
     let mut state = State::default();
+    let mut created = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = snapshot_made.notified() => {}
+            Some(name) = made.recv() => created.push(name),
             _ = shutdown.changed() => break,
         }
         if *shutdown.borrow() {
             break;
+        }
+        while let Ok(name) = made.try_recv() {
+            created.push(name);
         }
         let s = match &sender {
             Some(s) => s.clone(),
@@ -167,12 +183,13 @@ pub async fn run(
                 Err(e) => {
                     let delay = backoff.failed();
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the receiver");
+                    state.write_status(&opts, false);
                     continue;
                 }
             },
         };
         let lost = {
-            let iteration = state.iterate(&s, &zfs, &job, &opts);
+            let iteration = state.iterate(&s, &zfs, &job, &opts, std::mem::take(&mut created));
             tokio::pin!(iteration);
             tokio::select! {
                 lost = &mut iteration => lost,
@@ -183,7 +200,7 @@ pub async fn run(
                 }
             }
         };
-        let _ = cursors_tx.send(state.cursors.clone());
+        let _ = cursors_tx.send(state.cursors());
         if lost {
             let delay = backoff.failed();
             warn!(
@@ -193,6 +210,7 @@ pub async fn run(
             sender = None;
             let _ = conn_tx.send(None);
         }
+        state.write_status(&opts, sender.is_some());
     }
     for t in [snapshots, retention].into_iter().flatten() {
         t.abort();
@@ -205,7 +223,7 @@ async fn snapshot_loop(
     zfs: Zfs,
     job: Job,
     every: Duration,
-    made: Arc<Notify>,
+    made: mpsc::UnboundedSender<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -225,13 +243,19 @@ async fn snapshot_loop(
         };
         match zfs.snapshot(&snap, job.recursive).await {
             Ok(()) => {
-                debug!(snapshot = %snap, "created");
-                made.notify_one();
+                debug!(snapshot = %snap, "snapshot created");
+                if made.send(name).is_err() {
+                    return;
+                }
             }
             Err(e) => warn!(snapshot = %snap, error = %e, "cannot create snapshot"),
         }
     }
 }
+
+/// What the retention loop needs to know of the replication loop: each source dataset's
+/// target and the snapshot the receiver last committed.
+type Cursors = HashMap<DatasetName, (DatasetName, SnapshotInfo)>;
 
 /// Applies retention to both sides of every dataset with a cursor, every `every`. A failure
 /// is logged and retried on the next pass; replication never waits for it.
@@ -252,7 +276,8 @@ async fn retention_loop(
             _ = shutdown.changed() => return,
         }
         let cursors = cursors.borrow().clone();
-        let sender = conn.borrow().clone();
+        // Receivers older than protocol version 2 do not prune.
+        let mut sender = conn.borrow().clone().filter(|s| s.session().version >= 2);
         for (source, (target, base)) in cursors {
             match zfs.list(&source, false).await {
                 Ok(state) => {
@@ -274,33 +299,49 @@ async fn retention_loop(
                 }
                 Err(e) => warn!(dataset = %source, error = %e, "retention: cannot list"),
             }
-            if let Some(sender) = &sender {
-                if let Err(e) = sender.prune_remote(&target, keep_u32, base.guid).await {
-                    warn!(dataset = %target, error = %chain(&e), "retention on the receiver failed");
+            if let Some(s) = &sender {
+                if let Err(e) = s.prune_remote(&target, keep_u32, base.guid).await {
+                    if e.connection_lost() {
+                        // The replication loop reconnects; this pass prunes only locally.
+                        debug!(error = %chain(&e), "retention: the connection is gone");
+                        sender = None;
+                    } else {
+                        warn!(dataset = %target, error = %chain(&e), "retention on the receiver failed");
+                    }
                 }
             }
         }
     }
 }
 
-/// What the daemon knows per source dataset.
+/// What the daemon knows, per source dataset (parents before children).
 #[derive(Debug, Default)]
 struct State {
-    /// Per source dataset: its target and the snapshot the receiver last committed.
-    cursors: Cursors,
+    datasets: BTreeMap<DatasetName, Tracked>,
+    /// When the source was last listed; `None` forces a listing.
+    listed_at: Option<Instant>,
     /// The last error logged per dataset (to log a persisting error once).
     errors: HashMap<DatasetName, String>,
 }
 
+/// The outcome of one dataset's work in an iteration.
+enum Done {
+    /// Sent the snapshots zq created, by name.
+    New(Vec<String>, Result<(zq_proto::Committed, u64), ReplError>),
+    /// Planned and ran steps.
+    Planned(Option<SnapshotInfo>, DatasetOutcome),
+}
+
 impl State {
-    /// One pass over the job. Returns true if the connection was lost.
-    async fn iterate(
-        &mut self,
-        sender: &Arc<Sender>,
-        zfs: &Zfs,
-        job: &Job,
-        opts: &DaemonOptions,
-    ) -> bool {
+    fn cursors(&self) -> Cursors {
+        self.datasets
+            .iter()
+            .filter_map(|(s, t)| Some((s.clone(), (t.target.clone(), t.cursor.clone()?))))
+            .collect()
+    }
+
+    /// Lists the source tree and updates what is tracked; false if that failed.
+    async fn list_source(&mut self, zfs: &Zfs, job: &Job) -> bool {
         let sources = match zfs.list(&job.source, job.recursive).await {
             Ok(s) if s.is_empty() => {
                 self.error(
@@ -315,9 +356,53 @@ impl State {
                 return false;
             }
         };
+        let mut seen = BTreeMap::new();
+        for src in sources {
+            let snaps: Vec<_> = src.snapshots.iter().map(to_info).collect();
+            let tracked = match self.datasets.remove(&src.name) {
+                Some(mut t) => {
+                    t.listed(snaps);
+                    t
+                }
+                None => match src.name.rebase(&job.source, &job.target) {
+                    Ok(target) => Tracked::new(target, snaps),
+                    Err(e) => {
+                        self.error(&src.name, e.to_string());
+                        continue;
+                    }
+                },
+            };
+            seen.insert(src.name, tracked);
+        }
+        self.datasets = seen;
+        self.listed_at = Some(Instant::now());
+        true
+    }
+
+    /// One pass over the job. Returns true if the connection was lost.
+    async fn iterate(
+        &mut self,
+        sender: &Arc<Sender>,
+        zfs: &Zfs,
+        job: &Job,
+        opts: &DaemonOptions,
+        created: Vec<String>,
+    ) -> bool {
+        for name in &created {
+            for t in self.datasets.values_mut() {
+                t.created(name);
+            }
+        }
+        let by_name = sender.session().version >= 2;
+        let must_list = opts.snapshot_every.is_none()
+            || self.listed_at.is_none_or(|t| t.elapsed() >= REFRESH)
+            || self.datasets.values().any(|t| t.needs_listing(by_name));
+        if must_list && !self.list_source(zfs, job).await {
+            return false;
+        }
         // Only datasets without a cursor need the destination's listing: one round trip.
         let listing: HashMap<String, Vec<SnapshotInfo>> =
-            if sources.iter().any(|s| !self.cursors.contains_key(&s.name)) {
+            if self.datasets.values().any(|t| t.cursor.is_none()) {
                 match sender.list_remote(&job.target, job.recursive).await {
                     Ok(r) => r
                         .datasets
@@ -340,98 +425,109 @@ impl State {
         let permits = Arc::new(Semaphore::new(opts.max_steps.max(1)));
         let mut steps = JoinSet::new();
         let mut lost = false;
-        for src in sources {
-            let newest = src.snapshots.last().map(to_info);
-            let cursor = self.cursors.get(&src.name).map(|(_, c)| c);
-            if let (Some(n), Some(c)) = (&newest, cursor) {
-                if n.guid == c.guid {
-                    continue;
-                }
-            }
-            let target = match src.name.rebase(&job.source, &job.target) {
-                Ok(t) => t,
-                Err(e) => {
-                    self.error(&src.name, e.to_string());
-                    continue;
-                }
+        let names: Vec<DatasetName> = self.datasets.keys().cloned().collect();
+        for src in names {
+            let Some(t) = self.datasets.get(&src) else {
+                continue;
             };
-            let dest = match cursor {
+            let (target, options) = (t.target.clone(), job.options);
+            let work = match t.next(by_name) {
+                Next::UpToDate => continue,
+                Next::SendNew { from, new } => {
+                    let (sender, permits) = (sender.clone(), permits.clone());
+                    steps.spawn(async move {
+                        let _permit = permits.acquire_owned().await;
+                        let r = sender
+                            .send_new(&src, &target, &from, &new, options.newest_only)
+                            .await;
+                        (src, Done::New(new, r))
+                    });
+                    continue;
+                }
+                Next::Plan => (t.snapshots.clone(), t.snapshots.last().cloned()),
+            };
+            let (snapshots, newest) = work;
+            let dest = match &t.cursor {
                 Some(c) => Some(vec![c.clone()]),
                 None => listing.get(target.as_str()).cloned(),
             };
             if dest.is_none() {
                 // Creates the target: now, in order, so parents exist before children.
                 let outcome = sender
-                    .replicate_dataset(&src, &target, None, job.options)
+                    .replicate_dataset(&src, &snapshots, &target, None, options)
                     .await;
-                lost |= self.record(&src, &target, newest, outcome);
+                lost |= self.record(&src, Done::Planned(newest, outcome));
                 continue;
             }
-            let (sender, permits, options) = (sender.clone(), permits.clone(), job.options);
+            let (sender, permits) = (sender.clone(), permits.clone());
             steps.spawn(async move {
                 let _permit = permits.acquire_owned().await;
                 let mut outcome = sender
-                    .replicate_dataset(&src, &target, dest.as_deref(), options)
+                    .replicate_dataset(&src, &snapshots, &target, dest.as_deref(), options)
                     .await;
-                if let Some(ahead) = receiver_ahead(&outcome, &src) {
+                if let Some(ahead) = receiver_ahead(&outcome, &snapshots) {
                     // E.g. the receiver committed our last step but died before its verdict
                     // reached us: continue from where it really is.
-                    debug!(dataset = %src.name, at = %ahead.name, "receiver is ahead of the cursor");
+                    debug!(dataset = %src, at = %ahead.name, "receiver is ahead of the cursor");
                     outcome = sender
-                        .replicate_dataset(&src, &target, Some(&[ahead]), options)
+                        .replicate_dataset(&src, &snapshots, &target, Some(&[ahead]), options)
                         .await;
                 }
-                (src, target, newest, outcome)
+                (src, Done::Planned(newest, outcome))
             });
         }
         while let Some(done) = steps.join_next().await {
             match done {
-                Ok((src, target, newest, outcome)) => {
-                    lost |= self.record(&src, &target, newest, outcome)
-                }
+                Ok((src, done)) => lost |= self.record(&src, done),
                 Err(e) => warn!(error = %e, "replication task failed"),
             }
         }
         lost
     }
 
-    /// Updates the cursor and error of `src` after a step; true if the connection is lost.
-    fn record(
-        &mut self,
-        src: &DatasetState,
-        target: &DatasetName,
-        newest: Option<SnapshotInfo>,
-        outcome: DatasetOutcome,
-    ) -> bool {
-        match outcome {
-            DatasetOutcome::Sent { .. } | DatasetOutcome::UpToDate => {
-                if let DatasetOutcome::Sent {
-                    newest: name,
-                    bytes,
-                    ..
-                } = &outcome
-                {
-                    debug!(dataset = %src.name, snapshot = %name, bytes, "replicated");
+    /// Updates what is known of `src` after its work; true if the connection is lost.
+    fn record(&mut self, src: &DatasetName, done: Done) -> bool {
+        let failure = match done {
+            Done::New(new, Ok((committed, bytes))) => {
+                debug!(dataset = %src, snapshot = ?new.last(), bytes, "replicated");
+                if let Some(t) = self.datasets.get_mut(src) {
+                    t.sent_new(&new, committed.guid, &committed.snapshots);
                 }
-                if self.errors.remove(&src.name).is_some() {
-                    info!(dataset = %src.name, "replicating again");
-                }
-                match newest {
-                    Some(n) => self.cursors.insert(src.name.clone(), (target.clone(), n)),
-                    None => self.cursors.remove(&src.name),
-                };
-                false
+                None
             }
-            DatasetOutcome::Failed(e) => {
-                if e.stale_destination() {
-                    // The receiver is not where we thought: list it next time.
-                    self.cursors.remove(&src.name);
+            Done::Planned(newest, DatasetOutcome::Sent { bytes, .. }) => {
+                debug!(dataset = %src, snapshot = ?newest.map(|n| n.name), bytes, "replicated");
+                if let Some(t) = self.datasets.get_mut(src) {
+                    t.caught_up();
                 }
-                let lost = e.connection_lost();
-                self.error(&src.name, chain(&e));
-                lost
+                None
             }
+            Done::Planned(_, DatasetOutcome::UpToDate) => {
+                if let Some(t) = self.datasets.get_mut(src) {
+                    t.caught_up();
+                }
+                None
+            }
+            Done::New(_, Err(e)) | Done::Planned(_, DatasetOutcome::Failed(e)) => Some(e),
+        };
+        let Some(e) = failure else {
+            if self.errors.remove(src).is_some() {
+                info!(dataset = %src, "replicating again");
+            }
+            return false;
+        };
+        if let Some(t) = self.datasets.get_mut(src) {
+            if e.stale_destination() {
+                // The receiver is not where we thought: list it next time.
+                t.cursor = None;
+            }
+            t.error = Some(chain(&e));
         }
+        // Whatever failed, the next iteration starts from a fresh source listing.
+        self.listed_at = None;
+        let lost = e.connection_lost();
+        self.error(src, chain(&e));
+        lost
     }
 
     fn error(&mut self, dataset: &DatasetName, message: String) {
@@ -440,11 +536,43 @@ impl State {
             self.errors.insert(dataset.clone(), message);
         }
     }
+
+    /// Writes the status file, if any; a failure is logged, never fatal.
+    fn write_status(&self, opts: &DaemonOptions, connected: bool) {
+        let Some(path) = &opts.status_file else {
+            return;
+        };
+        let now = SystemTime::now();
+        let status = Status {
+            written_at: tracked::epoch_seconds(now),
+            receiver: opts.receiver.clone(),
+            connected,
+            datasets: self
+                .datasets
+                .iter()
+                .map(|(s, t)| t.status(s, now))
+                .collect(),
+        };
+        if let Err(e) = write_atomically(path, &status) {
+            warn!(path = %path.display(), error = %e, "cannot write the status file");
+        }
+    }
+}
+
+/// Writes `value` as JSON to `path` through a temporary file and a rename, so a reader never
+/// sees half a file.
+fn write_atomically(path: &std::path::Path, value: &impl serde::Serialize) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// If `outcome` is the receiver refusing a stale cursor while its newest snapshot is one of
 /// the source's (it is ahead on the same chain, not diverged), that snapshot.
-fn receiver_ahead(outcome: &DatasetOutcome, src: &DatasetState) -> Option<SnapshotInfo> {
+fn receiver_ahead(outcome: &DatasetOutcome, src: &[SnapshotInfo]) -> Option<SnapshotInfo> {
     let DatasetOutcome::Failed(ReplError::Remote(e)) = outcome else {
         return None;
     };
@@ -452,10 +580,7 @@ fn receiver_ahead(outcome: &DatasetOutcome, src: &DatasetState) -> Option<Snapsh
         return None;
     }
     let newest = e.receiver_newest.as_ref()?;
-    src.snapshots
-        .iter()
-        .find(|s| s.guid == newest.guid)
-        .map(to_info)
+    src.iter().find(|s| s.guid == newest.guid).cloned()
 }
 
 fn chain(e: &ReplError) -> String {
@@ -483,19 +608,15 @@ mod tests {
         assert!(later > name);
     }
 
-    fn state(guids: &[u64]) -> DatasetState {
-        DatasetState {
-            name: DatasetName::parse("t/a").unwrap(),
-            kind: zq_store::Kind::Filesystem,
-            snapshots: guids
-                .iter()
-                .map(|&g| zq_store::Snapshot {
-                    name: format!("s{g}"),
-                    guid: g,
-                    createtxg: g,
-                })
-                .collect(),
-        }
+    fn state(guids: &[u64]) -> Vec<SnapshotInfo> {
+        guids
+            .iter()
+            .map(|&g| SnapshotInfo {
+                name: format!("s{g}"),
+                guid: g,
+                createtxg: g,
+            })
+            .collect()
     }
 
     fn refused(kind: zq_proto::ErrorKind, newest: Option<u64>) -> DatasetOutcome {

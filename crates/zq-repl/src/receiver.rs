@@ -1,5 +1,5 @@
 //! The receiver engine: admits pinned senders, confines each to its destination root,
-//! answers listings and runs steps, feeding `zfs receive` only verified bytes.
+//! answers listings and retention requests, and dispatches steps ([`step`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex};
 use tracing::{debug, info, info_span, warn, Instrument};
 use zq_net::{peer_fingerprint, Fingerprint, FramedRecv, FramedSend, StreamError};
 use zq_proto::{
-    Capabilities, Committed, DatasetSnapshots, ErrorKind, ForceAction, ListResponse, Message,
-    StepDecoder, StepEvent, StepHeader, TransferError, Verdict, WireError,
+    Capabilities, DatasetSnapshots, ErrorKind, ListResponse, Message, Verdict, WireError,
 };
-use zq_store::{DatasetName, SnapshotName, Zfs};
+use zq_store::{DatasetName, Zfs};
 
 use crate::to_info;
+
+mod step;
 
 /// How long a connected sender has to complete the zq handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -288,223 +289,6 @@ impl Receiver {
         }
         Ok(destroyed)
     }
-
-    async fn step(&self, root: &DatasetName, h: StepHeader, recv: &mut FramedRecv) -> Verdict {
-        match self.step_inner(root, &h, recv).await {
-            Ok(c) => {
-                info!(guid = c.guid, "committed");
-                Verdict::Committed(c)
-            }
-            Err(e) => Verdict::Failed(e),
-        }
-    }
-
-    async fn step_inner(
-        &self,
-        root: &DatasetName,
-        h: &StepHeader,
-        recv: &mut FramedRecv,
-    ) -> Result<Committed, WireError> {
-        let target = authorize(root, &h.target)?;
-        let name_err =
-            |e: zq_store::NameError| WireError::new(ErrorKind::InvalidName, e.to_string());
-        let to = target.snapshot(&h.to.name).map_err(name_err)?;
-        if let Some(f) = &h.from {
-            target.snapshot(&f.name).map_err(name_err)?;
-        }
-        if h.compression != "none" {
-            return Err(WireError::new(
-                ErrorKind::Protocol,
-                format!("compression {:?} was not negotiated", h.compression),
-            ));
-        }
-        let lock = self.target_lock(&target)?;
-        let _busy = tokio::time::timeout(TARGET_WAIT, lock.lock_owned())
-            .await
-            .map_err(|_| {
-                WireError::new(
-                    ErrorKind::Internal,
-                    format!("{target} has been busy with another step for {TARGET_WAIT:?}"),
-                )
-            })?;
-        // A full stream creates (and mounts) a dataset: one at a time where that is unsafe.
-        let _mounting = match h.from {
-            None if !self.zfs.capabilities().concurrent_mounts => Some(self.mounts.lock().await),
-            _ => None,
-        };
-        let force = self.prepare(root, &target, h).await?;
-
-        let mut zrecv = self.zfs.receive(&target, force).map_err(zfs_err)?;
-        let mut decoder = StepDecoder::new();
-        let fed = async {
-            loop {
-                let frame = match recv.next().await {
-                    Ok(Some(f)) => f,
-                    Ok(None) => return Err(transfer_err(decoder.on_eof().err())),
-                    Err(e) => return Err(WireError::new(ErrorKind::Protocol, e.to_string())),
-                };
-                match decoder.on_frame(frame) {
-                    Ok(StepEvent::Nothing) => {}
-                    Ok(StepEvent::Data(d)) => zrecv_write(&mut zrecv, &d).await?,
-                    Ok(StepEvent::Complete { last, total_len }) => {
-                        if let Some(d) = last {
-                            zrecv_write(&mut zrecv, &d).await?;
-                        }
-                        return Ok(total_len);
-                    }
-                    Err(e) => return Err(transfer_err(Some(e))),
-                }
-            }
-        }
-        .await;
-        let total = match fed {
-            Ok(total) => total,
-            Err(e) => {
-                // zfs receive never saw the end of the stream: it discards what it has.
-                zrecv.abort().await;
-                return Err(e);
-            }
-        };
-        zrecv.finish().await.map_err(|e| zfs_err(e.into()))?;
-        debug!(bytes = total, "zfs receive finished");
-
-        let state = self
-            .zfs
-            .list(&target, false)
-            .await
-            .map_err(zfs_err)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| internal(format!("{target} does not exist after zfs receive")))?;
-        let snapshots: Vec<_> = state.snapshots.iter().map(to_info).collect();
-        if !snapshots.iter().any(|s| s.guid == h.to.guid) {
-            return Err(WireError::new(
-                ErrorKind::GuidMismatch,
-                format!(
-                    "after receiving, {to} has no snapshot with GUID {} that the header named",
-                    h.to.guid
-                ),
-            ));
-        }
-        Ok(Committed {
-            dataset: target.to_string(),
-            guid: h.to.guid,
-            snapshots,
-        })
-    }
-
-    /// Checks the target's real state against the header and carries out the destruction
-    /// the sender's `--force` authorised. Returns whether `zfs receive -F` is needed.
-    async fn prepare(
-        &self,
-        root: &DatasetName,
-        target: &DatasetName,
-        h: &StepHeader,
-    ) -> Result<bool, WireError> {
-        let state = self.zfs.list(target, false).await.map_err(zfs_err)?;
-        let snaps = state.first().map(|d| d.snapshots.as_slice());
-        let newest = snaps.and_then(|s| s.last()).map(|s| zq_proto::SnapRef {
-            name: s.name.clone(),
-            guid: s.guid,
-        });
-        let with_newest = |mut e: WireError| {
-            e.receiver_newest = newest.clone();
-            e
-        };
-        match (&h.from, snaps) {
-            (None, None) => {
-                // A full stream into a new dataset: its parent must exist.
-                if let Some(parent) = target.parent() {
-                    if self
-                        .zfs
-                        .list(&parent, false)
-                        .await
-                        .map_err(zfs_err)?
-                        .is_empty()
-                    {
-                        if !parent.is_within(root) {
-                            return Err(WireError::new(
-                                ErrorKind::Zfs,
-                                format!("{parent} does not exist on the receiver (create it, or allow a root that exists)"),
-                            ));
-                        }
-                        self.zfs.create_all(&parent).await.map_err(zfs_err)?;
-                        info!(%parent, "created parent datasets");
-                    }
-                }
-                Ok(false)
-            }
-            (None, Some(existing)) => {
-                if h.force != ForceAction::Replace {
-                    return Err(with_newest(WireError::new(
-                        ErrorKind::TargetExists,
-                        format!(
-                            "{target} already exists; a full stream would replace it (use --force)"
-                        ),
-                    )));
-                }
-                for s in existing {
-                    let snap = target
-                        .snapshot(&s.name)
-                        .map_err(|e| internal(e.to_string()))?;
-                    self.zfs.destroy_snapshot(&snap).await.map_err(zfs_err)?;
-                }
-                warn!(destroyed = existing.len(), "--force: replacing the target");
-                Ok(true)
-            }
-            (Some(from), None) => Err(WireError::new(
-                ErrorKind::BaseMissing,
-                format!(
-                    "{target} does not exist, so it cannot receive an incremental from @{}",
-                    from.name
-                ),
-            )),
-            (Some(from), Some(existing)) => {
-                let Some(pos) = existing.iter().position(|s| s.guid == from.guid) else {
-                    return Err(with_newest(WireError::new(
-                        ErrorKind::BaseMissing,
-                        format!(
-                            "{target} has no snapshot with the base's GUID {} (@{})",
-                            from.guid, from.name
-                        ),
-                    )));
-                };
-                if pos == existing.len() - 1 {
-                    // The base is the target's newest snapshot. Without `receive -u`
-                    // (zfs-fuse) zfs mounts every replica, and mounting a received child
-                    // creates its mountpoint in the parent, so replicas get modified by the
-                    // receives themselves and the next incremental would be refused. There,
-                    // `-F` rolls back exactly what `-u` would have prevented: changes since
-                    // the newest snapshot, which is the base. No snapshot is destroyed.
-                    return Ok(!self.zfs.capabilities().recv_no_mount);
-                }
-                let base_here = &existing[pos];
-                match &h.force {
-                    ForceAction::RollbackTo(r) if r.guid == from.guid => {
-                        let snap: SnapshotName = target
-                            .snapshot(&base_here.name)
-                            .map_err(|e| internal(e.to_string()))?;
-                        self.zfs.rollback(&snap).await.map_err(zfs_err)?;
-                        warn!(to = %snap, destroyed = existing.len() - pos - 1, "--force: rolled back");
-                        Ok(true)
-                    }
-                    _ => Err(with_newest(WireError::new(
-                        ErrorKind::Diverged,
-                        format!(
-                            "{target} has {} snapshot(s) newer than the base @{} (newest @{}); use --force to roll back",
-                            existing.len() - pos - 1,
-                            base_here.name,
-                            existing[existing.len() - 1].name
-                        ),
-                    ))),
-                }
-            }
-        }
-    }
-}
-
-async fn zrecv_write(w: &mut zq_store::Writer, data: &[u8]) -> Result<(), WireError> {
-    w.write(data).await.map_err(|e| zfs_err(e.into()))
 }
 
 fn zfs_err(e: zq_store::StoreError) -> WireError {
@@ -521,20 +305,6 @@ fn zfs_err(e: zq_store::StoreError) -> WireError {
 
 fn internal(msg: impl Into<String>) -> WireError {
     WireError::new(ErrorKind::Internal, msg)
-}
-
-fn transfer_err(e: Option<TransferError>) -> WireError {
-    let Some(e) = e else {
-        return WireError::new(ErrorKind::Protocol, "stream ended early");
-    };
-    let kind = match &e {
-        TransferError::ChunkChecksum { .. }
-        | TransferError::LengthMismatch { .. }
-        | TransferError::StreamChecksum(_) => ErrorKind::Checksum,
-        TransferError::Aborted(_) => ErrorKind::Aborted,
-        TransferError::Unexpected { .. } | TransferError::Truncated(_) => ErrorKind::Protocol,
-    };
-    WireError::new(kind, e.to_string())
 }
 
 #[cfg(test)]

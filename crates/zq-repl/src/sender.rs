@@ -102,7 +102,8 @@ impl Sender {
             } else {
                 let dest_snaps = dest.get(target.as_str()).copied();
                 let span = info_span!("dataset", source = %src.name, target = %target);
-                self.replicate_dataset(src, &target, dest_snaps, job.options)
+                let snapshots: Vec<_> = src.snapshots.iter().map(to_info).collect();
+                self.replicate_dataset(&src.name, &snapshots, &target, dest_snaps, job.options)
                     .instrument(span)
                     .await
             };
@@ -121,13 +122,13 @@ impl Sender {
     /// a `Diverged`/`BaseMissing` error and the caller lists again.
     pub async fn replicate_dataset(
         &self,
-        src: &zq_store::DatasetState,
+        src: &DatasetName,
+        source: &[zq_proto::SnapshotInfo],
         target: &DatasetName,
         dest: Option<&[zq_proto::SnapshotInfo]>,
         options: PlanOptions,
     ) -> DatasetOutcome {
-        let source: Vec<_> = src.snapshots.iter().map(to_info).collect();
-        let plan = match plan(&source, dest, options) {
+        let plan = match plan(source, dest, options) {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, "refusing to replicate");
@@ -145,7 +146,7 @@ impl Sender {
         let mut bytes = 0;
         let mut last = None;
         for step in &plan.steps {
-            match self.run_step(&src.name, target, step, force).await {
+            match self.run_step(src, target, step, force).await {
                 Ok((committed, n)) => {
                     bytes += n;
                     last = Some(committed);
@@ -162,7 +163,7 @@ impl Sender {
         // receiver's own listing after the last step rather than trusting the plan.
         let held = last.map(|c| c.snapshots).unwrap_or_default();
         let missing: Vec<String> = plan
-            .expected(&source)
+            .expected(source)
             .into_iter()
             .filter(|s| !held.iter().any(|h| h.guid == s.guid))
             .map(|s| format!("@{}", s.name))
@@ -239,7 +240,43 @@ impl Sender {
         }
     }
 
+    /// Sends the snapshots the daemon just created (`new`, oldest first, GUIDs unknown) on
+    /// top of `from`, the snapshot the receiver last committed, without listing either side:
+    /// one step, `-i` for one snapshot and `-I` for several (unless `newest_only`). Returns
+    /// the receiver's commit, whose `guid` is the newest snapshot's, and the stream size.
+    /// Needs protocol version 2 (the receiver resolves the GUID); check [`Self::session`].
+    pub async fn send_new(
+        &self,
+        source: &DatasetName,
+        target: &DatasetName,
+        from: &zq_proto::SnapshotInfo,
+        new: &[String],
+        newest_only: bool,
+    ) -> Result<(Committed, u64), ReplError> {
+        let Some(newest) = new.last() else {
+            return Err(ReplError::Protocol("nothing new to send".into()));
+        };
+        if self.session.version < 2 {
+            return Err(ReplError::Protocol(format!(
+                "the receiver speaks protocol version {}; sending a snapshot by name needs 2",
+                self.session.version
+            )));
+        }
+        let step = Step::Incremental {
+            from: from.clone(),
+            to: zq_proto::SnapshotInfo {
+                name: newest.clone(),
+                guid: 0,
+                createtxg: 0,
+            },
+            intermediates: new.len() > 1 && !newest_only,
+        };
+        self.run_step(source, target, &step, zq_proto::ForceAction::None)
+            .await
+    }
+
     /// Runs one step on its own stream; returns the receiver's commit and the stream size.
+    /// A `to` GUID of 0 is left to the receiver (protocol version 2).
     async fn run_step(
         &self,
         source: &DatasetName,
@@ -274,21 +311,28 @@ impl Sender {
         let to_snap = source.snapshot(&to.name)?;
         let from_snap = from.map(|f| source.snapshot(&f.name)).transpose()?;
 
+        // zfs send starts first and the header goes out at once, so that the receiver
+        // starts zfs receive and checks its target while our zfs send starts up.
+        let zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates);
         let (send, recv) = self.conn.open_bi().await.map_err(ReplError::connection)?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
         send.send(&Message::StepHeader(header)).await?;
 
         let mut encoder = StepEncoder::new();
+        let mut created = None;
         // A write error means the receiver stopped reading (it refused the step or failed);
         // its verdict, read below, says why.
         let send_result = async {
-            let mut zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates)?;
+            let mut zsend = zsend?;
             let mut buf = BytesMut::with_capacity(CHUNK);
             loop {
                 if !zsend.fill(&mut buf, CHUNK).await? {
                     break;
                 }
                 let chunk = buf.split().freeze();
+                if encoder.total() == 0 {
+                    created = Some(check_own_stream(&chunk, step)?);
+                }
                 let hash = encoder.chunk(&chunk);
                 send.send_data(&hash, chunk).await?;
             }
@@ -312,10 +356,15 @@ impl Sender {
         let verdict = recv.message("Verdict").await;
         match (verdict, send_result) {
             (Ok(Message::Verdict(Verdict::Committed(c))), Ok(())) => {
-                if c.guid != to.guid {
+                // The GUID we expect: the plan's, else the one our own stream created.
+                let expected = match (to.guid, created.flatten()) {
+                    (0, Some(g)) => g,
+                    (g, _) => g,
+                };
+                if expected != 0 && c.guid != expected {
                     return Err(ReplError::Protocol(format!(
-                        "receiver committed GUID {} but the step sent @{} with GUID {}",
-                        c.guid, to.name, to.guid
+                        "receiver committed GUID {} but the step sent @{} with GUID {expected}",
+                        c.guid, to.name
                     )));
                 }
                 info!(
@@ -337,4 +386,25 @@ impl Sender {
             (Err(e), Ok(())) => Err(e.into()),
         }
     }
+}
+
+/// Checks the BEGIN record of our own `zfs send` output against the step; returns the GUID
+/// of the snapshot it creates (`None` for a compound `-I` stream, which does not say).
+fn check_own_stream(first: &[u8], step: &Step) -> Result<Option<u64>, ReplError> {
+    let begin = zq_store::parse_begin(first)
+        .map_err(|e| ReplError::Protocol(format!("our zfs send output: {e}")))?;
+    if begin.compound {
+        return Ok(None);
+    }
+    let (from, to) = match step {
+        Step::Full { to } => (None, to),
+        Step::Incremental { from, to, .. } => (Some(from.guid), to),
+    };
+    if begin.from_guid != from || (to.guid != 0 && begin.to_guid != to.guid) {
+        return Err(ReplError::Protocol(format!(
+            "zfs send of @{} produced a stream from GUID {:?} to {}, not the planned {:?} to {}",
+            to.name, begin.from_guid, begin.to_guid, from, to.guid
+        )));
+    }
+    Ok(Some(begin.to_guid))
 }

@@ -1,0 +1,309 @@
+//! What the daemon knows of each source dataset between iterations, and what it decides
+//! from that alone: the source snapshots (from the last listing, plus those it learned since),
+//! the snapshots its own snapshot loop created that are not sent yet, and the snapshot the
+//! receiver last committed (the cursor).
+//!
+//! In steady state that is enough to send the next incremental without listing either side:
+//! the cursor is the newest source snapshot known, and the new snapshots are the ones zq
+//! made. The receiver still checks the base, so a stale cursor costs one refused step, after
+//! which the dataset is listed again.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use zq_proto::SnapshotInfo;
+use zq_store::DatasetName;
+
+/// One source dataset the daemon replicates.
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    /// Where it goes.
+    pub target: DatasetName,
+    /// Source snapshots with known GUIDs, oldest first.
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Snapshots zq created after `snapshots`, oldest first; GUIDs not known yet.
+    pub pending: Vec<String>,
+    /// The snapshot the receiver last committed, if known.
+    pub cursor: Option<SnapshotInfo>,
+    /// The last failure, until a step succeeds.
+    pub error: Option<String>,
+    /// When the cursor's snapshot was created (from a `zq_` name) or first seen.
+    pub cursor_time: Option<SystemTime>,
+}
+
+/// What to do with a dataset in this iteration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing new.
+    UpToDate,
+    /// Send `pending` on top of the cursor: no listing needed.
+    SendNew {
+        /// The cursor.
+        from: SnapshotInfo,
+        /// The snapshots to send, oldest first.
+        new: Vec<String>,
+    },
+    /// Plan from the known source snapshots and the cursor, or from a destination listing
+    /// when there is no cursor.
+    Plan,
+}
+
+impl Tracked {
+    /// A dataset seen for the first time in a listing.
+    pub fn new(target: DatasetName, snapshots: Vec<SnapshotInfo>) -> Self {
+        Tracked {
+            target,
+            snapshots,
+            pending: Vec::new(),
+            cursor: None,
+            error: None,
+            cursor_time: None,
+        }
+    }
+
+    /// Replaces what is known of the source with a fresh listing.
+    pub fn listed(&mut self, snapshots: Vec<SnapshotInfo>) {
+        self.pending
+            .retain(|p| !snapshots.iter().any(|s| &s.name == p));
+        self.snapshots = snapshots;
+    }
+
+    /// The snapshot loop created `name` (recursively, so on every tracked dataset).
+    pub fn created(&mut self, name: &str) {
+        if !self.snapshots.iter().any(|s| s.name == name) && !self.pending.iter().any(|p| p == name)
+        {
+            self.pending.push(name.to_string());
+        }
+    }
+
+    /// What to do now; `by_name` says whether the receiver can take snapshots by name
+    /// (protocol version 2).
+    pub fn next(&self, by_name: bool) -> Next {
+        let newest = self.snapshots.last();
+        match (&self.cursor, newest) {
+            (Some(c), Some(n)) if c.guid == n.guid => {
+                if self.pending.is_empty() {
+                    Next::UpToDate
+                } else if by_name {
+                    Next::SendNew {
+                        from: c.clone(),
+                        new: self.pending.clone(),
+                    }
+                } else {
+                    Next::Plan
+                }
+            }
+            _ => Next::Plan,
+        }
+    }
+
+    /// Whether this iteration needs a fresh source listing for this dataset: it must be
+    /// planned, and zq made snapshots whose GUIDs only a listing can tell (the planner
+    /// cannot send a snapshot it does not know). E.g. the first snapshot of a dataset that
+    /// had none, or new snapshots after the cursor was dropped.
+    pub fn needs_listing(&self, by_name: bool) -> bool {
+        !self.pending.is_empty() && self.next(by_name) == Next::Plan
+    }
+
+    /// The receiver committed `committed` (its listing or computed list) after a step that
+    /// sent `new` by name: learn their GUIDs and move the cursor.
+    pub fn sent_new(&mut self, new: &[String], guid: u64, committed: &[SnapshotInfo]) {
+        for (i, name) in new.iter().enumerate() {
+            let info = if i + 1 == new.len() {
+                Some(SnapshotInfo {
+                    name: name.clone(),
+                    guid,
+                    createtxg: 0,
+                })
+            } else {
+                committed.iter().find(|s| &s.name == name).cloned()
+            };
+            // Skipped intermediates (--newest-only) stay unknown until the next listing.
+            if let Some(info) = info {
+                self.snapshots.push(info);
+            }
+        }
+        self.pending.retain(|p| !new.contains(p));
+        let newest = self.snapshots.last().cloned();
+        self.advance(newest);
+    }
+
+    /// The dataset is up to date with the source's newest known snapshot.
+    pub fn caught_up(&mut self) {
+        let newest = self.snapshots.last().cloned();
+        self.advance(newest);
+    }
+
+    fn advance(&mut self, to: Option<SnapshotInfo>) {
+        if let Some(s) = &to {
+            if self.cursor.as_ref().map(|c| c.guid) != Some(s.guid) {
+                self.cursor_time = Some(created_at(&s.name).unwrap_or_else(SystemTime::now));
+            }
+        }
+        self.cursor = to;
+        self.error = None;
+    }
+
+    /// A status line for `zq-send status`.
+    pub fn status(&self, source: &DatasetName, now: SystemTime) -> DatasetStatus {
+        DatasetStatus {
+            source: source.to_string(),
+            target: self.target.to_string(),
+            replicated: self.cursor.as_ref().map(|c| c.name.clone()),
+            lag_seconds: self
+                .cursor_time
+                .and_then(|t| now.duration_since(t).ok())
+                .map(|d| d.as_secs_f64()),
+            unsent: self.pending.len(),
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// The creation time a `zq_<RFC 3339>` snapshot name carries (taken right before
+/// `zfs snapshot`), if it is one.
+pub fn created_at(name: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(name.strip_prefix(crate::retention::ZQ_PREFIX)?).ok()
+}
+
+/// One dataset in `zq-send status`.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct DatasetStatus {
+    /// Source dataset.
+    pub source: String,
+    /// Target dataset.
+    pub target: String,
+    /// Newest snapshot the receiver committed, if known.
+    pub replicated: Option<String>,
+    /// How old that snapshot is (replication lag), in seconds.
+    pub lag_seconds: Option<f64>,
+    /// Snapshots zq created that are not replicated yet.
+    pub unsent: usize,
+    /// The last error, while the dataset is failing.
+    pub error: Option<String>,
+}
+
+/// The whole daemon's status, written after every iteration.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Status {
+    /// When it was written (seconds since the Unix epoch).
+    pub written_at: f64,
+    /// Receiver address.
+    pub receiver: String,
+    /// Whether the connection is up.
+    pub connected: bool,
+    /// Per dataset, parents first.
+    pub datasets: Vec<DatasetStatus>,
+}
+
+/// Seconds since the epoch, for status files.
+pub fn epoch_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(name: &str, guid: u64) -> SnapshotInfo {
+        SnapshotInfo {
+            name: name.into(),
+            guid,
+            createtxg: guid,
+        }
+    }
+
+    fn tracked() -> Tracked {
+        Tracked::new(
+            DatasetName::parse("b/t").unwrap(),
+            vec![s("a", 1), s("b", 2)],
+        )
+    }
+
+    #[test]
+    fn without_a_cursor_it_plans() {
+        assert_eq!(tracked().next(true), Next::Plan);
+    }
+
+    #[test]
+    fn snapshots_made_before_anything_was_known_need_a_listing() {
+        // Listed before the snapshot loop's first snapshot: nothing to plan from.
+        let mut t = Tracked::new(DatasetName::parse("b/t").unwrap(), Vec::new());
+        assert!(!t.needs_listing(true));
+        t.created("zq_1");
+        assert!(t.needs_listing(true));
+        t.listed(vec![s("zq_1", 1)]);
+        assert!(!t.needs_listing(true));
+        assert_eq!(t.next(true), Next::Plan);
+        // In steady state, new snapshots go by name without a listing.
+        t.caught_up();
+        t.created("zq_2");
+        assert!(!t.needs_listing(true));
+        // Unless the receiver cannot take them by name.
+        assert!(t.needs_listing(false));
+    }
+
+    #[test]
+    fn steady_state_sends_new_snapshots_by_name_and_learns_their_guids() {
+        let mut t = tracked();
+        t.caught_up();
+        assert_eq!(t.next(true), Next::UpToDate);
+        t.created("zq_1");
+        t.created("zq_1"); // reported twice: still one
+        assert_eq!(
+            t.next(true),
+            Next::SendNew {
+                from: s("b", 2),
+                new: vec!["zq_1".into()]
+            }
+        );
+        // An old receiver cannot take names: plan instead.
+        assert_eq!(t.next(false), Next::Plan);
+        t.sent_new(&["zq_1".into()], 3, &[]);
+        assert_eq!(t.cursor.as_ref().map(|c| c.guid), Some(3));
+        assert_eq!(t.next(true), Next::UpToDate);
+        assert!(t.pending.is_empty());
+    }
+
+    #[test]
+    fn several_new_snapshots_learn_intermediates_from_the_commit() {
+        let mut t = tracked();
+        t.caught_up();
+        for n in ["zq_1", "zq_2", "zq_3"] {
+            t.created(n);
+        }
+        let committed = [s("b", 2), s("zq_1", 11), s("zq_2", 12), s("zq_3", 13)];
+        t.sent_new(&t.pending.clone(), 13, &committed);
+        let guids: Vec<u64> = t.snapshots.iter().map(|s| s.guid).collect();
+        assert_eq!(guids, [1, 2, 11, 12, 13]);
+        assert_eq!(t.next(true), Next::UpToDate);
+    }
+
+    #[test]
+    fn a_listing_absorbs_pending_snapshots() {
+        let mut t = tracked();
+        t.caught_up();
+        t.created("zq_1");
+        t.listed(vec![s("a", 1), s("b", 2), s("zq_1", 3)]);
+        assert!(t.pending.is_empty());
+        // The cursor is behind the newest listed snapshot: plan from it.
+        assert_eq!(t.next(true), Next::Plan);
+    }
+
+    #[test]
+    fn lag_comes_from_the_zq_name() {
+        let mut t = tracked();
+        t.created("zq_2026-11-25T01:00:00.000Z");
+        t.sent_new(&t.pending.clone(), 9, &[]);
+        let now = created_at("zq_2026-11-25T01:00:02.500Z").unwrap();
+        let st = t.status(&DatasetName::parse("p/t").unwrap(), now);
+        assert_eq!(st.lag_seconds, Some(2.5));
+        assert_eq!(
+            st.replicated.as_deref(),
+            Some("zq_2026-11-25T01:00:00.000Z")
+        );
+        assert!(created_at("daily-1").is_none());
+    }
+}

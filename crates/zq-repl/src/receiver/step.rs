@@ -1,0 +1,520 @@
+//! One replication step on the receiver: check the target against the header, verify the
+//! stream, feed `zfs receive` only verified bytes, and report what the target now holds.
+//!
+//! The latency of a small incremental is the point of zq, so a plain step (no `--force`)
+//! makes no `zfs` call besides `zfs receive` and one listing, and that listing overlaps
+//! everything else: `zfs receive` is started, the target is listed and the first bytes are
+//! read at the same time. `zfs receive` acts on nothing before it reads the stream's BEGIN
+//! record, and it is given none until the listing has confirmed the base and the BEGIN
+//! record has been checked against the header; if either fails it is killed unfed. For a
+//! step without intermediates the BEGIN record names the snapshot being created, so no
+//! listing is needed afterwards either.
+
+use bytes::Bytes;
+use tracing::{debug, info, warn};
+use zq_net::FramedRecv;
+use zq_proto::{
+    Committed, ErrorKind, ForceAction, SnapRef, SnapshotInfo, StepDecoder, StepEvent, StepHeader,
+    TransferError, Verdict, WireError,
+};
+use zq_store::{DatasetName, SnapshotName, StreamBegin, Writer};
+
+use super::{authorize, internal, zfs_err, Receiver, TARGET_WAIT};
+use crate::to_info;
+
+/// What `prepare` found and did: whether `zfs receive` needs `-F`, and the target's
+/// snapshots once its destruction (if any) is done.
+struct Prepared {
+    force: bool,
+    snapshots: Vec<SnapshotInfo>,
+}
+
+impl Receiver {
+    pub(super) async fn step(
+        &self,
+        root: &DatasetName,
+        h: StepHeader,
+        recv: &mut FramedRecv,
+    ) -> Verdict {
+        match self.step_inner(root, &h, recv).await {
+            Ok(c) => {
+                info!(guid = c.guid, "committed");
+                Verdict::Committed(c)
+            }
+            Err(e) => Verdict::Failed(e),
+        }
+    }
+
+    async fn step_inner(
+        &self,
+        root: &DatasetName,
+        h: &StepHeader,
+        recv: &mut FramedRecv,
+    ) -> Result<Committed, WireError> {
+        let target = authorize(root, &h.target)?;
+        let name_err =
+            |e: zq_store::NameError| WireError::new(ErrorKind::InvalidName, e.to_string());
+        let to = target.snapshot(&h.to.name).map_err(name_err)?;
+        if let Some(f) = &h.from {
+            target.snapshot(&f.name).map_err(name_err)?;
+        }
+        if h.compression != "none" {
+            return Err(WireError::new(
+                ErrorKind::Protocol,
+                format!("compression {:?} was not negotiated", h.compression),
+            ));
+        }
+        let lock = self.target_lock(&target)?;
+        let _busy = tokio::time::timeout(TARGET_WAIT, lock.lock_owned())
+            .await
+            .map_err(|_| {
+                WireError::new(
+                    ErrorKind::Internal,
+                    format!("{target} has been busy with another step for {TARGET_WAIT:?}"),
+                )
+            })?;
+        // A full stream creates (and mounts) a dataset: one at a time where that is unsafe.
+        let _mounting = match h.from {
+            None if !self.zfs.capabilities().concurrent_mounts => Some(self.mounts.lock().await),
+            _ => None,
+        };
+
+        let mut decoder = StepDecoder::new();
+        let (prepared, first, zrecv, spawned_force) = if h.force == ForceAction::None {
+            // Nothing is destroyed on this path, so everything runs at once.
+            let guess = self.plain_force(h);
+            let early = self.zfs.receive(&target, guess).map_err(zfs_err)?;
+            let both = tokio::try_join!(
+                self.prepare(root, &target, h),
+                first_bytes(recv, &mut decoder)
+            );
+            match both {
+                Ok((p, first)) => (p, first, early, guess),
+                Err(e) => {
+                    early.abort().await;
+                    return Err(e);
+                }
+            }
+        } else {
+            let p = self.prepare(root, &target, h).await?;
+            let first = first_bytes(recv, &mut decoder).await?;
+            let zrecv = self.zfs.receive(&target, p.force).map_err(zfs_err)?;
+            let force = p.force;
+            (p, first, zrecv, force)
+        };
+        let begin = match check_begin(h, &first.data) {
+            Ok(b) => b,
+            Err(e) => {
+                zrecv.abort().await;
+                return Err(e);
+            }
+        };
+        let mut zrecv = if spawned_force == prepared.force {
+            zrecv
+        } else {
+            zrecv.abort().await;
+            self.zfs.receive(&target, prepared.force).map_err(zfs_err)?
+        };
+        let total = match feed(&mut zrecv, recv, &mut decoder, first).await {
+            Ok(total) => total,
+            Err(e) => {
+                // zfs receive never saw the end of the stream: it discards what it has.
+                zrecv.abort().await;
+                return Err(e);
+            }
+        };
+        zrecv.finish().await.map_err(|e| zfs_err(e.into()))?;
+        debug!(bytes = total, "zfs receive finished");
+
+        if h.intermediates {
+            // The stream held several snapshots and its BEGIN record named only the first:
+            // list the target to learn (and check) the last one.
+            return self.listed_commit(&target, &to, h).await;
+        }
+        let guid = begin.to_guid;
+        if guid == 0 {
+            return Err(internal("a single-snapshot stream without a GUID"));
+        }
+        let mut snapshots = prepared.snapshots;
+        snapshots.push(SnapshotInfo {
+            name: h.to.name.clone(),
+            guid,
+            // Not listed: 0 means unknown (docs/protocol.md).
+            createtxg: 0,
+        });
+        Ok(Committed {
+            dataset: target.to_string(),
+            guid,
+            snapshots,
+        })
+    }
+
+    /// Whether a step without `--force` needs `zfs receive -F`, as [`Self::prepare`] will
+    /// decide when the target is where the header says.
+    fn plain_force(&self, h: &StepHeader) -> bool {
+        // See `prepare`: an incremental onto the newest snapshot uses -F where received
+        // filesystems are mounted (no `receive -u`).
+        h.from.is_some() && !self.zfs.capabilities().recv_no_mount
+    }
+
+    /// After a step with intermediates: the target's listing, which must hold `to`.
+    async fn listed_commit(
+        &self,
+        target: &DatasetName,
+        to: &SnapshotName,
+        h: &StepHeader,
+    ) -> Result<Committed, WireError> {
+        let state = self
+            .zfs
+            .list(target, false)
+            .await
+            .map_err(zfs_err)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| internal(format!("{target} does not exist after zfs receive")))?;
+        let snapshots: Vec<_> = state.snapshots.iter().map(to_info).collect();
+        let got = snapshots.iter().find(|s| s.name == h.to.name);
+        let guid = match got {
+            Some(s) if h.to.guid == 0 || s.guid == h.to.guid => s.guid,
+            _ => {
+                return Err(WireError::new(
+                    ErrorKind::GuidMismatch,
+                    format!(
+                        "after receiving, {to} is missing or its GUID is not {} as the header said",
+                        h.to.guid
+                    ),
+                ))
+            }
+        };
+        Ok(Committed {
+            dataset: target.to_string(),
+            guid,
+            snapshots,
+        })
+    }
+
+    /// Checks the target's real state against the header and carries out the destruction
+    /// the sender's `--force` authorised.
+    async fn prepare(
+        &self,
+        root: &DatasetName,
+        target: &DatasetName,
+        h: &StepHeader,
+    ) -> Result<Prepared, WireError> {
+        let state = self.zfs.list(target, false).await.map_err(zfs_err)?;
+        let snaps: Option<Vec<SnapshotInfo>> = state
+            .first()
+            .map(|d| d.snapshots.iter().map(to_info).collect());
+        let newest = snaps.as_ref().and_then(|s| s.last()).map(|s| SnapRef {
+            name: s.name.clone(),
+            guid: s.guid,
+        });
+        let with_newest = |mut e: WireError| {
+            e.receiver_newest = newest.clone();
+            e
+        };
+        match (&h.from, snaps) {
+            (None, None) => {
+                // A full stream into a new dataset: its parent must exist.
+                if let Some(parent) = target.parent() {
+                    if self
+                        .zfs
+                        .list(&parent, false)
+                        .await
+                        .map_err(zfs_err)?
+                        .is_empty()
+                    {
+                        if !parent.is_within(root) {
+                            return Err(WireError::new(
+                                ErrorKind::Zfs,
+                                format!("{parent} does not exist on the receiver (create it, or allow a root that exists)"),
+                            ));
+                        }
+                        self.zfs.create_all(&parent).await.map_err(zfs_err)?;
+                        info!(%parent, "created parent datasets");
+                    }
+                }
+                Ok(Prepared {
+                    force: false,
+                    snapshots: Vec::new(),
+                })
+            }
+            (None, Some(existing)) => {
+                if h.force != ForceAction::Replace {
+                    return Err(with_newest(WireError::new(
+                        ErrorKind::TargetExists,
+                        format!(
+                            "{target} already exists; a full stream would replace it (use --force)"
+                        ),
+                    )));
+                }
+                for s in &existing {
+                    let snap = target
+                        .snapshot(&s.name)
+                        .map_err(|e| internal(e.to_string()))?;
+                    self.zfs.destroy_snapshot(&snap).await.map_err(zfs_err)?;
+                }
+                warn!(destroyed = existing.len(), "--force: replacing the target");
+                Ok(Prepared {
+                    force: true,
+                    snapshots: Vec::new(),
+                })
+            }
+            (Some(from), None) => Err(WireError::new(
+                ErrorKind::BaseMissing,
+                format!(
+                    "{target} does not exist, so it cannot receive an incremental from @{}",
+                    from.name
+                ),
+            )),
+            (Some(from), Some(mut existing)) => {
+                let Some(pos) = existing.iter().position(|s| s.guid == from.guid) else {
+                    return Err(with_newest(WireError::new(
+                        ErrorKind::BaseMissing,
+                        format!(
+                            "{target} has no snapshot with the base's GUID {} (@{})",
+                            from.guid, from.name
+                        ),
+                    )));
+                };
+                if pos == existing.len() - 1 {
+                    // The base is the target's newest snapshot. Without `receive -u`
+                    // (zfs-fuse) zfs mounts every replica, and mounting a received child
+                    // creates its mountpoint in the parent, so replicas get modified by the
+                    // receives themselves and the next incremental would be refused. There,
+                    // `-F` rolls back exactly what `-u` would have prevented: changes since
+                    // the newest snapshot, which is the base. No snapshot is destroyed.
+                    return Ok(Prepared {
+                        force: !self.zfs.capabilities().recv_no_mount,
+                        snapshots: existing,
+                    });
+                }
+                let newer = existing.len() - pos - 1;
+                let newest_name = existing[existing.len() - 1].name.clone();
+                match &h.force {
+                    ForceAction::RollbackTo(r) if r.guid == from.guid => {
+                        let snap: SnapshotName = target
+                            .snapshot(&existing[pos].name)
+                            .map_err(|e| internal(e.to_string()))?;
+                        self.zfs.rollback(&snap).await.map_err(zfs_err)?;
+                        warn!(to = %snap, destroyed = newer, "--force: rolled back");
+                        existing.truncate(pos + 1);
+                        Ok(Prepared {
+                            force: true,
+                            snapshots: existing,
+                        })
+                    }
+                    _ => Err(with_newest(WireError::new(
+                        ErrorKind::Diverged,
+                        format!(
+                            "{target} has {newer} snapshot(s) newer than the base @{} (newest @{newest_name}); use --force to roll back",
+                            existing[pos].name,
+                        ),
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+/// The verified bytes released before the stream's BEGIN record was complete, and whether
+/// the stream already ended.
+struct FirstBytes {
+    data: Vec<Bytes>,
+    complete: Option<u64>,
+}
+
+/// Reads frames until at least a BEGIN record's worth of verified bytes is released (or the
+/// stream is complete). Holds at most two chunks.
+async fn first_bytes(
+    recv: &mut FramedRecv,
+    decoder: &mut StepDecoder,
+) -> Result<FirstBytes, WireError> {
+    let mut first = FirstBytes {
+        data: Vec::new(),
+        complete: None,
+    };
+    let mut have = 0;
+    while have < zq_store::stream::BEGIN_RECORD_LEN {
+        match next_event(recv, decoder).await? {
+            StepEvent::Nothing => {}
+            StepEvent::Data(d) => {
+                have += d.len();
+                first.data.push(d);
+            }
+            StepEvent::Complete { last, total_len } => {
+                first.data.extend(last);
+                first.complete = Some(total_len);
+                break;
+            }
+        }
+    }
+    Ok(first)
+}
+
+/// Checks the stream's BEGIN record against the header: the base it needs must be the
+/// header's `from`, and the snapshot it creates must be the header's `to`, unless the header
+/// left that GUID to the stream (0, protocol v2). A step with intermediates is a compound
+/// stream (`zfs send -I`) whose first record carries no GUIDs; it is checked by listing the
+/// target after the receive instead.
+fn check_begin(h: &StepHeader, first: &[Bytes]) -> Result<StreamBegin, WireError> {
+    let head: Vec<u8> = first
+        .iter()
+        .flat_map(|b| b.iter().copied())
+        .take(zq_store::stream::BEGIN_RECORD_LEN)
+        .collect();
+    let begin = zq_store::parse_begin(&head)
+        .map_err(|e| WireError::new(ErrorKind::Protocol, format!("step data: {e}")))?;
+    let mismatch = |what: String| {
+        Err(WireError::new(
+            ErrorKind::GuidMismatch,
+            format!("the stream does not match its header: {what}; nothing was received"),
+        ))
+    };
+    if begin.compound {
+        if !h.intermediates {
+            return mismatch("a compound stream for a single-snapshot step".into());
+        }
+        return Ok(begin);
+    }
+    match (&h.from, begin.from_guid) {
+        (None, None) => {}
+        (Some(f), Some(g)) if f.guid == g => {}
+        (from, got) => {
+            return mismatch(format!(
+                "the header's base is {}, the stream's is {}",
+                from.as_ref().map_or("none (full)".into(), |f| format!(
+                    "@{} GUID {}",
+                    f.name, f.guid
+                )),
+                got.map_or("none (full)".into(), |g| format!("GUID {g}"))
+            ))
+        }
+    }
+    // With intermediates the first substream ends at the first snapshot after the base.
+    if !h.intermediates && h.to.guid != 0 && h.to.guid != begin.to_guid {
+        return mismatch(format!(
+            "the header names @{} with GUID {}, the stream creates {} (GUID {})",
+            h.to.name, h.to.guid, begin.to_name, begin.to_guid
+        ));
+    }
+    Ok(begin)
+}
+
+/// Writes the first bytes, then the rest of the stream as it is verified; returns its length.
+async fn feed(
+    zrecv: &mut Writer,
+    recv: &mut FramedRecv,
+    decoder: &mut StepDecoder,
+    first: FirstBytes,
+) -> Result<u64, WireError> {
+    for d in &first.data {
+        zrecv_write(zrecv, d).await?;
+    }
+    if let Some(total) = first.complete {
+        return Ok(total);
+    }
+    loop {
+        match next_event(recv, decoder).await? {
+            StepEvent::Nothing => {}
+            StepEvent::Data(d) => zrecv_write(zrecv, &d).await?,
+            StepEvent::Complete { last, total_len } => {
+                if let Some(d) = last {
+                    zrecv_write(zrecv, &d).await?;
+                }
+                return Ok(total_len);
+            }
+        }
+    }
+}
+
+async fn next_event(
+    recv: &mut FramedRecv,
+    decoder: &mut StepDecoder,
+) -> Result<StepEvent, WireError> {
+    let frame = match recv.next().await {
+        Ok(Some(f)) => f,
+        Ok(None) => return Err(transfer_err(decoder.on_eof().err())),
+        Err(e) => return Err(WireError::new(ErrorKind::Protocol, e.to_string())),
+    };
+    decoder.on_frame(frame).map_err(|e| transfer_err(Some(e)))
+}
+
+async fn zrecv_write(w: &mut Writer, data: &[u8]) -> Result<(), WireError> {
+    w.write(data).await.map_err(|e| zfs_err(e.into()))
+}
+
+fn transfer_err(e: Option<TransferError>) -> WireError {
+    let Some(e) = e else {
+        return WireError::new(ErrorKind::Protocol, "stream ended early");
+    };
+    let kind = match &e {
+        TransferError::ChunkChecksum { .. }
+        | TransferError::LengthMismatch { .. }
+        | TransferError::StreamChecksum(_) => ErrorKind::Checksum,
+        TransferError::Aborted(_) => ErrorKind::Aborted,
+        TransferError::Unexpected { .. } | TransferError::Truncated(_) => ErrorKind::Protocol,
+    };
+    WireError::new(kind, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &[u8] = include_bytes!("../../../zq-store/tests/fixtures/zfs-fuse-send-i.zs");
+    const COMPOUND: &[u8] = include_bytes!("../../../zq-store/tests/fixtures/zfs-fuse-send-I.zs");
+    const S1: u64 = 10299075463925339385;
+    const S2: u64 = 11386937075674283587;
+
+    fn header(from: Option<u64>, to: u64, intermediates: bool) -> StepHeader {
+        StepHeader {
+            source: "zqma/fs".into(),
+            target: "b/fs".into(),
+            from: from.map(|guid| SnapRef {
+                name: "s1".into(),
+                guid,
+            }),
+            to: SnapRef {
+                name: "s2".into(),
+                guid: to,
+            },
+            intermediates,
+            force: ForceAction::None,
+            compression: "none".into(),
+        }
+    }
+
+    fn split(at: usize) -> Vec<Bytes> {
+        vec![
+            Bytes::copy_from_slice(&STREAM[..at]),
+            Bytes::copy_from_slice(&STREAM[at..]),
+        ]
+    }
+
+    #[test]
+    fn the_stream_must_match_its_header() {
+        let ok = |h: StepHeader| check_begin(&h, &split(100));
+        assert_eq!(ok(header(Some(S1), S2, false)).unwrap().to_guid, S2);
+        // GUID left to the stream (v2).
+        assert_eq!(ok(header(Some(S1), 0, false)).unwrap().to_guid, S2);
+        // -I: only the base can be checked here.
+        assert!(ok(header(Some(S1), 99, true)).is_ok());
+        for bad in [
+            header(Some(S1), 99, false), // names another snapshot
+            header(Some(7), S2, false),  // another base
+            header(None, S2, false),     // claims a full stream
+        ] {
+            let e = ok(bad).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::GuidMismatch, "{}", e.message);
+        }
+        // zfs send -I: a compound stream, accepted only for a step with intermediates.
+        let compound = [Bytes::from_static(COMPOUND)];
+        assert!(check_begin(&header(Some(S1), 0, true), &compound).is_ok());
+        let e = check_begin(&header(Some(S1), S2, false), &compound).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::GuidMismatch);
+        let e =
+            check_begin(&header(Some(S1), S2, false), &[Bytes::from_static(b"junk")]).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Protocol);
+    }
+}

@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -186,46 +187,51 @@ impl Drop for Pool {
 
 /// `(snapshot name, guid)` of `dataset`, oldest first; empty if it does not exist.
 pub fn snapshots(dataset: &str) -> Vec<(String, u64)> {
+    snapshots_of("-d1", dataset)
+        .remove(dataset)
+        .unwrap_or_default()
+}
+
+/// The snapshots of every dataset under `root` (itself included) by dataset, each oldest
+/// first, from one `zfs` call: tests that watch a tree use this so that their polling does
+/// not load zfs-fuse with a call per dataset.
+pub fn snapshot_tree(root: &str) -> BTreeMap<String, Vec<(String, u64)>> {
+    snapshots_of("-r", root)
+}
+
+fn snapshots_of(depth: &str, dataset: &str) -> BTreeMap<String, Vec<(String, u64)>> {
     let out = Command::new("zfs")
-        .args([
-            "get",
-            "-Hp",
-            "-d1",
-            "-o",
-            "name,property,value",
-            "guid,createtxg",
-            dataset,
-        ])
+        .args(["get", "-Hp", depth, "-o", "name,property,value"])
+        .args(["guid,createtxg", dataset])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut rows: Vec<(String, u64, u64)> = Vec::new();
+    // dataset -> snapshot -> (guid, createtxg)
+    let mut rows: BTreeMap<String, BTreeMap<String, (u64, u64)>> = BTreeMap::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split('\t').collect();
-        let Some((_, snap)) = f[0].split_once('@') else {
+        let Some((dataset, snap)) = f[0].split_once('@') else {
             continue;
         };
-        if f[0].split_once('@').map(|(d, _)| d) != Some(dataset) {
-            continue;
-        }
         let v: u64 = f[2].parse().unwrap();
-        match rows.iter_mut().find(|r| r.0 == snap) {
-            Some(r) => {
-                if f[1] == "guid" {
-                    r.1 = v
-                } else {
-                    r.2 = v
-                }
-            }
-            None => rows.push(if f[1] == "guid" {
-                (snap.to_string(), v, 0)
-            } else {
-                (snap.to_string(), 0, v)
-            }),
+        let row = rows
+            .entry(dataset.to_string())
+            .or_default()
+            .entry(snap.to_string())
+            .or_default();
+        if f[1] == "guid" {
+            row.0 = v;
+        } else {
+            row.1 = v;
         }
     }
-    rows.sort_by_key(|r| r.2);
-    rows.into_iter().map(|(n, g, _)| (n, g)).collect()
+    rows.into_iter()
+        .map(|(dataset, snaps)| {
+            let mut v: Vec<_> = snaps.into_iter().collect();
+            v.sort_by_key(|(_, (_, txg))| *txg);
+            (dataset, v.into_iter().map(|(n, (g, _))| (n, g)).collect())
+        })
+        .collect()
 }
 
 /// Every dataset (filesystems only) under `root`, sorted.
@@ -401,20 +407,41 @@ pub fn read(dataset: &str, file: &str) -> Vec<u8> {
 pub struct Daemon {
     child: Child,
     pub log: PathBuf,
+    /// Its `--status-file`.
+    pub status: PathBuf,
 }
 
 impl Daemon {
     pub fn start(keys: &Keys, recv: &Recv, source: &str, target: &str, extra: &[&str]) -> Daemon {
         let log = keys.dir.path().join("daemon.log");
+        let status = keys.dir.path().join("status.json");
         let child = Command::new(SEND)
             .args(["run", source, &recv.addr, target, "--identity", keys.path()])
             .args(["--peer", &keys.recv_fp])
+            .arg("--status-file")
+            .arg(&status)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        Daemon { child, log }
+        Daemon { child, log, status }
+    }
+
+    /// `zq-send status --json` of this daemon, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(SEND)
+            .arg("status")
+            .arg(&self.status)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "zq-send status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
     }
 
     /// SIGTERM, then waits up to `within` for a clean exit; returns the exit code.
@@ -446,8 +473,11 @@ impl Drop for Daemon {
 /// How many source snapshots are newer than the destination's newest (by GUID); the whole
 /// source count if the destination has none of them.
 pub fn lag(source: &str, target: &str) -> usize {
-    let src = snapshots(source);
-    let dst = snapshots(target);
+    lag_of(&snapshots(source), &snapshots(target))
+}
+
+/// [`lag`] of two listings.
+pub fn lag_of(src: &[(String, u64)], dst: &[(String, u64)]) -> usize {
     match dst
         .last()
         .and_then(|(_, g)| src.iter().position(|(_, s)| s == g))

@@ -488,13 +488,19 @@ pub fn lag_of(src: &[(String, u64)], dst: &[(String, u64)]) -> usize {
 }
 
 /// Polls `cond` every 100 ms for up to `limit`.
-pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub fn wait_for(limit: Duration, cond: impl FnMut() -> bool) -> bool {
+    wait_for_every(limit, Duration::from_millis(100), cond)
+}
+
+/// Polls `cond` every `every` for up to `limit`. Tests that watch a running daemon poll
+/// slowly: on zfs-fuse every listing competes with the replication under test.
+pub fn wait_for_every(limit: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + limit;
     while std::time::Instant::now() < deadline {
         if cond() {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(every);
     }
     cond()
 }

@@ -489,8 +489,14 @@ mod tests {
                     base_guid,
                 })
             }),
-            proptest::collection::vec(arb_name(), 0..5)
-                .prop_map(|destroyed| Message::Pruned(Pruned { destroyed })),
+            (
+                proptest::collection::vec(arb_name(), 0..5),
+                any::<Option<u32>>()
+            )
+                .prop_map(|(destroyed, remaining)| Message::Pruned(Pruned {
+                    destroyed,
+                    remaining
+                })),
         ]
     }
 

@@ -391,6 +391,10 @@ pub struct PruneRequest {
 pub struct Pruned {
     /// Names (after `@`) of the destroyed snapshots.
     pub destroyed: Vec<String>,
+    /// How many `zq_` snapshots the target holds afterwards; `None` if the request was
+    /// skipped (a step into the target was running). Lets the sender skip requests that
+    /// would destroy nothing.
+    pub remaining: Option<u32>,
 }
 
 /// A typed error carried on the wire.

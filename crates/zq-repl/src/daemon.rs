@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use zq_proto::SnapshotInfo;
 use zq_store::{DatasetName, Zfs};
 
-use crate::retention::{prunable, ZQ_PREFIX};
+use crate::retention::{prunable, remote_may_exceed, RemoteCount, ZQ_PREFIX};
 use crate::sender::{Job, Sender};
 use crate::{to_info, DatasetOutcome, ReplError};
 
@@ -143,6 +143,7 @@ pub async fn run(
         let every = (opts.every * 5).max(Duration::from_secs(5));
         retention = Some(tokio::spawn(retention_loop(
             zfs.clone(),
+            job.clone(),
             keep,
             every,
             cursors_rx,
@@ -257,57 +258,96 @@ async fn snapshot_loop(
 /// target and the snapshot the receiver last committed.
 type Cursors = HashMap<DatasetName, (DatasetName, SnapshotInfo)>;
 
-/// Applies retention to both sides of every dataset with a cursor, every `every`. A failure
-/// is logged and retried on the next pass; replication never waits for it.
+/// Applies retention to both sides of every dataset with a cursor, at most every `every`.
+/// A pass starts right after a replication iteration (when the cursors are published), so
+/// its `zfs list`/`destroy` calls fall in the idle time before the next snapshot instead of
+/// competing with its replication; without iterations (receiver unreachable) it still runs
+/// locally every `2 * every`. A failure is logged and retried on the next pass;
+/// replication never waits for it.
 async fn retention_loop(
     zfs: Zfs,
+    job: Job,
     keep: usize,
     every: Duration,
-    cursors: watch::Receiver<Cursors>,
+    mut cursors: watch::Receiver<Cursors>,
     conn: watch::Receiver<Option<Arc<Sender>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let keep_u32 = u32::try_from(keep).unwrap_or(u32::MAX);
+    let mut last = Instant::now();
+    // Per target, what its last prune left (see `remote_may_exceed`).
+    let mut remote: HashMap<DatasetName, RemoteCount> = HashMap::new();
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            changed = cursors.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(every * 2) => {}
             _ = shutdown.changed() => return,
         }
+        if last.elapsed() < every {
+            continue;
+        }
+        last = Instant::now();
         let cursors = cursors.borrow().clone();
+        if cursors.is_empty() {
+            continue;
+        }
+        // One listing of the whole source tree per pass, not one per dataset.
+        let listing = match zfs.list(&job.source, job.recursive).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(dataset = %job.source, error = %e, "retention: cannot list");
+                continue;
+            }
+        };
         // Receivers older than protocol version 2 do not prune.
         let mut sender = conn.borrow().clone().filter(|s| s.session().version >= 2);
-        for (source, (target, base)) in cursors {
-            match zfs.list(&source, false).await {
-                Ok(state) => {
-                    let snaps: Vec<_> = state
-                        .first()
-                        .map(|d| d.snapshots.iter().map(to_info).collect())
-                        .unwrap_or_default();
-                    for s in prunable(&snaps, ZQ_PREFIX, keep, base.guid) {
-                        let destroyed = match source.snapshot(&s.name) {
-                            Ok(snap) => {
-                                zfs.destroy_snapshot(&snap).await.map_err(|e| e.to_string())
-                            }
-                            Err(e) => Err(e.to_string()),
-                        };
-                        if let Err(e) = destroyed {
-                            warn!(dataset = %source, snapshot = %s.name, error = %e, "retention: cannot destroy");
-                        }
-                    }
+        for dataset in listing {
+            let Some((target, base)) = cursors.get(&dataset.name) else {
+                continue;
+            };
+            let source = &dataset.name;
+            let snaps: Vec<_> = dataset.snapshots.iter().map(to_info).collect();
+            for s in prunable(&snaps, ZQ_PREFIX, keep, base.guid) {
+                let destroyed = match source.snapshot(&s.name) {
+                    Ok(snap) => zfs.destroy_snapshot(&snap).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = destroyed {
+                    warn!(dataset = %source, snapshot = %s.name, error = %e, "retention: cannot destroy");
                 }
-                Err(e) => warn!(dataset = %source, error = %e, "retention: cannot list"),
             }
-            if let Some(s) = &sender {
-                if let Err(e) = s.prune_remote(&target, keep_u32, base.guid).await {
-                    if e.connection_lost() {
-                        // The replication loop reconnects; this pass prunes only locally.
-                        debug!(error = %chain(&e), "retention: the connection is gone");
-                        sender = None;
-                    } else {
-                        warn!(dataset = %target, error = %chain(&e), "retention on the receiver failed");
+            let Some(s) = &sender else {
+                continue;
+            };
+            if !remote_may_exceed(
+                remote.get(target).copied(),
+                &snaps,
+                ZQ_PREFIX,
+                keep,
+                base.guid,
+            ) {
+                continue;
+            }
+            match s.prune_remote(target, keep_u32, base.guid).await {
+                Ok(p) => match p.remaining {
+                    Some(remaining) => {
+                        let count = RemoteCount {
+                            remaining,
+                            base_guid: base.guid,
+                        };
+                        remote.insert(target.clone(), count);
                     }
+                    None => {
+                        remote.remove(target);
+                    }
+                },
+                Err(e) if e.connection_lost() => {
+                    // The replication loop reconnects; this pass prunes only locally.
+                    debug!(error = %chain(&e), "retention: the connection is gone");
+                    sender = None;
+                }
+                Err(e) => {
+                    warn!(dataset = %target, error = %chain(&e), "retention on the receiver failed")
                 }
             }
         }

@@ -209,7 +209,7 @@ impl Receiver {
                 Err(e) => Message::Error(e),
             },
             Ok(Message::Prune(p)) => match self.prune(root, p).await {
-                Ok(destroyed) => Message::Pruned(zq_proto::Pruned { destroyed }),
+                Ok(pruned) => Message::Pruned(pruned),
                 Err(e) => Message::Error(e),
             },
             Ok(Message::StepHeader(h)) => {
@@ -262,15 +262,21 @@ impl Receiver {
         &self,
         root: &DatasetName,
         req: zq_proto::PruneRequest,
-    ) -> Result<Vec<String>, WireError> {
+    ) -> Result<zq_proto::Pruned, WireError> {
         let target = authorize(root, &req.dataset)?;
         let lock = self.target_lock(&target)?;
         let Ok(_busy) = tokio::time::timeout(PRUNE_WAIT, lock.lock_owned()).await else {
-            return Ok(Vec::new());
+            return Ok(zq_proto::Pruned {
+                destroyed: Vec::new(),
+                remaining: None,
+            });
         };
         let state = self.zfs.list(&target, false).await.map_err(zfs_err)?;
         let Some(state) = state.first() else {
-            return Ok(Vec::new());
+            return Ok(zq_proto::Pruned {
+                destroyed: Vec::new(),
+                remaining: Some(0),
+            });
         };
         let snapshots: Vec<_> = state.snapshots.iter().map(to_info).collect();
         let keep = usize::try_from(req.keep_last).unwrap_or(usize::MAX);
@@ -287,7 +293,15 @@ impl Receiver {
         if !destroyed.is_empty() {
             debug!(%target, count = destroyed.len(), "pruned");
         }
-        Ok(destroyed)
+        let zq = snapshots
+            .iter()
+            .filter(|s| s.name.starts_with(crate::retention::ZQ_PREFIX))
+            .count();
+        let remaining = u32::try_from(zq.saturating_sub(destroyed.len())).unwrap_or(u32::MAX);
+        Ok(zq_proto::Pruned {
+            destroyed,
+            remaining: Some(remaining),
+        })
     }
 }
 

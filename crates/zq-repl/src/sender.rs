@@ -220,7 +220,7 @@ impl Sender {
         target: &DatasetName,
         keep_last: u32,
         base_guid: u64,
-    ) -> Result<Vec<String>, ReplError> {
+    ) -> Result<zq_proto::Pruned, ReplError> {
         let (send, recv) = self.conn.open_bi().await.map_err(ReplError::connection)?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
         send.send(&Message::Prune(zq_proto::PruneRequest {
@@ -231,7 +231,7 @@ impl Sender {
         .await?;
         send.finish()?;
         match recv.message("Pruned").await? {
-            Message::Pruned(p) => Ok(p.destroyed),
+            Message::Pruned(p) => Ok(p),
             Message::Error(e) => Err(ReplError::Remote(e)),
             other => Err(ReplError::Protocol(format!(
                 "expected Pruned, receiver sent {}",

@@ -9,6 +9,13 @@
 //! record has been checked against the header; if either fails it is killed unfed. For a
 //! step without intermediates the BEGIN record names the snapshot being created, so no
 //! listing is needed afterwards either.
+//!
+//! The listing before cannot be left to `zfs receive`: measured on zfs-fuse, `zfs receive`
+//! with or without `-F` accepts an incremental from `@a` onto a replica whose newest
+//! snapshot is a later `@local` (unchanged data), leaving `@a @local @b`; OpenZFS without
+//! `-F` checks only that the data is unmodified since the base. zq's rule is stricter (the
+//! base must be the newest snapshot, else the dataset is reported diverged), and only the
+//! listing enforces it.
 
 use bytes::Bytes;
 use tracing::{debug, info, warn};

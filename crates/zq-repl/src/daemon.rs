@@ -7,8 +7,9 @@
 //! committed (its cursor), and sends the new snapshots on top of the cursor ([`tracked`]).
 //! The receiver re-checks the base; if the cursor is stale it refuses, the cursor is dropped,
 //! and the next iteration lists both sides and re-plans. The source is listed at start,
-//! after any failure, every [`REFRESH`] (to find new child datasets), and every iteration
-//! when something other than zq makes the snapshots. Datasets whose target does not exist
+//! after any failure, and every iteration when something other than zq makes the
+//! snapshots; otherwise every [`REFRESH`] only its dataset names are listed, to find
+//! datasets created or destroyed. Datasets whose target does not exist
 //! yet are created one after the other, parents first; all other steps run in parallel up
 //! to `max_steps`.
 
@@ -32,8 +33,8 @@ use crate::{to_info, DatasetOutcome, ReplError};
 pub mod tracked;
 use tracked::{Next, Status, Tracked};
 
-/// How often the source is listed in full even when nothing failed: new child datasets of a
-/// recursive job are picked up within this time.
+/// How often the daemon checks the source tree for datasets created or destroyed when
+/// nothing failed: new child datasets of a recursive job are picked up within this time.
 pub const REFRESH: Duration = Duration::from_secs(30);
 
 /// How the daemon runs.
@@ -140,7 +141,12 @@ pub async fn run(
     let (conn_tx, conn_rx) = watch::channel(None::<Arc<Sender>>);
     let mut retention = None;
     if let Some(keep) = opts.keep_last {
-        let every = (opts.every * 5).max(Duration::from_secs(5));
+        // Every 5 periods (at least 5 s), or less often when N is large: a pass lists the
+        // whole source tree, which costs time per snapshot, and waiting until a quarter of N
+        // new snapshots may exist loses nothing.
+        let fill =
+            opts.snapshot_every.unwrap_or(opts.every) * u32::try_from(keep / 4).unwrap_or(u32::MAX);
+        let every = (opts.every * 5).max(Duration::from_secs(5)).max(fill);
         retention = Some(tokio::spawn(retention_loop(
             zfs.clone(),
             job.clone(),
@@ -434,9 +440,24 @@ impl State {
             }
         }
         let by_name = sender.session().version >= 2;
-        let must_list = opts.snapshot_every.is_none()
-            || self.listed_at.is_none_or(|t| t.elapsed() >= REFRESH)
+        let mut must_list = opts.snapshot_every.is_none()
+            || self.listed_at.is_none()
             || self.datasets.values().any(|t| t.needs_listing(by_name));
+        if !must_list && self.listed_at.is_some_and(|t| t.elapsed() >= REFRESH) {
+            // zq makes the snapshots, so a refresh only has to notice datasets created or
+            // destroyed: list names alone, and everything only if they changed.
+            match zfs.list_datasets(&job.source, job.recursive).await {
+                Ok(names) => {
+                    let names: std::collections::BTreeSet<_> = names.into_iter().collect();
+                    if names.iter().eq(self.datasets.keys()) {
+                        self.listed_at = Some(Instant::now());
+                    } else {
+                        must_list = true;
+                    }
+                }
+                Err(_) => must_list = true,
+            }
+        }
         if must_list && !self.list_source(zfs, job).await {
             return false;
         }

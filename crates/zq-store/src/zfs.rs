@@ -177,6 +177,31 @@ impl Zfs {
         tree_from_entries(entries, root, recursive)
     }
 
+    /// The filesystems and volumes at (and with `recursive`, below) `root`, without their
+    /// snapshots: a cheap way to notice datasets created or destroyed, where a full listing
+    /// costs time per snapshot (~0.2 ms each on zfs-fuse). Empty if `root` does not exist.
+    pub async fn list_datasets(
+        &self,
+        root: &DatasetName,
+        recursive: bool,
+    ) -> Result<Vec<DatasetName>, StoreError> {
+        let argv = self
+            .zfs()
+            .args(["list", "-H", "-o", "name", "-t", "filesystem,volume"])
+            .arg_if(recursive, "-r")
+            .arg(root.as_str());
+        let out = match run(&argv).await {
+            Ok(out) => out,
+            Err(e) if e.stderr().is_some_and(is_missing_dataset) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut names = Vec::new();
+        for line in out.lines().filter(|l| !l.is_empty()) {
+            names.push(DatasetName::parse(line)?);
+        }
+        Ok(names)
+    }
+
     /// Creates `snap`, and with `recursive` the same snapshot of every descendant, atomically
     /// (`zfs snapshot -r`).
     pub async fn snapshot(&self, snap: &SnapshotName, recursive: bool) -> Result<(), StoreError> {

@@ -13,6 +13,7 @@ use zq_store::{DatasetName, Zfs};
 
 use crate::to_info;
 
+mod lister;
 mod step;
 
 /// How long a connected sender has to complete the zq handshake.
@@ -71,6 +72,8 @@ pub struct Receiver {
     targets: Mutex<HashMap<DatasetName, Arc<tokio::sync::Mutex<()>>>>,
     /// Held around dataset-creating receives where concurrent mounts are unsafe (zfs-fuse).
     mounts: tokio::sync::Mutex<()>,
+    /// The steps' target listings, batched.
+    lister: Arc<lister::Lister>,
 }
 
 /// How long retention waits for a step on the same target before skipping it this time.
@@ -83,6 +86,7 @@ impl Receiver {
     /// A receiver with this policy.
     pub fn new(zfs: Zfs, policy: Policy, caps: Capabilities) -> Arc<Self> {
         Arc::new(Receiver {
+            lister: lister::Lister::new(zfs.clone()),
             zfs,
             policy,
             caps,

@@ -153,8 +153,21 @@ impl Zfs {
         root: &DatasetName,
         recursive: bool,
     ) -> Result<Vec<DatasetState>, StoreError> {
-        let depth = if recursive { "-r" } else { "-d1" };
-        let argv = if self.caps.list_parsable {
+        let argv = self
+            .list_argv(if recursive { "-r" } else { "-d1" })
+            .arg(root.as_str());
+        let out = match run(&argv).await {
+            Ok(out) => out,
+            Err(e) if e.stderr().is_some_and(is_missing_dataset) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        tree_from_entries(self.parse_listing(&out)?, root, recursive)
+    }
+
+    /// `zfs list` (OpenZFS) or `zfs get` (zfs-fuse) of names, types, GUIDs and createtxgs
+    /// to `depth`, before the dataset arguments.
+    fn list_argv(&self, depth: &str) -> Argv {
+        if self.caps.list_parsable {
             self.zfs()
                 .args(["list", "-Hp", "-o", "name,type,guid,createtxg"])
                 .args(["-t", "filesystem,volume,snapshot", depth])
@@ -163,18 +176,33 @@ impl Zfs {
                 .args(["get", "-Hp", "-o", "name,property,value", depth])
                 .arg("type,guid,createtxg")
         }
-        .arg(root.as_str());
-        let out = match run(&argv).await {
-            Ok(out) => out,
-            Err(e) if e.stderr().is_some_and(is_missing_dataset) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
-        let entries = if self.caps.list_parsable {
-            parse_list(&out)?
+    }
+
+    fn parse_listing(&self, out: &str) -> Result<Vec<Entry>, StoreError> {
+        Ok(if self.caps.list_parsable {
+            parse_list(out)?
         } else {
-            parse_get(&out)?
-        };
-        tree_from_entries(entries, root, recursive)
+            parse_get(out)?
+        })
+    }
+
+    /// [`Self::list`] (not recursive) of several datasets with one `zfs` process: on
+    /// zfs-fuse a process costs more than the listing of a few datasets. One result per
+    /// root, in order. A root that does not exist fails the whole call (zfs exits 1 after
+    /// listing the others); callers list one by one then.
+    pub async fn list_each(
+        &self,
+        roots: &[DatasetName],
+    ) -> Result<Vec<Vec<DatasetState>>, StoreError> {
+        let mut argv = self.list_argv("-d1");
+        for root in roots {
+            argv = argv.arg(root.as_str());
+        }
+        let entries = self.parse_listing(&run(&argv).await?)?;
+        roots
+            .iter()
+            .map(|root| tree_from_entries(entries.clone(), root, false))
+            .collect()
     }
 
     /// The filesystems and volumes at (and with `recursive`, below) `root`, without their
@@ -299,8 +327,10 @@ pub fn tree_from_entries(
             Kind::Bookmark => {}
         }
     }
-    // Sorting by components puts every parent before its children.
+    // Sorting by components puts every parent before its children. A listing of several
+    // roots (`list_each`) names a dataset twice when one root is the child of another.
     datasets.sort_by(|a, b| a.name.as_str().split('/').cmp(b.name.as_str().split('/')));
+    datasets.dedup_by(|a, b| a.name == b.name);
     for (ds, snap) in snapshots {
         if let Ok(i) = datasets.binary_search_by(|d| d.name.as_str().split('/').cmp(ds.split('/')))
         {
@@ -310,6 +340,7 @@ pub fn tree_from_entries(
     }
     for d in &mut datasets {
         d.snapshots.sort_by_key(|s| s.createtxg);
+        d.snapshots.dedup_by(|a, b| a.name == b.name);
     }
     Ok(datasets)
 }
@@ -347,6 +378,17 @@ mod tests {
         let snaps: Vec<_> = t[0].snapshots.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(snaps, ["s1", "s2"]);
         assert_eq!(t[1].snapshots[0].guid, 21);
+    }
+
+    #[test]
+    fn a_dataset_listed_twice_appears_once() {
+        // `zfs get -d1 t/a t/a/b` names t/a/b once from each root.
+        let mut entries = sample();
+        entries.extend(sample());
+        let root = DatasetName::parse("t/a/b").unwrap();
+        let t = tree_from_entries(entries, &root, false).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].snapshots.len(), 1);
     }
 
     #[test]

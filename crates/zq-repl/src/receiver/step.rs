@@ -172,8 +172,8 @@ impl Receiver {
         h: &StepHeader,
     ) -> Result<Committed, WireError> {
         let state = self
-            .zfs
-            .list(target, false)
+            .lister
+            .list(target)
             .await
             .map_err(zfs_err)?
             .into_iter()
@@ -208,7 +208,7 @@ impl Receiver {
         target: &DatasetName,
         h: &StepHeader,
     ) -> Result<Prepared, WireError> {
-        let state = self.zfs.list(target, false).await.map_err(zfs_err)?;
+        let state = self.lister.list(target).await.map_err(zfs_err)?;
         let snaps: Option<Vec<SnapshotInfo>> = state
             .first()
             .map(|d| d.snapshots.iter().map(to_info).collect());

@@ -368,6 +368,8 @@ struct State {
     listed_at: Option<Instant>,
     /// The last error logged per dataset (to log a persisting error once).
     errors: HashMap<DatasetName, String>,
+    /// The last failure to write the status file (logged once, not every iteration).
+    status_error: Option<String>,
 }
 
 /// The outcome of one dataset's work in an iteration.
@@ -599,7 +601,7 @@ impl State {
     }
 
     /// Writes the status file, if any; a failure is logged, never fatal.
-    fn write_status(&self, opts: &DaemonOptions, connected: bool) {
+    fn write_status(&mut self, opts: &DaemonOptions, connected: bool) {
         let Some(path) = &opts.status_file else {
             return;
         };
@@ -614,8 +616,19 @@ impl State {
                 .map(|(s, t)| t.status(s, now))
                 .collect(),
         };
-        if let Err(e) = write_atomically(path, &status) {
-            warn!(path = %path.display(), error = %e, "cannot write the status file");
+        match write_atomically(path, &status) {
+            Ok(()) => {
+                if self.status_error.take().is_some() {
+                    info!(path = %path.display(), "status file written again");
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.status_error.as_ref() != Some(&e) {
+                    warn!(path = %path.display(), error = %e, "cannot write the status file (set --status-file)");
+                    self.status_error = Some(e);
+                }
+            }
         }
     }
 }

@@ -58,6 +58,8 @@ impl Receiver {
         h: &StepHeader,
         recv: &mut FramedRecv,
     ) -> Result<Committed, WireError> {
+        let started = std::time::Instant::now();
+        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
         let target = authorize(root, &h.target)?;
         let name_err =
             |e: zq_store::NameError| WireError::new(ErrorKind::InvalidName, e.to_string());
@@ -109,6 +111,7 @@ impl Receiver {
             let force = p.force;
             (p, first, zrecv, force)
         };
+        let ready = ms(started);
         let begin = match check_begin(h, &first.data) {
             Ok(b) => b,
             Err(e) => {
@@ -122,6 +125,7 @@ impl Receiver {
             zrecv.abort().await;
             self.zfs.receive(&target, prepared.force).map_err(zfs_err)?
         };
+        let fed_from = std::time::Instant::now();
         let total = match feed(&mut zrecv, recv, &mut decoder, first).await {
             Ok(total) => total,
             Err(e) => {
@@ -131,7 +135,15 @@ impl Receiver {
             }
         };
         zrecv.finish().await.map_err(|e| zfs_err(e.into()))?;
-        debug!(bytes = total, "zfs receive finished");
+        // Where a step's time goes: waiting for the target's lock, listing it and the first
+        // bytes (ready), the rest of the stream, and `zfs receive` finishing after it.
+        debug!(
+            bytes = total,
+            ready_ms = ready,
+            receive_ms = ms(fed_from),
+            total_ms = ms(started),
+            "zfs receive finished"
+        );
 
         if h.intermediates {
             // The stream held several snapshots and its BEGIN record named only the first:

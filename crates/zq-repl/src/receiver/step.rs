@@ -89,13 +89,22 @@ impl Receiver {
         };
 
         let mut decoder = StepDecoder::new();
+        let (mut listed, mut first_at) = (0.0, 0.0);
         let (prepared, first, zrecv, spawned_force) = if h.force == ForceAction::None {
             // Nothing is destroyed on this path, so everything runs at once.
             let guess = self.plain_force(h);
             let early = self.zfs.receive(&target, guess).map_err(zfs_err)?;
             let both = tokio::try_join!(
-                self.prepare(root, &target, h),
-                first_bytes(recv, &mut decoder)
+                async {
+                    let p = self.prepare(root, &target, h).await;
+                    listed = ms(started);
+                    p
+                },
+                async {
+                    let f = first_bytes(recv, &mut decoder).await;
+                    first_at = ms(started);
+                    f
+                }
             );
             match both {
                 Ok((p, first)) => (p, first, early, guess),
@@ -140,6 +149,8 @@ impl Receiver {
         debug!(
             bytes = total,
             ready_ms = ready,
+            listed_ms = listed,
+            first_bytes_ms = first_at,
             receive_ms = ms(fed_from),
             total_ms = ms(started),
             "zfs receive finished"

@@ -157,6 +157,8 @@ async fn run(args: RunArgs) -> ExitCode {
         options: PlanOptions {
             newest_only: args.newest_only,
             force: args.force,
+            // Chosen by the sender from the zfs capabilities.
+            chain_up_to: 0,
         },
     };
     let code = match args.every.or(args.snapshot_every) {

@@ -16,6 +16,11 @@ pub struct PlanOptions {
     pub newest_only: bool,
     /// Roll back or replace a diverged destination (`--force`).
     pub force: bool,
+    /// Send up to this many new snapshots as one `-i` step each instead of one `-I` step.
+    /// Where `zfs send -I` costs time per snapshot of the dataset (zfs-fuse: ~4 ms each,
+    /// 180 ms with 45 snapshots, against ~5 ms for `-i`), a short backlog goes faster as a
+    /// chain; see [`zq_store::Capabilities::cheap_intermediates`]. 0 never chains.
+    pub chain_up_to: usize,
 }
 
 /// One `zfs send` stream.
@@ -137,13 +142,7 @@ pub fn plan(
     };
     let initial = |force| {
         let mut steps = vec![Step::Full { to: oldest.clone() }];
-        if newest.guid != oldest.guid {
-            steps.push(Step::Incremental {
-                from: oldest.clone(),
-                to: newest.clone(),
-                intermediates: !opts.newest_only,
-            });
-        }
+        steps.extend(incrementals(source, 0, opts));
         Plan {
             force,
             steps,
@@ -197,13 +196,37 @@ pub fn plan(
     }
     Ok(Plan {
         force,
-        steps: vec![Step::Incremental {
-            from: source[src_pos].clone(),
-            to: newest.clone(),
-            intermediates: !opts.newest_only,
-        }],
+        steps: incrementals(source, src_pos, opts),
         note: None,
     })
+}
+
+/// The incremental steps from `source[from]` to the newest snapshot: one `-i` step when
+/// there is one new snapshot (or only the newest is wanted), a chain of `-i` steps for a
+/// backlog of up to `chain_up_to`, else one `-I` step.
+fn incrementals(source: &[SnapshotInfo], from: usize, opts: PlanOptions) -> Vec<Step> {
+    let Some(newest) = source.last() else {
+        return Vec::new();
+    };
+    let new = source.len().saturating_sub(from + 1);
+    if new == 0 {
+        return Vec::new();
+    }
+    if new == 1 || opts.newest_only || new > opts.chain_up_to {
+        return vec![Step::Incremental {
+            from: source[from].clone(),
+            to: newest.clone(),
+            intermediates: new > 1 && !opts.newest_only,
+        }];
+    }
+    source[from..]
+        .windows(2)
+        .map(|pair| Step::Incremental {
+            from: pair[0].clone(),
+            to: pair[1].clone(),
+            intermediates: false,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -367,8 +390,76 @@ mod tests {
             vec![Step::Incremental {
                 from: s("c", 3),
                 to: s("d", 4),
-                intermediates: true
+                intermediates: false
             }]
+        );
+    }
+
+    #[test]
+    fn one_new_snapshot_is_sent_without_intermediates() {
+        // `-I` for a single snapshot is a compound stream: slower, and it names no GUID.
+        let src = [s("a", 1), s("b", 2)];
+        let p = plan(&src, Some(&[s("a", 1)]), opts()).unwrap();
+        assert_eq!(
+            p.steps,
+            vec![Step::Incremental {
+                from: s("a", 1),
+                to: s("b", 2),
+                intermediates: false
+            }]
+        );
+    }
+
+    #[test]
+    fn short_backlog_is_chained_when_asked() {
+        let src = [s("a", 1), s("b", 2), s("c", 3), s("d", 4)];
+        let chain = |n| PlanOptions {
+            chain_up_to: n,
+            ..opts()
+        };
+        let inc = |f: (&str, u64), t: (&str, u64)| Step::Incremental {
+            from: s(f.0, f.1),
+            to: s(t.0, t.1),
+            intermediates: false,
+        };
+        let p = plan(&src, Some(&[s("a", 1)]), chain(3)).unwrap();
+        assert_eq!(
+            p.steps,
+            vec![
+                inc(("a", 1), ("b", 2)),
+                inc(("b", 2), ("c", 3)),
+                inc(("c", 3), ("d", 4))
+            ]
+        );
+        // A longer backlog is one -I step.
+        let p = plan(&src, Some(&[s("a", 1)]), chain(2)).unwrap();
+        assert!(matches!(
+            p.steps[..],
+            [Step::Incremental {
+                intermediates: true,
+                ..
+            }]
+        ));
+        // Initial replication chains after the full stream.
+        let p = plan(&src, None, chain(3)).unwrap();
+        assert_eq!(p.steps.len(), 4);
+        assert_eq!(p.steps[0], Step::Full { to: s("a", 1) });
+        // --newest-only still skips the intermediates.
+        let p = plan(
+            &src,
+            Some(&[s("a", 1)]),
+            PlanOptions {
+                newest_only: true,
+                ..chain(3)
+            },
+        )
+        .unwrap();
+        assert_eq!(p.steps, vec![inc(("a", 1), ("d", 4))]);
+        // What the destination must hold afterwards is every snapshot either way.
+        let guids = |p: &Plan| p.expected(&src).iter().map(|s| s.guid).collect::<Vec<_>>();
+        assert_eq!(
+            guids(&plan(&src, Some(&[s("a", 1)]), chain(3)).unwrap()),
+            [1, 2, 3, 4]
         );
     }
 
@@ -397,17 +488,36 @@ mod tests {
         /// For any destination that is a prefix of the source, the plan ends at the source's
         /// newest snapshot and never asks for destruction.
         #[test]
-        fn prefix_destination_catches_up(n in 1usize..20, k in 0usize..20) {
+        fn prefix_destination_catches_up(n in 1usize..20, k in 0usize..20, chain in 0usize..8) {
             let src: Vec<_> = (1..=n as u64).map(|g| s(&format!("s{g}"), g)).collect();
             let k = k.min(n);
             let dst = &src[..k];
-            let p = plan(&src, (k > 0).then_some(dst), opts()).unwrap();
+            let o = PlanOptions { chain_up_to: chain, ..opts() };
+            let p = plan(&src, (k > 0).then_some(dst), o).unwrap();
             prop_assert_eq!(p.force, ForceAction::None);
             if k == n {
                 prop_assert!(p.steps.is_empty());
             } else {
                 prop_assert_eq!(p.steps.last().unwrap().to(), src.last().unwrap());
             }
+            // Each step starts where the previous one ended, and together they bring
+            // every source snapshot the destination lacks.
+            let mut at = dst.last().map(|d| d.guid);
+            let mut got: Vec<u64> = dst.iter().map(|d| d.guid).collect();
+            for step in &p.steps {
+                match step {
+                    Step::Full { to } => prop_assert!(at.is_none() && got.is_empty() && to.guid == 1),
+                    Step::Incremental { from, to, intermediates } => {
+                        prop_assert_eq!(Some(from.guid), at);
+                        if *intermediates {
+                            got.extend(from.guid + 1..to.guid);
+                        }
+                    }
+                }
+                got.push(step.to().guid);
+                at = Some(step.to().guid);
+            }
+            prop_assert_eq!(got, (1..=n as u64).collect::<Vec<_>>());
         }
 
         /// Without --force, a plan never carries a destructive action.

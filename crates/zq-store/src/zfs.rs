@@ -76,6 +76,10 @@ pub struct Capabilities {
     /// Datasets may be created (mounted) concurrently. zfs-fuse deadlocks when two are
     /// (see docs/operations.md), so callers serialize dataset-creating commands there.
     pub concurrent_mounts: bool,
+    /// `zfs send -I` costs about what `-i` does. zfs-fuse's libzfs gathers the properties
+    /// of every snapshot of the dataset for a `-I` stream (measured: 180 ms with 45
+    /// snapshots, against ~5 ms for `-i`), so a short backlog is sent as a chain of `-i`.
+    pub cheap_intermediates: bool,
 }
 
 impl Capabilities {
@@ -91,6 +95,7 @@ impl Capabilities {
                 send_estimate: true,
                 resumable_receive: true,
                 concurrent_mounts: true,
+                cheap_intermediates: true,
             },
             // Pre-0.8 OpenZFS or illumos: `list -p` and `recv -u` exist; zq does not rely
             // on the rest there. zfs-fuse has none of it.
@@ -98,6 +103,7 @@ impl Capabilities {
                 list_parsable,
                 recv_no_mount: list_parsable,
                 concurrent_mounts: list_parsable,
+                cheap_intermediates: list_parsable,
                 ..Default::default()
             },
         }

@@ -35,6 +35,16 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Whether `zfs send -I` is as cheap as `-i` here (OpenZFS, which answers `zfs version`);
+/// on zfs-fuse zq sends short backlogs as a chain of `-i` steps instead.
+#[allow(dead_code)]
+pub fn cheap_intermediates() -> bool {
+    Command::new("zfs")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 pub fn zfs(args: &[&str]) -> String {
     sh("zfs", args)
 }

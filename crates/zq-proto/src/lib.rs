@@ -15,4 +15,4 @@ pub mod transfer;
 pub use codec::{decode, encode, encode_data_header, Frame, FrameError, DATA_HEADER_LEN};
 pub use handshake::{Capabilities, HandshakeError, Session};
 pub use message::*;
-pub use transfer::{StepDecoder, StepEncoder, StepEvent, TransferError};
+pub use transfer::{StepDecoder, StepEncoder, StepEvent, TransferError, BEGIN_CHUNK};

@@ -6,11 +6,21 @@
 //! `StepEnd` frame confirms the total length and the whole-stream hash. A ZFS stream ends
 //! with its END record, so `zfs receive` cannot commit a snapshot from a stream that was
 //! not verified to the last byte.
+//!
+//! One exception: a first chunk of exactly [`BEGIN_CHUNK`] bytes (a ZFS stream's BEGIN
+//! record, which the sender sends on its own as soon as `zfs send` wrote it) is released
+//! as soon as its hash matches. A ZFS stream is at least a BEGIN and an END record, so that
+//! chunk cannot complete one, and `zfs receive` starts its work on it (opening the target,
+//! checks, `-F`'s rollback) while the sender's `zfs send` is still running.
 
 use bytes::Bytes;
 
 use crate::codec::Frame;
 use crate::message::{Message, StepEnd};
+
+/// The length of a ZFS stream's BEGIN record (`dmu_replay_record_t`): a first chunk of
+/// exactly this size is released without waiting for the next one (see the module docs).
+pub const BEGIN_CHUNK: usize = 312;
 
 /// Sender side of one step's data: per-chunk and whole-stream BLAKE3.
 #[derive(Debug, Default)]
@@ -134,7 +144,11 @@ impl StepDecoder {
                     });
                 }
                 self.stream.update(&data);
+                let first = self.total == 0;
                 self.total += data.len() as u64;
+                if first && data.len() == BEGIN_CHUNK {
+                    return Ok(StepEvent::Data(data));
+                }
                 Ok(match self.pending.replace(data) {
                     Some(prev) => StepEvent::Data(prev),
                     None => StepEvent::Nothing,
@@ -251,6 +265,46 @@ mod tests {
         );
         // Truncation right here: the only chunk never leaves the decoder.
         assert_eq!(dec.on_eof(), Err(TransferError::Truncated(10)));
+    }
+
+    #[test]
+    fn a_begin_record_alone_is_released_at_once_and_the_rest_held_back() {
+        let begin = vec![1; BEGIN_CHUNK];
+        let (mut dec, mut got) = (StepDecoder::new(), Vec::new());
+        for chunk in [begin.clone(), vec![2; 100], vec![3; 50]] {
+            let data = Bytes::from(chunk);
+            let hash = *blake3::hash(&data).as_bytes();
+            got.push(dec.on_frame(Frame::Data { hash, data }).unwrap());
+        }
+        assert_eq!(
+            got,
+            [
+                StepEvent::Data(Bytes::from(begin)),
+                StepEvent::Nothing,
+                StepEvent::Data(Bytes::from(vec![2; 100])),
+            ]
+        );
+        // The tail (the END record) still waits for StepEnd.
+        assert_eq!(dec.on_eof(), Err(TransferError::Truncated(462)));
+
+        // A first chunk of another size, or a later chunk of that size, is held back as
+        // usual: only the stream's first 312 bytes, alone, cannot end it.
+        for sizes in [[BEGIN_CHUNK + 1, 10], [10, BEGIN_CHUNK]] {
+            let mut dec = StepDecoder::new();
+            let mut events = Vec::new();
+            for n in sizes {
+                let data = Bytes::from(vec![4; n]);
+                let hash = *blake3::hash(&data).as_bytes();
+                events.push(dec.on_frame(Frame::Data { hash, data }).unwrap());
+            }
+            assert_eq!(events[0], StepEvent::Nothing, "{sizes:?}");
+            assert_eq!(events[1], StepEvent::Data(Bytes::from(vec![4; sizes[0]])));
+        }
+        // A corrupt BEGIN chunk is not released.
+        let mut dec = StepDecoder::new();
+        let data = Bytes::from(vec![5; BEGIN_CHUNK]);
+        let hash = *blake3::hash(b"other").as_bytes();
+        assert!(dec.on_frame(Frame::Data { hash, data }).is_err());
     }
 
     #[test]

@@ -371,7 +371,15 @@ impl Sender {
             let mut zsend = zsend?;
             let mut buf = BytesMut::with_capacity(CHUNK);
             loop {
-                if !zsend.fill(&mut buf, CHUNK).await? {
+                // The BEGIN record goes alone and at once: the receiver hands it to
+                // `zfs receive` without waiting for more (zq_proto::transfer), so both
+                // ends work at the same time, as in a local `zfs send | zfs receive`.
+                let want = if encoder.total() == 0 {
+                    zq_proto::BEGIN_CHUNK
+                } else {
+                    CHUNK
+                };
+                if !zsend.fill(&mut buf, want).await? {
                     break;
                 }
                 let chunk = buf.split().freeze();

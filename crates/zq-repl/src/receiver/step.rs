@@ -515,6 +515,19 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_chunk_released_early_is_exactly_a_begin_record() {
+        assert_eq!(zq_proto::BEGIN_CHUNK, zq_store::stream::BEGIN_RECORD_LEN);
+        // And the BEGIN record alone is enough to check a step.
+        let begin = vec![Bytes::copy_from_slice(&STREAM[..zq_proto::BEGIN_CHUNK])];
+        assert_eq!(
+            check_begin(&header(Some(S1), S2, false), &begin)
+                .unwrap()
+                .to_guid,
+            S2
+        );
+    }
+
     fn split(at: usize) -> Vec<Bytes> {
         vec![
             Bytes::copy_from_slice(&STREAM[..at]),

@@ -222,8 +222,11 @@ fn a_diverged_dataset_is_reported_and_the_others_keep_replicating() {
         "initial replication did not finish:\n{}",
         daemon.log_text()
     );
-    // Someone snapshots one replica: it diverges from its source.
+    // Someone changes one replica and snapshots it: it diverges from its source. (A
+    // snapshot of unchanged data is not a divergence to zfs receive: it keeps it in the
+    // chain, see docs/operations.md.)
     let diverged = dst.ds("b/tree/d01");
+    dst.write("b/tree/d01", "local-change", 1_000, 7);
     zfs(&["snapshot", &format!("{diverged}@local")]);
     std::thread::sleep(Duration::from_secs(3));
     let others: Vec<_> = pairs

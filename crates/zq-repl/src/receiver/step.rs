@@ -2,20 +2,24 @@
 //! stream, feed `zfs receive` only verified bytes, and report what the target now holds.
 //!
 //! The latency of a small incremental is the point of zq, so a plain step (no `--force`)
-//! makes no `zfs` call besides `zfs receive` and one listing, and that listing overlaps
-//! everything else: `zfs receive` is started, the target is listed and the first bytes are
-//! read at the same time. `zfs receive` acts on nothing before it reads the stream's BEGIN
-//! record, and it is given none until the listing has confirmed the base and the BEGIN
+//! makes no `zfs` call besides `zfs receive` in steady state, and at most one listing that
+//! overlaps everything else: `zfs receive` is started, the target is listed (unless this
+//! receiver's record of it says the base is its newest snapshot, see [`Known`]) and the
+//! first bytes are read at the same time. `zfs receive` acts on nothing before it reads the
+//! stream's BEGIN record, and it is given none until the base is confirmed and the BEGIN
 //! record has been checked against the header; if either fails it is killed unfed. For a
 //! step without intermediates the BEGIN record names the snapshot being created, so no
 //! listing is needed afterwards either.
 //!
-//! The listing before cannot be left to `zfs receive`: measured on zfs-fuse, `zfs receive`
-//! with or without `-F` accepts an incremental from `@a` onto a replica whose newest
-//! snapshot is a later `@local` (unchanged data), leaving `@a @local @b`; OpenZFS without
-//! `-F` checks only that the data is unmodified since the base. zq's rule is stricter (the
-//! base must be the newest snapshot, else the dataset is reported diverged), and only the
-//! listing enforces it.
+//! What the record cannot see, `zfs receive` checks itself: it refuses a target that lacks
+//! the base or whose data changed since it (then the target is listed and the step fails
+//! with its real state, e.g. diverged). One thing neither sees: measured on zfs-fuse, `zfs
+//! receive` with or without `-F` accepts an incremental from `@a` onto a replica whose
+//! newest snapshot is a later `@local` of unchanged data, leaving `@a @local @b`; OpenZFS
+//! without `-F` checks only that the data is unmodified since the base, too. Such a
+//! snapshot taken on the replica (e.g. by zfs-auto-snapshot on the backup host) holds no
+//! change: a listing that finds it newest (the first step, after a failure, or once the
+//! record is [`Known::TRUST`] old) reports a divergence; otherwise it stays in the chain.
 
 use bytes::Bytes;
 use tracing::{debug, info, warn};
@@ -26,7 +30,7 @@ use zq_proto::{
 };
 use zq_store::{DatasetName, SnapshotName, StreamBegin, Writer};
 
-use super::{authorize, internal, zfs_err, Receiver, TARGET_WAIT};
+use super::{authorize, internal, zfs_err, Known, Receiver, TARGET_WAIT};
 use crate::to_info;
 
 /// What `prepare` found and did: whether `zfs receive` needs `-F`, and the target's
@@ -74,7 +78,7 @@ impl Receiver {
             ));
         }
         let lock = self.target_lock(&target)?;
-        let _busy = tokio::time::timeout(TARGET_WAIT, lock.lock_owned())
+        let mut busy = tokio::time::timeout(TARGET_WAIT, lock.lock_owned())
             .await
             .map_err(|_| {
                 WireError::new(
@@ -88,6 +92,11 @@ impl Receiver {
             _ => None,
         };
 
+        // Taken, not read: if this step fails, the target is listed next time.
+        let trusted = busy.take().filter(|k| {
+            h.force == ForceAction::None
+                && h.from.as_ref().is_some_and(|f| k.base_is_newest(f.guid))
+        });
         let mut decoder = StepDecoder::new();
         let (mut listed, mut first_at) = (0.0, 0.0);
         let (prepared, first, zrecv, spawned_force) = if h.force == ForceAction::None {
@@ -96,7 +105,13 @@ impl Receiver {
             let early = self.zfs.receive(&target, guess).map_err(zfs_err)?;
             let both = tokio::try_join!(
                 async {
-                    let p = self.prepare(root, &target, h).await;
+                    let p = match &trusted {
+                        Some(k) => Ok(Prepared {
+                            force: self.plain_force(h),
+                            snapshots: k.snapshots.clone(),
+                        }),
+                        None => self.prepare(root, &target, h).await,
+                    };
                     listed = ms(started);
                     p
                 },
@@ -143,7 +158,14 @@ impl Receiver {
                 return Err(e);
             }
         };
-        zrecv.finish().await.map_err(|e| zfs_err(e.into()))?;
+        if let Err(e) = zrecv.finish().await {
+            if trusted.is_some() {
+                // zfs refused what the record said: report the target's real state (e.g.
+                // diverged), as a listing before the step would have.
+                self.prepare(root, &target, h).await?;
+            }
+            return Err(zfs_err(e.into()));
+        }
         // Where a step's time goes: waiting for the target's lock, listing it and the first
         // bytes (ready), the rest of the stream, and `zfs receive` finishing after it.
         debug!(
@@ -156,27 +178,33 @@ impl Receiver {
             "zfs receive finished"
         );
 
-        if h.intermediates {
+        let committed = if h.intermediates {
             // The stream held several snapshots and its BEGIN record named only the first:
             // list the target to learn (and check) the last one.
-            return self.listed_commit(&target, &to, h).await;
-        }
-        let guid = begin.to_guid;
-        if guid == 0 {
-            return Err(internal("a single-snapshot stream without a GUID"));
-        }
-        let mut snapshots = prepared.snapshots;
-        snapshots.push(SnapshotInfo {
-            name: h.to.name.clone(),
-            guid,
-            // Not listed: 0 means unknown (docs/protocol.md).
-            createtxg: 0,
+            self.listed_commit(&target, &to, h).await?
+        } else {
+            let guid = begin.to_guid;
+            if guid == 0 {
+                return Err(internal("a single-snapshot stream without a GUID"));
+            }
+            let mut snapshots = prepared.snapshots;
+            snapshots.push(SnapshotInfo {
+                name: h.to.name.clone(),
+                guid,
+                // Not listed: 0 means unknown (docs/protocol.md).
+                createtxg: 0,
+            });
+            Committed {
+                dataset: target.to_string(),
+                guid,
+                snapshots,
+            }
+        };
+        *busy = Some(Known {
+            snapshots: committed.snapshots.clone(),
+            listed: trusted.map_or(started, |k| k.listed),
         });
-        Ok(Committed {
-            dataset: target.to_string(),
-            guid,
-            snapshots,
-        })
+        Ok(committed)
     }
 
     /// Whether a step without `--force` needs `zfs receive -F`, as [`Self::prepare`] will

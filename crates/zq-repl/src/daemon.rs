@@ -9,9 +9,13 @@
 //! and the next iteration lists both sides and re-plans. The source is listed at start,
 //! after any failure, and every iteration when something other than zq makes the
 //! snapshots; otherwise every [`REFRESH`] only its dataset names are listed, to find
-//! datasets created or destroyed. Datasets whose target does not exist
-//! yet are created one after the other, parents first; all other steps run in parallel up
-//! to `max_steps`.
+//! datasets created or destroyed.
+//!
+//! There are no iterations that every dataset must finish: each dataset's step is a task
+//! of its own, and a dataset whose step ends starts its next one at once if it has new
+//! snapshots, so a large transfer (an initial replication, a burst of writes) delays only
+//! its own dataset. At most `max_steps` steps transfer at once. A child whose parent's
+//! target does not exist yet waits for the parent's first step.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -21,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::{Id as TaskId, JoinError, JoinSet};
 use tracing::{debug, info, warn};
 use zq_proto::SnapshotInfo;
 use zq_store::{DatasetName, Zfs};
@@ -163,10 +167,22 @@ pub async fn run(
     let mut backoff = Backoff::new();
     let mut state = State::default();
     let mut created = Vec::new();
+    // Every dataset's step runs as its own task; a dataset whose step ends starts its next
+    // one at once, without waiting for the others (a large transfer holds up nothing but
+    // its own dataset).
+    let mut steps: JoinSet<(DatasetName, Done)> = JoinSet::new();
+    let permits = Arc::new(Semaphore::new(opts.max_steps.max(1)));
     loop {
+        let mut lost = false;
+        // A tick or a new snapshot may list (plan); a finished step only continues.
+        let mut plan = true;
         tokio::select! {
             _ = tick.tick() => {}
             Some(name) = made.recv() => created.push(name),
+            Some(done) = steps.join_next_with_id(), if !steps.is_empty() => {
+                lost |= state.finished(done);
+                plan = false;
+            }
             _ = shutdown.changed() => break,
         }
         if *shutdown.borrow() {
@@ -175,9 +191,20 @@ pub async fn run(
         while let Ok(name) = made.try_recv() {
             created.push(name);
         }
+        while let Some(done) = steps.try_join_next_with_id() {
+            lost |= state.finished(done);
+        }
+        // A step that lost its connection may have run on an earlier one.
+        if lost && sender.as_ref().is_some_and(|s| !s.is_connected()) {
+            sender = None;
+            disconnected(&mut backoff, &conn_tx);
+        }
         let s = match &sender {
             Some(s) => s.clone(),
-            None if Instant::now() < backoff.next_try => continue,
+            None if Instant::now() < backoff.next_try => {
+                state.write_status(&opts, false);
+                continue;
+            }
             None => match connect().await {
                 Ok(s) => {
                     info!("connected to the receiver");
@@ -195,35 +222,69 @@ pub async fn run(
                 }
             },
         };
+        let work = Work {
+            sender: &s,
+            zfs: &zfs,
+            job: &job,
+            opts: &opts,
+            permits: &permits,
+        };
         let lost = {
-            let iteration = state.iterate(&s, &zfs, &job, &opts, std::mem::take(&mut created));
-            tokio::pin!(iteration);
+            let schedule = state.schedule(work, std::mem::take(&mut created), plan, &mut steps);
+            tokio::pin!(schedule);
             tokio::select! {
-                lost = &mut iteration => lost,
-                _ = shutdown.changed() => {
-                    info!("stopping: letting the steps in flight finish");
-                    let _ = tokio::time::timeout(Duration::from_secs(30), &mut iteration).await;
-                    break;
-                }
+                lost = &mut schedule => lost,
+                _ = shutdown.changed() => break,
             }
         };
-        let _ = cursors_tx.send(state.cursors());
-        if lost {
-            let delay = backoff.failed();
-            warn!(
-                retry_in_ms = delay.as_millis() as u64,
-                "connection lost; reconnecting"
-            );
+        // A step that lost its connection may have run on an earlier one.
+        if lost && sender.as_ref().is_some_and(|s| !s.is_connected()) {
             sender = None;
-            let _ = conn_tx.send(None);
+            disconnected(&mut backoff, &conn_tx);
+        }
+        if state.in_flight.is_empty() {
+            // Retention starts when no step runs, so its zfs calls do not compete with them.
+            let _ = cursors_tx.send(state.cursors());
         }
         state.write_status(&opts, sender.is_some());
+    }
+    if !steps.is_empty() {
+        info!("stopping: letting the steps in flight finish");
+        let finish = async {
+            while let Some(done) = steps.join_next_with_id().await {
+                state.finished(done);
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(30), finish).await;
+        // Whatever is left is aborted: its zfs processes are killed (kill on drop).
+        steps.shutdown().await;
+        state.write_status(&opts, false);
     }
     for t in [snapshots, retention].into_iter().flatten() {
         t.abort();
     }
     drop(sender);
     info!("daemon stopped");
+}
+
+/// The connection broke: wait before reconnecting, and tell the retention loop.
+fn disconnected(backoff: &mut Backoff, conn: &watch::Sender<Option<Arc<Sender>>>) {
+    let delay = backoff.failed();
+    warn!(
+        retry_in_ms = delay.as_millis() as u64,
+        "connection lost; reconnecting"
+    );
+    let _ = conn.send(None);
+}
+
+/// What a scheduling pass works with.
+#[derive(Clone, Copy)]
+struct Work<'a> {
+    sender: &'a Arc<Sender>,
+    zfs: &'a Zfs,
+    job: &'a Job,
+    opts: &'a DaemonOptions,
+    permits: &'a Arc<Semaphore>,
 }
 
 async fn snapshot_loop(
@@ -370,6 +431,9 @@ struct State {
     errors: HashMap<DatasetName, String>,
     /// The last failure to write the status file (logged once, not every iteration).
     status_error: Option<String>,
+    /// Datasets whose step task is running, and the tasks' datasets.
+    in_flight: std::collections::HashSet<DatasetName>,
+    tasks: HashMap<TaskId, DatasetName>,
 }
 
 /// The outcome of one dataset's work in an iteration.
@@ -427,125 +491,171 @@ impl State {
         true
     }
 
-    /// One pass over the job. Returns true if the connection was lost.
-    async fn iterate(
+    /// Starts the work that can start: a step for every dataset that is not in flight and
+    /// has something to send. With `plan`, it may list the source and the destination
+    /// first (a tick, or a new snapshot); without (a step just ended) it only continues
+    /// datasets whose next step needs no listing, so a dataset that keeps failing does not
+    /// cause a listing per finished step. Returns true if the connection was lost.
+    async fn schedule(
         &mut self,
-        sender: &Arc<Sender>,
-        zfs: &Zfs,
-        job: &Job,
-        opts: &DaemonOptions,
+        w: Work<'_>,
         created: Vec<String>,
+        plan: bool,
+        steps: &mut JoinSet<(DatasetName, Done)>,
     ) -> bool {
+        let Work {
+            sender,
+            zfs,
+            job,
+            opts,
+            ..
+        } = w;
         for name in &created {
             for t in self.datasets.values_mut() {
                 t.created(name);
             }
         }
         let by_name = sender.session().version >= 2;
-        let mut must_list = opts.snapshot_every.is_none()
-            || self.listed_at.is_none()
-            || self.datasets.values().any(|t| t.needs_listing(by_name));
-        if !must_list && self.listed_at.is_some_and(|t| t.elapsed() >= REFRESH) {
-            // zq makes the snapshots, so a refresh only has to notice datasets created or
-            // destroyed: list names alone, and everything only if they changed.
-            match zfs.list_datasets(&job.source, job.recursive).await {
-                Ok(names) => {
-                    let names: std::collections::BTreeSet<_> = names.into_iter().collect();
-                    if names.iter().eq(self.datasets.keys()) {
-                        self.listed_at = Some(Instant::now());
-                    } else {
-                        must_list = true;
+        if plan {
+            let mut must_list = opts.snapshot_every.is_none()
+                || self.listed_at.is_none()
+                || self
+                    .datasets
+                    .iter()
+                    .any(|(s, t)| !self.in_flight.contains(s) && t.needs_listing(by_name));
+            if !must_list && self.listed_at.is_some_and(|t| t.elapsed() >= REFRESH) {
+                // zq makes the snapshots, so a refresh only has to notice datasets created
+                // or destroyed: list names alone, and everything only if they changed.
+                match zfs.list_datasets(&job.source, job.recursive).await {
+                    Ok(names) => {
+                        let names: std::collections::BTreeSet<_> = names.into_iter().collect();
+                        if names.iter().eq(self.datasets.keys()) {
+                            self.listed_at = Some(Instant::now());
+                        } else {
+                            must_list = true;
+                        }
                     }
+                    Err(_) => must_list = true,
                 }
-                Err(_) => must_list = true,
+            }
+            if must_list && !self.list_source(zfs, job).await {
+                return false;
             }
         }
-        if must_list && !self.list_source(zfs, job).await {
-            return false;
-        }
+        // Datasets that may start now: not in flight, and not waiting for their parent's
+        // target to be created (children are created after their parent).
+        let ready: Vec<DatasetName> = self
+            .datasets
+            .keys()
+            .filter(|src| !self.in_flight.contains(*src) && !self.parent_pending(src))
+            .cloned()
+            .collect();
         // Only datasets without a cursor need the destination's listing: one round trip.
-        let listing: HashMap<String, Vec<SnapshotInfo>> =
-            if self.datasets.values().any(|t| t.cursor.is_none()) {
-                match sender.list_remote(&job.target, job.recursive).await {
-                    Ok(r) => r
-                        .datasets
+        let needs_listing = ready
+            .iter()
+            .any(|s| self.datasets.get(s).is_some_and(|t| t.cursor.is_none()));
+        let listing: Option<HashMap<String, Vec<SnapshotInfo>>> = if plan && needs_listing {
+            match sender.list_remote(&job.target, job.recursive).await {
+                Ok(r) => Some(
+                    r.datasets
                         .into_iter()
                         .map(|d| (d.name, d.snapshots))
                         .collect(),
-                    Err(e) => {
-                        let lost = e.connection_lost();
-                        self.error(
-                            &job.target,
-                            format!("listing the destination: {}", chain(&e)),
-                        );
-                        return lost;
-                    }
+                ),
+                Err(e) => {
+                    let lost = e.connection_lost();
+                    self.error(
+                        &job.target,
+                        format!("listing the destination: {}", chain(&e)),
+                    );
+                    return lost;
                 }
-            } else {
-                HashMap::new()
-            };
+            }
+        } else {
+            None
+        };
 
-        let permits = Arc::new(Semaphore::new(opts.max_steps.max(1)));
-        let mut steps = JoinSet::new();
-        let mut lost = false;
-        let names: Vec<DatasetName> = self.datasets.keys().cloned().collect();
-        for src in names {
+        for src in ready {
             let Some(t) = self.datasets.get(&src) else {
                 continue;
             };
-            let (target, options) = (t.target.clone(), job.options);
-            let work = match t.next(by_name) {
-                Next::UpToDate => continue,
-                Next::SendNew { from, new } => {
-                    let (sender, permits) = (sender.clone(), permits.clone());
-                    steps.spawn(async move {
-                        let _permit = permits.acquire_owned().await;
-                        let r = sender
-                            .send_new(&src, &target, &from, &new, options.newest_only)
-                            .await;
-                        (src, Done::New(new, r))
-                    });
-                    continue;
-                }
-                Next::Plan => (t.snapshots.clone(), t.snapshots.last().cloned()),
-            };
-            let (snapshots, newest) = work;
-            let dest = match &t.cursor {
-                Some(c) => Some(vec![c.clone()]),
-                None => listing.get(target.as_str()).cloned(),
-            };
-            if dest.is_none() {
-                // Creates the target: now, in order, so parents exist before children.
-                let outcome = sender
-                    .replicate_dataset(&src, &snapshots, &target, None, options)
-                    .await;
-                lost |= self.record(&src, Done::Planned(newest, outcome));
+            // Right after a step, continue only what needs no listing and did not just
+            // fail: a failing dataset is retried on the next tick, not in a loop.
+            if !plan && (t.error.is_some() || t.needs_listing(by_name)) {
                 continue;
             }
-            let (sender, permits) = (sender.clone(), permits.clone());
-            steps.spawn(async move {
-                let _permit = permits.acquire_owned().await;
-                let mut outcome = sender
-                    .replicate_dataset(&src, &snapshots, &target, dest.as_deref(), options)
-                    .await;
-                if let Some(ahead) = receiver_ahead(&outcome, &snapshots) {
-                    // E.g. the receiver committed our last step but died before its verdict
-                    // reached us: continue from where it really is.
-                    debug!(dataset = %src, at = %ahead.name, "receiver is ahead of the cursor");
-                    outcome = sender
-                        .replicate_dataset(&src, &snapshots, &target, Some(&[ahead]), options)
+            let (target, options) = (t.target.clone(), job.options);
+            let (sender, permits) = (sender.clone(), w.permits.clone());
+            let task_src = src.clone();
+            let task = match t.next(by_name) {
+                Next::UpToDate => continue,
+                Next::SendNew { from, new } => steps.spawn(async move {
+                    let src = task_src;
+                    let _permit = permits.acquire_owned().await;
+                    let r = sender
+                        .send_new(&src, &target, &from, &new, options.newest_only)
                         .await;
+                    (src, Done::New(new, r))
+                }),
+                Next::Plan => {
+                    let (snapshots, newest) = (t.snapshots.clone(), t.snapshots.last().cloned());
+                    let dest = match (&t.cursor, &listing) {
+                        (Some(c), _) => Some(vec![c.clone()]),
+                        (None, Some(listing)) => listing.get(target.as_str()).cloned(),
+                        // Needs the destination's listing: on the next tick.
+                        (None, None) => continue,
+                    };
+                    steps.spawn(async move {
+                        let src = task_src;
+                        let _permit = permits.acquire_owned().await;
+                        let mut outcome = sender
+                            .replicate_dataset(&src, &snapshots, &target, dest.as_deref(), options)
+                            .await;
+                        if let Some(ahead) = receiver_ahead(&outcome, &snapshots) {
+                            // E.g. the receiver committed our last step but died before its
+                            // verdict reached us: continue from where it really is.
+                            debug!(dataset = %src, at = %ahead.name, "receiver is ahead of the cursor");
+                            outcome = sender
+                                .replicate_dataset(&src, &snapshots, &target, Some(&[ahead]), options)
+                                .await;
+                        }
+                        (src, Done::Planned(newest, outcome))
+                    })
                 }
-                (src, Done::Planned(newest, outcome))
-            });
+            };
+            self.tasks.insert(task.id(), src.clone());
+            self.in_flight.insert(src);
         }
-        while let Some(done) = steps.join_next().await {
-            match done {
-                Ok((src, done)) => lost |= self.record(&src, done),
-                Err(e) => warn!(error = %e, "replication task failed"),
+        false
+    }
+
+    /// Whether `src`'s parent is tracked and its target may not exist yet: it has never
+    /// been replicated (no cursor), or its step is running.
+    fn parent_pending(&self, src: &DatasetName) -> bool {
+        src.parent().is_some_and(|p| {
+            self.datasets
+                .get(&p)
+                .is_some_and(|t| t.cursor.is_none() || self.in_flight.contains(&p))
+        })
+    }
+
+    /// Records a finished step task; true if the connection is lost.
+    fn finished(&mut self, done: Result<(TaskId, (DatasetName, Done)), JoinError>) -> bool {
+        match done {
+            Ok((id, (src, done))) => {
+                self.tasks.remove(&id);
+                self.in_flight.remove(&src);
+                self.record(&src, done)
+            }
+            Err(e) => {
+                if let Some(src) = self.tasks.remove(&e.id()) {
+                    self.in_flight.remove(&src);
+                    self.error(&src, format!("replication task failed: {e}"));
+                }
+                self.listed_at = None;
+                false
             }
         }
-        lost
     }
 
     /// Updates what is known of `src` after its work; true if the connection is lost.

@@ -73,6 +73,12 @@ impl Sender {
         Ok(Sender { conn, zfs, session })
     }
 
+    /// Whether the connection is still open (a step's error may be its own, not the
+    /// connection's).
+    pub fn is_connected(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
     /// What the handshake agreed on.
     pub fn session(&self) -> &Session {
         &self.session

@@ -118,9 +118,12 @@ impl Tracked {
             } else {
                 committed.iter().find(|s| &s.name == name).cloned()
             };
-            // Skipped intermediates (--newest-only) stay unknown until the next listing.
+            // Skipped intermediates (--newest-only) stay unknown until the next listing,
+            // and a listing taken while the step ran may already hold the snapshot.
             if let Some(info) = info {
-                self.snapshots.push(info);
+                if !self.snapshots.iter().any(|s| s.name == info.name) {
+                    self.snapshots.push(info);
+                }
             }
         }
         self.pending.retain(|p| !new.contains(p));

@@ -99,7 +99,7 @@ struct RunArgs {
     #[arg(long, value_name = "N")]
     keep_last: Option<usize>,
     /// Daemon: write the status that `zq-send status` shows to this file after every
-    /// iteration [default: $RUNTIME_DIRECTORY or /run/zq, file send-<SOURCE>--<TARGET>.json].
+    /// tick and step [default: $RUNTIME_DIRECTORY or /run/zq, file send-<SOURCE>--<TARGET>.json].
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
     /// Speak only this protocol version (for compatibility testing).

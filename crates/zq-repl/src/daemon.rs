@@ -6,8 +6,8 @@
 //! it knows, the ones its snapshot loop created since, and the snapshot the receiver last
 //! committed (its cursor), and sends the new snapshots on top of the cursor ([`tracked`]).
 //! The receiver re-checks the base; if the cursor is stale it refuses, the cursor is dropped,
-//! and the next iteration lists both sides and re-plans. The source is listed at start,
-//! after any failure, and every iteration when something other than zq makes the
+//! and the next tick lists both sides and re-plans. The source is listed at start,
+//! after any failure, and every tick when something other than zq makes the
 //! snapshots; otherwise every [`REFRESH`] only its dataset names are listed, to find
 //! datasets created or destroyed.
 //!
@@ -49,14 +49,14 @@ pub struct DaemonOptions {
     /// Also create a snapshot `zq_<UTC time>` of the source this often (`-r` with a
     /// recursive job), and replicate right after each.
     pub snapshot_every: Option<Duration>,
-    /// Wait a random time up to this before the first iteration (fleets start together).
+    /// Wait a random time up to this before the first replication (fleets start together).
     pub jitter: Duration,
     /// Most replication steps in flight at once.
     pub max_steps: usize,
     /// Retention: keep this many of the newest `zq_` snapshots on both sides (never the
     /// common base or anything newer); `None` keeps everything.
     pub keep_last: Option<usize>,
-    /// Where to write the status (`zq-send status` reads it) after every iteration.
+    /// Where to write the status (`zq-send status` reads it) after every tick and step.
     pub status_file: Option<PathBuf>,
     /// The receiver's address, for the status.
     pub receiver: String,
@@ -326,9 +326,10 @@ async fn snapshot_loop(
 type Cursors = HashMap<DatasetName, (DatasetName, SnapshotInfo)>;
 
 /// Applies retention to both sides of every dataset with a cursor, at most every `every`.
-/// A pass starts right after a replication iteration (when the cursors are published), so
+/// A pass starts when no step is in flight (the cursors are published then), so
 /// its `zfs list`/`destroy` calls fall in the idle time before the next snapshot instead of
-/// competing with its replication; without iterations (receiver unreachable) it still runs
+/// competing with its replication; without that (receiver unreachable, or steps always
+/// in flight) it still runs
 /// locally every `2 * every`. A failure is logged and retried on the next pass;
 /// replication never waits for it.
 async fn retention_loop(
@@ -429,14 +430,14 @@ struct State {
     listed_at: Option<Instant>,
     /// The last error logged per dataset (to log a persisting error once).
     errors: HashMap<DatasetName, String>,
-    /// The last failure to write the status file (logged once, not every iteration).
+    /// The last failure to write the status file (logged once, not every time).
     status_error: Option<String>,
     /// Datasets whose step task is running, and the tasks' datasets.
     in_flight: std::collections::HashSet<DatasetName>,
     tasks: HashMap<TaskId, DatasetName>,
 }
 
-/// The outcome of one dataset's work in an iteration.
+/// The outcome of one dataset's step task.
 enum Done {
     /// Sent the snapshots zq created, by name.
     New(Vec<String>, Result<(zq_proto::Committed, u64), ReplError>),
@@ -696,7 +697,7 @@ impl State {
             }
             t.error = Some(chain(&e));
         }
-        // Whatever failed, the next iteration starts from a fresh source listing.
+        // Whatever failed, the next tick starts from a fresh source listing.
         self.listed_at = None;
         let lost = e.connection_lost();
         self.error(src, chain(&e));

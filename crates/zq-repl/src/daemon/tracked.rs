@@ -1,4 +1,4 @@
-//! What the daemon knows of each source dataset between iterations, and what it decides
+//! What the daemon knows of each source dataset between its steps, and what it decides
 //! from that alone: the source snapshots (from the last listing, plus those it learned since),
 //! the snapshots its own snapshot loop created that are not sent yet, and the snapshot the
 //! receiver last committed (the cursor).
@@ -31,7 +31,7 @@ pub struct Tracked {
     pub cursor_time: Option<SystemTime>,
 }
 
-/// What to do with a dataset in this iteration.
+/// What to do with a dataset now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Next {
     /// Nothing new.
@@ -97,7 +97,7 @@ impl Tracked {
         }
     }
 
-    /// Whether this iteration needs a fresh source listing for this dataset: it must be
+    /// Whether this dataset needs a fresh source listing before its next step: it must be
     /// planned, and zq made snapshots whose GUIDs only a listing can tell (the planner
     /// cannot send a snapshot it does not know). E.g. the first snapshot of a dataset that
     /// had none, or new snapshots after the cursor was dropped.
@@ -186,7 +186,7 @@ pub struct DatasetStatus {
     pub error: Option<String>,
 }
 
-/// The whole daemon's status, written after every iteration.
+/// The whole daemon's status, written after every tick and step.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Status {
     /// When it was written (seconds since the Unix epoch).

@@ -68,6 +68,12 @@ impl FramedSend {
         Ok(())
     }
 
+    /// Sets the stream's priority: quinn transmits what higher-priority streams have
+    /// buffered first (default 0). A stream whose connection is gone keeps its priority.
+    pub fn set_priority(&self, priority: i32) {
+        let _ = self.inner.set_priority(priority);
+    }
+
     /// Finishes the stream (no more frames from us).
     pub fn finish(&mut self) -> Result<(), StreamError> {
         self.inner.finish()?;

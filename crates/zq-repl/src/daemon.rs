@@ -670,15 +670,15 @@ impl State {
                 None
             }
             Done::Planned(newest, DatasetOutcome::Sent { bytes, .. }) => {
-                debug!(dataset = %src, snapshot = ?newest.map(|n| n.name), bytes, "replicated");
+                debug!(dataset = %src, snapshot = ?newest.as_ref().map(|n| &n.name), bytes, "replicated");
                 if let Some(t) = self.datasets.get_mut(src) {
-                    t.caught_up();
+                    t.caught_up(newest);
                 }
                 None
             }
-            Done::Planned(_, DatasetOutcome::UpToDate) => {
+            Done::Planned(newest, DatasetOutcome::UpToDate) => {
                 if let Some(t) = self.datasets.get_mut(src) {
-                    t.caught_up();
+                    t.caught_up(newest);
                 }
                 None
             }

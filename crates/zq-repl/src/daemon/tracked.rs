@@ -106,7 +106,8 @@ impl Tracked {
     }
 
     /// The receiver committed `committed` (its listing or computed list) after a step that
-    /// sent `new` by name: learn their GUIDs and move the cursor.
+    /// sent `new` by name: learn their GUIDs and move the cursor to the last of them (not
+    /// to the newest known snapshot: a listing taken while the step ran may know more).
     pub fn sent_new(&mut self, new: &[String], guid: u64, committed: &[SnapshotInfo]) {
         for (i, name) in new.iter().enumerate() {
             let info = if i + 1 == new.len() {
@@ -127,14 +128,18 @@ impl Tracked {
             }
         }
         self.pending.retain(|p| !new.contains(p));
-        let newest = self.snapshots.last().cloned();
-        self.advance(newest);
+        let sent = new.last().map(|name| SnapshotInfo {
+            name: name.clone(),
+            guid,
+            createtxg: 0,
+        });
+        self.advance(sent);
     }
 
-    /// The dataset is up to date with the source's newest known snapshot.
-    pub fn caught_up(&mut self) {
-        let newest = self.snapshots.last().cloned();
-        self.advance(newest);
+    /// A planned step brought the dataset up to `to`: the newest snapshot known when it was
+    /// planned, which a listing taken while it ran may have passed.
+    pub fn caught_up(&mut self, to: Option<SnapshotInfo>) {
+        self.advance(to);
     }
 
     fn advance(&mut self, to: Option<SnapshotInfo>) {
@@ -241,7 +246,7 @@ mod tests {
         assert!(!t.needs_listing(true));
         assert_eq!(t.next(true), Next::Plan);
         // In steady state, new snapshots go by name without a listing.
-        t.caught_up();
+        t.caught_up(t.snapshots.last().cloned());
         t.created("zq_2");
         assert!(!t.needs_listing(true));
         // Unless the receiver cannot take them by name.
@@ -251,7 +256,7 @@ mod tests {
     #[test]
     fn steady_state_sends_new_snapshots_by_name_and_learns_their_guids() {
         let mut t = tracked();
-        t.caught_up();
+        t.caught_up(t.snapshots.last().cloned());
         assert_eq!(t.next(true), Next::UpToDate);
         t.created("zq_1");
         t.created("zq_1"); // reported twice: still one
@@ -273,7 +278,7 @@ mod tests {
     #[test]
     fn several_new_snapshots_learn_intermediates_from_the_commit() {
         let mut t = tracked();
-        t.caught_up();
+        t.caught_up(t.snapshots.last().cloned());
         for n in ["zq_1", "zq_2", "zq_3"] {
             t.created(n);
         }
@@ -287,11 +292,36 @@ mod tests {
     #[test]
     fn a_listing_absorbs_pending_snapshots() {
         let mut t = tracked();
-        t.caught_up();
+        t.caught_up(t.snapshots.last().cloned());
         t.created("zq_1");
         t.listed(vec![s("a", 1), s("b", 2), s("zq_1", 3)]);
         assert!(t.pending.is_empty());
         // The cursor is behind the newest listed snapshot: plan from it.
+        assert_eq!(t.next(true), Next::Plan);
+    }
+
+    #[test]
+    fn a_listing_while_a_step_runs_does_not_move_the_cursor_past_what_was_sent() {
+        let mut t = tracked();
+        t.caught_up(t.snapshots.last().cloned());
+        t.created("zq_1");
+        let Next::SendNew { new, .. } = t.next(true) else {
+            panic!("expected SendNew");
+        };
+        // While zq_1 is sent, zq_2 is made and a listing sees both.
+        t.created("zq_2");
+        t.listed(vec![s("a", 1), s("b", 2), s("zq_1", 3), s("zq_2", 4)]);
+        t.sent_new(&new, 3, &[]);
+        assert_eq!(t.cursor.as_ref().map(|c| c.guid), Some(3));
+        assert_eq!(t.snapshots.len(), 4, "no duplicate of zq_1");
+        // zq_2 is still to be sent, from zq_1.
+        assert_eq!(t.next(true), Next::Plan);
+        // The same for a planned step: it ends where it was planned to.
+        let mut t = tracked();
+        let planned_to = t.snapshots.last().cloned();
+        t.listed(vec![s("a", 1), s("b", 2), s("c", 3)]);
+        t.caught_up(planned_to);
+        assert_eq!(t.cursor.as_ref().map(|c| c.guid), Some(2));
         assert_eq!(t.next(true), Next::Plan);
     }
 

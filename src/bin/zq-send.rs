@@ -98,8 +98,8 @@ struct RunArgs {
     /// snapshots are never touched. Default 100 with --snapshot-every, otherwise off.
     #[arg(long, value_name = "N")]
     keep_last: Option<usize>,
-    /// Daemon: write the status that `zq-send status` shows to this file after every
-    /// tick and step [default: $RUNTIME_DIRECTORY or /run/zq, file send-<SOURCE>--<TARGET>.json].
+    /// Daemon: write the status that `zq-send status` shows to this file on every tick
+    /// [default: $RUNTIME_DIRECTORY or /run/zq, file send-<SOURCE>--<TARGET>.json].
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
     /// Speak only this protocol version (for compatibility testing).

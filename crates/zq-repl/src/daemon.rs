@@ -56,7 +56,8 @@ pub struct DaemonOptions {
     /// Retention: keep this many of the newest `zq_` snapshots on both sides (never the
     /// common base or anything newer); `None` keeps everything.
     pub keep_last: Option<usize>,
-    /// Where to write the status (`zq-send status` reads it) after every tick and step.
+    /// Where to write the status (`zq-send status` reads it): on every tick, and at most
+    /// once a second as steps end.
     pub status_file: Option<PathBuf>,
     /// The receiver's address, for the status.
     pub receiver: String,
@@ -172,6 +173,7 @@ pub async fn run(
     // its own dataset).
     let mut steps: JoinSet<(DatasetName, Done)> = JoinSet::new();
     let permits = Arc::new(Semaphore::new(opts.max_steps.max(1)));
+    let mut status_written = Instant::now();
     loop {
         let mut lost = false;
         // A tick or a new snapshot may list (plan); a finished step only continues.
@@ -246,7 +248,12 @@ pub async fn run(
             // Retention starts when no step runs, so its zfs calls do not compete with them.
             let _ = cursors_tx.send(state.cursors());
         }
-        state.write_status(&opts, sender.is_some());
+        // On every tick, and after steps at most once a second: with hundreds of datasets
+        // steps end many times a second, and each write serializes every dataset.
+        if plan || status_written.elapsed() >= Duration::from_secs(1) {
+            state.write_status(&opts, sender.is_some());
+            status_written = Instant::now();
+        }
     }
     if !steps.is_empty() {
         info!("stopping: letting the steps in flight finish");
@@ -329,8 +336,8 @@ type Cursors = HashMap<DatasetName, (DatasetName, SnapshotInfo)>;
 /// A pass starts when no step is in flight (the cursors are published then), so
 /// its `zfs list`/`destroy` calls fall in the idle time before the next snapshot instead of
 /// competing with its replication; without that (receiver unreachable, or steps always
-/// in flight) it still runs
-/// locally every `2 * every`. A failure is logged and retried on the next pass;
+/// in flight) it still runs every `2 * every` with the cursors it last got. A failure is
+/// logged and retried on the next pass;
 /// replication never waits for it.
 async fn retention_loop(
     zfs: Zfs,

@@ -195,7 +195,7 @@ pub struct DatasetStatus {
     pub error: Option<String>,
 }
 
-/// The whole daemon's status, written after every tick and step.
+/// The whole daemon's status, written on every tick and as steps end (at most once a second).
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Status {
     /// When it was written (seconds since the Unix epoch).

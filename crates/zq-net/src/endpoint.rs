@@ -290,3 +290,59 @@ pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reconnect resumes the TLS session: the sender does not verify the receiver's
+    /// certificate again (its pin check is not called), and the receiver still knows which
+    /// sender it is talking to.
+    #[tokio::test]
+    async fn a_reconnect_resumes_the_tls_session() {
+        let dir = tempfile::tempdir().unwrap();
+        Identity::generate(dir.path(), "zq-recv").unwrap();
+        Identity::generate(dir.path(), "zq-send").unwrap();
+        let recv_id = Identity::load(dir.path(), "zq-recv").unwrap();
+        let send_id = Identity::load(dir.path(), "zq-send").unwrap();
+        let (recv_fp, send_fp) = (recv_id.fingerprint, send_id.fingerprint);
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let endpoint = server(recv_id, [send_fp], listen, &Tuning::default()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let mut peers = Vec::new();
+            for _ in 0..2 {
+                let conn = endpoint.accept().await.unwrap().await.unwrap();
+                peers.push(crate::peer_fingerprint(&conn));
+                // Answer one stream, so the client has read the session tickets.
+                let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+                let _ = recv.read_to_end(16).await.unwrap();
+                send.write_all(b"ok").await.unwrap();
+                send.finish().unwrap();
+                let _ = conn.closed().await;
+            }
+            peers
+        });
+        let client = Client::new(send_id, recv_fp, addr, &Tuning::default()).unwrap();
+        for round in 0..2 {
+            *client.seen.lock().unwrap() = None;
+            let conn = client.connect(addr).await.unwrap();
+            let verified = *client.seen.lock().unwrap();
+            if round == 0 {
+                assert_eq!(
+                    verified,
+                    Some(recv_fp),
+                    "the first handshake checks the pin"
+                );
+            } else {
+                assert_eq!(verified, None, "the second handshake was not resumed");
+            }
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(b"hi").await.unwrap();
+            send.finish().unwrap();
+            assert_eq!(recv.read_to_end(16).await.unwrap(), b"ok");
+            conn.close(VarInt::from_u32(0), b"done");
+        }
+        assert_eq!(accept.await.unwrap(), [Some(send_fp), Some(send_fp)]);
+    }
+}

@@ -8,6 +8,9 @@ pub mod receiver;
 pub mod retention;
 pub mod sender;
 
+#[cfg(test)]
+mod testutil;
+
 pub use daemon::DaemonOptions;
 pub use error::ReplError;
 pub use plan::{plan, Plan, PlanError, PlanOptions, Step};

@@ -232,15 +232,8 @@ fn incrementals(source: &[SnapshotInfo], from: usize, opts: PlanOptions) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::s;
     use proptest::prelude::*;
-
-    fn s(name: &str, guid: u64) -> SnapshotInfo {
-        SnapshotInfo {
-            name: name.into(),
-            guid,
-            createtxg: guid * 10,
-        }
-    }
 
     fn opts() -> PlanOptions {
         PlanOptions::default()

@@ -78,15 +78,8 @@ pub fn remote_may_exceed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::s;
     use proptest::prelude::*;
-
-    fn s(name: &str, guid: u64) -> SnapshotInfo {
-        SnapshotInfo {
-            name: name.into(),
-            guid,
-            createtxg: guid,
-        }
-    }
 
     fn names<'a>(v: &[&'a SnapshotInfo]) -> Vec<&'a str> {
         v.iter().map(|s| s.name.as_str()).collect()

@@ -218,14 +218,7 @@ pub fn epoch_seconds(t: SystemTime) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn s(name: &str, guid: u64) -> SnapshotInfo {
-        SnapshotInfo {
-            name: name.into(),
-            guid,
-            createtxg: guid,
-        }
-    }
+    use crate::testutil::s;
 
     fn tracked() -> Tracked {
         Tracked::new(

@@ -24,8 +24,8 @@ pub const BULK_BYTES: u64 = 1 << 20;
 
 /// Where `zfs send -I` is slow, backlogs up to this many snapshots go as a chain of `-i`
 /// steps. On zfs-fuse a `-i` step costs about one `-I` of a dataset with 10–15 snapshots
-/// (~50 ms of `zfs receive` and listing against ~4 ms per snapshot of the dataset for
-/// `-I`); longer backlogs are rare (after an outage) and go as one `-I`.
+/// (~50 ms, mostly `zfs receive`, against ~4 ms per snapshot of the dataset for `-I`);
+/// longer backlogs are rare (after an outage) and go as one `-I`.
 pub const CHAIN_UP_TO: usize = 16;
 
 /// Bytes of `zfs send` output per data frame.

@@ -155,6 +155,9 @@ impl Client {
             .with_client_auth_cert(vec![identity.cert], identity.key)
             .map_err(|e| NetError::Config(format!("our identity: {e}")))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
+        // Resumed connections send the (replay-safe) Hello in 0-RTT: a reconnect then costs
+        // one round trip. See `Client::dial`.
+        tls.enable_early_data = true;
         let quic = QuicClientConfig::try_from(tls).map_err(|e| NetError::Config(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(tuning.transport()?));
@@ -176,30 +179,55 @@ impl Client {
 
     /// Opens a connection to `addr` and checks the receiver's key.
     pub async fn connect(&self, addr: SocketAddr) -> Result<quinn::Connection, NetError> {
-        let connecting = self
-            .endpoint
-            .connect(addr, SERVER_NAME)
-            .map_err(|e| NetError::Config(format!("connect to {addr}: {e}")))?;
-        let result = tokio::time::timeout(self.connect_timeout, connecting)
-            .await
-            .map_err(|_| NetError::Timeout {
-                addr,
-                secs: self.connect_timeout.as_secs(),
-            })?;
-        match result {
-            Ok(c) => Ok(c),
-            Err(source) => {
-                let seen = self.seen.lock().ok().and_then(|s| *s);
-                match seen {
-                    Some(got) if got != self.peer => Err(NetError::WrongPeerKey {
+        let connecting = self.start(addr)?;
+        self.finish(addr, connecting).await
+    }
+
+    /// Opens a connection to `addr` and returns as soon as data can be sent: at once, in
+    /// 0-RTT, when a TLS session with this receiver can be resumed; otherwise after the
+    /// handshake, like [`Client::connect`]. Only replay-safe requests may be sent before
+    /// [`Dialed::established`] returns.
+    pub async fn dial(&self, addr: SocketAddr) -> Result<Dialed, NetError> {
+        match self.start(addr)?.into_0rtt() {
+            Ok((conn, accepted)) => Ok(Dialed {
+                conn,
+                early: Some(Early {
+                    accepted,
+                    check: PeerCheck {
                         addr,
-                        expected: self.peer,
-                        got,
-                    }),
-                    _ => Err(NetError::Connection { addr, source }),
-                }
-            }
+                        peer: self.peer,
+                        seen: self.seen.clone(),
+                    },
+                    timeout: self.connect_timeout,
+                }),
+            }),
+            Err(connecting) => Ok(Dialed {
+                conn: self.finish(addr, connecting).await?,
+                early: None,
+            }),
         }
+    }
+
+    fn start(&self, addr: SocketAddr) -> Result<quinn::Connecting, NetError> {
+        self.endpoint
+            .connect(addr, SERVER_NAME)
+            .map_err(|e| NetError::Config(format!("connect to {addr}: {e}")))
+    }
+
+    async fn finish(
+        &self,
+        addr: SocketAddr,
+        connecting: quinn::Connecting,
+    ) -> Result<quinn::Connection, NetError> {
+        let check = PeerCheck {
+            addr,
+            peer: self.peer,
+            seen: self.seen.clone(),
+        };
+        tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| check.timeout(self.connect_timeout))?
+            .map_err(|source| check.failed(source))
     }
 
     /// Closes the endpoint so the receiver learns of it at once.
@@ -211,6 +239,92 @@ impl Client {
     pub async fn shutdown(&self) {
         self.endpoint.close(VarInt::from_u32(0), b"done");
         let _ = tokio::time::timeout(Duration::from_millis(5), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// What turns a failed handshake into the error the user needs: was it the pinned key?
+#[derive(Debug)]
+struct PeerCheck {
+    addr: SocketAddr,
+    peer: Fingerprint,
+    seen: Arc<Mutex<Option<Fingerprint>>>,
+}
+
+impl PeerCheck {
+    fn failed(&self, source: quinn::ConnectionError) -> NetError {
+        let seen = self.seen.lock().ok().and_then(|s| *s);
+        match seen {
+            Some(got) if got != self.peer => NetError::WrongPeerKey {
+                addr: self.addr,
+                expected: self.peer,
+                got,
+            },
+            _ => NetError::Connection {
+                addr: self.addr,
+                source,
+            },
+        }
+    }
+
+    fn timeout(&self, after: Duration) -> NetError {
+        NetError::Timeout {
+            addr: self.addr,
+            secs: after.as_secs(),
+        }
+    }
+}
+
+struct Early {
+    accepted: quinn::ZeroRttAccepted,
+    check: PeerCheck,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Early {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Early")
+            .field("check", &self.check)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection from [`Client::dial`], possibly still completing its handshake.
+#[derive(Debug)]
+pub struct Dialed {
+    /// The connection. Until [`Dialed::established`] returns, what is sent on it travels
+    /// as 0-RTT data, which an attacker can replay to the receiver.
+    pub conn: quinn::Connection,
+    early: Option<Early>,
+}
+
+impl From<quinn::Connection> for Dialed {
+    /// An established connection.
+    fn from(conn: quinn::Connection) -> Self {
+        Dialed { conn, early: None }
+    }
+}
+
+impl Dialed {
+    /// Whether the handshake may still be running (data sent now is 0-RTT).
+    pub fn is_early(&self) -> bool {
+        self.early.is_some()
+    }
+
+    /// Waits until the handshake is complete; from then on, everything sent is protected
+    /// against replay. Returns whether the receiver accepted the 0-RTT data: if not, it
+    /// never saw what was sent early (its streams fail with `ZeroRttRejected`), and the
+    /// caller must send it again.
+    pub async fn established(&mut self) -> Result<bool, NetError> {
+        let Some(early) = self.early.take() else {
+            return Ok(true);
+        };
+        let accepted = tokio::time::timeout(early.timeout, early.accepted)
+            .await
+            .map_err(|_| early.check.timeout(early.timeout))?;
+        match self.conn.close_reason() {
+            Some(source) => Err(early.check.failed(source)),
+            None => Ok(accepted),
+        }
     }
 }
 
@@ -229,6 +343,13 @@ pub fn server(
         .with_single_cert(vec![identity.cert], identity.key)
         .map_err(|e| NetError::Config(format!("our identity: {e}")))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Accept 0-RTT from resumed senders (QUIC allows only 0 or u32::MAX here). The server
+    // answers only the Hello before the handshake completes; see `Receiver::serve`.
+    tls.max_early_data_size = u32::MAX;
+    // Sessions stay in memory (rustls accepts 0-RTT only from its session store, not from
+    // stateless tickets, which also keeps 0-RTT single-use); room for a fleet of senders,
+    // each holding two tickets.
+    tls.session_storage = rustls::server::ServerSessionMemoryCache::new(8192);
     let quic = QuicServerConfig::try_from(tls).map_err(|e| NetError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(tuning.transport()?));

@@ -271,12 +271,13 @@ impl Peer {
 
     /// Connects and runs the handshake.
     async fn connect(&self, zfs: Zfs) -> anyhow::Result<Sender> {
-        let conn = self
+        let dialed = self
             .client
-            .connect(self.addr)
+            .dial(self.addr)
             .await
             .with_context(|| format!("connecting to receiver {}", self.name))?;
-        match Sender::handshake(conn.clone(), zfs, &self.caps).await {
+        let conn = dialed.conn.clone();
+        match Sender::handshake(dialed, zfs, &self.caps).await {
             Ok(sender) => Ok(sender),
             Err(_) if zq_net::closed_by_tls_alert(&conn) => anyhow::bail!(
                 "receiver {} refused this sender's key {}: on the receiver, allow it with \

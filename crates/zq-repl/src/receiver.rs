@@ -131,26 +131,51 @@ impl Receiver {
     }
 
     /// Accepts connections on `endpoint` until it is closed.
+    ///
+    /// A sender resuming a TLS session sends its Hello in 0-RTT; it is answered at once
+    /// (0.5-RTT), so a reconnect costs one round trip. The sender's key is then known from
+    /// the resumed session. A Hello is safe to answer twice, and it is the only request
+    /// served before the handshake completes: an attacker replaying 0-RTT packets gets no
+    /// further.
     pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
         while let Some(incoming) = endpoint.accept().await {
             let this = self.clone();
             let remote = incoming.remote_address();
-            tokio::spawn(async move {
-                match incoming.await {
-                    Ok(conn) => {
-                        this.connection(conn)
-                            .instrument(info_span!("conn", %remote))
-                            .await
-                    }
-                    Err(e) => {
-                        warn!(%remote, error = %e, "connection refused or failed during handshake")
-                    }
+            let connecting = match incoming.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(%remote, error = %e, "cannot accept connection");
+                    continue;
                 }
+            };
+            tokio::spawn(async move {
+                // Always Ok on a server; fall back to the full handshake all the same.
+                let (conn, established) = match connecting.into_0rtt() {
+                    Ok((conn, accepted)) => (conn, Some(accepted)),
+                    Err(connecting) => match connecting.await {
+                        Ok(conn) => (conn, None),
+                        Err(e) => {
+                            warn!(%remote, error = %e, "connection refused or failed during handshake");
+                            return;
+                        }
+                    },
+                };
+                this.connection(conn, established)
+                    .instrument(info_span!("conn", %remote))
+                    .await
             });
         }
     }
 
-    async fn connection(self: Arc<Self>, conn: quinn::Connection) {
+    async fn connection(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        mut established: Option<quinn::ZeroRttAccepted>,
+    ) {
+        // Known before the handshake completes only when the session is resumed.
+        if peer_fingerprint(&conn).is_none() && !Self::established(&conn, &mut established).await {
+            return;
+        }
         let Some(root) = peer_fingerprint(&conn).and_then(|fp| {
             let root = self.policy.root(&fp).cloned();
             match &root {
@@ -169,6 +194,10 @@ impl Receiver {
         if let Err(e) = result {
             warn!(error = %e, "handshake failed");
             conn.close(2u32.into(), b"handshake failed");
+            return;
+        }
+        // Nothing but the Hello is served from 0-RTT data.
+        if !Self::established(&conn, &mut established).await {
             return;
         }
         loop {
@@ -191,6 +220,30 @@ impl Receiver {
                 // Keep the connection's span (remote address) on every request's logs.
                 .instrument(tracing::Span::current()),
             );
+        }
+    }
+
+    /// Waits for the TLS handshake to complete (once); false if it failed.
+    async fn established(
+        conn: &quinn::Connection,
+        established: &mut Option<quinn::ZeroRttAccepted>,
+    ) -> bool {
+        if let Some(accepted) = established.take() {
+            if tokio::time::timeout(HANDSHAKE_TIMEOUT, accepted)
+                .await
+                .is_err()
+            {
+                warn!("handshake did not complete within {HANDSHAKE_TIMEOUT:?}");
+                conn.close(2u32.into(), b"handshake timeout");
+                return false;
+            }
+        }
+        match conn.close_reason() {
+            None => true,
+            Some(e) => {
+                warn!(error = %e, "connection refused or failed during handshake");
+                false
+            }
         }
     }
 

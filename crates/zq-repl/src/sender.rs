@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use tracing::{info, info_span, warn, Instrument};
-use zq_net::{FramedRecv, FramedSend};
+use zq_net::{Dialed, FramedRecv, FramedSend};
 use zq_proto::{
     Capabilities, Committed, ListRequest, ListRoot, Message, Session, SnapRef, StepAbort,
     StepEncoder, StepHeader, Verdict,
@@ -53,29 +53,47 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// Runs the handshake on a fresh connection.
+    /// Runs the handshake on a fresh connection. On a resumed connection ([`Dialed`] in
+    /// 0-RTT) the Hello goes out at once and the receiver answers before the TLS handshake
+    /// completes, so a reconnect costs one round trip; if the receiver rejects the 0-RTT
+    /// data, the Hello is sent again. Steps are only ever sent once the handshake is
+    /// complete: they must not be replayable.
     pub async fn handshake(
-        conn: quinn::Connection,
+        dialed: impl Into<Dialed>,
         zfs: Zfs,
         caps: &Capabilities,
     ) -> Result<Self, ReplError> {
+        let mut dialed = dialed.into();
+        let early = dialed.is_early();
+        let first = Self::hello(&dialed.conn, caps).await;
+        let accepted = dialed.established().await?;
+        let session = if accepted {
+            first?
+        } else {
+            Self::hello(&dialed.conn, caps).await?
+        };
+        info!(version = session.version, peer = %session.peer_software, early = early && accepted, "handshake complete");
+        Ok(Sender {
+            conn: dialed.conn,
+            zfs,
+            session,
+        })
+    }
+
+    async fn hello(conn: &quinn::Connection, caps: &Capabilities) -> Result<Session, ReplError> {
         let (send, recv) = conn.open_bi().await.map_err(ReplError::connection)?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
         send.send(&Message::Hello(caps.hello())).await?;
         send.finish()?;
-        let session = match recv.message("Welcome").await? {
-            Message::Welcome(w) => caps.check_welcome(&w)?,
-            Message::Refused(r) => return Err(zq_proto::HandshakeError::Refused(r).into()),
-            other => {
-                return Err(zq_proto::HandshakeError::Unexpected {
-                    expected: "Welcome",
-                    got: other.name(),
-                }
-                .into())
+        match recv.message("Welcome").await? {
+            Message::Welcome(w) => Ok(caps.check_welcome(&w)?),
+            Message::Refused(r) => Err(zq_proto::HandshakeError::Refused(r).into()),
+            other => Err(zq_proto::HandshakeError::Unexpected {
+                expected: "Welcome",
+                got: other.name(),
             }
-        };
-        info!(version = session.version, peer = %session.peer_software, "handshake complete");
-        Ok(Sender { conn, zfs, session })
+            .into()),
+        }
     }
 
     /// Whether the connection is still open (a step's error may be its own, not the

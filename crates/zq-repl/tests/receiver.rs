@@ -194,3 +194,76 @@ async fn an_oversized_frame_is_refused_without_allocating_it() {
         Message::Verdict(Verdict::Failed(_))
     ));
 }
+
+/// A UDP relay on loopback that delays every datagram by `one_way`, for one client.
+async fn delay_relay(server: SocketAddr, one_way: std::time::Duration) -> SocketAddr {
+    use std::sync::Arc;
+    use tokio::net::UdpSocket;
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    back.connect(server).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    let (f, b, c) = (front.clone(), back.clone(), client.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = f.recv_from(&mut buf).await {
+            *c.lock().unwrap() = Some(from);
+            let (b, packet) = (b.clone(), buf[..n].to_vec());
+            tokio::spawn(async move {
+                tokio::time::sleep(one_way).await;
+                let _ = b.send(&packet).await;
+            });
+        }
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = back.recv(&mut buf).await {
+            let Some(to) = *client.lock().unwrap() else {
+                continue;
+            };
+            let (f, packet) = (front.clone(), buf[..n].to_vec());
+            tokio::spawn(async move {
+                tokio::time::sleep(one_way).await;
+                let _ = f.send_to(&packet, to).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The first connection costs two round trips before the first step can go (QUIC+TLS,
+/// then Hello/Welcome); a reconnect resumes the TLS session, sends the Hello in 0-RTT and
+/// costs one. Timed across a relay adding 100 ms of round trip, so the margins are wide.
+#[tokio::test]
+async fn a_reconnect_costs_one_round_trip() {
+    let rtt = std::time::Duration::from_millis(100);
+    let setup = setup().await;
+    let relay = delay_relay(setup.addr, rtt / 2).await;
+    let caps = Capabilities::current("test-send");
+    let zfs = || Zfs::with_capabilities("/nonexistent/zfs", Default::default());
+    for round in 0..3 {
+        let start = std::time::Instant::now();
+        let dialed = setup.client.dial(relay).await.unwrap();
+        assert_eq!(dialed.is_early(), round > 0, "round {round}");
+        let sender = zq_repl::Sender::handshake(dialed, zfs(), &caps)
+            .await
+            .unwrap();
+        let took = start.elapsed();
+        if round == 0 {
+            assert!(took >= 2 * rtt, "first connection took {took:?}");
+        } else {
+            assert!(took >= rtt && took < rtt * 3 / 2, "reconnect took {took:?}");
+        }
+        // A request after the handshake is served (here: reaches `zfs`, which does not
+        // exist), and meanwhile the session tickets arrive.
+        let listed = sender
+            .list_remote(&DatasetName::parse("backup/a/x").unwrap(), false)
+            .await;
+        assert!(
+            matches!(&listed, Err(zq_repl::ReplError::Remote(e)) if e.kind == ErrorKind::Zfs),
+            "{listed:?}"
+        );
+        drop(sender);
+    }
+}

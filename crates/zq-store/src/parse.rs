@@ -96,6 +96,31 @@ pub fn parse_list(out: &str) -> Result<Vec<Entry>, ParseError> {
     Ok(entries)
 }
 
+/// Parses `zfs list -Hp -o name,snapshots_changed -t filesystem,volume` output (OpenZFS
+/// 2.2 and later): per dataset, the time (UTC seconds) a snapshot of it was last created or
+/// destroyed. `None` where zfs prints `-` or `0`: the value is unknown (a kernel module
+/// older than the userland, or a dataset never changed since the pool was upgraded), and
+/// the dataset must be listed.
+pub fn parse_snapshots_changed(out: &str) -> Result<Vec<(String, Option<u64>)>, ParseError> {
+    let mut values = Vec::new();
+    for (i, line) in out.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+        let n = i + 1;
+        let f: Vec<&str> = line.split('\t').collect();
+        let [name, value] = f[..] else {
+            return Err(perr(n, line, format!("{} fields, expected 2", f.len())));
+        };
+        if name.is_empty() || name.contains('@') {
+            return Err(perr(n, line, "not a filesystem or volume name"));
+        }
+        let value = match value {
+            "-" | "" | "0" => None,
+            v => Some(number(n, line, "snapshots_changed", v)?),
+        };
+        values.push((name.to_string(), value));
+    }
+    Ok(values)
+}
+
 /// Parses `zfs get -Hp -o name,property,value type,guid,createtxg` output (any ZFS).
 /// Every name must have all three properties.
 pub fn parse_get(out: &str) -> Result<Vec<Entry>, ParseError> {
@@ -188,6 +213,38 @@ pub fn is_missing_dataset(stderr: &str) -> bool {
 mod tests {
     use super::*;
     use rstest::rstest;
+
+    /// `zfs list -Hp -o name,snapshots_changed -t filesystem,volume -r tank` in the format
+    /// libzfs prints with -p (`%llu` seconds, `-` when unset: zfs_prop_get, literal path).
+    /// No OpenZFS >= 2.2 host was available to capture it; zfs-fuse has no such property.
+    const OPENZFS_SNAPSHOTS_CHANGED: &str = "tank\t-
+tank/vm\t1732626061
+tank/vm/disk0\t1732626061
+tank/vm/old\t0
+";
+
+    #[test]
+    fn snapshots_changed_parses_values_and_unknowns() {
+        let v = parse_snapshots_changed(OPENZFS_SNAPSHOTS_CHANGED).unwrap();
+        assert_eq!(
+            v,
+            [
+                ("tank".to_string(), None),
+                ("tank/vm".to_string(), Some(1732626061)),
+                ("tank/vm/disk0".to_string(), Some(1732626061)),
+                ("tank/vm/old".to_string(), None),
+            ]
+        );
+    }
+
+    #[rstest]
+    #[case::human_date("tank/vm\tTue Nov 26 13:01:01 2024\n", "not an exact number")]
+    #[case::three_fields("tank/vm\t1\t2\n", "3 fields")]
+    #[case::snapshot("tank/vm@a\t1\n", "not a filesystem")]
+    fn snapshots_changed_rejects_other_output(#[case] out: &str, #[case] why: &str) {
+        let e = parse_snapshots_changed(out).unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+    }
 
     /// Captured on this project's zfs-fuse 0.7.0 (pool v23): note the snapshot with a space
     /// and the per-dataset grouping of `get -r`.

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use crate::command::{run, Argv, CommandError, Reader, Writer};
 use crate::name::{DatasetName, NameError, SnapshotName};
 use crate::parse::{
-    is_missing_dataset, parse_get, parse_list, parse_version, Entry, Kind, ParseError, Version,
+    is_missing_dataset, parse_get, parse_list, parse_snapshots_changed, parse_version, Entry, Kind,
+    ParseError, Version,
 };
 
 /// A store operation failed.
@@ -80,6 +81,9 @@ pub struct Capabilities {
     /// of every snapshot of the dataset for a `-I` stream (measured: 180 ms with 45
     /// snapshots, against ~5 ms for `-i`), so a short backlog is sent as a chain of `-i`.
     pub cheap_intermediates: bool,
+    /// The `snapshots_changed` property (OpenZFS >= 2.2): one cheap call tells which
+    /// datasets' snapshot lists changed since they were last listed.
+    pub snapshots_changed: bool,
 }
 
 impl Capabilities {
@@ -96,6 +100,12 @@ impl Capabilities {
                 resumable_receive: true,
                 concurrent_mounts: true,
                 cheap_intermediates: true,
+                snapshots_changed: v
+                    >= Some(Version {
+                        major: 2,
+                        minor: 2,
+                        patch: 0,
+                    }),
             },
             // Pre-0.8 OpenZFS or illumos: `list -p` and `recv -u` exist; zq does not rely
             // on the rest there. zfs-fuse has none of it.
@@ -234,6 +244,32 @@ impl Zfs {
             names.push(DatasetName::parse(line)?);
         }
         Ok(names)
+    }
+
+    /// Per filesystem and volume at (and with `recursive`, below) `root`, when a snapshot of
+    /// it was last created or destroyed (UTC seconds; `None` if zfs does not know). Only
+    /// where [`Capabilities::snapshots_changed`]; it costs no time per snapshot. Empty if
+    /// `root` does not exist.
+    pub async fn snapshots_changed(
+        &self,
+        root: &DatasetName,
+        recursive: bool,
+    ) -> Result<Vec<(DatasetName, Option<u64>)>, StoreError> {
+        let argv = self
+            .zfs()
+            .args(["list", "-Hp", "-o", "name,snapshots_changed"])
+            .args(["-t", "filesystem,volume"])
+            .arg_if(recursive, "-r")
+            .arg(root.as_str());
+        let out = match run(&argv).await {
+            Ok(out) => out,
+            Err(e) if e.stderr().is_some_and(is_missing_dataset) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        parse_snapshots_changed(&out)?
+            .into_iter()
+            .map(|(name, v)| Ok((DatasetName::parse(&name)?, v)))
+            .collect()
     }
 
     /// Creates `snap`, and with `recursive` the same snapshot of every descendant, atomically
@@ -424,6 +460,9 @@ mod tests {
             true,
         );
         assert!(modern.resumable_receive && modern.bookmarks && modern.recv_no_mount);
+        assert!(!modern.snapshots_changed, "snapshots_changed came with 2.2");
+        let v22 = parse_version("zfs-2.2.2-1\nzfs-kmod-2.2.2-1\n");
+        assert!(Capabilities::from_version(v22, true).snapshots_changed);
         let fuse = Capabilities::from_version(None, false);
         assert_eq!(fuse, Capabilities::default());
     }

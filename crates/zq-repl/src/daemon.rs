@@ -8,7 +8,8 @@
 //! The receiver re-checks the base; if the cursor is stale it refuses, the cursor is dropped,
 //! and the next tick lists both sides and re-plans. The source is listed at start,
 //! after any failure, and every tick when something other than zq makes the
-//! snapshots; otherwise every [`REFRESH`] only its dataset names are listed, to find
+//! snapshots (where zfs has `snapshots_changed`, only the datasets it says changed,
+//! see `daemon/changes.rs`); otherwise every [`REFRESH`] only its dataset names are listed, to find
 //! datasets created or destroyed.
 //!
 //! There are no iterations that every dataset must finish: each dataset's step is a task
@@ -34,7 +35,9 @@ use crate::retention::{prunable, remote_may_exceed, RemoteCount, ZQ_PREFIX};
 use crate::sender::{Job, Sender};
 use crate::{to_info, DatasetOutcome, ReplError};
 
+mod changes;
 pub mod tracked;
+use changes::Changes;
 use tracked::{Next, Status, Tracked};
 
 /// How often the daemon checks the source tree for datasets created or destroyed when
@@ -435,6 +438,8 @@ struct State {
     datasets: BTreeMap<DatasetName, Tracked>,
     /// When the source was last listed; `None` forces a listing.
     listed_at: Option<Instant>,
+    /// `snapshots_changed` as of the last listings (OpenZFS >= 2.2).
+    changes: Changes,
     /// The last error logged per dataset (to log a persisting error once).
     errors: HashMap<DatasetName, String>,
     /// The last failure to write the status file (logged once, not every time).
@@ -462,6 +467,17 @@ impl State {
 
     /// Lists the source tree and updates what is tracked; false if that failed.
     async fn list_source(&mut self, zfs: &Zfs, job: &Job) -> bool {
+        self.changes.clear();
+        // Read before the listing, so a change during it shows as a newer value later.
+        let changed = if zfs.capabilities().snapshots_changed {
+            let read_at = unix_secs();
+            zfs.snapshots_changed(&job.source, job.recursive)
+                .await
+                .ok()
+                .map(|v| (v, read_at))
+        } else {
+            None
+        };
         let sources = match zfs.list(&job.source, job.recursive).await {
             Ok(s) if s.is_empty() => {
                 self.error(
@@ -496,6 +512,49 @@ impl State {
         }
         self.datasets = seen;
         self.listed_at = Some(Instant::now());
+        if let Some((values, read_at)) = changed {
+            self.changes.record(&values, read_at);
+        }
+        true
+    }
+
+    /// Where zfs has `snapshots_changed`: lists only the source datasets whose snapshots
+    /// changed since their last listing (often none: one cheap zfs call). False if that
+    /// cannot be done or the set of datasets changed: then list everything.
+    async fn list_changed(&mut self, zfs: &Zfs, job: &Job) -> bool {
+        if !zfs.capabilities().snapshots_changed {
+            return false;
+        }
+        let read_at = unix_secs();
+        let current = match zfs.snapshots_changed(&job.source, job.recursive).await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(error = %e, "cannot read snapshots_changed; listing everything");
+                return false;
+            }
+        };
+        let names: std::collections::BTreeSet<&DatasetName> =
+            current.iter().map(|(n, _)| n).collect();
+        if !names.iter().copied().eq(self.datasets.keys()) {
+            return false;
+        }
+        let stale: Vec<DatasetName> = self.changes.stale(&current).into_iter().cloned().collect();
+        if !stale.is_empty() {
+            let Ok(listed) = zfs.list_each(&stale).await else {
+                return false;
+            };
+            for (name, states) in stale.iter().zip(listed) {
+                let (Some(state), Some(t)) = (
+                    states.into_iter().find(|s| &s.name == name),
+                    self.datasets.get_mut(name),
+                ) else {
+                    return false;
+                };
+                t.listed(state.snapshots.iter().map(to_info).collect());
+            }
+        }
+        debug!(stale = stale.len(), "source listed by snapshots_changed");
+        self.changes.record(&current, read_at);
         true
     }
 
@@ -525,13 +584,18 @@ impl State {
         }
         let by_name = sender.session().version >= 2;
         if plan {
-            let mut must_list = opts.snapshot_every.is_none()
-                || self.listed_at.is_none()
+            // Snapshots made by something else (sanoid, a cron job) must be looked for on
+            // every tick; zq's own are known without listing.
+            let foreign = opts.snapshot_every.is_none();
+            let mut must_list = self.listed_at.is_none()
                 || self
                     .datasets
                     .iter()
                     .any(|(s, t)| !self.in_flight.contains(s) && t.needs_listing(by_name));
-            if !must_list && self.listed_at.is_some_and(|t| t.elapsed() >= REFRESH) {
+            if !must_list && foreign {
+                must_list = !self.list_changed(zfs, job).await;
+            }
+            if !must_list && !foreign && self.listed_at.is_some_and(|t| t.elapsed() >= REFRESH) {
                 // zq makes the snapshots, so a refresh only has to notice datasets created
                 // or destroyed: list names alone, and everything only if they changed.
                 match zfs.list_datasets(&job.source, job.recursive).await {
@@ -784,6 +848,13 @@ fn chain(e: &ReplError) -> String {
         cur = c.source();
     }
     s
+}
+
+/// The wall clock in whole UTC seconds, as zfs stores `snapshots_changed`.
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

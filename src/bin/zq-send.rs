@@ -90,7 +90,8 @@ struct RunArgs {
     /// Daemon: wait a random time up to this before starting (spreads a fleet's load).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
     jitter: Duration,
-    /// Daemon: most replication steps in flight at once.
+    /// Daemon: most replication steps in flight at once. Steps that have sent 1 MiB move
+    /// to a bulk lane with as many slots again, so large transfers never block small ones.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     max_steps: u16,
     /// Daemon: retention of zq's own snapshots (names starting with zq_) on both sides:

@@ -15,7 +15,8 @@
 //! There are no iterations that every dataset must finish: each dataset's step is a task
 //! of its own, and a dataset whose step ends starts its next one at once if it has new
 //! snapshots, so a large transfer (an initial replication, a burst of writes) delays only
-//! its own dataset. At most `max_steps` steps transfer at once. A child whose parent's
+//! its own dataset. At most `max_steps` steps transfer at once, plus as many bulk ones
+//! (past 1 MiB) in a lane of their own ([`crate::lanes`]). A child whose parent's
 //! target does not exist yet waits for the parent's first step.
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,12 +26,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::{Id as TaskId, JoinError, JoinSet};
 use tracing::{debug, info, warn};
 use zq_proto::SnapshotInfo;
 use zq_store::{DatasetName, Zfs};
 
+use crate::lanes::{Lanes, Slot};
 use crate::retention::{prunable, remote_may_exceed, RemoteCount, ZQ_PREFIX};
 use crate::sender::{Job, Sender};
 use crate::{to_info, DatasetOutcome, ReplError};
@@ -54,7 +56,8 @@ pub struct DaemonOptions {
     pub snapshot_every: Option<Duration>,
     /// Wait a random time up to this before the first replication (fleets start together).
     pub jitter: Duration,
-    /// Most replication steps in flight at once.
+    /// Most replication steps in flight at once; steps that grow past 1 MiB move to a
+    /// bulk lane with as many slots again ([`crate::lanes`]).
     pub max_steps: usize,
     /// Retention: keep this many of the newest `zq_` snapshots on both sides (never the
     /// common base or anything newer); `None` keeps everything.
@@ -175,7 +178,7 @@ pub async fn run(
     // one at once, without waiting for the others (a large transfer holds up nothing but
     // its own dataset).
     let mut steps: JoinSet<(DatasetName, Done)> = JoinSet::new();
-    let permits = Arc::new(Semaphore::new(opts.max_steps.max(1)));
+    let lanes = Lanes::new(opts.max_steps);
     let mut status_written = Instant::now();
     loop {
         let mut lost = false;
@@ -232,7 +235,7 @@ pub async fn run(
             zfs: &zfs,
             job: &job,
             opts: &opts,
-            permits: &permits,
+            lanes: &lanes,
         };
         let lost = {
             let schedule = state.schedule(work, std::mem::take(&mut created), plan, &mut steps);
@@ -294,7 +297,7 @@ struct Work<'a> {
     zfs: &'a Zfs,
     job: &'a Job,
     opts: &'a DaemonOptions,
-    permits: &'a Arc<Semaphore>,
+    lanes: &'a Arc<Lanes>,
 }
 
 async fn snapshot_loop(
@@ -657,15 +660,15 @@ impl State {
                 continue;
             }
             let (target, options) = (t.target.clone(), job.options);
-            let (sender, permits) = (sender.clone(), w.permits.clone());
+            let (sender, lanes) = (sender.clone(), w.lanes.clone());
             let task_src = src.clone();
             let task = match t.next(by_name) {
                 Next::UpToDate => continue,
                 Next::SendNew { from, new } => steps.spawn(async move {
                     let src = task_src;
-                    let _permit = permits.acquire_owned().await;
+                    let mut slot = Slot::take(&lanes).await;
                     let r = sender
-                        .send_new(&src, &target, &from, &new, options.newest_only)
+                        .send_new(&src, &target, &from, &new, options.newest_only, &mut slot)
                         .await;
                     (src, Done::New(new, r))
                 }),
@@ -679,16 +682,30 @@ impl State {
                     };
                     steps.spawn(async move {
                         let src = task_src;
-                        let _permit = permits.acquire_owned().await;
+                        let mut slot = Slot::take(&lanes).await;
                         let mut outcome = sender
-                            .replicate_dataset(&src, &snapshots, &target, dest.as_deref(), options)
+                            .replicate_dataset(
+                                &src,
+                                &snapshots,
+                                &target,
+                                dest.as_deref(),
+                                options,
+                                &mut slot,
+                            )
                             .await;
                         if let Some(ahead) = receiver_ahead(&outcome, &snapshots) {
                             // E.g. the receiver committed our last step but died before its
                             // verdict reached us: continue from where it really is.
                             debug!(dataset = %src, at = %ahead.name, "receiver is ahead of the cursor");
                             outcome = sender
-                                .replicate_dataset(&src, &snapshots, &target, Some(&[ahead]), options)
+                                .replicate_dataset(
+                                    &src,
+                                    &snapshots,
+                                    &target,
+                                    Some(&[ahead]),
+                                    options,
+                                    &mut slot,
+                                )
                                 .await;
                         }
                         (src, Done::Planned(newest, outcome))

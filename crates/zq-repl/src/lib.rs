@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod error;
+pub mod lanes;
 pub mod plan;
 pub mod receiver;
 pub mod retention;
@@ -13,6 +14,7 @@ mod testutil;
 
 pub use daemon::DaemonOptions;
 pub use error::ReplError;
+pub use lanes::{Lanes, Slot};
 pub use plan::{plan, Plan, PlanError, PlanOptions, Step};
 pub use receiver::{Policy, Receiver};
 pub use sender::{Job, Sender};

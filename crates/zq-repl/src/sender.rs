@@ -14,12 +14,14 @@ use zq_proto::{
 use zq_store::{DatasetName, Zfs};
 
 use crate::error::ReplError;
+use crate::lanes::Slot;
 use crate::plan::{plan, PlanOptions, Step};
 use crate::{to_info, DatasetOutcome, DatasetReport};
 
 /// A step that has sent this much is bulk: its stream drops to a lower priority, so that
 /// the small incrementals of other datasets on the same connection go out ahead of what it
-/// has buffered (up to the connection's send window, 64 MiB: half a second at 1 Gbit/s).
+/// has buffered (up to the connection's send window, 64 MiB: half a second at 1 Gbit/s),
+/// and it moves to the daemon's bulk lane ([`crate::lanes`]).
 pub const BULK_BYTES: u64 = 1 << 20;
 
 /// Where `zfs send -I` is slow, backlogs up to this many snapshots go as a chain of `-i`
@@ -138,9 +140,16 @@ impl Sender {
                 let dest_snaps = dest.get(target.as_str()).copied();
                 let span = info_span!("dataset", source = %src.name, target = %target);
                 let snapshots: Vec<_> = src.snapshots.iter().map(to_info).collect();
-                self.replicate_dataset(&src.name, &snapshots, &target, dest_snaps, job.options)
-                    .instrument(span)
-                    .await
+                self.replicate_dataset(
+                    &src.name,
+                    &snapshots,
+                    &target,
+                    dest_snaps,
+                    job.options,
+                    &mut Slot::unlimited(),
+                )
+                .instrument(span)
+                .await
             };
             reports.push(DatasetReport {
                 source: src.name.clone(),
@@ -162,6 +171,7 @@ impl Sender {
         target: &DatasetName,
         dest: Option<&[zq_proto::SnapshotInfo]>,
         options: PlanOptions,
+        slot: &mut Slot,
     ) -> DatasetOutcome {
         let options = PlanOptions {
             chain_up_to: self.chain_up_to(),
@@ -185,7 +195,7 @@ impl Sender {
         let mut bytes = 0;
         let mut last = None;
         for step in &plan.steps {
-            match self.run_step(src, target, step, force).await {
+            match self.run_step(src, target, step, force, slot).await {
                 Ok((committed, n)) => {
                     bytes += n;
                     last = Some(committed);
@@ -303,6 +313,7 @@ impl Sender {
         from: &zq_proto::SnapshotInfo,
         new: &[String],
         newest_only: bool,
+        slot: &mut Slot,
     ) -> Result<(Committed, u64), ReplError> {
         let Some(newest) = new.last() else {
             return Err(ReplError::Protocol("nothing new to send".into()));
@@ -325,7 +336,7 @@ impl Sender {
                 intermediates: new.len() > 1 && !newest_only,
             };
             return self
-                .run_step(source, target, &step, zq_proto::ForceAction::None)
+                .run_step(source, target, &step, zq_proto::ForceAction::None, slot)
                 .await;
         }
         let (mut from, mut bytes, mut last) = (from.clone(), 0, None);
@@ -336,7 +347,7 @@ impl Sender {
                 intermediates: false,
             };
             let (committed, n) = self
-                .run_step(source, target, &step, zq_proto::ForceAction::None)
+                .run_step(source, target, &step, zq_proto::ForceAction::None, slot)
                 .await?;
             from = zq_proto::SnapshotInfo {
                 guid: committed.guid,
@@ -357,6 +368,7 @@ impl Sender {
         target: &DatasetName,
         step: &Step,
         force: zq_proto::ForceAction,
+        slot: &mut Slot,
     ) -> Result<(Committed, u64), ReplError> {
         let started = Instant::now();
         let (from, to, intermediates) = match step {
@@ -419,6 +431,8 @@ impl Sender {
                 let hash = encoder.chunk(&chunk);
                 if before < BULK_BYTES && encoder.total() >= BULK_BYTES {
                     send.set_priority(-1);
+                    // Frees this step's slot for small steps (crate::lanes).
+                    slot.to_bulk().await;
                 }
                 send.send_data(&hash, chunk).await?;
             }

@@ -33,3 +33,15 @@ proc_cpu() {
     # Fields 14 and 15 (utime, stime); the command name (field 2) has no spaces here.
     echo $(( f[13] + f[14] ))
 }
+
+# Destroys pool $1, retrying while zfs-fuse reports it busy, and exports it if zfs-fuse
+# keeps refusing ("could not unmount datasets" for a dataset it no longer has mounted).
+drop_pool() {
+    local _
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        zpool list "$1" >/dev/null 2>&1 || return 0
+        zpool destroy -f "$1" 2>/dev/null && return 0
+        sleep 0.3
+    done
+    zpool export -f "$1" 2>/dev/null || echo "warning: could not remove pool $1" >&2
+}

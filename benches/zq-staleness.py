@@ -8,7 +8,9 @@ SRC_PREFIX): from the snapshot loop's "snapshot created" (after `zfs snapshot` r
 the receiver's "zfs receive finished". LABEL is $ZQ_LABEL (default "zq"). With
 $ZQ_WINDOW_NS="FROM UNTIL" only snapshots made in [FROM, UNTIL) count. With $ZQ_DRAIN_NS=T
 it prints instead "LABEL N DRAIN_NS": how long after T every CHILD had received the last
-snapshot made before T. A start-up line goes to stderr.
+snapshot made before T. With $ZQ_PARTS=1 it prints where the counted snapshots' staleness
+went (before the receiver had the step, header to first bytes, `zfs receive`), from the
+receiver's debug timings. A start-up line goes to stderr.
 """
 import os
 import json, sys, datetime
@@ -32,7 +34,9 @@ for line in open(recv_log):
     if not step or not step["target"].startswith(dst): continue
     ds = step["target"][len(dst):]
     if ds in children and step["to"] in made:
-        rows.append((ds, step["to"], ts(r["timestamp"])))
+        f = r["fields"]
+        rows.append((ds, step["to"], ts(r["timestamp"]),
+                     (f.get("total_ms", 0), f.get("first_bytes_ms", 0), f.get("receive_ms", 0))))
 # Steady state only: the daemon's start-up (listing both sides in full and planning every
 # dataset: seconds at 100 datasets on zfs-fuse, where the floor starts from a known base)
 # and the snapshots it let queue up are reported, not counted. Start-up ends when every
@@ -40,7 +44,7 @@ for line in open(recv_log):
 # when every dataset received the last of them. Counted are snapshots made after that,
 # and never the first two.
 def done_at(snap):  # when every dataset had `snap` (or a later one), None if never
-    ts_ = [min((t for d, to, t in rows if d == ds and made[to] >= made[snap]), default=None)
+    ts_ = [min((t for d, to, t, _ in rows if d == ds and made[to] >= made[snap]), default=None)
            for ds in children]
     return None if None in ts_ else max(ts_)
 drain = os.environ.get("ZQ_DRAIN_NS")
@@ -64,6 +68,17 @@ label = os.environ.get("ZQ_LABEL", "zq")
 print(f"zq start-up ({n} datasets): every dataset had a snapshot {((up or start) - start) / 1e6:.0f} ms "
       f"after the first was made, the {len(backlog)} made until then {((drained or start) - start) / 1e6:.0f} ms "
       f"after; {len(made) - len(order)} of {len(made)} snapshots not counted", file=sys.stderr)
-for ds, to, t in rows:
+if os.environ.get("ZQ_PARTS"):
+    # Where the counted snapshots' staleness went: before their step reached the receiver
+    # (queued behind the dataset's previous step or a slot, zfs send starting), from the
+    # header to the stream's first bytes, and `zfs receive` itself.
+    parts = [((t - made[to]) / 1e6 - tot, fb, rc) for ds, to, t, (tot, fb, rc) in rows if to in order]
+    def pc(v, q):
+        v = sorted(v); return v[min(len(v) - 1, int(round((len(v) - 1) * q)))] if v else float("nan")
+    for i, name in enumerate(("before the receiver had the step", "header to first bytes", "zfs receive")):
+        v = [p[i] for p in parts]
+        print(f"{label}: {name}: p50 {pc(v, .5):.0f} ms, p90 {pc(v, .9):.0f} ms")
+    sys.exit(0)
+for ds, to, t, _ in rows:
     if to in order:
         print(label, n, t - made[to])

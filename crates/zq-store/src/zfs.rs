@@ -172,10 +172,8 @@ impl Zfs {
         let argv = self
             .list_argv(if recursive { "-r" } else { "-d1" })
             .arg(root.as_str());
-        let out = match run(&argv).await {
-            Ok(out) => out,
-            Err(e) if e.stderr().is_some_and(is_missing_dataset) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
+        let Some(out) = run_unless_missing(&argv).await? else {
+            return Ok(Vec::new());
         };
         tree_from_entries(self.parse_listing(&out)?, root, recursive)
     }
@@ -234,10 +232,8 @@ impl Zfs {
             .args(["list", "-H", "-o", "name", "-t", "filesystem,volume"])
             .arg_if(recursive, "-r")
             .arg(root.as_str());
-        let out = match run(&argv).await {
-            Ok(out) => out,
-            Err(e) if e.stderr().is_some_and(is_missing_dataset) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
+        let Some(out) = run_unless_missing(&argv).await? else {
+            return Ok(Vec::new());
         };
         let mut names = Vec::new();
         for line in out.lines().filter(|l| !l.is_empty()) {
@@ -261,10 +257,8 @@ impl Zfs {
             .args(["-t", "filesystem,volume"])
             .arg_if(recursive, "-r")
             .arg(root.as_str());
-        let out = match run(&argv).await {
-            Ok(out) => out,
-            Err(e) if e.stderr().is_some_and(is_missing_dataset) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
+        let Some(out) = run_unless_missing(&argv).await? else {
+            return Ok(Vec::new());
         };
         parse_snapshots_changed(&out)?
             .into_iter()
@@ -385,6 +379,15 @@ pub fn tree_from_entries(
         d.snapshots.dedup_by(|a, b| a.name == b.name);
     }
     Ok(datasets)
+}
+
+/// Runs `argv`; `None` if zfs says the dataset it names does not exist.
+async fn run_unless_missing(argv: &Argv) -> Result<Option<String>, StoreError> {
+    match run(argv).await {
+        Ok(out) => Ok(Some(out)),
+        Err(e) if e.stderr().is_some_and(is_missing_dataset) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

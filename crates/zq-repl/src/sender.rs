@@ -30,6 +30,10 @@ pub const BULK_BYTES: u64 = 1 << 20;
 /// longer backlogs are rare (after an outage) and go as one `-I`.
 pub const CHAIN_UP_TO: usize = 16;
 
+/// How long the sender waits for the receiver's answer to its Hello (the receiver gives a
+/// new connection as long to send one).
+const WELCOME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Bytes of `zfs send` output per data frame.
 const CHUNK: usize = 256 * 1024;
 
@@ -82,7 +86,22 @@ impl Sender {
         })
     }
 
+    /// The Hello/Welcome exchange on a new stream, within [`WELCOME_TIMEOUT`]: a receiver
+    /// that keeps the connection alive but never answers must not hang the sender.
     async fn hello(conn: &quinn::Connection, caps: &Capabilities) -> Result<Session, ReplError> {
+        tokio::time::timeout(WELCOME_TIMEOUT, Self::exchange_hello(conn, caps))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ReplError::Connection(format!(
+                    "the receiver sent no Welcome within {WELCOME_TIMEOUT:?}"
+                )))
+            })
+    }
+
+    async fn exchange_hello(
+        conn: &quinn::Connection,
+        caps: &Capabilities,
+    ) -> Result<Session, ReplError> {
         let (send, recv) = conn.open_bi().await.map_err(ReplError::connection)?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
         send.send(&Message::Hello(caps.hello())).await?;

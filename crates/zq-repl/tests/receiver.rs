@@ -267,3 +267,43 @@ async fn a_reconnect_costs_one_round_trip() {
         drop(sender);
     }
 }
+
+/// A receiver that completes the TLS handshake but never answers the Hello (keeping the
+/// connection alive) does not hang the sender: the handshake fails after 10 s, saying why.
+#[tokio::test]
+async fn a_receiver_that_never_answers_the_hello_is_given_up_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let recv_fp = Identity::generate(dir.path(), "zq-recv").unwrap();
+    let send_fp = Identity::generate(dir.path(), "zq-send").unwrap();
+    let endpoint = zq_net::server(
+        Identity::load(dir.path(), "zq-recv").unwrap(),
+        [send_fp],
+        "127.0.0.1:0".parse().unwrap(),
+        &Tuning::default(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(incoming) = endpoint.accept().await {
+            if let Ok(conn) = incoming.await {
+                held.push(conn);
+            }
+        }
+    });
+    let client = Client::new(
+        Identity::load(dir.path(), "zq-send").unwrap(),
+        recv_fp,
+        addr,
+        &Tuning::default(),
+    )
+    .unwrap();
+    let dialed = client.dial(addr).await.unwrap();
+    let start = std::time::Instant::now();
+    let zfs = Zfs::with_capabilities("/nonexistent/zfs", Default::default());
+    let err = zq_repl::Sender::handshake(dialed, zfs, &Capabilities::current("test-send"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no Welcome within 10s"), "{err}");
+    assert!(start.elapsed() >= std::time::Duration::from_secs(9));
+}

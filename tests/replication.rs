@@ -1,8 +1,11 @@
 //! End-to-end replication on real file-backed pools through the real binaries over
 //! loopback QUIC: full, incremental with intermediates, newest-only, nothing new,
-//! recursive trees, divergence refused and forced, wrong keys, roots and versions refused.
+//! recursive trees, divergence refused and forced, wrong keys, roots and versions refused,
+//! a full destination.
 
 mod common;
+
+use std::time::Duration;
 
 use common::*;
 
@@ -309,4 +312,46 @@ fn unknown_protocol_version_is_refused() {
         stderr(&out)
     );
     assert!(snapshots(&dst.ds("fs")).is_empty());
+}
+
+/// A full destination: the step fails naming the dataset and the space it has, the source
+/// is untouched, and once space is freed the same command replicates.
+#[test]
+fn a_full_destination_says_so_and_replication_continues_when_space_is_freed() {
+    let Some(_zfs) = zfs_or_skip("full_destination") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    src.write("fs", "big", 120 << 20, 7);
+    src.snap("fs", "s1");
+    // The destination pool is 256 MiB: leave it less than the stream needs.
+    dst.create("filler");
+    dst.write("filler", "f", 150 << 20, 8);
+    let before = snapshots(&ds);
+    let target = dst.ds("fs");
+
+    let out = send(&keys, &recv, &ds, &target, &[]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("out of space") && err.contains(&format!("available to {}", dst.name)),
+        "{err}"
+    );
+    assert_eq!(snapshots(&ds), before, "the source is untouched");
+    assert!(snapshots(&target).is_empty(), "nothing half-received");
+
+    let filler = zfs(&["get", "-H", "-o", "value", "mountpoint", &dst.ds("filler")]);
+    std::fs::remove_file(std::path::Path::new(filler.trim()).join("f")).unwrap();
+    // zfs frees the blocks in the next transaction groups.
+    let mut last = String::new();
+    let ok = wait_for(Duration::from_secs(30), || {
+        let out = send(&keys, &recv, &ds, &target, &[]);
+        last = stderr(&out);
+        out.status.success()
+    });
+    assert!(ok, "{last}");
+    assert_eq!(snapshots(&target), snapshots(&ds));
+    assert_eq!(read(&target, "big"), read(&ds, "big"));
 }

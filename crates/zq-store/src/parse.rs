@@ -96,6 +96,13 @@ pub fn parse_list(out: &str) -> Result<Vec<Entry>, ParseError> {
     Ok(entries)
 }
 
+/// Parses the output of `zfs get -Hp -o value PROPERTY DATASET` for a numeric property
+/// (e.g. `available`): one exact number.
+pub fn parse_number_value(out: &str, property: &str) -> Result<u64, ParseError> {
+    let line = out.trim();
+    number(1, line, property, line)
+}
+
 /// Parses `zfs list -Hp -o name,snapshots_changed -t filesystem,volume` output (OpenZFS
 /// 2.2 and later): per dataset, the time (UTC seconds) a snapshot of it was last created or
 /// destroyed. `None` where zfs prints `-` or `0`: the value is unknown (a kernel module
@@ -222,6 +229,14 @@ tank/vm\t1732626061
 tank/vm/disk0\t1732626061
 tank/vm/old\t0
 ";
+
+    /// `zfs get -Hp -o value available zqxd/r`, captured on zfs-fuse 0.7.0.
+    #[test]
+    fn a_number_value_parses_and_a_human_one_does_not() {
+        assert_eq!(parse_number_value("28581376\n", "available"), Ok(28581376));
+        let e = parse_number_value("27.3M\n", "available").unwrap_err();
+        assert!(e.to_string().contains("available"), "{e}");
+    }
 
     #[test]
     fn snapshots_changed_parses_values_and_unknowns() {

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use crate::command::{run, Argv, CommandError, Reader, Writer};
 use crate::name::{DatasetName, NameError, SnapshotName};
 use crate::parse::{
-    is_missing_dataset, parse_get, parse_list, parse_snapshots_changed, parse_version, Entry, Kind,
-    ParseError, Version,
+    is_missing_dataset, parse_get, parse_list, parse_number_value, parse_snapshots_changed,
+    parse_version, Entry, Kind, ParseError, Version,
 };
 
 /// A store operation failed.
@@ -264,6 +264,16 @@ impl Zfs {
             .into_iter()
             .map(|(name, v)| Ok((DatasetName::parse(&name)?, v)))
             .collect()
+    }
+
+    /// The space `dataset` can still use (its `available` property: the pool's free space,
+    /// less quotas and reservations), in bytes.
+    pub async fn available(&self, dataset: &DatasetName) -> Result<u64, StoreError> {
+        let argv = self
+            .zfs()
+            .args(["get", "-Hp", "-o", "value", "available"])
+            .arg(dataset.as_str());
+        Ok(parse_number_value(&run(&argv).await?, "available")?)
     }
 
     /// Creates `snap`, and with `recursive` the same snapshot of every descendant, atomically

@@ -52,8 +52,34 @@ impl Receiver {
                 info!(guid = c.guid, "committed");
                 Verdict::Committed(c)
             }
+            Err(e) if is_out_of_space(&e) => Verdict::Failed(self.explain_no_space(&h, e).await),
             Err(e) => Verdict::Failed(e),
         }
+    }
+
+    /// A full destination: say which dataset and how much space it has, so the operator
+    /// knows what to free (zfs says only "out of space"). The sender retries the step later.
+    async fn explain_no_space(&self, h: &StepHeader, e: WireError) -> WireError {
+        let mut at = DatasetName::parse(&h.target).ok();
+        while let Some(ds) = at {
+            // The target itself may not exist yet (a full stream): ask its parent.
+            if let Ok(bytes) = self.zfs.available(&ds).await {
+                let msg = format!(
+                    "{} cannot be received: the destination is out of space ({} available \
+                     to {ds}); free space there or raise its quota, then retry (a daemon retries by itself). \
+                     zfs said: {}",
+                    h.target,
+                    human_bytes(bytes),
+                    e.message
+                );
+                return WireError {
+                    message: WireError::new(e.kind, msg).message,
+                    ..e
+                };
+            }
+            at = ds.parent();
+        }
+        e
     }
 
     async fn step_inner(
@@ -516,9 +542,58 @@ fn transfer_err(e: Option<TransferError>) -> WireError {
     WireError::new(kind, e.to_string())
 }
 
+/// Whether zfs failed for lack of space (ENOSPC or a quota: libzfs's own wording, the same
+/// in zfs-fuse and OpenZFS).
+fn is_out_of_space(e: &WireError) -> bool {
+    e.kind == ErrorKind::Zfs
+        && (e.message.contains("out of space") || e.message.contains("quota exceeded"))
+}
+
+/// `bytes` for people, in binary units with one decimal (no crate: this is the one place).
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_for_people() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(28_581_376), "27.3 MiB");
+        assert_eq!(human_bytes(3 << 40), "3.0 TiB");
+    }
+
+    #[test]
+    fn out_of_space_is_recognized_in_zfs_words() {
+        let zfs = |m: &str| WireError::new(ErrorKind::Zfs, m);
+        assert!(is_out_of_space(&zfs(
+            "zfs receive -F x failed: cannot receive new filesystem stream: out of space"
+        )));
+        assert!(is_out_of_space(&zfs(
+            "cannot receive: destination x space quota exceeded"
+        )));
+        assert!(!is_out_of_space(&zfs(
+            "cannot receive: destination has been modified"
+        )));
+        assert!(!is_out_of_space(&WireError::new(
+            ErrorKind::Internal,
+            "out of space"
+        )));
+    }
 
     const STREAM: &[u8] = include_bytes!("../../../zq-store/tests/fixtures/zfs-fuse-send-i.zs");
     const COMPOUND: &[u8] = include_bytes!("../../../zq-store/tests/fixtures/zfs-fuse-send-I.zs");

@@ -311,3 +311,42 @@ fn retention_prunes_old_zq_snapshots_on_both_sides_and_keeps_the_chain() {
         assert!(snapshots(s).iter().any(|(_, g)| *g == newest), "{t}");
     }
 }
+
+/// A bit flipped between `zfs send` and the wire (a fault point of debug builds, which the
+/// tests run) is caught by the receiver's BLAKE3 check before `zfs receive` gets that chunk,
+/// the step fails, the daemon retries it, and the replica ends identical to the source.
+#[test]
+fn a_corrupted_chunk_is_caught_and_the_step_retried() {
+    let Some(_zfs) = zfs_or_skip("corrupted_chunk") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    src.write("fs", "f", 2 << 20, 3);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+    let daemon = Daemon::start_with_env(
+        &keys,
+        &recv,
+        &ds,
+        &target,
+        &["--every", "1s"],
+        &[("ZQ_TEST_CORRUPT_ONCE", "1")],
+    );
+    let done = wait_for(Duration::from_secs(30), || {
+        snapshots(&target) == snapshots(&ds)
+    });
+    let log = daemon.log_text();
+    assert!(done, "{log}");
+    assert!(
+        log.contains("fault injection"),
+        "the fault was injected: {log}"
+    );
+    assert!(
+        log.contains("failed its BLAKE3 check"),
+        "the receiver caught it: {log}"
+    );
+    assert_eq!(read(&target, "f"), read(&ds, "f"));
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
+}

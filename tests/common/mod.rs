@@ -437,6 +437,18 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(keys: &Keys, recv: &Recv, source: &str, target: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_with_env(keys, recv, source, target, extra, &[])
+    }
+
+    /// [`Daemon::start`] with environment variables set (e.g. a fault injection).
+    pub fn start_with_env(
+        keys: &Keys,
+        recv: &Recv,
+        source: &str,
+        target: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let log = keys.dir.path().join("daemon.log");
         let status = keys.dir.path().join("status.json");
         let child = Command::new(SEND)
@@ -445,6 +457,7 @@ impl Daemon {
             .arg("--status-file")
             .arg(&status)
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -3,6 +3,8 @@
 
 pub mod daemon;
 pub mod error;
+#[cfg(debug_assertions)]
+mod fault;
 pub mod lanes;
 pub mod plan;
 pub mod receiver;

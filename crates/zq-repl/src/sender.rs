@@ -448,6 +448,12 @@ impl Sender {
                 }
                 let before = encoder.total();
                 let hash = encoder.chunk(&chunk);
+                #[cfg(debug_assertions)]
+                let chunk = if before > 0 {
+                    crate::fault::corrupt_once(chunk)
+                } else {
+                    chunk
+                };
                 if before < BULK_BYTES && encoder.total() >= BULK_BYTES {
                     send.set_priority(-1);
                     // Frees this step's slot for small steps (crate::lanes).

@@ -499,6 +499,20 @@ impl Daemon {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// SIGKILL, as a crash would: no step is finished or aborted cleanly.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a `zfs receive` into `target` is running (a transfer is in flight).
+pub fn receiving(target: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-f", &format!("zfs receive.* {target}$")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 impl Drop for Daemon {

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use zq_net::{Client, FramedRecv, FramedSend, Identity, Tuning};
+use zq_net::{Client, Fingerprint, FramedRecv, FramedSend, Identity, Tuning};
 use zq_proto::{
     Capabilities, ErrorKind, ForceAction, Message, RefusalReason, SnapRef, StepHeader, Verdict,
 };
@@ -16,36 +16,55 @@ struct Setup {
     addr: SocketAddr,
 }
 
-/// A receiver allowing one sender into `backup/a`, and a client with that sender's key.
-async fn setup() -> Setup {
+/// Fresh identities, a receiver endpoint on loopback admitting the sender's key, and a
+/// client with that key pinning the receiver's.
+struct Pair {
+    dir: tempfile::TempDir,
+    endpoint: quinn::Endpoint,
+    client: Client,
+    send_fp: Fingerprint,
+}
+
+fn pair() -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let recv_fp = Identity::generate(dir.path(), "zq-recv").unwrap();
     let send_fp = Identity::generate(dir.path(), "zq-send").unwrap();
-    let mut policy = Policy::default();
-    policy
-        .allow(send_fp, DatasetName::parse("backup/a").unwrap())
-        .unwrap();
     let endpoint = zq_net::server(
         Identity::load(dir.path(), "zq-recv").unwrap(),
-        policy.fingerprints(),
+        [send_fp],
         "127.0.0.1:0".parse().unwrap(),
         &Tuning::default(),
     )
     .unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    let zfs = Zfs::with_capabilities("/nonexistent/zfs", Default::default());
-    let receiver = Receiver::new(zfs, policy, Capabilities::current("test-recv"));
-    tokio::spawn(receiver.serve(endpoint));
     let client = Client::new(
         Identity::load(dir.path(), "zq-send").unwrap(),
         recv_fp,
-        addr,
+        endpoint.local_addr().unwrap(),
         &Tuning::default(),
     )
     .unwrap();
-    Setup {
-        _dir: dir,
+    Pair {
+        dir,
+        endpoint,
         client,
+        send_fp,
+    }
+}
+
+/// A receiver allowing one sender into `backup/a`, and a client with that sender's key.
+async fn setup() -> Setup {
+    let p = pair();
+    let mut policy = Policy::default();
+    policy
+        .allow(p.send_fp, DatasetName::parse("backup/a").unwrap())
+        .unwrap();
+    let addr = p.endpoint.local_addr().unwrap();
+    let zfs = Zfs::with_capabilities("/nonexistent/zfs", Default::default());
+    let receiver = Receiver::new(zfs, policy, Capabilities::current("test-recv"));
+    tokio::spawn(receiver.serve(p.endpoint));
+    Setup {
+        _dir: p.dir,
+        client: p.client,
         addr,
     }
 }
@@ -272,16 +291,12 @@ async fn a_reconnect_costs_one_round_trip() {
 /// connection alive) does not hang the sender: the handshake fails after 10 s, saying why.
 #[tokio::test]
 async fn a_receiver_that_never_answers_the_hello_is_given_up_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let recv_fp = Identity::generate(dir.path(), "zq-recv").unwrap();
-    let send_fp = Identity::generate(dir.path(), "zq-send").unwrap();
-    let endpoint = zq_net::server(
-        Identity::load(dir.path(), "zq-recv").unwrap(),
-        [send_fp],
-        "127.0.0.1:0".parse().unwrap(),
-        &Tuning::default(),
-    )
-    .unwrap();
+    let Pair {
+        dir: _dir,
+        endpoint,
+        client,
+        ..
+    } = pair();
     let addr = endpoint.local_addr().unwrap();
     tokio::spawn(async move {
         let mut held = Vec::new();
@@ -291,13 +306,6 @@ async fn a_receiver_that_never_answers_the_hello_is_given_up_on() {
             }
         }
     });
-    let client = Client::new(
-        Identity::load(dir.path(), "zq-send").unwrap(),
-        recv_fp,
-        addr,
-        &Tuning::default(),
-    )
-    .unwrap();
     let dialed = client.dial(addr).await.unwrap();
     let start = std::time::Instant::now();
     let zfs = Zfs::with_capabilities("/nonexistent/zfs", Default::default());

@@ -7,10 +7,10 @@
 //! committed (its cursor), and sends the new snapshots on top of the cursor ([`tracked`]).
 //! The receiver re-checks the base; if the cursor is stale it refuses, the cursor is dropped,
 //! and the next tick lists both sides and re-plans. The source is listed at start,
-//! after any failure, and every tick when something other than zq makes the
-//! snapshots (where zfs has `snapshots_changed`, only the datasets it says changed,
-//! see `daemon/changes.rs`); otherwise every [`REFRESH`] only its dataset names are listed, to find
-//! datasets created or destroyed.
+//! after any failure, and every tick when something other than zq makes the snapshots
+//! (where zfs has `snapshots_changed`, only the datasets it says changed, see
+//! `daemon/changes.rs`); otherwise every [`REFRESH`] only its dataset names are listed,
+//! to find datasets created or destroyed.
 //!
 //! There are no iterations that every dataset must finish: each dataset's step is a task
 //! of its own, and a dataset whose step ends starts its next one at once if it has new

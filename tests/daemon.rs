@@ -328,7 +328,7 @@ fn a_corrupted_chunk_is_caught_and_the_step_retried() {
     let target = dst.ds("fs");
     let daemon = Daemon::start_with_env(
         &keys,
-        &recv,
+        &recv.addr,
         &ds,
         &target,
         &["--every", "1s"],
@@ -413,4 +413,48 @@ fn a_receiver_killed_mid_transfer_loses_nothing() {
 #[test]
 fn a_sender_killed_mid_transfer_loses_nothing() {
     crash_mid_transfer("sender_killed_mid_transfer", Crash::Sender);
+}
+
+/// Network outages in the middle of a large transfer, shorter than the connection's idle
+/// timeout (30 s): QUIC retransmits once the path is back, the step carries on where it
+/// was, and the replica ends identical. (Longer outages end the connection; the daemon
+/// reconnects and the step starts again, as after a crash.)
+#[test]
+fn outages_in_the_middle_of_a_transfer_lose_nothing() {
+    let Some(_zfs) = zfs_or_skip("outages_mid_transfer") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let relay = Relay::start(&recv.addr);
+    let ds = src.create("fs");
+    src.write("fs", "big", 64 << 20, 13);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+    let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &["--every", "1s"], &[]);
+    assert!(
+        wait_for(Duration::from_secs(30), || receiving(&target)),
+        "the transfer never started:\n{}",
+        daemon.log_text()
+    );
+    let mut cuts = 0;
+    while cuts < 3 && receiving(&target) {
+        relay.cut(true);
+        std::thread::sleep(Duration::from_secs(2));
+        relay.cut(false);
+        cuts += 1;
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    assert!(cuts >= 2, "the transfer ended before two outages");
+    let done = wait_for(Duration::from_secs(90), || {
+        snapshots(&target) == snapshots(&ds)
+    });
+    let log = daemon.log_text();
+    assert!(done, "not replicated after the outages:\n{log}");
+    assert_eq!(read(&target, "big"), read(&ds, "big"));
+    assert!(
+        !log.contains("connection lost") && !log.contains("reconnect"),
+        "the step survived the outages without a reconnect:\n{log}"
+    );
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
 }

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 pub const SEND: &str = env!("CARGO_BIN_EXE_zq-send");
@@ -437,13 +437,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(keys: &Keys, recv: &Recv, source: &str, target: &str, extra: &[&str]) -> Daemon {
-        Daemon::start_with_env(keys, recv, source, target, extra, &[])
+        Daemon::start_with_env(keys, &recv.addr, source, target, extra, &[])
     }
 
-    /// [`Daemon::start`] with environment variables set (e.g. a fault injection).
+    /// [`Daemon::start`] to the receiver at `addr` (e.g. a [`Relay`]) with environment
+    /// variables set (e.g. a fault injection).
     pub fn start_with_env(
         keys: &Keys,
-        recv: &Recv,
+        addr: &str,
         source: &str,
         target: &str,
         extra: &[&str],
@@ -452,7 +453,7 @@ impl Daemon {
         let log = keys.dir.path().join("daemon.log");
         let status = keys.dir.path().join("status.json");
         let child = Command::new(SEND)
-            .args(["run", source, &recv.addr, target, "--identity", keys.path()])
+            .args(["run", source, addr, target, "--identity", keys.path()])
             .args(["--peer", &keys.recv_fp])
             .arg("--status-file")
             .arg(&status)
@@ -554,4 +555,77 @@ pub fn wait_for_every(limit: Duration, every: Duration, mut cond: impl FnMut() -
         std::thread::sleep(every);
     }
     cond()
+}
+
+/// A UDP relay on loopback between one sender and a receiver, which drops every datagram
+/// in both directions while it is cut: a network outage without touching either process.
+pub struct Relay {
+    pub addr: String,
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Relays to the receiver at `to`.
+    pub fn start(to: &str) -> Relay {
+        use std::net::UdpSocket;
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(to).unwrap();
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        }
+        let addr = front.local_addr().unwrap().to_string();
+        let (cut, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let client = Arc::new(Mutex::new(None::<std::net::SocketAddr>));
+        let (front2, back2) = (front.try_clone().unwrap(), back.try_clone().unwrap());
+        let (cut1, stop1, client1) = (cut.clone(), stop.clone(), client.clone());
+        let up = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop1.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = front.recv_from(&mut buf) {
+                    *client1.lock().unwrap() = Some(from);
+                    if !cut1.load(Ordering::SeqCst) {
+                        let _ = back.send(&buf[..n]);
+                    }
+                }
+            }
+        });
+        let (cut2, stop2) = (cut.clone(), stop.clone());
+        let down = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop2.load(Ordering::SeqCst) {
+                if let Ok(n) = back2.recv(&mut buf) {
+                    let to = *client.lock().unwrap();
+                    if let (false, Some(to)) = (cut2.load(Ordering::SeqCst), to) {
+                        let _ = front2.send_to(&buf[..n], to);
+                    }
+                }
+            }
+        });
+        Relay {
+            addr,
+            cut,
+            stop,
+            threads: vec![up, down],
+        }
+    }
+
+    /// Drops everything from now on (`true`) or relays again (`false`).
+    pub fn cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }

@@ -482,6 +482,24 @@ mod tests {
                 }),
             arb_wire_error().prop_map(|e| Message::Verdict(Verdict::Failed(e))),
             arb_wire_error().prop_map(Message::Error),
+            (
+                prop_oneof![
+                    Just(RefusalReason::VersionMismatch),
+                    Just(RefusalReason::NoCommonCapability),
+                    Just(RefusalReason::BadHello),
+                ],
+                any::<u16>(),
+                any::<u16>(),
+                ".{0,100}"
+            )
+                .prop_map(|(reason, min_version, max_version, message)| {
+                    Message::Refused(Refusal {
+                        reason,
+                        min_version,
+                        max_version,
+                        message,
+                    })
+                }),
             (arb_name(), any::<u32>(), any::<u64>()).prop_map(|(dataset, keep_last, base_guid)| {
                 Message::Prune(PruneRequest {
                     dataset,
@@ -498,6 +516,36 @@ mod tests {
                     remaining
                 })),
         ]
+    }
+
+    /// The strategy generates every kind of message: a new variant does not compile here
+    /// until it is added below, and fails this test until `arb_message` generates it.
+    #[test]
+    fn the_strategy_covers_every_message_kind() {
+        use proptest::strategy::ValueTree;
+        fn kind(m: &Message) -> usize {
+            match m {
+                Message::Hello(_) => 0,
+                Message::Welcome(_) => 1,
+                Message::Refused(_) => 2,
+                Message::ListRequest(_) => 3,
+                Message::ListResponse(_) => 4,
+                Message::StepHeader(_) => 5,
+                Message::StepEnd(_) => 6,
+                Message::StepAbort(_) => 7,
+                Message::Verdict(_) => 8,
+                Message::Error(_) => 9,
+                Message::Prune(_) => 10,
+                Message::Pruned(_) => 11,
+            }
+        }
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let mut seen = [false; 12];
+        for _ in 0..2000 {
+            let m = arb_message().new_tree(&mut runner).unwrap().current();
+            seen[kind(&m)] = true;
+        }
+        assert!(seen.iter().all(|s| *s), "kinds generated: {seen:?}");
     }
 
     proptest! {

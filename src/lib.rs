@@ -28,8 +28,10 @@ pub mod exit {
 /// JSON lines.
 pub fn init_logging(json: bool) {
     let filter = EnvFilter::try_from_env("ZQ_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal: journald, log files and pipes get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -458,3 +458,44 @@ fn outages_in_the_middle_of_a_transfer_lose_nothing() {
     );
     assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
 }
+
+/// An outage longer than the connection's idle timeout (30 s): the connection dies, the
+/// daemon reconnects once the path is back, resuming the TLS session with its Hello in
+/// 0-RTT (the receiver kept running), and catches up.
+#[test]
+fn after_a_long_outage_the_daemon_reconnects_in_0rtt_and_catches_up() {
+    let Some(_zfs) = zfs_or_skip("long_outage") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let relay = Relay::start(&recv.addr);
+    let ds = src.create("fs");
+    let target = dst.ds("fs");
+    let args = ["--every", "1s", "--snapshot-every", "1s"];
+    let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
+    assert!(
+        wait_for(Duration::from_secs(20), || snapshots(&target).len() >= 2),
+        "no replication before the outage:\n{}",
+        daemon.log_text()
+    );
+    relay.cut(true);
+    std::thread::sleep(Duration::from_secs(36));
+    relay.cut(false);
+    let caught_up = wait_for(Duration::from_secs(30), || lag(&ds, &target) <= 2);
+    let log = daemon.log_text();
+    assert!(caught_up, "did not catch up after the outage:\n{log}");
+    assert!(
+        log.contains("connection lost"),
+        "the connection died:\n{log}"
+    );
+    let handshakes: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("handshake complete"))
+        .collect();
+    assert!(
+        handshakes.len() >= 2 && handshakes[1..].iter().any(|l| l.contains("early=true")),
+        "the reconnect resumed the session in 0-RTT:\n{log}"
+    );
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
+}

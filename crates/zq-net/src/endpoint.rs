@@ -193,11 +193,7 @@ impl Client {
                 conn,
                 early: Some(Early {
                     accepted,
-                    check: PeerCheck {
-                        addr,
-                        peer: self.peer,
-                        seen: self.seen.clone(),
-                    },
+                    check: self.check(addr),
                     timeout: self.connect_timeout,
                 }),
             }),
@@ -205,6 +201,14 @@ impl Client {
                 conn: self.finish(addr, connecting).await?,
                 early: None,
             }),
+        }
+    }
+
+    fn check(&self, addr: SocketAddr) -> PeerCheck {
+        PeerCheck {
+            addr,
+            peer: self.peer,
+            seen: self.seen.clone(),
         }
     }
 
@@ -219,11 +223,7 @@ impl Client {
         addr: SocketAddr,
         connecting: quinn::Connecting,
     ) -> Result<quinn::Connection, NetError> {
-        let check = PeerCheck {
-            addr,
-            peer: self.peer,
-            seen: self.seen.clone(),
-        };
+        let check = self.check(addr);
         tokio::time::timeout(self.connect_timeout, connecting)
             .await
             .map_err(|_| check.timeout(self.connect_timeout))?

@@ -2,6 +2,7 @@
 //! `cargo test` runs); release builds have no such code path.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 
@@ -9,11 +10,11 @@ use bytes::Bytes;
 /// record that this process sends, after it was hashed: data damaged between `zfs send`
 /// and `zfs receive`, which the receiver must catch.
 pub(crate) fn corrupt_once(chunk: Bytes) -> Bytes {
+    static ON: OnceLock<bool> = OnceLock::new();
     static DONE: AtomicBool = AtomicBool::new(false);
-    if chunk.is_empty()
-        || std::env::var_os("ZQ_TEST_CORRUPT_ONCE").is_none()
-        || DONE.swap(true, Ordering::SeqCst)
-    {
+    // The environment is read once, not per chunk.
+    let on = *ON.get_or_init(|| std::env::var_os("ZQ_TEST_CORRUPT_ONCE").is_some());
+    if !on || chunk.is_empty() || DONE.swap(true, Ordering::SeqCst) {
         return chunk;
     }
     let mut bytes = chunk.to_vec();

@@ -351,16 +351,25 @@ fn a_corrupted_chunk_is_caught_and_the_step_retried() {
     assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
 }
 
+#[test]
+fn a_receiver_killed_mid_transfer_resumes_from_its_spool() {
+    crash_mid_transfer("receiver_killed_mid_transfer", Crash::Receiver);
+}
+
+#[test]
+fn a_sender_killed_mid_transfer_resumes_where_the_receiver_stopped() {
+    crash_mid_transfer("sender_killed_mid_transfer", Crash::Sender);
+}
+
 /// Which side a crash test kills.
 enum Crash {
     Receiver,
     Sender,
 }
 
-/// SIGKILL of one side in the middle of a large transfer, then a restart: the daemon
-/// replicates from where the receiver really is, and the replica ends identical (GUIDs
-/// and contents). zfs-fuse has no resumable receive and zq's own resume is not built yet,
-/// so the interrupted step starts again.
+/// SIGKILL of one side in the middle of a large transfer, once the receiver has spooled
+/// part of it, then a restart: the daemon lists the destination, finds the spooled step
+/// and resumes it, and the replica ends identical (GUIDs and contents).
 fn crash_mid_transfer(test: &str, crash: Crash) {
     let Some(_zfs) = zfs_or_skip(test) else {
         return;
@@ -372,14 +381,14 @@ fn crash_mid_transfer(test: &str, crash: Crash) {
     src.write("fs", "big", 64 << 20, 11);
     src.snap("fs", "s1");
     let target = dst.ds("fs");
-    let args = ["--every", "1s"];
+    // Both ends notice a dead peer within 3 s (the smaller idle timeout applies).
+    let args = ["--every", "1s", "--idle-timeout", "3s"];
     let mut daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
     assert!(
-        wait_for(Duration::from_secs(30), || receiving(&target)),
-        "the transfer never started:\n{}",
+        wait_for(Duration::from_secs(30), || spooled(&keys) >= 8 << 20),
+        "the receiver never spooled 8 MiB:\n{}",
         daemon.log_text()
     );
-    std::thread::sleep(Duration::from_millis(300));
     assert!(receiving(&target), "the transfer ended before the crash");
     match crash {
         Crash::Receiver => {
@@ -395,24 +404,137 @@ fn crash_mid_transfer(test: &str, crash: Crash) {
     let done = wait_for(Duration::from_secs(90), || {
         snapshots(&target) == snapshots(&ds)
     });
-    assert!(
-        done,
-        "not replicated after the crash:\n{}",
-        daemon.log_text()
-    );
+    // The sender logs the commit once the receiver's verdict is in.
+    let resumed = wait_for(Duration::from_secs(10), || {
+        daemon.log_text().contains("resumed_bytes=")
+    });
+    let log = daemon.log_text();
+    assert!(done, "not replicated after the crash:\n{log}");
     assert_eq!(read(&target, "big"), read(&ds, "big"));
+    assert!(resumed, "the step resumed rather than restarting:\n{log}");
+    assert_eq!(
+        spooled(&keys),
+        0,
+        "the spool is removed once the step committed"
+    );
     assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
     drop(recv);
 }
 
+/// The connection is lost twice in the middle of a large transfer, each time for longer
+/// than its idle timeout: each time the daemon reconnects, finds the receiver's spool in
+/// its listing and resumes the step from there.
 #[test]
-fn a_receiver_killed_mid_transfer_loses_nothing() {
-    crash_mid_transfer("receiver_killed_mid_transfer", Crash::Receiver);
+fn a_transfer_cut_twice_for_longer_than_the_idle_timeout_resumes_each_time() {
+    let Some(_zfs) = zfs_or_skip("cut_and_resume") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let relay = Relay::start(&recv.addr);
+    let ds = src.create("fs");
+    src.write("fs", "big", 64 << 20, 17);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+    let args = ["--every", "1s", "--idle-timeout", "2s"];
+    let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
+    for at in [8u64 << 20, 24 << 20] {
+        assert!(
+            wait_for(Duration::from_secs(60), || spooled(&keys) >= at),
+            "the spool never reached {at} bytes:\n{}",
+            daemon.log_text()
+        );
+        relay.cut(true);
+        std::thread::sleep(Duration::from_secs(4));
+        relay.cut(false);
+    }
+    let done = wait_for(Duration::from_secs(90), || {
+        snapshots(&target) == snapshots(&ds)
+    });
+    let resumed = wait_for(Duration::from_secs(10), || {
+        daemon.log_text().contains("resumed_bytes=")
+    });
+    let log = daemon.log_text();
+    assert!(done, "not replicated after the cuts:\n{log}");
+    assert_eq!(read(&target, "big"), read(&ds, "big"));
+    assert!(
+        log.matches("resuming the step where the receiver's spool ends")
+            .count()
+            >= 2,
+        "both cuts were resumed:\n{log}"
+    );
+    assert!(resumed, "{log}");
+    assert_eq!(spooled(&keys), 0);
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
 }
 
+/// A bit flipped in the spool file while the receiver still has its hash (the connection
+/// was lost, the receiver kept running): the sender's regenerated prefix matches the
+/// token, but the receiver checks the file before replaying it, refuses the resume, and
+/// the step is sent afresh. The corrupted bytes never reach zfs receive.
 #[test]
-fn a_sender_killed_mid_transfer_loses_nothing() {
-    crash_mid_transfer("sender_killed_mid_transfer", Crash::Sender);
+fn a_corrupted_spool_is_refused_and_the_step_sent_afresh() {
+    let Some(_zfs) = zfs_or_skip("corrupted_spool") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let relay = Relay::start(&recv.addr);
+    let ds = src.create("fs");
+    src.write("fs", "big", 64 << 20, 19);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+    let args = ["--every", "1s", "--idle-timeout", "2s"];
+    let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
+    assert!(
+        wait_for(Duration::from_secs(60), || spooled(&keys) >= 8 << 20),
+        "the receiver never spooled 8 MiB:\n{}",
+        daemon.log_text()
+    );
+    relay.cut(true);
+    // Both sides give the connection up after 2 s; the receiver keeps its spool.
+    std::thread::sleep(Duration::from_secs(3));
+    flip_a_spooled_bit(&keys, 5 << 20);
+    std::thread::sleep(Duration::from_secs(1));
+    relay.cut(false);
+    let done = wait_for(Duration::from_secs(90), || {
+        snapshots(&target) == snapshots(&ds)
+    });
+    wait_for(Duration::from_secs(10), || {
+        daemon.log_text().contains("step committed")
+    });
+    let log = daemon.log_text();
+    assert!(done, "not replicated after the corruption:\n{log}");
+    assert_eq!(read(&target, "big"), read(&ds, "big"));
+    assert!(
+        log.contains("do not match the sender's hash"),
+        "the receiver refused its corrupted spool:\n{log}"
+    );
+    assert!(!log.contains("resumed_bytes="), "{log}");
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
+}
+
+/// Flips one bit at `offset` of the (only) spool file.
+fn flip_a_spooled_bit(keys: &Keys, offset: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let dir = format!("{}/spool", keys.path());
+    let path = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "zs"))
+        .expect("a spool file");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut byte = [0u8];
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.read_exact(&mut byte).unwrap();
+    byte[0] ^= 0x10;
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&byte).unwrap();
 }
 
 /// Network outages in the middle of a large transfer, shorter than the connection's idle

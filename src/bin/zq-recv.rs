@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use zq::{exit, fail};
 use zq_net::{Fingerprint, Identity, Tuning};
 use zq_proto::Capabilities;
+use zq_repl::receiver::spool::{SpoolConfig, Spools};
 use zq_repl::{Policy, Receiver};
 use zq_store::{DatasetName, Zfs};
 
@@ -48,6 +49,24 @@ struct ServeArgs {
     /// The zfs program to run.
     #[arg(long, default_value = "zfs", value_name = "PATH")]
     zfs: PathBuf,
+    /// Directory where large steps are spooled so that an interrupted one resumes instead
+    /// of starting over. Needs free space for the largest transfer (up to --spool-max).
+    #[arg(long, default_value = "/var/lib/zq-recv/spool", value_name = "DIR")]
+    spool_dir: PathBuf,
+    /// Spool steps once their stream passes SIZE (held in memory per step until then);
+    /// smaller steps restart when interrupted.
+    #[arg(long, default_value = "4MiB", value_name = "SIZE", value_parser = parse_size)]
+    spool_from: u64,
+    /// Spool at most SIZE of one step; the rest of a longer one is not resumable.
+    #[arg(long, default_value = "64GiB", value_name = "SIZE", value_parser = parse_size)]
+    spool_max: u64,
+    /// Spool nothing: every interrupted step starts over.
+    #[arg(long)]
+    no_spool: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    parse_size::parse_size(s).map_err(|e| format!("{s:?}: {e} (e.g. 4MiB, 64G)"))
 }
 
 fn parse_allow(s: &str) -> Result<(Fingerprint, DatasetName), String> {
@@ -100,7 +119,24 @@ async fn serve(args: ServeArgs) -> ExitCode {
     println!("listening on {bound}");
     tracing::info!(%bound, senders = args.allow.len(), "zq-recv ready");
     let caps = Capabilities::current(format!("zq-recv {}", env!("CARGO_PKG_VERSION")));
-    let receiver = Receiver::new(zfs, policy, caps);
+    let spool = (!args.no_spool).then(|| SpoolConfig {
+        dir: args.spool_dir.clone(),
+        from: args.spool_from.min(args.spool_max),
+        max: args.spool_max,
+    });
+    let spools = match Spools::new(spool) {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(
+                exit::USAGE,
+                &anyhow::Error::new(e).context(format!(
+                    "creating the spool directory {} (set --spool-dir, or --no-spool)",
+                    args.spool_dir.display()
+                )),
+            )
+        }
+    };
+    let receiver = Receiver::with_spools(zfs, policy, caps, spools);
     let serving = tokio::spawn(receiver.serve(endpoint.clone()));
     zq::shutdown_signal().await;
     tracing::info!("shutting down");

@@ -103,6 +103,11 @@ struct RunArgs {
     /// [default: $RUNTIME_DIRECTORY or /run/zq, file send-<SOURCE>--<TARGET>.json].
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
+    /// How long the connection may go without a packet before it is given up (and a
+    /// daemon reconnects, resuming interrupted large steps). Keep-alives go every third of
+    /// it; the receiver's own limit (30s) applies if shorter.
+    #[arg(long, value_name = "DURATION", value_parser = parse_period, default_value = "30s")]
+    idle_timeout: Duration,
     /// Speak only this protocol version (for compatibility testing).
     #[arg(long, hide = true)]
     protocol_version: Option<u16>,
@@ -194,12 +199,20 @@ async fn once(args: &RunArgs, job: Job, zfs: Zfs, peer: &Peer) -> u8 {
             DatasetOutcome::Sent {
                 steps,
                 bytes,
+                resumed,
                 newest,
                 committed,
-            } => println!(
-                "{} -> {}: sent {steps} step(s), {bytes} bytes; destination now at @{newest} ({committed} snapshots)",
-                r.source, r.target
-            ),
+            } => {
+                let resumed = if *resumed > 0 {
+                    format!(" (resumed: {resumed} bytes were already on the receiver)")
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{} -> {}: sent {steps} step(s), {bytes} bytes{resumed}; destination now at @{newest} ({committed} snapshots)",
+                    r.source, r.target
+                )
+            }
             DatasetOutcome::Failed(e) => {
                 eprintln!("error: {} -> {}: {}", r.source, r.target, zq::chain(e));
                 code = code.max(code_for(e));
@@ -260,7 +273,12 @@ impl Peer {
     async fn new(args: &RunArgs, identity: Identity, caps: Capabilities) -> anyhow::Result<Self> {
         let addr = zq_net::resolve(&args.addr).await?;
         let ours = identity.fingerprint;
-        let client = Client::new(identity, args.peer, addr, &Tuning::default())?;
+        let tuning = Tuning {
+            idle_timeout: args.idle_timeout,
+            keep_alive: Tuning::default().keep_alive.min(args.idle_timeout / 3),
+            ..Tuning::default()
+        };
+        let client = Client::new(identity, args.peer, addr, &tuning)?;
         Ok(Peer {
             client,
             addr,

@@ -320,7 +320,10 @@ impl Recv {
     /// Starts a receiver on `listen` (e.g. the address of one that was killed).
     pub fn start_on(keys: &Keys, allow: &[(&str, &str)], listen: &str) -> Recv {
         let mut cmd = Command::new(RECV);
+        let spool = format!("{}/spool", keys.path());
         cmd.args(["serve", "--listen", listen, "--identity", keys.path()]);
+        // Kept across restarts of the receiver, like /var/lib/zq-recv/spool.
+        cmd.args(["--spool-dir", &spool, "--spool-from", "1MiB"]);
         for (fp, root) in allow {
             cmd.arg("--allow").arg(format!("{fp}={root}"));
         }
@@ -340,6 +343,19 @@ impl Recv {
             .to_string();
         Recv { child, addr }
     }
+}
+
+/// Bytes the receivers started with `keys` hold in spool files.
+pub fn spooled(keys: &Keys) -> u64 {
+    std::fs::read_dir(format!("{}/spool", keys.path()))
+        .map(|dir| {
+            dir.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "zs"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 impl Recv {

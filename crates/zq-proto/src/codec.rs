@@ -388,6 +388,32 @@ mod tests {
         })
     }
 
+    fn arb_header() -> impl Strategy<Value = StepHeader> {
+        (
+            arb_name(),
+            arb_name(),
+            proptest::option::of(arb_snapref()),
+            arb_snapref(),
+            any::<bool>(),
+            prop_oneof![
+                Just(ForceAction::None),
+                Just(ForceAction::Replace),
+                arb_snapref().prop_map(ForceAction::RollbackTo)
+            ],
+        )
+            .prop_map(
+                |(source, target, from, to, intermediates, force)| StepHeader {
+                    source,
+                    target,
+                    from,
+                    to,
+                    intermediates,
+                    force,
+                    compression: "none".into(),
+                },
+            )
+    }
+
     fn arb_message() -> impl Strategy<Value = Message> {
         let caps = proptest::collection::vec("[a-z0-9-]{1,10}", 0..4);
         prop_oneof![
@@ -442,29 +468,42 @@ mod tests {
                     .map(|(name, snapshots)| DatasetSnapshots { name, snapshots })
                     .collect()
             })),
-            (
-                arb_name(),
-                arb_name(),
-                proptest::option::of(arb_snapref()),
-                arb_snapref(),
-                any::<bool>(),
-                prop_oneof![
-                    Just(ForceAction::None),
-                    Just(ForceAction::Replace),
-                    arb_snapref().prop_map(ForceAction::RollbackTo)
-                ]
+            arb_header().prop_map(Message::StepHeader),
+            (arb_header(), any::<u64>(), any::<[u8; 32]>()).prop_map(
+                |(header, offset, prefix_hash)| Message::ResumeStep(ResumeStep {
+                    header,
+                    offset,
+                    prefix_hash
+                })
+            ),
+            proptest::collection::vec(
+                (
+                    arb_name(),
+                    any::<Option<u64>>(),
+                    arb_snapref(),
+                    any::<bool>(),
+                    any::<u64>(),
+                    any::<[u8; 32]>()
+                ),
+                0..4
             )
-                .prop_map(|(source, target, from, to, intermediates, force)| {
-                    Message::StepHeader(StepHeader {
-                        source,
-                        target,
-                        from,
-                        to,
-                        intermediates,
-                        force,
-                        compression: "none".into(),
-                    })
-                }),
+            .prop_map(|tokens| Message::Resumable(Resumable {
+                tokens: tokens
+                    .into_iter()
+                    .map(
+                        |(dataset, from_guid, to, intermediates, offset, prefix_hash)| {
+                            ResumeToken {
+                                dataset,
+                                from_guid,
+                                to,
+                                intermediates,
+                                offset,
+                                prefix_hash,
+                            }
+                        }
+                    )
+                    .collect()
+            })),
             (any::<u64>(), any::<[u8; 32]>())
                 .prop_map(|(total_len, hash)| Message::StepEnd(StepEnd { total_len, hash })),
             ".{0,100}".prop_map(|reason| Message::StepAbort(StepAbort { reason })),
@@ -537,10 +576,12 @@ mod tests {
                 Message::Error(_) => 9,
                 Message::Prune(_) => 10,
                 Message::Pruned(_) => 11,
+                Message::Resumable(_) => 12,
+                Message::ResumeStep(_) => 13,
             }
         }
         let mut runner = proptest::test_runner::TestRunner::deterministic();
-        let mut seen = [false; 12];
+        let mut seen = [false; 14];
         for _ in 0..2000 {
             let m = arb_message().new_tree(&mut runner).unwrap().current();
             seen[kind(&m)] = true;

@@ -30,7 +30,7 @@ impl Capabilities {
             max_version: PROTOCOL_VERSION_MAX,
             compression: vec!["none".into()],
             checksums: vec!["blake3".into()],
-            resume: vec![],
+            resume: vec![crate::message::RESUME_SPOOL.into()],
             software: software.into(),
         }
     }

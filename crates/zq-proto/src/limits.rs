@@ -5,7 +5,9 @@
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// See [`PROTOCOL_VERSION_MIN`]. Version 2 (same layouts): a step header may leave the GUID
 /// of its `to` snapshot to the stream (0), and `Prune`/`Pruned` exist.
-pub const PROTOCOL_VERSION_MAX: u16 = 2;
+/// Version 3: `Resumable` and `ResumeStep` exist (sent only when both peers offered the
+/// `spool` resume kind), and `ErrorKind::ResumeRejected`.
+pub const PROTOCOL_VERSION_MAX: u16 = 3;
 
 /// First four bytes of every `Hello`: "ZQ" and two bytes of zeros, so a stray client of
 /// another protocol is told apart from a zq peer of another version.

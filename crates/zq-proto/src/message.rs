@@ -36,7 +36,17 @@ pub enum Message {
     Prune(PruneRequest),
     /// Receiver → sender, the answer to a [`PruneRequest`].
     Pruned(Pruned),
+    /// Receiver → sender, after a [`ListResponse`] when the session agreed on
+    /// [`RESUME_SPOOL`]: the interrupted steps it can resume under the listed roots.
+    Resumable(Resumable),
+    /// Sender → receiver, instead of [`StepHeader`] (only with [`RESUME_SPOOL`]): the step
+    /// continues a spooled one at `offset`; data chunks follow from there.
+    ResumeStep(ResumeStep),
 }
+
+/// The resume kind in which the receiver spools a large step's verified bytes and the
+/// sender continues from where they end (see `docs/protocol.md`).
+pub const RESUME_SPOOL: &str = "spool";
 
 impl Message {
     /// Short name of the variant, for error messages and logs.
@@ -54,6 +64,8 @@ impl Message {
             Message::Error(_) => "Error",
             Message::Prune(_) => "Prune",
             Message::Pruned(_) => "Pruned",
+            Message::Resumable(_) => "Resumable",
+            Message::ResumeStep(_) => "ResumeStep",
         }
     }
 
@@ -111,15 +123,13 @@ impl Message {
                 }
                 Ok(())
             }
-            Message::StepHeader(h) => {
-                check_name("StepHeader.source", &h.source)?;
-                check_name("StepHeader.target", &h.target)?;
-                check_name("StepHeader.to", &h.to.name)?;
-                if let Some(from) = &h.from {
-                    check_name("StepHeader.from", &from.name)?;
-                }
-                if let ForceAction::RollbackTo(s) = &h.force {
-                    check_name("StepHeader.force", &s.name)?;
+            Message::StepHeader(h) => h.validate(),
+            Message::ResumeStep(r) => r.header.validate(),
+            Message::Resumable(r) => {
+                check_count("Resumable.tokens", r.tokens.len(), MAX_LIST_DATASETS)?;
+                for t in &r.tokens {
+                    check_name("Resumable.dataset", &t.dataset)?;
+                    check_name("Resumable.to", &t.to.name)?;
                 }
                 Ok(())
             }
@@ -324,6 +334,59 @@ pub struct StepHeader {
     pub compression: String,
 }
 
+impl StepHeader {
+    fn validate(&self) -> Result<(), LimitError> {
+        check_name("StepHeader.source", &self.source)?;
+        check_name("StepHeader.target", &self.target)?;
+        check_name("StepHeader.to", &self.to.name)?;
+        if let Some(from) = &self.from {
+            check_name("StepHeader.from", &from.name)?;
+        }
+        if let ForceAction::RollbackTo(s) = &self.force {
+            check_name("StepHeader.force", &s.name)?;
+        }
+        Ok(())
+    }
+}
+
+/// A step the receiver can resume: which step it was, and the verified prefix of its
+/// stream the receiver holds. The sender regenerates the same stream, checks that its
+/// first `offset` bytes hash to `prefix_hash`, and sends the rest in a [`ResumeStep`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeToken {
+    /// Target dataset on the receiver.
+    pub dataset: String,
+    /// GUID of the step's incremental base, `None` for a full stream.
+    pub from_guid: Option<u64>,
+    /// The snapshot the step ends with (its GUID is 0 for an `-I` stream, which does not
+    /// name it in its first record).
+    pub to: SnapRef,
+    /// Whether the stream carries intermediate snapshots (`zfs send -I`).
+    pub intermediates: bool,
+    /// Verified bytes the receiver holds.
+    pub offset: u64,
+    /// BLAKE3 of those bytes.
+    pub prefix_hash: [u8; 32],
+}
+
+/// The receiver's resumable steps (see [`Message::Resumable`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resumable {
+    /// One per target with a spooled step.
+    pub tokens: Vec<ResumeToken>,
+}
+
+/// First frame of a resumed step: the step's header and where its data continue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeStep {
+    /// The step, as a fresh one would announce it.
+    pub header: StepHeader,
+    /// The offset the data chunks start at: the token's.
+    pub offset: u64,
+    /// BLAKE3 of the stream's first `offset` bytes, as the sender regenerated them.
+    pub prefix_hash: [u8; 32],
+}
+
 /// Destruction the sender's user authorised with `--force` for this step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ForceAction {
@@ -463,6 +526,9 @@ pub enum ErrorKind {
     GuidMismatch,
     /// Anything else on the receiver.
     Internal,
+    /// A [`ResumeStep`] did not match what the receiver spooled (which it then discards):
+    /// send the step afresh.
+    ResumeRejected,
 }
 
 impl ErrorKind {
@@ -470,7 +536,11 @@ impl ErrorKind {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            ErrorKind::Checksum | ErrorKind::Protocol | ErrorKind::Aborted | ErrorKind::Internal
+            ErrorKind::Checksum
+                | ErrorKind::Protocol
+                | ErrorKind::Aborted
+                | ErrorKind::Internal
+                | ErrorKind::ResumeRejected
         )
     }
 }

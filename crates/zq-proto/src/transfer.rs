@@ -47,6 +47,18 @@ impl StepEncoder {
         self.total
     }
 
+    /// Accounts for the start of a resumed step's stream, which the receiver already holds:
+    /// hashed into the whole stream, not sent.
+    pub fn prefix(&mut self, data: &[u8]) {
+        self.stream.update(data);
+        self.total += data.len() as u64;
+    }
+
+    /// BLAKE3 of the bytes accounted for so far (a resume token's prefix hash).
+    pub fn prefix_hash(&self) -> [u8; 32] {
+        *self.stream.finalize().as_bytes()
+    }
+
     /// The `StepEnd` that closes the data.
     pub fn end(&self) -> StepEnd {
         StepEnd {
@@ -129,6 +141,15 @@ impl StepDecoder {
         self.total
     }
 
+    /// Accounts for the start of a resumed step's stream, replayed from the receiver's own
+    /// spool before any frame: the whole-stream hash in `StepEnd` covers it. Call it only
+    /// before the first frame.
+    pub fn prefix(&mut self, data: &[u8]) {
+        debug_assert!(self.pending.is_none() && !self.done);
+        self.stream.update(data);
+        self.total += data.len() as u64;
+    }
+
     /// Feeds one frame.
     pub fn on_frame(&mut self, frame: Frame) -> Result<StepEvent, TransferError> {
         if self.done {
@@ -197,6 +218,44 @@ impl StepDecoder {
 mod tests {
     use super::*;
     use crate::codec::{decode, encode, encode_data_header};
+
+    #[test]
+    fn a_resumed_step_verifies_the_whole_stream() {
+        let stream: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let (head, tail) = stream.split_at(4000);
+        let mut sender = StepEncoder::new();
+        sender.prefix(head);
+        assert_eq!(sender.prefix_hash(), *blake3::hash(head).as_bytes());
+        let hash = sender.chunk(tail);
+        let mut dec = StepDecoder::new();
+        dec.prefix(head);
+        let data = Bytes::copy_from_slice(tail);
+        assert_eq!(
+            dec.on_frame(Frame::Data { hash, data }).unwrap(),
+            StepEvent::Nothing
+        );
+        let end = sender.end();
+        assert_eq!(end.total_len, 10_000);
+        assert_eq!(end.hash, *blake3::hash(&stream).as_bytes());
+        assert!(matches!(
+            dec.on_frame(Frame::Message(Message::StepEnd(end.clone()))),
+            Ok(StepEvent::Complete {
+                total_len: 10_000,
+                ..
+            })
+        ));
+        // A receiver whose prefix differs (a flipped bit in its spool) refuses the end.
+        let mut bad = head.to_vec();
+        bad[17] ^= 1;
+        let mut dec = StepDecoder::new();
+        dec.prefix(&bad);
+        let data = Bytes::copy_from_slice(tail);
+        dec.on_frame(Frame::Data { hash, data }).unwrap();
+        assert_eq!(
+            dec.on_frame(Frame::Message(Message::StepEnd(end))),
+            Err(TransferError::StreamChecksum(10_000))
+        );
+    }
     use crate::message::StepAbort;
     use bytes::{BufMut, BytesMut};
     use proptest::prelude::*;

@@ -34,7 +34,7 @@ use zq_store::{DatasetName, Zfs};
 
 use crate::lanes::{Lanes, Slot};
 use crate::retention::{prunable, remote_may_exceed, RemoteCount, ZQ_PREFIX};
-use crate::sender::{Job, Sender};
+use crate::sender::{Job, Listing, Sender};
 use crate::{to_info, DatasetOutcome, ReplError};
 
 mod changes;
@@ -629,26 +629,28 @@ impl State {
         let needs_listing = ready
             .iter()
             .any(|s| self.datasets.get(s).is_some_and(|t| t.cursor.is_none()));
-        let listing: Option<HashMap<String, Vec<SnapshotInfo>>> = if plan && needs_listing {
-            match sender.list_remote(&job.target, job.recursive).await {
-                Ok(r) => Some(
-                    r.datasets
-                        .into_iter()
-                        .map(|d| (d.name, d.snapshots))
-                        .collect(),
-                ),
-                Err(e) => {
-                    let lost = e.connection_lost();
-                    self.error(
-                        &job.target,
-                        format!("listing the destination: {}", chain(&e)),
-                    );
-                    return lost;
+        let listing: Option<(HashMap<String, Vec<SnapshotInfo>>, Listing)> =
+            if plan && needs_listing {
+                match sender.list_remote(&job.target, job.recursive).await {
+                    Ok(mut r) => Some((
+                        std::mem::take(&mut r.datasets)
+                            .into_iter()
+                            .map(|d| (d.name, d.snapshots))
+                            .collect(),
+                        r,
+                    )),
+                    Err(e) => {
+                        let lost = e.connection_lost();
+                        self.error(
+                            &job.target,
+                            format!("listing the destination: {}", chain(&e)),
+                        );
+                        return lost;
+                    }
                 }
-            }
-        } else {
-            None
-        };
+            } else {
+                None
+            };
 
         for src in ready {
             let Some(t) = self.datasets.get(&src) else {
@@ -674,9 +676,12 @@ impl State {
                 }),
                 Next::Plan => {
                     let (snapshots, newest) = (t.snapshots.clone(), t.snapshots.last().cloned());
-                    let dest = match (&t.cursor, &listing) {
-                        (Some(c), _) => Some(vec![c.clone()]),
-                        (None, Some(listing)) => listing.get(target.as_str()).cloned(),
+                    let (dest, resume) = match (&t.cursor, &listing) {
+                        (Some(c), _) => (Some(vec![c.clone()]), None),
+                        (None, Some((dest, listing))) => (
+                            dest.get(target.as_str()).cloned(),
+                            listing.token(&target).cloned(),
+                        ),
                         // Needs the destination's listing: on the next tick.
                         (None, None) => continue,
                     };
@@ -689,6 +694,7 @@ impl State {
                                 &snapshots,
                                 &target,
                                 dest.as_deref(),
+                                resume.as_ref(),
                                 options,
                                 &mut slot,
                             )
@@ -703,9 +709,10 @@ impl State {
                                     &snapshots,
                                     &target,
                                     Some(&[ahead]),
+                                    None,
                                     options,
                                     &mut slot,
-                                )
+                            )
                                 .await;
                         }
                         (src, Done::Planned(newest, outcome))
@@ -779,10 +786,10 @@ impl State {
             return false;
         };
         if let Some(t) = self.datasets.get_mut(src) {
-            if e.stale_destination() {
-                // The receiver is not where we thought: list it next time.
-                t.cursor = None;
-            }
+            // List the destination next time: the receiver may not be where we thought
+            // (a stale cursor), or may hold the step's spool, to be resumed (its listing
+            // says so).
+            t.cursor = None;
             t.error = Some(chain(&e));
         }
         // Whatever failed, the next tick starts from a fresh source listing.

@@ -19,7 +19,7 @@ pub use error::ReplError;
 pub use lanes::{Lanes, Slot};
 pub use plan::{plan, Plan, PlanError, PlanOptions, Step};
 pub use receiver::{Policy, Receiver};
-pub use sender::{Job, Sender};
+pub use sender::{Job, Listing, Sender};
 
 use zq_store::DatasetName;
 
@@ -45,6 +45,8 @@ pub enum DatasetOutcome {
         steps: usize,
         /// Stream bytes sent.
         bytes: u64,
+        /// Stream bytes not sent again because a resumed step's receiver had them.
+        resumed: u64,
         /// The newest snapshot now on the destination.
         newest: String,
         /// Snapshots the destination holds now.

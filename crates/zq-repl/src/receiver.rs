@@ -14,6 +14,7 @@ use zq_store::{DatasetName, Zfs};
 use crate::to_info;
 
 mod lister;
+pub mod spool;
 mod step;
 
 /// How long a connected sender has to complete the zq handshake.
@@ -75,6 +76,8 @@ pub struct Receiver {
     mounts: tokio::sync::Mutex<()>,
     /// The steps' target listings, batched.
     lister: Arc<lister::Lister>,
+    /// Spooled steps, for resumes ([`spool`]).
+    spools: spool::Spools,
 }
 
 /// A target's snapshots as this receiver left them after its last step: listed before the
@@ -110,8 +113,22 @@ const PRUNE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const TARGET_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Receiver {
-    /// A receiver with this policy.
+    /// A receiver with this policy that spools nothing: interrupted steps restart.
     pub fn new(zfs: Zfs, policy: Policy, caps: Capabilities) -> Arc<Self> {
+        Self::with_spools(zfs, policy, caps, spool::Spools::disabled())
+    }
+
+    /// A receiver that spools large steps so that they can resume ([`spool`]); it offers
+    /// the `spool` resume kind only if `spools` is enabled.
+    pub fn with_spools(
+        zfs: Zfs,
+        policy: Policy,
+        mut caps: Capabilities,
+        spools: spool::Spools,
+    ) -> Arc<Self> {
+        if !spools.enabled() {
+            caps.resume.retain(|r| r != zq_proto::RESUME_SPOOL);
+        }
         Arc::new(Receiver {
             lister: lister::Lister::new(zfs.clone()),
             zfs,
@@ -119,6 +136,7 @@ impl Receiver {
             caps,
             targets: Mutex::new(HashMap::new()),
             mounts: tokio::sync::Mutex::new(()),
+            spools,
         })
     }
 
@@ -191,11 +209,14 @@ impl Receiver {
         let result = handshake
             .await
             .unwrap_or_else(|_| Err(format!("no Hello within {HANDSHAKE_TIMEOUT:?}")));
-        if let Err(e) = result {
-            warn!(error = %e, "handshake failed");
-            conn.close(2u32.into(), b"handshake failed");
-            return;
-        }
+        let spooling = match result {
+            Ok(w) => w.resume.iter().any(|r| r == zq_proto::RESUME_SPOOL),
+            Err(e) => {
+                warn!(error = %e, "handshake failed");
+                conn.close(2u32.into(), b"handshake failed");
+                return;
+            }
+        };
         // Nothing but the Hello is served from 0-RTT data.
         if !Self::established(&conn, &mut established).await {
             return;
@@ -213,7 +234,7 @@ impl Receiver {
             tokio::spawn(
                 async move {
                     let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
-                    if let Err(e) = this.stream(&root, &mut send, &mut recv).await {
+                    if let Err(e) = this.stream(&root, spooling, &mut send, &mut recv).await {
                         warn!(error = %e, "stream failed");
                     }
                 }
@@ -247,7 +268,8 @@ impl Receiver {
         }
     }
 
-    async fn handshake(&self, conn: &quinn::Connection) -> Result<(), String> {
+    /// Answers the Hello; returns what was agreed.
+    async fn handshake(&self, conn: &quinn::Connection) -> Result<zq_proto::Welcome, String> {
         let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
         let reply = match recv.message("Hello").await {
@@ -260,8 +282,8 @@ impl Receiver {
         };
         let (msg, result) = match reply {
             Ok(w) => {
-                info!(version = w.version, "handshake complete");
-                (Message::Welcome(w), Ok(()))
+                info!(version = w.version, resume = ?w.resume, "handshake complete");
+                (Message::Welcome(w.clone()), Ok(w))
             }
             Err((why, r)) => (Message::Refused(r), Err(why)),
         };
@@ -284,24 +306,50 @@ impl Receiver {
         (r.message.clone(), r)
     }
 
+    /// Serves one request stream. With `spooling` (the session agreed on the `spool`
+    /// resume kind) a listing is followed by the resumable steps of the listed datasets,
+    /// and a step may be a `ResumeStep`.
     async fn stream(
         &self,
         root: &DatasetName,
+        spooling: bool,
         send: &mut FramedSend,
         recv: &mut FramedRecv,
     ) -> Result<(), StreamError> {
         let reply = match recv.message("a request").await {
-            Ok(Message::ListRequest(r)) => match self.list(root, r).await {
-                Ok(l) => Message::ListResponse(l),
-                Err(e) => Message::Error(e),
-            },
+            Ok(Message::ListRequest(r)) => {
+                let roots = r.roots.clone();
+                match self.list(root, r).await {
+                    Ok(l) if spooling => {
+                        let mut tokens = Vec::new();
+                        for r in &roots {
+                            // Authorized by the listing.
+                            if let Ok(ds) = DatasetName::parse(&r.dataset) {
+                                tokens.extend(self.spools.tokens_under(&ds, r.recursive).await);
+                            }
+                        }
+                        send.send(&Message::ListResponse(l)).await?;
+                        Message::Resumable(zq_proto::Resumable { tokens })
+                    }
+                    Ok(l) => Message::ListResponse(l),
+                    Err(e) => Message::Error(e),
+                }
+            }
+            Ok(Message::ResumeStep(r)) if spooling => {
+                let span = info_span!("step", target = %r.header.target, to = %r.header.to.name, resume_at = r.offset);
+                let v = self
+                    .step(root, r.header, Some((r.offset, r.prefix_hash)), recv)
+                    .instrument(span)
+                    .await;
+                Message::Verdict(v)
+            }
             Ok(Message::Prune(p)) => match self.prune(root, p).await {
                 Ok(pruned) => Message::Pruned(pruned),
                 Err(e) => Message::Error(e),
             },
             Ok(Message::StepHeader(h)) => {
                 let span = info_span!("step", target = %h.target, to = %h.to.name);
-                let v = self.step(root, h, recv).instrument(span).await;
+                let v = self.step(root, h, None, recv).instrument(span).await;
                 Message::Verdict(v)
             }
             Ok(other) => Message::Error(WireError::new(

@@ -8,8 +8,8 @@ use bytes::BytesMut;
 use tracing::{info, info_span, warn, Instrument};
 use zq_net::{Dialed, FramedRecv, FramedSend};
 use zq_proto::{
-    Capabilities, Committed, ListRequest, ListRoot, Message, Session, SnapRef, StepAbort,
-    StepEncoder, StepHeader, Verdict,
+    Capabilities, Committed, ListRequest, ListRoot, Message, ResumeStep, ResumeToken, Session,
+    SnapRef, StepAbort, StepEncoder, StepHeader, Verdict, RESUME_SPOOL,
 };
 use zq_store::{DatasetName, Zfs};
 
@@ -48,6 +48,22 @@ pub struct Job {
     pub recursive: bool,
     /// Planning options (`-i` vs `-I`, `--force`).
     pub options: PlanOptions,
+}
+
+/// The receiver's answer to a listing.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    /// Existing datasets under the requested root, parents first, with their snapshots.
+    pub datasets: Vec<zq_proto::DatasetSnapshots>,
+    /// Steps the receiver can resume under the root.
+    pub resumable: Vec<ResumeToken>,
+}
+
+impl Listing {
+    /// The resume token of `target`, if any.
+    pub fn token(&self, target: &DatasetName) -> Option<&ResumeToken> {
+        self.resumable.iter().find(|t| t.dataset == target.as_str())
+    }
 }
 
 /// A connected, handshaken sender.
@@ -141,8 +157,8 @@ impl Sender {
         if sources.is_empty() {
             return Err(ReplError::SourceMissing(job.source.to_string()));
         }
-        let dest = dest?;
-        let dest: HashMap<&str, &[zq_proto::SnapshotInfo]> = dest
+        let listing = dest?;
+        let dest: HashMap<&str, &[zq_proto::SnapshotInfo]> = listing
             .datasets
             .iter()
             .map(|d| (d.name.as_str(), d.snapshots.as_slice()))
@@ -164,6 +180,7 @@ impl Sender {
                     &snapshots,
                     &target,
                     dest_snaps,
+                    listing.token(&target),
                     job.options,
                     &mut Slot::unlimited(),
                 )
@@ -182,13 +199,18 @@ impl Sender {
     /// Brings one dataset up to date given what the destination holds: its snapshot list,
     /// `None` if it does not exist, or in steady state just the cursor (the snapshot the
     /// receiver last committed). The receiver re-checks the base, so a stale cursor gives
-    /// a `Diverged`/`BaseMissing` error and the caller lists again.
+    /// a `Diverged`/`BaseMissing` error and the caller lists again. With `resume` (the
+    /// receiver's token for the target, from its listing), the interrupted step continues
+    /// first if it is still the way forward: its base is the destination's newest snapshot
+    /// and its `to` still exists here. Otherwise the plan's first step replaces it.
+    #[allow(clippy::too_many_arguments)]
     pub async fn replicate_dataset(
         &self,
         src: &DatasetName,
         source: &[zq_proto::SnapshotInfo],
         target: &DatasetName,
         dest: Option<&[zq_proto::SnapshotInfo]>,
+        resume: Option<&ResumeToken>,
         options: PlanOptions,
         slot: &mut Slot,
     ) -> DatasetOutcome {
@@ -196,6 +218,39 @@ impl Sender {
             chain_up_to: self.chain_up_to(),
             ..options
         };
+        let (mut steps, mut bytes, mut resumed, mut last) = (0, 0, 0, None);
+        let resumed_dest;
+        let mut dest = dest;
+        if let Some((token, step)) =
+            resume.and_then(|t| Some((t, resumable_step(t, source, dest)?)))
+        {
+            match self
+                .run_step(
+                    src,
+                    target,
+                    &step,
+                    zq_proto::ForceAction::None,
+                    slot,
+                    Some(token),
+                )
+                .await
+            {
+                Ok(done) => {
+                    steps += 1;
+                    bytes += done.bytes;
+                    resumed += done.resumed;
+                    resumed_dest = done.committed.snapshots.clone();
+                    dest = Some(&resumed_dest);
+                    last = Some(done.committed);
+                }
+                Err(e) => {
+                    warn!(error = %e, "resumed step failed");
+                    return DatasetOutcome::Failed(e);
+                }
+            }
+        } else if let Some(t) = resume {
+            info!(to = %t.to.name, offset = t.offset, "the receiver's spooled step is no longer the way forward; it will be replaced");
+        }
         let plan = match plan(source, dest, options) {
             Ok(p) => p,
             Err(e) => {
@@ -206,18 +261,17 @@ impl Sender {
         if let Some(note) = &plan.note {
             info!("{note}");
         }
-        if plan.steps.is_empty() {
+        if plan.steps.is_empty() && last.is_none() {
             info!("up to date");
             return DatasetOutcome::UpToDate;
         }
         let mut force = plan.force.clone();
-        let mut bytes = 0;
-        let mut last = None;
         for step in &plan.steps {
-            match self.run_step(src, target, step, force, slot).await {
-                Ok((committed, n)) => {
-                    bytes += n;
-                    last = Some(committed);
+            match self.run_step(src, target, step, force, slot, None).await {
+                Ok(done) => {
+                    steps += 1;
+                    bytes += done.bytes;
+                    last = Some(done.committed);
                 }
                 Err(e) => {
                     warn!(error = %e, "step failed");
@@ -242,25 +296,28 @@ impl Sender {
                 missing.join(", ")
             )));
         }
-        let newest = plan
-            .steps
-            .last()
-            .map(|s| s.to().name.clone())
+        let newest = held
+            .iter()
+            .rev()
+            .find(|h| source.iter().any(|s| s.guid == h.guid))
+            .map(|s| s.name.clone())
             .unwrap_or_default();
         DatasetOutcome::Sent {
-            steps: plan.steps.len(),
+            steps,
             bytes,
+            resumed,
             newest,
             committed: held.len(),
         }
     }
 
-    /// Lists `target` (and descendants) on the receiver in one request.
+    /// Lists `target` (and descendants) on the receiver in one request, with the steps it
+    /// can resume there (if the session agreed on spooling).
     pub async fn list_remote(
         &self,
         target: &DatasetName,
         recursive: bool,
-    ) -> Result<zq_proto::ListResponse, ReplError> {
+    ) -> Result<Listing, ReplError> {
         let (send, recv) = self.conn.open_bi().await.map_err(ReplError::connection)?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
         send.send(&Message::ListRequest(ListRequest {
@@ -271,14 +328,38 @@ impl Sender {
         }))
         .await?;
         send.finish()?;
-        match recv.message("ListResponse").await? {
-            Message::ListResponse(r) => Ok(r),
-            Message::Error(e) => Err(ReplError::Remote(e)),
-            other => Err(ReplError::Protocol(format!(
-                "expected ListResponse, receiver sent {}",
-                other.name()
-            ))),
-        }
+        let datasets = match recv.message("ListResponse").await? {
+            Message::ListResponse(r) => r.datasets,
+            Message::Error(e) => return Err(ReplError::Remote(e)),
+            other => {
+                return Err(ReplError::Protocol(format!(
+                    "expected ListResponse, receiver sent {}",
+                    other.name()
+                )))
+            }
+        };
+        let resumable = if self.spooling() {
+            match recv.message("Resumable").await? {
+                Message::Resumable(r) => r.tokens,
+                other => {
+                    return Err(ReplError::Protocol(format!(
+                        "expected Resumable, receiver sent {}",
+                        other.name()
+                    )))
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        Ok(Listing {
+            datasets,
+            resumable,
+        })
+    }
+
+    /// Whether the receiver spools large steps so that they can resume.
+    fn spooling(&self) -> bool {
+        self.session.resume.iter().any(|r| r == RESUME_SPOOL)
     }
 
     /// Asks the receiver to prune `target`'s `zq_` snapshots (see [`crate::retention`]);
@@ -355,8 +436,16 @@ impl Sender {
                 intermediates: new.len() > 1 && !newest_only,
             };
             return self
-                .run_step(source, target, &step, zq_proto::ForceAction::None, slot)
-                .await;
+                .run_step(
+                    source,
+                    target,
+                    &step,
+                    zq_proto::ForceAction::None,
+                    slot,
+                    None,
+                )
+                .await
+                .map(|d| (d.committed, d.bytes));
         }
         let (mut from, mut bytes, mut last) = (from.clone(), 0, None);
         for name in new {
@@ -365,8 +454,19 @@ impl Sender {
                 to: by_name(name),
                 intermediates: false,
             };
-            let (committed, n) = self
-                .run_step(source, target, &step, zq_proto::ForceAction::None, slot)
+            let StepDone {
+                committed,
+                bytes: n,
+                ..
+            } = self
+                .run_step(
+                    source,
+                    target,
+                    &step,
+                    zq_proto::ForceAction::None,
+                    slot,
+                    None,
+                )
                 .await?;
             from = zq_proto::SnapshotInfo {
                 guid: committed.guid,
@@ -379,8 +479,11 @@ impl Sender {
         Ok((last, bytes))
     }
 
-    /// Runs one step on its own stream; returns the receiver's commit and the stream size.
-    /// A `to` GUID of 0 is left to the receiver (protocol version 2).
+    /// Runs one step on its own stream; returns the receiver's commit and the bytes sent.
+    /// A `to` GUID of 0 is left to the receiver (protocol version 2). With `resume`, the
+    /// step continues the receiver's spooled one: `zfs send` runs again, its first
+    /// `offset` bytes are hashed instead of sent, and if they match the token the rest
+    /// follows a `ResumeStep`; if they do not, the step starts afresh.
     async fn run_step(
         &self,
         source: &DatasetName,
@@ -388,7 +491,8 @@ impl Sender {
         step: &Step,
         force: zq_proto::ForceAction,
         slot: &mut Slot,
-    ) -> Result<(Committed, u64), ReplError> {
+        resume: Option<&ResumeToken>,
+    ) -> Result<StepDone, ReplError> {
         let started = Instant::now();
         let (from, to, intermediates) = match step {
             Step::Full { to } => (None, to, false),
@@ -416,20 +520,56 @@ impl Sender {
         let to_snap = source.snapshot(&to.name)?;
         let from_snap = from.map(|f| source.snapshot(&f.name)).transpose()?;
 
-        // zfs send starts first and the header goes out at once, so that the receiver
-        // starts zfs receive and checks its target while our zfs send starts up.
-        let zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates);
-        let (send, recv) = self.conn.open_bi().await.map_err(ReplError::connection)?;
-        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
-        send.send(&Message::StepHeader(header)).await?;
-
         let mut encoder = StepEncoder::new();
         let mut created = None;
+        let mut zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates);
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        let mut first = Message::StepHeader(header.clone());
+        if let Some(token) = resume.filter(|_| self.spooling()) {
+            match regenerate(&mut zsend, &mut buf, &mut encoder, token.offset).await {
+                Ok(()) if encoder.prefix_hash() == token.prefix_hash => {
+                    info!(
+                        snapshot = %to.name,
+                        offset = token.offset,
+                        "resuming the step where the receiver's spool ends"
+                    );
+                    first = Message::ResumeStep(ResumeStep {
+                        header,
+                        offset: token.offset,
+                        prefix_hash: token.prefix_hash,
+                    });
+                }
+                outcome => {
+                    let why = match outcome {
+                        Ok(()) => {
+                            "the regenerated stream does not match the receiver's spool".into()
+                        }
+                        Err(e) => e.to_string(),
+                    };
+                    warn!(snapshot = %to.name, offset = token.offset, reason = %why, "cannot resume; sending the step afresh");
+                    // Dropping it kills the first zfs send.
+                    encoder = StepEncoder::new();
+                    buf.clear();
+                    zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates);
+                }
+            }
+        }
+        let resumed = encoder.total();
+
+        // zfs send starts first and the header goes out at once, so that the receiver
+        // starts zfs receive and checks its target while our zfs send starts up.
+        let (send, recv) = self.conn.open_bi().await.map_err(ReplError::connection)?;
+        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+        send.send(&first).await?;
+        if resumed >= BULK_BYTES {
+            send.set_priority(-1);
+            slot.to_bulk().await;
+        }
+
         // A write error means the receiver stopped reading (it refused the step or failed);
         // its verdict, read below, says why.
         let send_result = async {
             let mut zsend = zsend?;
-            let mut buf = BytesMut::with_capacity(CHUNK);
             loop {
                 // The BEGIN record goes alone and at once: the receiver hands it to
                 // `zfs receive` without waiting for more (zq_proto::transfer), so both
@@ -492,13 +632,28 @@ impl Sender {
                         c.guid, to.name
                     )));
                 }
-                info!(
-                    snapshot = %to.name,
-                    bytes = encoder.total(),
-                    ms = started.elapsed().as_millis() as u64,
-                    "step committed"
-                );
-                Ok((c, encoder.total()))
+                let bytes = encoder.total() - resumed;
+                if resumed > 0 {
+                    info!(
+                        snapshot = %to.name,
+                        bytes,
+                        resumed_bytes = resumed,
+                        ms = started.elapsed().as_millis() as u64,
+                        "step committed (resumed: {} bytes not sent again)", resumed
+                    );
+                } else {
+                    info!(
+                        snapshot = %to.name,
+                        bytes,
+                        ms = started.elapsed().as_millis() as u64,
+                        "step committed"
+                    );
+                }
+                Ok(StepDone {
+                    committed: c,
+                    bytes,
+                    resumed,
+                })
             }
             (Ok(Message::Verdict(Verdict::Failed(e))), _) => Err(ReplError::Remote(e)),
             (Ok(Message::Verdict(Verdict::Committed(_))), Err(e)) => Err(e),
@@ -509,6 +664,75 @@ impl Sender {
             // No verdict: the local failure, if any, is the better explanation.
             (Err(_), Err(e)) => Err(e),
             (Err(e), Ok(())) => Err(e.into()),
+        }
+    }
+}
+
+/// What a committed step did.
+#[derive(Debug)]
+struct StepDone {
+    committed: Committed,
+    /// Stream bytes sent on this connection.
+    bytes: u64,
+    /// Stream bytes the receiver already had (a resumed step).
+    resumed: u64,
+}
+
+/// Reads the first `offset` bytes of a resumed step's regenerated stream into `encoder`
+/// (hashed, not sent); `buf` keeps what was read past them.
+async fn regenerate(
+    zsend: &mut Result<zq_store::Reader, zq_store::StoreError>,
+    buf: &mut BytesMut,
+    encoder: &mut StepEncoder,
+    offset: u64,
+) -> Result<(), ReplError> {
+    let zsend = match zsend {
+        Ok(z) => z,
+        Err(e) => return Err(ReplError::Protocol(format!("zfs send: {e}"))),
+    };
+    while encoder.total() < offset {
+        let want = usize::try_from(offset - encoder.total())
+            .unwrap_or(usize::MAX)
+            .min(CHUNK);
+        if !zsend.fill(buf, want).await? {
+            return Err(ReplError::Protocol(format!(
+                "zfs send produced {} bytes, fewer than the receiver's spool holds ({offset})",
+                encoder.total()
+            )));
+        }
+        let take = want.min(buf.len());
+        let piece = buf.split_to(take);
+        encoder.prefix(&piece);
+    }
+    Ok(())
+}
+
+/// The step a resume token continues, if it is still the way forward: its `to` exists in
+/// `source` (same GUID when the token knows it), and its base is the destination's newest
+/// snapshot (or, for a full stream, the destination has no snapshot).
+fn resumable_step(
+    t: &ResumeToken,
+    source: &[zq_proto::SnapshotInfo],
+    dest: Option<&[zq_proto::SnapshotInfo]>,
+) -> Option<Step> {
+    let to_pos = source
+        .iter()
+        .position(|s| s.name == t.to.name && (t.to.guid == 0 || s.guid == t.to.guid))?;
+    let to = source[to_pos].clone();
+    match t.from_guid {
+        // The target of an interrupted full stream may still be listed, without
+        // snapshots, while the receiver notices the interruption.
+        None => dest
+            .is_none_or(|d| d.is_empty())
+            .then_some(Step::Full { to }),
+        Some(g) => {
+            let from_pos = source.iter().position(|s| s.guid == g)?;
+            let newest = dest?.last()?;
+            (from_pos < to_pos && newest.guid == g).then(|| Step::Incremental {
+                from: source[from_pos].clone(),
+                to,
+                intermediates: t.intermediates,
+            })
         }
     }
 }

@@ -25,11 +25,12 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 use zq_net::FramedRecv;
 use zq_proto::{
-    Committed, ErrorKind, ForceAction, SnapRef, SnapshotInfo, StepDecoder, StepEvent, StepHeader,
-    TransferError, Verdict, WireError,
+    Committed, ErrorKind, ForceAction, ResumeStep, SnapRef, SnapshotInfo, StepDecoder, StepEvent,
+    StepHeader, TransferError, Verdict, WireError,
 };
 use zq_store::{DatasetName, SnapshotName, StreamBegin, Writer};
 
+use super::spool::{Replay, SpoolWriter};
 use super::{authorize, internal, zfs_err, Known, Receiver, TARGET_WAIT};
 use crate::to_info;
 
@@ -41,13 +42,16 @@ struct Prepared {
 }
 
 impl Receiver {
+    /// Runs one step; `resume` is the [`ResumeStep`]'s offset and prefix hash when the
+    /// step continues a spooled one.
     pub(super) async fn step(
         &self,
         root: &DatasetName,
         h: StepHeader,
+        resume: Option<(u64, [u8; 32])>,
         recv: &mut FramedRecv,
     ) -> Verdict {
-        match self.step_inner(root, &h, recv).await {
+        match self.step_inner(root, &h, resume, recv).await {
             Ok(c) => {
                 info!(guid = c.guid, "committed");
                 Verdict::Committed(c)
@@ -86,10 +90,9 @@ impl Receiver {
         &self,
         root: &DatasetName,
         h: &StepHeader,
+        resume: Option<(u64, [u8; 32])>,
         recv: &mut FramedRecv,
     ) -> Result<Committed, WireError> {
-        let started = std::time::Instant::now();
-        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
         let target = authorize(root, &h.target)?;
         let name_err =
             |e: zq_store::NameError| WireError::new(ErrorKind::InvalidName, e.to_string());
@@ -104,7 +107,7 @@ impl Receiver {
             ));
         }
         let lock = self.target_lock(&target)?;
-        let mut busy = tokio::time::timeout(TARGET_WAIT, lock.lock_owned())
+        let busy = tokio::time::timeout(TARGET_WAIT, lock.lock_owned())
             .await
             .map_err(|_| {
                 WireError::new(
@@ -112,6 +115,49 @@ impl Receiver {
                     format!("{target} has been busy with another step for {TARGET_WAIT:?}"),
                 )
             })?;
+        // Under the target's lock: the spool is the target's, too.
+        let (mut spool, replay) = match resume {
+            None => (self.spools.writer(h, &target), None),
+            Some((offset, prefix_hash)) => {
+                let r = ResumeStep {
+                    header: h.clone(),
+                    offset,
+                    prefix_hash,
+                };
+                let (replay, writer) = self.spools.resume(&r, &target).await?;
+                (Some(writer), Some(replay))
+            }
+        };
+        let result = self
+            .receive(root, &target, &to, h, busy, &mut spool, replay, recv)
+            .await;
+        if let Some(w) = spool {
+            match &result {
+                Ok(_) => {
+                    drop(w);
+                    self.spools.discard(&target);
+                }
+                Err(_) => self.spools.keep(w),
+            }
+        }
+        result
+    }
+
+    /// The step once its target is locked: see the module docs.
+    #[allow(clippy::too_many_arguments)]
+    async fn receive(
+        &self,
+        root: &DatasetName,
+        target: &DatasetName,
+        to: &SnapshotName,
+        h: &StepHeader,
+        mut busy: tokio::sync::OwnedMutexGuard<Option<Known>>,
+        spool: &mut Option<SpoolWriter>,
+        mut replay: Option<Replay>,
+        recv: &mut FramedRecv,
+    ) -> Result<Committed, WireError> {
+        let started = std::time::Instant::now();
+        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
         // A full stream creates (and mounts) a dataset: one at a time where that is unsafe.
         let _mounting = match h.from {
             None if !self.zfs.capabilities().concurrent_mounts => Some(self.mounts.lock().await),
@@ -128,7 +174,7 @@ impl Receiver {
         let (prepared, first, zrecv, spawned_force) = if h.force == ForceAction::None {
             // Nothing is destroyed on this path, so everything runs at once.
             let guess = self.plain_force(h);
-            let early = self.zfs.receive(&target, guess).map_err(zfs_err)?;
+            let early = self.zfs.receive(target, guess).map_err(zfs_err)?;
             let both = tokio::try_join!(
                 async {
                     let p = match &trusted {
@@ -136,13 +182,16 @@ impl Receiver {
                             force: self.plain_force(h),
                             snapshots: k.snapshots.clone(),
                         }),
-                        None => self.prepare(root, &target, h).await,
+                        None => self.prepare(root, target, h).await,
                     };
                     listed = ms(started);
                     p
                 },
                 async {
-                    let f = first_bytes(recv, &mut decoder).await;
+                    let f = match replay.as_mut() {
+                        Some(r) => replay_first(r, &mut decoder, spool),
+                        None => first_bytes(recv, &mut decoder, spool).await,
+                    };
                     first_at = ms(started);
                     f
                 }
@@ -155,9 +204,12 @@ impl Receiver {
                 }
             }
         } else {
-            let p = self.prepare(root, &target, h).await?;
-            let first = first_bytes(recv, &mut decoder).await?;
-            let zrecv = self.zfs.receive(&target, p.force).map_err(zfs_err)?;
+            let p = self.prepare(root, target, h).await?;
+            let first = match replay.as_mut() {
+                Some(r) => replay_first(r, &mut decoder, spool)?,
+                None => first_bytes(recv, &mut decoder, spool).await?,
+            };
+            let zrecv = self.zfs.receive(target, p.force).map_err(zfs_err)?;
             let force = p.force;
             (p, first, zrecv, force)
         };
@@ -169,14 +221,17 @@ impl Receiver {
                 return Err(e);
             }
         };
+        if let Some(w) = spool.as_mut() {
+            w.set_to_guid(begin.to_guid);
+        }
         let mut zrecv = if spawned_force == prepared.force {
             zrecv
         } else {
             zrecv.abort().await;
-            self.zfs.receive(&target, prepared.force).map_err(zfs_err)?
+            self.zfs.receive(target, prepared.force).map_err(zfs_err)?
         };
         let fed_from = std::time::Instant::now();
-        let total = match feed(&mut zrecv, recv, &mut decoder, first).await {
+        let total = match feed(&mut zrecv, recv, &mut decoder, first, replay, spool).await {
             Ok(total) => total,
             Err(e) => {
                 // zfs receive never saw the end of the stream: it discards what it has.
@@ -188,7 +243,7 @@ impl Receiver {
             if trusted.is_some() {
                 // zfs refused what the record said: report the target's real state (e.g.
                 // diverged), as a listing before the step would have.
-                self.prepare(root, &target, h).await?;
+                self.prepare(root, target, h).await?;
             }
             return Err(zfs_err(e.into()));
         }
@@ -207,7 +262,7 @@ impl Receiver {
         let committed = if h.intermediates {
             // The stream held several snapshots and its BEGIN record named only the first:
             // list the target to learn (and check) the last one.
-            self.listed_commit(&target, &to, h).await?
+            self.listed_commit(target, to, h).await?
         } else {
             let guid = begin.to_guid;
             if guid == 0 {
@@ -413,6 +468,7 @@ struct FirstBytes {
 async fn first_bytes(
     recv: &mut FramedRecv,
     decoder: &mut StepDecoder,
+    spool: &mut Option<SpoolWriter>,
 ) -> Result<FirstBytes, WireError> {
     let mut first = FirstBytes {
         data: Vec::new(),
@@ -420,7 +476,7 @@ async fn first_bytes(
     };
     let mut have = 0;
     while have < zq_store::stream::BEGIN_RECORD_LEN {
-        match next_event(recv, decoder).await? {
+        match next_event(recv, decoder, spool).await? {
             StepEvent::Nothing => {}
             StepEvent::Data(d) => {
                 have += d.len();
@@ -434,6 +490,38 @@ async fn first_bytes(
         }
     }
     Ok(first)
+}
+
+/// A resumed step's first bytes, from its spool: at least a BEGIN record (the spool holds
+/// more than that, or it would not exist).
+fn replay_first(
+    replay: &mut Replay,
+    decoder: &mut StepDecoder,
+    spool: &mut Option<SpoolWriter>,
+) -> Result<FirstBytes, WireError> {
+    let data: Vec<Bytes> = replay_next(replay, decoder, spool)?.into_iter().collect();
+    Ok(FirstBytes {
+        data,
+        complete: None,
+    })
+}
+
+/// The next piece of a resumed step's spooled prefix, accounted for in the stream hash.
+fn replay_next(
+    replay: &mut Replay,
+    decoder: &mut StepDecoder,
+    spool: &mut Option<SpoolWriter>,
+) -> Result<Option<Bytes>, WireError> {
+    let d = replay
+        .next_piece()
+        .map_err(|e| internal(format!("reading the spool: {e}")))?;
+    if let Some(d) = &d {
+        decoder.prefix(d);
+        if let Some(w) = spool.as_mut() {
+            w.replayed(d);
+        }
+    }
+    Ok(d)
 }
 
 /// Checks the stream's BEGIN record against the header: the base it needs must be the
@@ -491,6 +579,8 @@ async fn feed(
     recv: &mut FramedRecv,
     decoder: &mut StepDecoder,
     first: FirstBytes,
+    mut replay: Option<Replay>,
+    spool: &mut Option<SpoolWriter>,
 ) -> Result<u64, WireError> {
     for d in &first.data {
         zrecv_write(zrecv, d).await?;
@@ -498,8 +588,13 @@ async fn feed(
     if let Some(total) = first.complete {
         return Ok(total);
     }
+    if let Some(r) = replay.as_mut() {
+        while let Some(d) = replay_next(r, decoder, spool)? {
+            zrecv_write(zrecv, &d).await?;
+        }
+    }
     loop {
-        match next_event(recv, decoder).await? {
+        match next_event(recv, decoder, spool).await? {
             StepEvent::Nothing => {}
             StepEvent::Data(d) => zrecv_write(zrecv, &d).await?,
             StepEvent::Complete { last, total_len } => {
@@ -512,16 +607,22 @@ async fn feed(
     }
 }
 
+/// The next frame's event; verified bytes it releases are copied to the spool.
 async fn next_event(
     recv: &mut FramedRecv,
     decoder: &mut StepDecoder,
+    spool: &mut Option<SpoolWriter>,
 ) -> Result<StepEvent, WireError> {
     let frame = match recv.next().await {
         Ok(Some(f)) => f,
         Ok(None) => return Err(transfer_err(decoder.on_eof().err())),
         Err(e) => return Err(WireError::new(ErrorKind::Protocol, e.to_string())),
     };
-    decoder.on_frame(frame).map_err(|e| transfer_err(Some(e)))
+    let event = decoder.on_frame(frame).map_err(|e| transfer_err(Some(e)))?;
+    if let (StepEvent::Data(d), Some(w)) = (&event, spool.as_mut()) {
+        w.write(d);
+    }
+    Ok(event)
 }
 
 async fn zrecv_write(w: &mut Writer, data: &[u8]) -> Result<(), WireError> {

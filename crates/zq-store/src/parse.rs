@@ -212,6 +212,40 @@ pub fn parse_version(out: &str) -> Option<Version> {
 }
 
 /// True if `zfs` stderr says the dataset does not exist (same wording in every ZFS).
+/// Parses `zfs get -H -o name,value -r userrefs ROOT`: the number of user holds of each
+/// snapshot under ROOT (filesystems and volumes print `-` and are skipped).
+pub fn parse_userrefs(out: &str) -> Result<Vec<(String, u64)>, ParseError> {
+    let mut refs = Vec::new();
+    for (i, line) in out.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+        let f: Vec<&str> = line.split('\t').collect();
+        let [name, value] = f[..] else {
+            return Err(perr(i + 1, line, format!("{} fields, expected 2", f.len())));
+        };
+        if !name.contains('@') {
+            continue;
+        }
+        refs.push((name.to_string(), number(i + 1, line, "userrefs", value)?));
+    }
+    Ok(refs)
+}
+
+/// Parses `zfs holds -H SNAP...` (OpenZFS): one `snapshot<TAB>tag<TAB>timestamp` line per
+/// hold. zfs-fuse's `zfs holds` does not work (it needs a Python module Debian lacks).
+pub fn parse_holds(out: &str) -> Result<Vec<(String, String)>, ParseError> {
+    let mut holds = Vec::new();
+    for (i, line) in out.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+        let f: Vec<&str> = line.split('\t').collect();
+        let [name, tag, _when] = f[..] else {
+            return Err(perr(i + 1, line, format!("{} fields, expected 3", f.len())));
+        };
+        if !name.contains('@') || tag.is_empty() {
+            return Err(perr(i + 1, line, "not a snapshot and a tag"));
+        }
+        holds.push((name.to_string(), tag.to_string()));
+    }
+    Ok(holds)
+}
+
 pub fn is_missing_dataset(stderr: &str) -> bool {
     stderr.contains("dataset does not exist")
 }
@@ -220,6 +254,37 @@ pub fn is_missing_dataset(stderr: &str) -> bool {
 mod tests {
     use super::*;
     use rstest::rstest;
+
+    #[test]
+    fn userrefs_from_zfs_fuse() {
+        // Captured from zfs-fuse 0.7 (`zfs get -H -o name,value -r userrefs zqholdtest`).
+        let out = "zqholdtest\t-\nzqholdtest/a\t-\nzqholdtest/a@1\t1\nzqholdtest/a@2\t2\n";
+        assert_eq!(
+            parse_userrefs(out).unwrap(),
+            vec![
+                ("zqholdtest/a@1".to_string(), 1),
+                ("zqholdtest/a@2".to_string(), 2)
+            ]
+        );
+        assert!(parse_userrefs("a@1\tmany\n").is_err());
+        assert!(parse_userrefs("a@1\n").is_err());
+    }
+
+    #[test]
+    fn holds_in_openzfs_format() {
+        // The layout of OpenZFS's `zfs holds -H` (zfs-holds.8: NAME, TAG, TIMESTAMP), as
+        // scripts in the wild cut it (`cut -f 1,2`); no captured output was available.
+        let out = "tank/fs@zq_1\tzq_j_cursor\tThu Nov 26 17:20 2026\n\
+                   tank/fs@zq_2\tkeep\tThu Nov 26 17:21 2026\n";
+        assert_eq!(
+            parse_holds(out).unwrap(),
+            vec![
+                ("tank/fs@zq_1".to_string(), "zq_j_cursor".to_string()),
+                ("tank/fs@zq_2".to_string(), "keep".to_string())
+            ]
+        );
+        assert!(parse_holds("tank/fs\tkeep\tnow\n").is_err());
+    }
 
     /// `zfs list -Hp -o name,snapshots_changed -t filesystem,volume -r tank` in the format
     /// libzfs prints with -p (`%llu` seconds, `-` when unset: zfs_prop_get, literal path).

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use crate::command::{run, Argv, CommandError, Reader, Writer};
 use crate::name::{DatasetName, NameError, SnapshotName};
 use crate::parse::{
-    is_missing_dataset, parse_get, parse_list, parse_number_value, parse_snapshots_changed,
-    parse_version, Entry, Kind, ParseError, Version,
+    is_missing_dataset, parse_get, parse_holds, parse_list, parse_number_value,
+    parse_snapshots_changed, parse_userrefs, parse_version, Entry, Kind, ParseError, Version,
 };
 
 /// A store operation failed.
@@ -84,6 +84,9 @@ pub struct Capabilities {
     /// The `snapshots_changed` property (OpenZFS >= 2.2): one cheap call tells which
     /// datasets' snapshot lists changed since they were last listed.
     pub snapshots_changed: bool,
+    /// `zfs holds` lists the tags of a snapshot's holds. zfs-fuse's needs a Python module
+    /// Debian does not ship; there zq can only count holds (`userrefs`).
+    pub listable_holds: bool,
 }
 
 impl Capabilities {
@@ -100,6 +103,7 @@ impl Capabilities {
                 resumable_receive: true,
                 concurrent_mounts: true,
                 cheap_intermediates: true,
+                listable_holds: true,
                 snapshots_changed: v
                     >= Some(Version {
                         major: 2,
@@ -327,6 +331,122 @@ impl Zfs {
     pub async fn destroy_snapshot(&self, snap: &SnapshotName) -> Result<(), StoreError> {
         run(&self.zfs().arg("destroy").arg(snap.to_string())).await?;
         Ok(())
+    }
+
+    /// Places the user hold `tag` on every one of `snaps` (one `zfs hold`). A snapshot that
+    /// already has the tag is fine; one that does not exist is an error.
+    pub async fn hold(&self, tag: &str, snaps: &[SnapshotName]) -> Result<(), StoreError> {
+        self.tag_each("hold", tag, snaps, "tag already exists")
+            .await
+    }
+
+    /// Removes the user hold `tag` from every one of `snaps` (one `zfs release`). A snapshot
+    /// without the tag, or that no longer exists, is fine.
+    pub async fn release(&self, tag: &str, snaps: &[SnapshotName]) -> Result<(), StoreError> {
+        self.tag_each("release", tag, snaps, "no such tag").await
+    }
+
+    /// `zfs hold|release TAG SNAP...`, tolerating per snapshot the error containing
+    /// `benign`: zfs stops at the first error, so on one the snapshots go one at a time.
+    async fn tag_each(
+        &self,
+        verb: &str,
+        tag: &str,
+        snaps: &[SnapshotName],
+        benign: &str,
+    ) -> Result<(), StoreError> {
+        if snaps.is_empty() {
+            return Ok(());
+        }
+        let all = self
+            .zfs()
+            .args([verb, tag])
+            .args(snaps.iter().map(|s| s.to_string()));
+        let ok = |e: &CommandError| {
+            e.stderr()
+                .is_some_and(|s| s.contains(benign) || (verb == "release" && is_missing_dataset(s)))
+        };
+        match run(&all).await {
+            Ok(_) => Ok(()),
+            Err(e) if snaps.len() == 1 && ok(&e) => Ok(()),
+            Err(e) if snaps.len() == 1 => Err(e.into()),
+            Err(_) => {
+                for snap in snaps {
+                    let one = self.zfs().args([verb, tag]).arg(snap.to_string());
+                    match run(&one).await {
+                        Err(e) if !ok(&e) => return Err(e.into()),
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// How many user holds each snapshot at (with `recursive`, below) `root` has, in zfs's
+    /// order. Empty if `root` does not exist.
+    pub async fn userrefs(
+        &self,
+        root: &DatasetName,
+        recursive: bool,
+    ) -> Result<Vec<(SnapshotName, u64)>, StoreError> {
+        // `-d 1` would be the non-recursive form, but zfs-fuse lacks `get -d`: filter.
+        let argv = self
+            .zfs()
+            .args(["get", "-H", "-o", "name,value", "-r", "userrefs"])
+            .arg(root.as_str());
+        let Some(out) = run_unless_missing(&argv).await? else {
+            return Ok(Vec::new());
+        };
+        let mut refs = Vec::new();
+        for (name, n) in parse_userrefs(&out)? {
+            let snap = SnapshotName::parse(&name)?;
+            if recursive || snap.dataset() == root {
+                refs.push((snap, n));
+            }
+        }
+        Ok(refs)
+    }
+
+    /// The tags of the user holds on `snaps` (`zfs holds`), where zfs can list them
+    /// ([`Capabilities::listable_holds`]); `None` where it cannot (zfs-fuse).
+    pub async fn holds(
+        &self,
+        snaps: &[SnapshotName],
+    ) -> Result<Option<Vec<(SnapshotName, String)>>, StoreError> {
+        if !self.caps.listable_holds {
+            return Ok(None);
+        }
+        if snaps.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let argv = self
+            .zfs()
+            .args(["holds", "-H"])
+            .args(snaps.iter().map(|s| s.to_string()));
+        parse_holds(&run(&argv).await?)?
+            .into_iter()
+            .map(|(s, t)| Ok((SnapshotName::parse(&s)?, t)))
+            .collect::<Result<Vec<_>, StoreError>>()
+            .map(Some)
+    }
+
+    /// Whether `snap` has the hold `tag`. Where holds cannot be listed (zfs-fuse) this
+    /// places the tag and removes it again if it was not there: only for rare maintenance
+    /// (`zq-send abstractions`), never on the replication path.
+    pub async fn has_hold(&self, tag: &str, snap: &SnapshotName) -> Result<bool, StoreError> {
+        if let Some(holds) = self.holds(std::slice::from_ref(snap)).await? {
+            return Ok(holds.iter().any(|(_, t)| t == tag));
+        }
+        let argv = self.zfs().args(["hold", tag]).arg(snap.to_string());
+        match run(&argv).await {
+            Ok(_) => {
+                self.release(tag, std::slice::from_ref(snap)).await?;
+                Ok(false)
+            }
+            Err(e) if e.stderr().is_some_and(|s| s.contains("tag already exists")) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Creates `dataset` and any missing ancestors (`zfs create -p`); no-op if it exists.

@@ -101,20 +101,26 @@ fn table(s: &Status, now: f64) -> String {
         }
     );
     out.push_str(&format!(
-        "  {:<40} {:<40} {:>9} {:>6}  {}\n",
-        "SOURCE", "LAST REPLICATED", "LAG", "UNSENT", "ERROR"
+        "  {:<40} {:<40} {:>9} {:>6} {:>9}  {}\n",
+        "SOURCE", "LAST REPLICATED", "LAG", "UNSENT", "RESUMED", "ERROR"
     ));
     for d in &s.datasets {
         // The lag grows while the status file ages.
         let lag = d
             .lag_seconds
             .map_or("-".to_string(), |l| format!("{:.1}s", l + age));
+        // Resumed steps and the bytes they did not send again.
+        let resumed = match d.resumes {
+            0 => "-".to_string(),
+            n => format!("{n}/{}M", d.resumed_bytes >> 20),
+        };
         out.push_str(&format!(
-            "  {:<40} {:<40} {:>9} {:>6}  {}\n",
+            "  {:<40} {:<40} {:>9} {:>6} {:>9}  {}\n",
             d.source,
             d.replicated.as_deref().unwrap_or("-"),
             lag,
             d.unsent,
+            resumed,
             d.error.as_deref().unwrap_or("")
         ));
     }
@@ -139,6 +145,8 @@ mod tests {
                 lag_seconds: Some(1.5),
                 unsent: 2,
                 error: Some("connection lost".into()),
+                resumes: 1,
+                resumed_bytes: 48 << 20,
             }],
         };
         let t = table(&s, 102.0);
@@ -147,6 +155,7 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("3.5s") && t.contains("connection lost"), "{t}");
+        assert!(t.contains("1/48M"), "{t}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use zq::{exit, fail};
 use zq_net::{Client, Fingerprint, Identity, Tuning};
 use zq_proto::Capabilities;
+use zq_repl::protect::{Modes, Protection, Protector, Tags};
 use zq_repl::{DaemonOptions, DatasetOutcome, Job, PlanOptions, ReplError, Sender};
 use zq_store::{DatasetName, Zfs};
 
@@ -39,6 +40,41 @@ enum Command {
     /// Show each running daemon's datasets: last replicated snapshot, its age (replication
     /// lag), snapshots not sent yet, last error. Reads the daemons' status files.
     Status(StatusArgs),
+    /// Show or clean up the holds zq placed on source snapshots (step holds, cursors).
+    #[command(subcommand)]
+    Abstractions(AbstractionsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum AbstractionsCommand {
+    /// List zq's holds on the snapshots of DATASET (zq_<job>: cursors and unfinished steps).
+    List(AbstractionsArgs),
+    /// Release the holds a stopped job does not need: all but each dataset's newest (its
+    /// cursor, or an interrupted step; with --all, that one too: the job is retired). Stop
+    /// the job's daemon first.
+    ReleaseStale {
+        #[command(flatten)]
+        args: AbstractionsArgs,
+        /// Also release each dataset's newest hold.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct AbstractionsArgs {
+    /// Dataset whose snapshots to look at.
+    dataset: DatasetName,
+    /// Also its descendants.
+    #[arg(long, short = 'r')]
+    recursive: bool,
+    /// The job (as given to `run --job`, or printed in its log). Required for
+    /// release-stale; for list, required where zfs cannot list hold tags (zfs-fuse).
+    #[arg(long, value_name = "NAME")]
+    job: Option<String>,
+    /// The zfs program to run.
+    #[arg(long, default_value = "zfs", value_name = "PATH")]
+    zfs: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -103,11 +139,32 @@ struct RunArgs {
     /// [default: $RUNTIME_DIRECTORY or /run/zq, file send-<SOURCE>--<TARGET>.json].
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
+    /// Name of this replication job, in the holds it places (zq_<NAME> on the source,
+    /// zq_<NAME>_last on the destination). Default: derived from the
+    /// receiver's key and TARGET (printed at start).
+    #[arg(long, value_name = "NAME")]
+    job: Option<String>,
+    /// What holds protect replication (both initial and incremental steps):
+    /// guarantee_resumability (a step's snapshots held until it commits, a cursor, a
+    /// last-received hold), guarantee_incremental (cursor and last-received hold),
+    /// guarantee_nothing.
+    #[arg(long, value_name = "MODE", default_value = "guarantee_resumability")]
+    protection: Protection,
+    /// Protection of initial (full) steps, if other than --protection.
+    #[arg(long, value_name = "MODE")]
+    protection_initial: Option<Protection>,
+    /// Protection of incremental steps, if other than --protection.
+    #[arg(long, value_name = "MODE")]
+    protection_incremental: Option<Protection>,
     /// How long the connection may go without a packet before it is given up (and a
     /// daemon reconnects, resuming interrupted large steps). Keep-alives go every third of
     /// it; the receiver's own limit (30s) applies if shorter.
     #[arg(long, value_name = "DURATION", value_parser = parse_period, default_value = "30s")]
     idle_timeout: Duration,
+    /// Abandon (and retry, resuming it) a step whose data the receiver has not accepted
+    /// for this long while the connection stays alive: a hung receiver or zfs receive.
+    #[arg(long, value_name = "DURATION", value_parser = parse_period, default_value = "120s")]
+    stall_timeout: Duration,
     /// Speak only this protocol version (for compatibility testing).
     #[arg(long, hide = true)]
     protocol_version: Option<u16>,
@@ -130,6 +187,7 @@ fn main() -> ExitCode {
         Command::Identity(cmd) => cmd.run(ROLE),
         Command::Run(args) => zq::block_on(cli.log_json, run(*args)),
         Command::Status(args) => zq::status::show(&args.paths, args.json),
+        Command::Abstractions(cmd) => zq::block_on(cli.log_json, abstractions(cmd)),
     }
 }
 
@@ -152,7 +210,23 @@ async fn run(args: RunArgs) -> ExitCode {
         caps.min_version = v;
         caps.max_version = v;
     }
-    let peer = match Peer::new(&args, identity, caps).await {
+    let job_name = args
+        .job
+        .clone()
+        .unwrap_or_else(|| zq_repl::protect::default_job(&args.peer.to_string(), &args.target));
+    let protector = match Tags::new(&job_name) {
+        Ok(tags) => Arc::new(Protector::new(
+            zfs.clone(),
+            Modes {
+                initial: args.protection_initial.unwrap_or(args.protection),
+                incremental: args.protection_incremental.unwrap_or(args.protection),
+            },
+            tags,
+        )),
+        Err(e) => return fail(exit::USAGE, &anyhow::anyhow!(e).context("--job")),
+    };
+    tracing::info!(job = %job_name, initial = %protector.modes.initial, incremental = %protector.modes.incremental, "protection");
+    let peer = match Peer::new(&args, identity, caps, protector).await {
         Ok(p) => Arc::new(p),
         Err(e) => return fail(exit::CONNECT, &e),
     };
@@ -173,6 +247,51 @@ async fn run(args: RunArgs) -> ExitCode {
     };
     peer.client.shutdown().await;
     ExitCode::from(code)
+}
+
+/// `zq-send abstractions list|release-stale`.
+async fn abstractions(cmd: AbstractionsCommand) -> ExitCode {
+    let (args, release) = match &cmd {
+        AbstractionsCommand::List(a) => (a, None),
+        AbstractionsCommand::ReleaseStale { args, all } => (args, Some(*all)),
+    };
+    let tags = match args.job.as_deref().map(Tags::new).transpose() {
+        Ok(t) => t,
+        Err(e) => return fail(exit::USAGE, &anyhow::anyhow!(e).context("--job")),
+    };
+    let zfs = match Zfs::probe(&args.zfs).await {
+        Ok(z) => z,
+        Err(e) => return fail(exit::FAILURE, &anyhow::Error::new(e).context("probing zfs")),
+    };
+    let found = match (release, &tags) {
+        (Some(_), None) => {
+            return fail(
+                exit::USAGE,
+                &anyhow::anyhow!("release-stale needs --job: it releases one job's holds"),
+            )
+        }
+        (Some(all), Some(tags)) => {
+            zq_repl::protect::release_stale(&zfs, &args.dataset, args.recursive, tags, all).await
+        }
+        (None, tags) => {
+            zq_repl::protect::abstractions(&zfs, &args.dataset, args.recursive, tags.as_ref()).await
+        }
+    };
+    let found = match found {
+        Ok(f) => f,
+        Err(e) => return fail(exit::FAILURE, &anyhow::Error::new(e)),
+    };
+    let verb = if release.is_some() { "released " } else { "" };
+    for a in &found {
+        match &a.tag {
+            Some(tag) => println!("{verb}{}\t{tag}", a.snapshot),
+            None => println!(
+                "{}\t{} hold(s); this zfs cannot list tags: give --job to look for zq's",
+                a.snapshot, a.userrefs
+            ),
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Replicates once and reports each dataset; returns the exit code.
@@ -267,10 +386,17 @@ struct Peer {
     name: String,
     ours: Fingerprint,
     caps: Capabilities,
+    protector: Arc<Protector>,
+    stall_timeout: Duration,
 }
 
 impl Peer {
-    async fn new(args: &RunArgs, identity: Identity, caps: Capabilities) -> anyhow::Result<Self> {
+    async fn new(
+        args: &RunArgs,
+        identity: Identity,
+        caps: Capabilities,
+        protector: Arc<Protector>,
+    ) -> anyhow::Result<Self> {
         let addr = zq_net::resolve(&args.addr).await?;
         let ours = identity.fingerprint;
         let tuning = Tuning {
@@ -285,6 +411,8 @@ impl Peer {
             name: args.addr.clone(),
             ours,
             caps,
+            protector,
+            stall_timeout: args.stall_timeout,
         })
     }
 
@@ -297,7 +425,11 @@ impl Peer {
             .with_context(|| format!("connecting to receiver {}", self.name))?;
         let conn = dialed.conn.clone();
         match Sender::handshake(dialed, zfs, &self.caps).await {
-            Ok(sender) => Ok(sender),
+            Ok(mut sender) => {
+                sender.protect(self.protector.clone());
+                sender.set_stall_timeout(self.stall_timeout);
+                Ok(sender)
+            }
             Err(_) if zq_net::closed_by_tls_alert(&conn) => anyhow::bail!(
                 "receiver {} refused this sender's key {}: on the receiver, allow it with \
                  --allow {}=ROOT",

@@ -209,6 +209,16 @@ impl Drop for Pool {
     }
 }
 
+/// The snapshots of `dataset` that have user holds (`userrefs` > 0), by name after '@'.
+pub fn held(dataset: &str) -> Vec<String> {
+    zfs(&["get", "-H", "-o", "name,value", "-r", "userrefs", dataset])
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(name, n)| name.starts_with(&format!("{dataset}@")) && *n != "0" && *n != "-")
+        .map(|(name, _)| name.split_once('@').unwrap().1.to_string())
+        .collect()
+}
+
 /// `(snapshot name, guid)` of `dataset`, oldest first; empty if it does not exist.
 pub fn snapshots(dataset: &str) -> Vec<(String, u64)> {
     snapshots_of("-d1", dataset)
@@ -319,7 +329,18 @@ impl Recv {
 
     /// Starts a receiver on `listen` (e.g. the address of one that was killed).
     pub fn start_on(keys: &Keys, allow: &[(&str, &str)], listen: &str) -> Recv {
+        Recv::start_with_env(keys, allow, listen, &[])
+    }
+
+    /// [`Recv::start_on`] with environment variables set (e.g. a fault injection).
+    pub fn start_with_env(
+        keys: &Keys,
+        allow: &[(&str, &str)],
+        listen: &str,
+        env: &[(&str, &str)],
+    ) -> Recv {
         let mut cmd = Command::new(RECV);
+        cmd.envs(env.iter().copied());
         let spool = format!("{}/spool", keys.path());
         cmd.args(["serve", "--listen", listen, "--identity", keys.path()]);
         // Kept across restarts of the receiver, like /var/lib/zq-recv/spool.
@@ -517,11 +538,26 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, as a crash would: no step is finished or aborted cleanly.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Resident memory of process `pid`, in bytes.
+pub fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// Whether a `zfs receive` into `target` is running (a transfer is in flight).

@@ -80,6 +80,11 @@ impl FramedSend {
         Ok(())
     }
 
+    /// Abandons the stream: what is buffered is dropped and the peer's reads fail.
+    pub fn reset(&mut self) {
+        let _ = self.inner.reset(0u32.into());
+    }
+
     /// Waits until the peer has received everything or stopped the stream.
     pub async fn stopped(&mut self) {
         let _ = self.inner.stopped().await;

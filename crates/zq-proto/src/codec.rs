@@ -469,13 +469,23 @@ mod tests {
                     .collect()
             })),
             arb_header().prop_map(Message::StepHeader),
-            (arb_header(), any::<u64>(), any::<[u8; 32]>()).prop_map(
-                |(header, offset, prefix_hash)| Message::ResumeStep(ResumeStep {
-                    header,
-                    offset,
-                    prefix_hash
-                })
-            ),
+            (
+                arb_header(),
+                "(zq_[a-z0-9_]{0,20})?",
+                any::<bool>(),
+                proptest::option::of((any::<u64>(), any::<[u8; 32]>()))
+            )
+                .prop_map(|(header, last_tag, hold_last, resume)| Message::StepStart(
+                    StepStart {
+                        header,
+                        last_tag,
+                        hold_last,
+                        resume: resume.map(|(offset, prefix_hash)| ResumeAt {
+                            offset,
+                            prefix_hash
+                        }),
+                    }
+                )),
             proptest::collection::vec(
                 (
                     arb_name(),
@@ -577,7 +587,7 @@ mod tests {
                 Message::Prune(_) => 10,
                 Message::Pruned(_) => 11,
                 Message::Resumable(_) => 12,
-                Message::ResumeStep(_) => 13,
+                Message::StepStart(_) => 13,
             }
         }
         let mut runner = proptest::test_runner::TestRunner::deterministic();

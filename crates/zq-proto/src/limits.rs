@@ -5,8 +5,8 @@
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// See [`PROTOCOL_VERSION_MIN`]. Version 2 (same layouts): a step header may leave the GUID
 /// of its `to` snapshot to the stream (0), and `Prune`/`Pruned` exist.
-/// Version 3: `Resumable` and `ResumeStep` exist (sent only when both peers offered the
-/// `spool` resume kind), and `ErrorKind::ResumeRejected`.
+/// Version 3: steps start with `StepStart` (protection, resume), `Resumable` follows a
+/// listing when both peers offered the `spool` resume kind, `ErrorKind::ResumeRejected`.
 pub const PROTOCOL_VERSION_MAX: u16 = 3;
 
 /// First four bytes of every `Hello`: "ZQ" and two bytes of zeros, so a stray client of
@@ -36,3 +36,6 @@ pub const MAX_TEXT_LEN: usize = 16 * 1024;
 pub const MAX_CAPABILITIES: usize = 32;
 /// See [`MAX_CAPABILITIES`].
 pub const MAX_CAPABILITY_LEN: usize = 64;
+
+/// Longest user-hold tag a sender may ask the receiver to place (ZFS allows 255 bytes).
+pub const MAX_TAG_LEN: usize = 128;

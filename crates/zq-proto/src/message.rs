@@ -39,9 +39,10 @@ pub enum Message {
     /// Receiver → sender, after a [`ListResponse`] when the session agreed on
     /// [`RESUME_SPOOL`]: the interrupted steps it can resume under the listed roots.
     Resumable(Resumable),
-    /// Sender → receiver, instead of [`StepHeader`] (only with [`RESUME_SPOOL`]): the step
-    /// continues a spooled one at `offset`; data chunks follow from there.
-    ResumeStep(ResumeStep),
+    /// Sender → receiver, first frame of a step from version 3, instead of [`StepHeader`]:
+    /// the header with the step's protection and, with [`RESUME_SPOOL`], where a resumed
+    /// step's data continue. Data chunks follow.
+    StepStart(StepStart),
 }
 
 /// The resume kind in which the receiver spools a large step's verified bytes and the
@@ -65,7 +66,7 @@ impl Message {
             Message::Prune(_) => "Prune",
             Message::Pruned(_) => "Pruned",
             Message::Resumable(_) => "Resumable",
-            Message::ResumeStep(_) => "ResumeStep",
+            Message::StepStart(_) => "StepStart",
         }
     }
 
@@ -124,7 +125,10 @@ impl Message {
                 Ok(())
             }
             Message::StepHeader(h) => h.validate(),
-            Message::ResumeStep(r) => r.header.validate(),
+            Message::StepStart(r) => {
+                r.header.validate()?;
+                check_len("StepStart.last_tag", r.last_tag.len(), MAX_TAG_LEN)
+            }
             Message::Resumable(r) => {
                 check_count("Resumable.tokens", r.tokens.len(), MAX_LIST_DATASETS)?;
                 for t in &r.tokens {
@@ -351,7 +355,7 @@ impl StepHeader {
 
 /// A step the receiver can resume: which step it was, and the verified prefix of its
 /// stream the receiver holds. The sender regenerates the same stream, checks that its
-/// first `offset` bytes hash to `prefix_hash`, and sends the rest in a [`ResumeStep`].
+/// first `offset` bytes hash to `prefix_hash`, and sends the rest after a [`StepStart`] with [`ResumeAt`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResumeToken {
     /// Target dataset on the receiver.
@@ -376,11 +380,26 @@ pub struct Resumable {
     pub tokens: Vec<ResumeToken>,
 }
 
-/// First frame of a resumed step: the step's header and where its data continue.
+/// First frame of a step from version 3.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResumeStep {
-    /// The step, as a fresh one would announce it.
+pub struct StepStart {
+    /// The step, as version 2 announced it.
     pub header: StepHeader,
+    /// The sender job's user-hold tag on the receiver (`zq_<job>_last`; empty for none).
+    /// The receiver refuses other names.
+    pub last_tag: String,
+    /// Move `last_tag` to the received snapshot once it is committed (from the step's
+    /// base), so that pruning on the receiver cannot break the chain
+    /// (`guarantee_resumability`, `guarantee_incremental`). Without it the receiver removes
+    /// the tag it placed before (a mode switch).
+    pub hold_last: bool,
+    /// The step continues the receiver's spooled one (only with [`RESUME_SPOOL`]).
+    pub resume: Option<ResumeAt>,
+}
+
+/// Where a resumed step's data continue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeAt {
     /// The offset the data chunks start at: the token's.
     pub offset: u64,
     /// BLAKE3 of the stream's first `offset` bytes, as the sender regenerated them.
@@ -526,7 +545,7 @@ pub enum ErrorKind {
     GuidMismatch,
     /// Anything else on the receiver.
     Internal,
-    /// A [`ResumeStep`] did not match what the receiver spooled (which it then discards):
+    /// A resumed [`StepStart`] did not match what the receiver spooled (which it then discards):
     /// send the step afresh.
     ResumeRejected,
 }

@@ -764,10 +764,14 @@ impl State {
                 }
                 None
             }
-            Done::Planned(newest, DatasetOutcome::Sent { bytes, .. }) => {
-                debug!(dataset = %src, snapshot = ?newest.as_ref().map(|n| &n.name), bytes, "replicated");
+            Done::Planned(newest, DatasetOutcome::Sent { bytes, resumed, .. }) => {
+                debug!(dataset = %src, snapshot = ?newest.as_ref().map(|n| &n.name), bytes, resumed, "replicated");
                 if let Some(t) = self.datasets.get_mut(src) {
                     t.caught_up(newest);
+                    if resumed > 0 {
+                        t.resumed.0 += 1;
+                        t.resumed.1 += resumed;
+                    }
                 }
                 None
             }

@@ -42,6 +42,10 @@ pub enum ReplError {
     /// Not attempted.
     #[error("skipped: {0}")]
     Skipped(String),
+    /// The receiver stopped reading a step's data (it, or its `zfs receive`, hangs) while
+    /// the connection stayed alive.
+    #[error("the receiver accepted none of the step's data for {0:?}; step abandoned")]
+    Stalled(std::time::Duration),
 }
 
 impl From<zq_store::CommandError> for ReplError {
@@ -60,7 +64,7 @@ impl ReplError {
         match self {
             ReplError::Remote(e) => e.kind.retryable(),
             ReplError::Net(e) => e.retryable(),
-            ReplError::Stream(_) | ReplError::Connection(_) => true,
+            ReplError::Stream(_) | ReplError::Connection(_) | ReplError::Stalled(_) => true,
             _ => false,
         }
     }

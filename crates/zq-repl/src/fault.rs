@@ -23,3 +23,23 @@ pub(crate) fn corrupt_once(chunk: Bytes) -> Bytes {
     tracing::warn!("fault injection: flipped a bit of a chunk after hashing it");
     Bytes::from(bytes)
 }
+
+/// With `ZQ_TEST_STALL_ONCE=SECONDS` set, the first step whose stream passes 8 MiB in this
+/// process stops reading it for that long while everything else carries on (the
+/// connection stays alive): a receiver that stops reading.
+pub(crate) async fn stall_once(total: u64) {
+    static SECONDS: OnceLock<Option<u64>> = OnceLock::new();
+    static DONE: AtomicBool = AtomicBool::new(false);
+    let Some(secs) = *SECONDS.get_or_init(|| {
+        std::env::var("ZQ_TEST_STALL_ONCE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }) else {
+        return;
+    };
+    if total < 8 << 20 || DONE.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    tracing::warn!(secs, "fault injection: this step stops reading its stream");
+    tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+}

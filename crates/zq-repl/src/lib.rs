@@ -5,8 +5,10 @@ pub mod daemon;
 pub mod error;
 #[cfg(debug_assertions)]
 mod fault;
+pub mod holds;
 pub mod lanes;
 pub mod plan;
+pub mod protect;
 pub mod receiver;
 pub mod retention;
 pub mod sender;

@@ -78,6 +78,11 @@ pub struct Receiver {
     lister: Arc<lister::Lister>,
     /// Spooled steps, for resumes ([`spool`]).
     spools: spool::Spools,
+    /// Last-received holds, moved in batches ([`crate::holds`]).
+    holds: Arc<crate::holds::Holds>,
+    /// Targets whose stale last-received holds this process has looked for (once each:
+    /// only a restart can leave one behind).
+    scanned: Mutex<std::collections::HashSet<DatasetName>>,
 }
 
 /// A target's snapshots as this receiver left them after its last step: listed before the
@@ -93,6 +98,8 @@ struct Known {
     snapshots: Vec<zq_proto::SnapshotInfo>,
     /// When a listing last confirmed the record.
     listed: std::time::Instant,
+    /// Whether this receiver holds the newest snapshot with the sender's `last_tag`.
+    held_last: bool,
 }
 
 impl Known {
@@ -104,6 +111,24 @@ impl Known {
         self.listed.elapsed() < Self::TRUST
             && self.snapshots.last().is_some_and(|s| s.guid == from_guid)
     }
+}
+
+/// What a connection's handshake agreed on.
+#[derive(Debug, Clone, Copy)]
+struct Agreed {
+    version: u16,
+    /// Both sides offered the `spool` resume kind.
+    spooling: bool,
+}
+
+/// The receiver's last-received hold a step asks for ([`zq_proto::StepStart`]).
+#[derive(Debug, Clone, Default)]
+struct LastHold {
+    /// `zq_<job>_last`, or empty (no job: a version 2 sender).
+    tag: String,
+    /// Move the tag to the received snapshot; otherwise remove it where this receiver
+    /// placed it.
+    hold: bool,
 }
 
 /// How long retention waits for a step on the same target before skipping it this time.
@@ -131,12 +156,14 @@ impl Receiver {
         }
         Arc::new(Receiver {
             lister: lister::Lister::new(zfs.clone()),
+            holds: crate::holds::Holds::new(zfs.clone()),
             zfs,
             policy,
             caps,
             targets: Mutex::new(HashMap::new()),
             mounts: tokio::sync::Mutex::new(()),
             spools,
+            scanned: Mutex::new(Default::default()),
         })
     }
 
@@ -209,8 +236,11 @@ impl Receiver {
         let result = handshake
             .await
             .unwrap_or_else(|_| Err(format!("no Hello within {HANDSHAKE_TIMEOUT:?}")));
-        let spooling = match result {
-            Ok(w) => w.resume.iter().any(|r| r == zq_proto::RESUME_SPOOL),
+        let agreed = match result {
+            Ok(w) => Agreed {
+                version: w.version,
+                spooling: w.resume.iter().any(|r| r == zq_proto::RESUME_SPOOL),
+            },
             Err(e) => {
                 warn!(error = %e, "handshake failed");
                 conn.close(2u32.into(), b"handshake failed");
@@ -234,7 +264,7 @@ impl Receiver {
             tokio::spawn(
                 async move {
                     let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
-                    if let Err(e) = this.stream(&root, spooling, &mut send, &mut recv).await {
+                    if let Err(e) = this.stream(&root, agreed, &mut send, &mut recv).await {
                         warn!(error = %e, "stream failed");
                     }
                 }
@@ -306,13 +336,13 @@ impl Receiver {
         (r.message.clone(), r)
     }
 
-    /// Serves one request stream. With `spooling` (the session agreed on the `spool`
-    /// resume kind) a listing is followed by the resumable steps of the listed datasets,
-    /// and a step may be a `ResumeStep`.
+    /// Serves one request stream. When the session agreed on the `spool` resume kind, a
+    /// listing is followed by the resumable steps under the listed roots, and a step may
+    /// resume one.
     async fn stream(
         &self,
         root: &DatasetName,
-        spooling: bool,
+        agreed: Agreed,
         send: &mut FramedSend,
         recv: &mut FramedRecv,
     ) -> Result<(), StreamError> {
@@ -320,7 +350,7 @@ impl Receiver {
             Ok(Message::ListRequest(r)) => {
                 let roots = r.roots.clone();
                 match self.list(root, r).await {
-                    Ok(l) if spooling => {
+                    Ok(l) if agreed.spooling => {
                         let mut tokens = Vec::new();
                         for r in &roots {
                             // Authorized by the listing.
@@ -335,21 +365,40 @@ impl Receiver {
                     Err(e) => Message::Error(e),
                 }
             }
-            Ok(Message::ResumeStep(r)) if spooling => {
-                let span = info_span!("step", target = %r.header.target, to = %r.header.to.name, resume_at = r.offset);
-                let v = self
-                    .step(root, r.header, Some((r.offset, r.prefix_hash)), recv)
-                    .instrument(span)
-                    .await;
-                Message::Verdict(v)
-            }
             Ok(Message::Prune(p)) => match self.prune(root, p).await {
                 Ok(pruned) => Message::Pruned(pruned),
                 Err(e) => Message::Error(e),
             },
+            Ok(Message::StepStart(s)) if agreed.version >= 3 => {
+                let span = info_span!("step", target = %s.header.target, to = %s.header.to.name);
+                let v = if s.resume.is_some() && !agreed.spooling {
+                    Verdict::Failed(WireError::new(
+                        ErrorKind::Protocol,
+                        "a resumed step, but the session did not agree on spooling",
+                    ))
+                } else if !s.last_tag.is_empty() && !crate::protect::Tags::is_last_tag(&s.last_tag)
+                {
+                    Verdict::Failed(WireError::new(
+                        ErrorKind::InvalidName,
+                        format!("{:?} is not a zq hold tag (zq_<job>_last)", s.last_tag),
+                    ))
+                } else {
+                    let last = LastHold {
+                        tag: s.last_tag,
+                        hold: s.hold_last,
+                    };
+                    self.step(root, s.header, s.resume, last, recv)
+                        .instrument(span)
+                        .await
+                };
+                Message::Verdict(v)
+            }
             Ok(Message::StepHeader(h)) => {
                 let span = info_span!("step", target = %h.target, to = %h.to.name);
-                let v = self.step(root, h, None, recv).instrument(span).await;
+                let v = self
+                    .step(root, h, None, LastHold::default(), recv)
+                    .instrument(span)
+                    .await;
                 Message::Verdict(v)
             }
             Ok(other) => Message::Error(WireError::new(
@@ -424,8 +473,14 @@ impl Receiver {
             let snap = target
                 .snapshot(&s.name)
                 .map_err(|e| internal(e.to_string()))?;
-            self.zfs.destroy_snapshot(&snap).await.map_err(zfs_err)?;
-            destroyed.push(s.name.clone());
+            match self.zfs.destroy_snapshot(&snap).await {
+                Ok(()) => destroyed.push(s.name.clone()),
+                // Held (by zq's other jobs, or anyone): never destroyed.
+                Err(e) if e.stderr().is_some_and(|m| m.contains("dataset is busy")) => {
+                    debug!(%snap, "held; not pruned");
+                }
+                Err(e) => return Err(zfs_err(e)),
+            }
         }
         if !destroyed.is_empty() {
             debug!(%target, count = destroyed.len(), "pruned");

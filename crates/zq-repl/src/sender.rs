@@ -8,14 +8,15 @@ use bytes::BytesMut;
 use tracing::{info, info_span, warn, Instrument};
 use zq_net::{Dialed, FramedRecv, FramedSend};
 use zq_proto::{
-    Capabilities, Committed, ListRequest, ListRoot, Message, ResumeStep, ResumeToken, Session,
-    SnapRef, StepAbort, StepEncoder, StepHeader, Verdict, RESUME_SPOOL,
+    Capabilities, Committed, ListRequest, ListRoot, Message, ResumeAt, ResumeToken, Session,
+    SnapRef, StepAbort, StepEncoder, StepHeader, StepStart, Verdict, RESUME_SPOOL,
 };
 use zq_store::{DatasetName, Zfs};
 
 use crate::error::ReplError;
 use crate::lanes::Slot;
 use crate::plan::{plan, PlanOptions, Step};
+use crate::protect::Protector;
 use crate::{to_info, DatasetOutcome, DatasetReport};
 
 /// A step that has sent this much is bulk: its stream drops to a lower priority, so that
@@ -72,7 +73,14 @@ pub struct Sender {
     conn: quinn::Connection,
     zfs: Zfs,
     session: Session,
+    /// Holds and cursors ([`crate::protect`]); none until [`Sender::protect`].
+    protector: Option<std::sync::Arc<Protector>>,
+    /// A step whose data the receiver does not accept for this long is abandoned.
+    stall_timeout: std::time::Duration,
 }
+
+/// [`Sender::set_stall_timeout`]'s default.
+pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl Sender {
     /// Runs the handshake on a fresh connection. On a resumed connection ([`Dialed`] in
@@ -99,7 +107,22 @@ impl Sender {
             conn: dialed.conn,
             zfs,
             session,
+            protector: None,
+            stall_timeout: STALL_TIMEOUT,
         })
+    }
+
+    /// Abandons a step (and lets it be retried, resuming from the receiver's spool) when
+    /// the receiver accepts none of its data for `timeout` while the connection stays
+    /// alive: a hung receiver or `zfs receive`. QUIC's flow control bounds what waits
+    /// meanwhile (the stream's send window).
+    pub fn set_stall_timeout(&mut self, timeout: std::time::Duration) {
+        self.stall_timeout = timeout;
+    }
+
+    /// Protects this job's steps with holds and cursors ([`crate::protect`]).
+    pub fn protect(&mut self, protector: std::sync::Arc<Protector>) {
+        self.protector = Some(protector);
     }
 
     /// The Hello/Welcome exchange on a new stream, within [`WELCOME_TIMEOUT`]: a receiver
@@ -210,7 +233,7 @@ impl Sender {
         source: &[zq_proto::SnapshotInfo],
         target: &DatasetName,
         dest: Option<&[zq_proto::SnapshotInfo]>,
-        resume: Option<&ResumeToken>,
+        resume_token: Option<&ResumeToken>,
         options: PlanOptions,
         slot: &mut Slot,
     ) -> DatasetOutcome {
@@ -221,9 +244,12 @@ impl Sender {
         let (mut steps, mut bytes, mut resumed, mut last) = (0, 0, 0, None);
         let resumed_dest;
         let mut dest = dest;
-        if let Some((token, step)) =
-            resume.and_then(|t| Some((t, resumable_step(t, source, dest)?)))
-        {
+        let resume = resume_token.and_then(|t| Some((t, resumable_step(t, source, dest)?)));
+        if let Some(p) = &self.protector {
+            self.tidy(p, src, source, dest, resume.as_ref().map(|(_, s)| s))
+                .await;
+        }
+        if let Some((token, step)) = resume {
             match self
                 .run_step(
                     src,
@@ -248,7 +274,7 @@ impl Sender {
                     return DatasetOutcome::Failed(e);
                 }
             }
-        } else if let Some(t) = resume {
+        } else if let Some(t) = resume_token {
             info!(to = %t.to.name, offset = t.offset, "the receiver's spooled step is no longer the way forward; it will be replaced");
         }
         let plan = match plan(source, dest, options) {
@@ -308,6 +334,35 @@ impl Sender {
             resumed,
             newest,
             committed: held.len(),
+        }
+    }
+
+    /// Releases the job's holds on `src` that are no longer needed ([`Protector::tidy`]):
+    /// the cursor stays on the destination's newest snapshot, step holds on a step still
+    /// to be resumed. A failure is logged; the next planned step tries again.
+    async fn tidy(
+        &self,
+        p: &Protector,
+        src: &DatasetName,
+        source: &[zq_proto::SnapshotInfo],
+        dest: Option<&[zq_proto::SnapshotInfo]>,
+        resuming: Option<&Step>,
+    ) {
+        let snap = |name: &str| src.snapshot(name).ok();
+        let cursor = dest
+            .and_then(|d| d.last())
+            .and_then(|n| source.iter().find(|s| s.guid == n.guid))
+            .and_then(|s| snap(&s.name));
+        let keep: Vec<_> = match resuming {
+            Some(Step::Incremental { from, to, .. }) => [snap(&from.name), snap(&to.name)]
+                .into_iter()
+                .flatten()
+                .collect(),
+            Some(Step::Full { to }) => snap(&to.name).into_iter().collect(),
+            None => Vec::new(),
+        };
+        if let Err(e) = p.tidy(src, cursor.as_ref(), &keep).await {
+            warn!(error = %e, "cannot release holds no longer needed");
         }
     }
 
@@ -522,9 +577,22 @@ impl Sender {
 
         let mut encoder = StepEncoder::new();
         let mut created = None;
+        // Hold moves wait for a moment without steps (crate::holds).
+        let _running = self.protector.as_ref().map(|p| p.step());
+        // A resumable (bulk) step's snapshots are held while it runs, from the moment it
+        // becomes one (crate::protect).
+        let hold_step = || {
+            if let Some(p) = self
+                .protector
+                .as_ref()
+                .filter(|p| p.holds_steps(from.is_some()))
+            {
+                p.step_started(from_snap.as_ref(), &to_snap);
+            }
+        };
         let mut zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates);
         let mut buf = BytesMut::with_capacity(CHUNK);
-        let mut first = Message::StepHeader(header.clone());
+        let mut resume_at = None;
         if let Some(token) = resume.filter(|_| self.spooling()) {
             match regenerate(&mut zsend, &mut buf, &mut encoder, token.offset).await {
                 Ok(()) if encoder.prefix_hash() == token.prefix_hash => {
@@ -533,8 +601,7 @@ impl Sender {
                         offset = token.offset,
                         "resuming the step where the receiver's spool ends"
                     );
-                    first = Message::ResumeStep(ResumeStep {
-                        header,
+                    resume_at = Some(ResumeAt {
                         offset: token.offset,
                         prefix_hash: token.prefix_hash,
                     });
@@ -555,6 +622,20 @@ impl Sender {
             }
         }
         let resumed = encoder.total();
+        let first = if self.session.version >= 3 {
+            let (last_tag, hold_last) = match &self.protector {
+                Some(p) => (p.tags.last(), p.modes.of(from.is_some()).cursor()),
+                None => (String::new(), false),
+            };
+            Message::StepStart(StepStart {
+                header,
+                last_tag,
+                hold_last,
+                resume: resume_at,
+            })
+        } else {
+            Message::StepHeader(header)
+        };
 
         // zfs send starts first and the header goes out at once, so that the receiver
         // starts zfs receive and checks its target while our zfs send starts up.
@@ -562,6 +643,7 @@ impl Sender {
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
         send.send(&first).await?;
         if resumed >= BULK_BYTES {
+            hold_step();
             send.set_priority(-1);
             slot.to_bulk().await;
         }
@@ -595,16 +677,26 @@ impl Sender {
                     chunk
                 };
                 if before < BULK_BYTES && encoder.total() >= BULK_BYTES {
+                    hold_step();
                     send.set_priority(-1);
                     // Frees this step's slot for small steps (crate::lanes).
                     slot.to_bulk().await;
                 }
-                send.send_data(&hash, chunk).await?;
+                match tokio::time::timeout(self.stall_timeout, send.send_data(&hash, chunk)).await {
+                    Ok(sent) => sent?,
+                    Err(_) => return Err(ReplError::Stalled(self.stall_timeout)),
+                }
             }
             zsend.wait().await?;
             Ok::<(), ReplError>(())
         }
         .await;
+        if let Err(ReplError::Stalled(_)) = &send_result {
+            // Nothing more will get through, a verdict neither: drop the stream.
+            send.reset();
+            recv.stop();
+            return Err(send_result.unwrap_err());
+        }
         match &send_result {
             Ok(()) => {
                 let _ = send.send(&Message::StepEnd(encoder.end())).await;
@@ -631,6 +723,9 @@ impl Sender {
                         "receiver committed GUID {} but the step sent @{} with GUID {expected}",
                         c.guid, to.name
                     )));
+                }
+                if let Some(p) = &self.protector {
+                    p.step_committed(from_snap.as_ref(), &to_snap);
                 }
                 let bytes = encoder.total() - resumed;
                 if resumed > 0 {

@@ -29,6 +29,9 @@ pub struct Tracked {
     pub error: Option<String>,
     /// When the cursor's snapshot was created (from a `zq_` name) or first seen.
     pub cursor_time: Option<SystemTime>,
+    /// Interrupted steps resumed from the receiver's spool, and the stream bytes they did
+    /// not send again.
+    pub resumed: (u64, u64),
 }
 
 /// What to do with a dataset now.
@@ -58,6 +61,7 @@ impl Tracked {
             cursor: None,
             error: None,
             cursor_time: None,
+            resumed: (0, 0),
         }
     }
 
@@ -168,6 +172,8 @@ impl Tracked {
                 .map(|d| d.as_secs_f64()),
             unsent: self.pending.len(),
             error: self.error.clone(),
+            resumes: self.resumed.0,
+            resumed_bytes: self.resumed.1,
         }
     }
 }
@@ -193,6 +199,12 @@ pub struct DatasetStatus {
     pub unsent: usize,
     /// The last error, while the dataset is failing.
     pub error: Option<String>,
+    /// Interrupted steps this daemon resumed from the receiver's spool.
+    #[serde(default)]
+    pub resumes: u64,
+    /// Stream bytes those resumes did not send again.
+    #[serde(default)]
+    pub resumed_bytes: u64,
 }
 
 /// The whole daemon's status, written on every tick and as steps end (at most once a second).

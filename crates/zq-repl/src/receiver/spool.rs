@@ -7,7 +7,7 @@
 //! prefix, written alongside. After an interruption the receiver reports a
 //! [`ResumeToken`] (step, offset, BLAKE3 of the prefix) in its listing; the sender
 //! regenerates the same `zfs send` stream, checks its prefix against the hash and sends the
-//! rest in a `ResumeStep`. The receiver checks its spool file against the hash again
+//! rest after a `StepStart` that says where it resumes. The receiver checks its spool file against the hash again
 //! before it replays it into a new `zfs receive`, so a spool changed on disk (a flipped
 //! bit) is never fed to zfs: the step is rejected and sent afresh. A stream's END record
 //! is always in the data that follows, so nothing is committed until the whole stream has
@@ -27,7 +27,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
-use zq_proto::{ErrorKind, ResumeStep, ResumeToken, SnapRef, StepHeader, WireError};
+use zq_proto::{ErrorKind, ResumeAt, ResumeToken, SnapRef, StepHeader, WireError};
 use zq_store::DatasetName;
 
 /// Where and when to spool.
@@ -239,16 +239,18 @@ impl Spools {
             state: State::Buffering(Vec::new()),
             len: 0,
             hash: blake3::Hasher::new(),
+            hashed: 0,
         })
     }
 
-    /// Opens the spool a [`ResumeStep`] continues: it must hold this step, at least
+    /// Opens the spool a resumed step (`h`, continuing `at`) needs: it must hold this step, at least
     /// `offset` bytes, and those bytes must hash to `prefix_hash` (checked by reading them
     /// now: a spool changed on disk is never replayed). Returns the prefix's reader and a
     /// writer that appends to the spool. Any mismatch discards the spool.
     pub async fn resume(
         &self,
-        r: &ResumeStep,
+        h: &StepHeader,
+        at: ResumeAt,
         target: &DatasetName,
     ) -> Result<(Replay, SpoolWriter), WireError> {
         let reject = |why: String| {
@@ -270,13 +272,13 @@ impl Spools {
             Ok(m) => m,
             Err(e) => return Err(reject(format!("no usable spool ({e})"))),
         };
-        if !meta.matches(&r.header) {
+        if !meta.matches(h) {
             return Err(reject(format!(
                 "the spool holds another step (to @{})",
                 meta.to_name
             )));
         }
-        let (offset, want) = (r.offset, r.prefix_hash);
+        let (offset, want) = (at.offset, at.prefix_hash);
         let path = data_path.clone();
         let checked =
             tokio::task::spawn_blocking(move || -> std::io::Result<Result<(), String>> {
@@ -318,7 +320,7 @@ impl Spools {
                 target: target.to_string(),
                 meta_path,
                 data_path,
-                header: r.header.clone(),
+                header: h.clone(),
                 to_guid: meta.to_guid,
                 from: config.from,
                 max: config.max,
@@ -330,6 +332,7 @@ impl Spools {
                 len: offset,
                 // Filled in by the replay (`SpoolWriter::replayed`).
                 hash: blake3::Hasher::new(),
+                hashed: 0,
             },
         ))
     }
@@ -344,7 +347,12 @@ impl Spools {
         if w.len > 0 && !matches!(w.state, State::Buffering(_)) {
             info!(target = %w.target, bytes = w.len, "step spooled for a resume");
             if let Ok(mut k) = self.known.lock() {
-                k.insert(w.target.clone(), (w.len, *w.hash.finalize().as_bytes()));
+                if w.hashed == w.len {
+                    k.insert(w.target.clone(), (w.len, *w.hash.finalize().as_bytes()));
+                } else {
+                    // Not replayed: the next token reads the file.
+                    k.remove(&w.target);
+                }
             }
         }
     }
@@ -394,7 +402,10 @@ pub struct SpoolWriter {
     max: u64,
     state: State,
     len: u64,
+    /// BLAKE3 of the spool's first `hashed` bytes; equal to `len` unless a resumed step
+    /// failed before its prefix was replayed (then the spool file is hashed again).
     hash: blake3::Hasher,
+    hashed: u64,
 }
 
 /// The spooled prefix of a resumed step, read in chunks.
@@ -412,6 +423,7 @@ impl SpoolWriter {
     /// Accounts for the prefix replayed from this spool (it is already on disk).
     pub fn replayed(&mut self, data: &[u8]) {
         self.hash.update(data);
+        self.hashed += data.len() as u64;
     }
 
     /// Copies verified `data`, the stream's next bytes.
@@ -421,6 +433,7 @@ impl SpoolWriter {
             State::Buffering(held) => {
                 self.len += data.len() as u64;
                 self.hash.update(data);
+                self.hashed += data.len() as u64;
                 held.push(data.clone());
                 if self.len >= self.from {
                     let held = std::mem::take(held);
@@ -439,6 +452,7 @@ impl SpoolWriter {
                 }
                 self.len += part.len() as u64;
                 self.hash.update(part);
+                self.hashed += part.len() as u64;
                 if part.len() < data.len() {
                     debug!(target = %self.target, max = self.max, "spool full; the rest of this step is not resumable");
                     self.state = State::Stopped;
@@ -575,12 +589,11 @@ mod tests {
         s.keep(w);
         let t = s.token("b/fs").await.unwrap();
         // The sender resumes at an offset the spool holds (its token's).
-        let r = ResumeStep {
-            header: header("b"),
+        let at = ResumeAt {
             offset: t.offset,
             prefix_hash: t.prefix_hash,
         };
-        let (mut replay, _w) = s.resume(&r, &target).await.unwrap();
+        let (mut replay, _w) = s.resume(&header("b"), at, &target).await.unwrap();
         let mut got = Vec::new();
         while let Some(d) = replay.next_piece().unwrap() {
             got.extend_from_slice(&d);
@@ -603,38 +616,46 @@ mod tests {
         };
         fill(&s);
         let t = s.token("b/fs").await.unwrap();
-        for (r, why) in [
+        let at = |offset, prefix_hash| ResumeAt {
+            offset,
+            prefix_hash,
+        };
+        for (h, at, why) in [
+            (header("other"), at(t.offset, t.prefix_hash), "another step"),
+            (header("b"), at(t.offset, [7; 32]), "do not match"),
             (
-                ResumeStep {
-                    header: header("other"),
-                    offset: t.offset,
-                    prefix_hash: t.prefix_hash,
-                },
-                "another step",
-            ),
-            (
-                ResumeStep {
-                    header: header("b"),
-                    offset: t.offset,
-                    prefix_hash: [7; 32],
-                },
-                "do not match",
-            ),
-            (
-                ResumeStep {
-                    header: header("b"),
-                    offset: t.offset + 1,
-                    prefix_hash: t.prefix_hash,
-                },
+                header("b"),
+                at(t.offset + 1, t.prefix_hash),
                 "holds 8000 bytes",
             ),
         ] {
             fill(&s);
-            let e = s.resume(&r, &target).await.unwrap_err();
+            let e = s.resume(&h, at, &target).await.unwrap_err();
             assert_eq!(e.kind, ErrorKind::ResumeRejected);
             assert!(e.message.contains(why), "{}", e.message);
             assert_eq!(s.token("b/fs").await, None, "discarded");
         }
+    }
+
+    #[tokio::test]
+    async fn a_resume_that_fails_before_its_replay_keeps_the_right_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = DatasetName::parse("b/fs").unwrap();
+        let s = spools(dir.path(), 1000, 1 << 20);
+        let mut w = s.writer(&header("b"), &target).unwrap();
+        for c in &chunks() {
+            w.write(c);
+        }
+        s.keep(w);
+        let t = s.token("b/fs").await.unwrap();
+        let at = ResumeAt {
+            offset: t.offset,
+            prefix_hash: t.prefix_hash,
+        };
+        // E.g. the target turned out busy or diverged: the step fails before any replay.
+        let (_replay, w) = s.resume(&header("b"), at, &target).await.unwrap();
+        s.keep(w);
+        assert_eq!(s.token("b/fs").await, Some(t));
     }
 
     #[tokio::test]

@@ -25,13 +25,13 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 use zq_net::FramedRecv;
 use zq_proto::{
-    Committed, ErrorKind, ForceAction, ResumeStep, SnapRef, SnapshotInfo, StepDecoder, StepEvent,
+    Committed, ErrorKind, ForceAction, ResumeAt, SnapRef, SnapshotInfo, StepDecoder, StepEvent,
     StepHeader, TransferError, Verdict, WireError,
 };
 use zq_store::{DatasetName, SnapshotName, StreamBegin, Writer};
 
 use super::spool::{Replay, SpoolWriter};
-use super::{authorize, internal, zfs_err, Known, Receiver, TARGET_WAIT};
+use super::{authorize, internal, zfs_err, Known, LastHold, Receiver, TARGET_WAIT};
 use crate::to_info;
 
 /// What `prepare` found and did: whether `zfs receive` needs `-F`, and the target's
@@ -42,16 +42,17 @@ struct Prepared {
 }
 
 impl Receiver {
-    /// Runs one step; `resume` is the [`ResumeStep`]'s offset and prefix hash when the
-    /// step continues a spooled one.
+    /// Runs one step; `resume` says where a resumed step's data continue, `last` which
+    /// hold to move to the received snapshot.
     pub(super) async fn step(
         &self,
         root: &DatasetName,
         h: StepHeader,
-        resume: Option<(u64, [u8; 32])>,
+        resume: Option<ResumeAt>,
+        last: LastHold,
         recv: &mut FramedRecv,
     ) -> Verdict {
-        match self.step_inner(root, &h, resume, recv).await {
+        match self.step_inner(root, &h, resume, last, recv).await {
             Ok(c) => {
                 info!(guid = c.guid, "committed");
                 Verdict::Committed(c)
@@ -90,7 +91,8 @@ impl Receiver {
         &self,
         root: &DatasetName,
         h: &StepHeader,
-        resume: Option<(u64, [u8; 32])>,
+        resume: Option<ResumeAt>,
+        last: LastHold,
         recv: &mut FramedRecv,
     ) -> Result<Committed, WireError> {
         let target = authorize(root, &h.target)?;
@@ -107,7 +109,7 @@ impl Receiver {
             ));
         }
         let lock = self.target_lock(&target)?;
-        let busy = tokio::time::timeout(TARGET_WAIT, lock.lock_owned())
+        let mut busy = tokio::time::timeout(TARGET_WAIT, lock.lock_owned())
             .await
             .map_err(|_| {
                 WireError::new(
@@ -118,19 +120,19 @@ impl Receiver {
         // Under the target's lock: the spool is the target's, too.
         let (mut spool, replay) = match resume {
             None => (self.spools.writer(h, &target), None),
-            Some((offset, prefix_hash)) => {
-                let r = ResumeStep {
-                    header: h.clone(),
-                    offset,
-                    prefix_hash,
-                };
-                let (replay, writer) = self.spools.resume(&r, &target).await?;
+            Some(at) => {
+                let (replay, writer) = self.spools.resume(h, at, &target).await?;
                 (Some(writer), Some(replay))
             }
         };
+        let held_before = busy.as_ref().map(|k| k.held_last);
+        let running = self.holds.step();
         let result = self
-            .receive(root, &target, &to, h, busy, &mut spool, replay, recv)
+            .receive(
+                root, &target, &to, h, &last.tag, &mut busy, &mut spool, replay, recv,
+            )
             .await;
+        drop(running);
         if let Some(w) = spool {
             match &result {
                 Ok(_) => {
@@ -139,6 +141,21 @@ impl Receiver {
                 }
                 Err(_) => self.spools.keep(w),
             }
+        }
+        if result.is_ok() && !last.tag.is_empty() {
+            if let Some(k) = busy.as_mut() {
+                k.held_last = last.hold;
+            }
+            // With the next batch of moves, in a moment without steps (crate::holds).
+            let (zfs, holds) = (self.zfs.clone(), self.holds.clone());
+            let from = h.from.as_ref().and_then(|f| target.snapshot(&f.name).ok());
+            let scan = self
+                .scanned
+                .lock()
+                .is_ok_and(|mut s| s.insert(target.clone()));
+            tokio::spawn(async move {
+                move_last_hold(&zfs, &holds, &last, from.as_ref(), &to, held_before, scan).await
+            });
         }
         result
     }
@@ -151,7 +168,8 @@ impl Receiver {
         target: &DatasetName,
         to: &SnapshotName,
         h: &StepHeader,
-        mut busy: tokio::sync::OwnedMutexGuard<Option<Known>>,
+        last_tag: &str,
+        busy: &mut tokio::sync::OwnedMutexGuard<Option<Known>>,
         spool: &mut Option<SpoolWriter>,
         mut replay: Option<Replay>,
         recv: &mut FramedRecv,
@@ -182,7 +200,7 @@ impl Receiver {
                             force: self.plain_force(h),
                             snapshots: k.snapshots.clone(),
                         }),
-                        None => self.prepare(root, target, h).await,
+                        None => self.prepare(root, target, h, last_tag).await,
                     };
                     listed = ms(started);
                     p
@@ -204,7 +222,7 @@ impl Receiver {
                 }
             }
         } else {
-            let p = self.prepare(root, target, h).await?;
+            let p = self.prepare(root, target, h, last_tag).await?;
             let first = match replay.as_mut() {
                 Some(r) => replay_first(r, &mut decoder, spool)?,
                 None => first_bytes(recv, &mut decoder, spool).await?,
@@ -243,7 +261,7 @@ impl Receiver {
             if trusted.is_some() {
                 // zfs refused what the record said: report the target's real state (e.g.
                 // diverged), as a listing before the step would have.
-                self.prepare(root, target, h).await?;
+                self.prepare(root, target, h, last_tag).await?;
             }
             return Err(zfs_err(e.into()));
         }
@@ -281,11 +299,20 @@ impl Receiver {
                 snapshots,
             }
         };
-        *busy = Some(Known {
+        **busy = Some(Known {
             snapshots: committed.snapshots.clone(),
             listed: trusted.map_or(started, |k| k.listed),
+            held_last: false,
         });
         Ok(committed)
+    }
+
+    /// Removes the sender's last-received hold from `snaps` before `--force` destroys them.
+    async fn release_last(&self, tag: &str, snaps: &[SnapshotName]) -> Result<(), WireError> {
+        if tag.is_empty() {
+            return Ok(());
+        }
+        self.zfs.release(tag, snaps).await.map_err(zfs_err)
     }
 
     /// Whether a step without `--force` needs `zfs receive -F`, as [`Self::prepare`] will
@@ -339,6 +366,7 @@ impl Receiver {
         root: &DatasetName,
         target: &DatasetName,
         h: &StepHeader,
+        last_tag: &str,
     ) -> Result<Prepared, WireError> {
         let state = self.lister.list(target).await.map_err(zfs_err)?;
         let snaps: Option<Vec<SnapshotInfo>> = state
@@ -387,11 +415,15 @@ impl Receiver {
                         ),
                     )));
                 }
-                for s in &existing {
-                    let snap = target
-                        .snapshot(&s.name)
-                        .map_err(|e| internal(e.to_string()))?;
-                    self.zfs.destroy_snapshot(&snap).await.map_err(zfs_err)?;
+                let snaps = existing
+                    .iter()
+                    .map(|s| target.snapshot(&s.name))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| internal(e.to_string()))?;
+                // The sender's own last-received hold must not stop its --force.
+                self.release_last(last_tag, &snaps).await?;
+                for snap in &snaps {
+                    self.zfs.destroy_snapshot(snap).await.map_err(zfs_err)?;
                 }
                 warn!(destroyed = existing.len(), "--force: replacing the target");
                 Ok(Prepared {
@@ -435,6 +467,12 @@ impl Receiver {
                         let snap: SnapshotName = target
                             .snapshot(&existing[pos].name)
                             .map_err(|e| internal(e.to_string()))?;
+                        let doomed = existing[pos + 1..]
+                            .iter()
+                            .map(|s| target.snapshot(&s.name))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|e| internal(e.to_string()))?;
+                        self.release_last(last_tag, &doomed).await?;
                         self.zfs.rollback(&snap).await.map_err(zfs_err)?;
                         warn!(to = %snap, destroyed = newer, "--force: rolled back");
                         existing.truncate(pos + 1);
@@ -452,6 +490,46 @@ impl Receiver {
                     ))),
                 }
             }
+        }
+    }
+}
+
+/// Moves the sender's last-received hold from the step's base to `to` (hold first, so a
+/// snapshot is always held), or removes it from the base when the sender no longer asks for
+/// it (a mode switch) and this receiver placed it. When this receiver does not know where
+/// it placed the tag (`held_before` is `None`: after a restart or a failed step) it looks
+/// at every held snapshot of the target. Failures are logged: the step is committed.
+async fn move_last_hold(
+    zfs: &zq_store::Zfs,
+    holds: &std::sync::Arc<crate::holds::Holds>,
+    last: &LastHold,
+    from: Option<&SnapshotName>,
+    to: &SnapshotName,
+    held_before: Option<bool>,
+    scan: bool,
+) {
+    let hold = last.hold.then_some(to);
+    // This receiver placed (or not) the hold on the base itself; if it does not know (a
+    // restart, a failure) the tag may be on any older snapshot: see below.
+    let release = from.filter(|_| held_before.unwrap_or(true) && from != Some(to));
+    if let Err(e) = holds.r#move(&last.tag, hold, release).await {
+        warn!(snapshot = %to, error = %e, "cannot move the last-received hold");
+        return;
+    }
+    if scan {
+        let stale: Vec<SnapshotName> = match zfs.userrefs(to.dataset(), false).await {
+            Ok(refs) => refs
+                .into_iter()
+                .filter(|(s, n)| *n > 0 && s != to && Some(s) != from)
+                .map(|(s, _)| s)
+                .collect(),
+            Err(e) => {
+                warn!(dataset = %to.dataset(), error = %e, "cannot look for stale last-received holds");
+                Vec::new()
+            }
+        };
+        if let Err(e) = zfs.release(&last.tag, &stale).await {
+            warn!(error = %e, "cannot release stale last-received holds");
         }
     }
 }
@@ -613,6 +691,8 @@ async fn next_event(
     decoder: &mut StepDecoder,
     spool: &mut Option<SpoolWriter>,
 ) -> Result<StepEvent, WireError> {
+    #[cfg(debug_assertions)]
+    crate::fault::stall_once(decoder.total()).await;
     let frame = match recv.next().await {
         Ok(Some(f)) => f,
         Ok(None) => return Err(transfer_err(decoder.on_eof().err())),

@@ -1,0 +1,231 @@
+//! Protection modes end to end on zfs-fuse pools: which snapshots zq holds on both sides,
+//! that held snapshots cannot be destroyed, that holds are released when no longer needed
+//! (also after a mode switch), and what each mode does when a step's snapshot is destroyed
+//! in the middle of the step.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// guarantee_resumability (the default) in steady state: on the sender only the cursor
+/// (the snapshot the receiver last confirmed) is held, on the receiver only the last
+/// received snapshot; neither can be destroyed. Restarted with guarantee_nothing, the
+/// daemon releases both on its first step.
+#[test]
+fn the_cursor_and_the_last_received_snapshot_are_held_and_a_mode_switch_releases_them() {
+    let Some(_zfs) = zfs_or_skip("protection_steady") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    let target = dst.ds("fs");
+    src.snap("fs", "s1");
+    let args = ["--every", "200ms", "--job", "web"];
+    let daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
+    for (i, s) in ["s2", "s3", "s4"].iter().enumerate() {
+        src.snap("fs", s);
+        assert!(
+            wait_for(Duration::from_secs(20), || snapshots(&target).len()
+                == i + 2),
+            "{s} not replicated:\n{}",
+            daemon.log_text()
+        );
+    }
+    // The receiver moves its hold after the verdict; the sender after the commit.
+    let settled = wait_for(Duration::from_secs(5), || {
+        held(&ds) == ["s4"] && held(&target) == ["s4"]
+    });
+    assert!(
+        settled,
+        "held: source {:?}, destination {:?}\n{}",
+        held(&ds),
+        held(&target),
+        daemon.log_text()
+    );
+    let destroy = |snap: &str| {
+        std::process::Command::new("zfs")
+            .args(["destroy", snap])
+            .output()
+            .unwrap()
+    };
+    let refused = destroy(&format!("{ds}@s4"));
+    assert!(!refused.status.success(), "the cursor cannot be destroyed");
+    assert!(stderr(&refused).contains("busy"), "{}", stderr(&refused));
+    assert!(!destroy(&format!("{target}@s4")).status.success());
+    // Older snapshots are free to go.
+    assert!(destroy(&format!("{ds}@s1")).status.success());
+    // zq's own view.
+    let list = std::process::Command::new(SEND)
+        .args(["abstractions", "list", &ds, "--job", "web"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&list), format!("{ds}@s4\tzq_web\n"));
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
+
+    let args = [
+        "--every",
+        "200ms",
+        "--job",
+        "web",
+        "--protection",
+        "guarantee_nothing",
+    ];
+    let daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
+    src.snap("fs", "s5");
+    let released = wait_for(Duration::from_secs(20), || {
+        let replicated = snapshots(&target).iter().any(|(n, _)| n == "s5");
+        replicated && held(&ds).is_empty() && held(&target).is_empty()
+    });
+    assert!(
+        released,
+        "after the switch: source {:?}, destination {:?}\n{}",
+        held(&ds),
+        held(&target),
+        daemon.log_text()
+    );
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
+}
+
+/// `abstractions release-stale` keeps a stopped job's newest cursor (or, with --all, not
+/// even that) and needs --job.
+#[test]
+fn release_stale_keeps_the_newest_cursor_unless_the_job_is_retired() {
+    let Some(_zfs) = zfs_or_skip("release_stale") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    let target = dst.ds("fs");
+    src.snap("fs", "s1");
+    let run = |job: &str| {
+        let o = send(&keys, &recv, &ds, &target, &["--job", job]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    run("old");
+    src.snap("fs", "s2");
+    run("new");
+    // Job "old" left its cursor on s1, "new" has its own on s2.
+    assert_eq!(held(&ds), ["s1", "s2"]);
+    let abstractions = |args: &[&str]| {
+        std::process::Command::new(SEND)
+            .arg("abstractions")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let no_job = abstractions(&["release-stale", &ds]);
+    assert_eq!(no_job.status.code(), Some(2), "{}", stderr(&no_job));
+    assert!(stderr(&no_job).contains("--job"));
+    let kept = abstractions(&["release-stale", &ds, "--job", "old"]);
+    assert!(kept.status.success(), "{}", stderr(&kept));
+    assert_eq!(stdout(&kept), "", "the newest cursor of a job stays");
+    let retired = abstractions(&["release-stale", &ds, "--job", "old", "--all"]);
+    assert_eq!(stdout(&retired), format!("released {ds}@s1\tzq_old\n"));
+    assert_eq!(held(&ds), ["s2"]);
+}
+
+/// Which protection a test runs with.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Resumability,
+    Incremental,
+}
+
+/// guarantee_resumability: while a large step is interrupted, its `to` snapshot is held
+/// and cannot be destroyed; the step resumes.
+#[test]
+fn resumability_keeps_an_interrupted_steps_snapshot_and_resumes() {
+    destroyed_mid_step("destroyed_mid_step_r", Mode::Resumability);
+}
+
+/// guarantee_incremental: the interrupted step's `to` can be destroyed; the receiver's
+/// spool is then dropped and a new step replicates the next snapshot.
+#[test]
+fn incremental_lets_an_interrupted_steps_snapshot_go_and_starts_a_new_step() {
+    destroyed_mid_step("destroyed_mid_step_i", Mode::Incremental);
+}
+
+fn destroyed_mid_step(test: &str, mode: Mode) {
+    let Some(_zfs) = zfs_or_skip(test) else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let relay = Relay::start(&recv.addr);
+    let ds = src.create("fs");
+    src.write("fs", "big", 48 << 20, 23);
+    src.snap("fs", "s1");
+    src.write("fs", "small", 1000, 1);
+    src.snap("fs", "s2");
+    let target = dst.ds("fs");
+    let protection = match mode {
+        Mode::Resumability => "guarantee_resumability",
+        Mode::Incremental => "guarantee_incremental",
+    };
+    // -i: the first step is s1 alone (a full stream), then s2.
+    let args = [
+        "--every",
+        "1s",
+        "--idle-timeout",
+        "2s",
+        "--newest-only",
+        "--protection",
+        protection,
+    ];
+    let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
+    assert!(
+        wait_for(Duration::from_secs(60), || spooled(&keys) >= 8 << 20),
+        "the receiver never spooled 8 MiB:\n{}",
+        daemon.log_text()
+    );
+    relay.cut(true);
+    std::thread::sleep(Duration::from_secs(3));
+    let destroyed = std::process::Command::new("zfs")
+        .args(["destroy", &format!("{ds}@s1")])
+        .output()
+        .unwrap();
+    relay.cut(false);
+    match mode {
+        Mode::Resumability => {
+            assert!(
+                !destroyed.status.success(),
+                "the step's snapshot is held while the step is interrupted"
+            );
+            assert!(wait_for(Duration::from_secs(60), || {
+                snapshots(&target) == snapshots(&ds)
+            }));
+            assert!(
+                wait_for(Duration::from_secs(10), || daemon
+                    .log_text()
+                    .contains("resumed_bytes=")),
+                "resumed:\n{}",
+                daemon.log_text()
+            );
+            assert_eq!(read(&target, "big"), read(&ds, "big"));
+        }
+        Mode::Incremental => {
+            assert!(destroyed.status.success(), "{}", stderr(&destroyed));
+            let done = wait_for(Duration::from_secs(60), || {
+                snapshots(&target) == snapshots(&ds)
+            });
+            let log = daemon.log_text();
+            assert!(done, "{log}");
+            assert_eq!(snapshots(&target).len(), 1, "s2 alone, as a new full step");
+            assert!(
+                log.contains("no longer the way forward"),
+                "the old step was dropped:\n{log}"
+            );
+            assert!(!log.contains("resumed_bytes="), "{log}");
+            assert!(
+                wait_for(Duration::from_secs(5), || spooled(&keys) == 0),
+                "its spool too"
+            );
+            assert_eq!(read(&target, "big"), read(&ds, "big"));
+        }
+    }
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
+}

@@ -404,7 +404,7 @@ impl Receiver {
             Ok(other) => Message::Error(WireError::new(
                 ErrorKind::Protocol,
                 format!(
-                    "a stream must start with ListRequest or StepHeader, not {}",
+                    "a stream must start with ListRequest, Prune, StepHeader or (from version 3) StepStart, not {}",
                     other.name()
                 ),
             )),

@@ -538,7 +538,7 @@ impl Sender {
     /// A `to` GUID of 0 is left to the receiver (protocol version 2). With `resume`, the
     /// step continues the receiver's spooled one: `zfs send` runs again, its first
     /// `offset` bytes are hashed instead of sent, and if they match the token the rest
-    /// follows a `ResumeStep`; if they do not, the step starts afresh.
+    /// follows a `StepStart` that says so; if they do not, the step starts afresh.
     async fn run_step(
         &self,
         source: &DatasetName,

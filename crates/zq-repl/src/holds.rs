@@ -3,8 +3,8 @@
 //! or `zfs release` is a pool sync task (~8 ms of zfs-fuse's time, however many snapshots
 //! it names): one move per step and dataset made replicating 10 datasets every second
 //! 110 ms slower at p50, and batching moves that met by chance still 76 ms
-//! (docs/benchmarks.md). So moves wait until no step is running here (see
-//! [`Holds::step`]), at most [`MAX_DEFER`], and then go out together: one
+//! (docs/benchmarks.md). So moves wait for a moment when no step has run here for a while
+//! (see [`Holds::step`]; at most [`MAX_DEFER`]), and go out together: one
 //! `zfs hold TAG S1 S2 …` per tag, then one `zfs release TAG …` per tag, with the moves
 //! of one dataset through intermediate snapshots cancelled out. A cursor thus moves to a
 //! confirmed snapshot within a moment of the commit, in the pool's idle time between
@@ -52,7 +52,10 @@ struct State {
 const MAX_BATCH: usize = 64;
 
 /// Moves wait for a moment without steps at most this long.
-pub const MAX_DEFER: std::time::Duration = std::time::Duration::from_secs(5);
+pub const MAX_DEFER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long no step must run for the moment to count as quiet.
+const QUIET: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Marks a running step while alive ([`Holds::step`]).
 #[derive(Debug)]
@@ -83,22 +86,27 @@ impl Holds {
         StepGuard(self.clone())
     }
 
-    /// Waits until no step runs, or [`MAX_DEFER`].
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until no step has run for [`QUIET`], or [`MAX_DEFER`]. A moment between two
+    /// steps of one round is not quiet: a batch there would delay the rest of the round.
     async fn quiet(&self) {
         let _ = tokio::time::timeout(MAX_DEFER, async {
             loop {
                 let notified = self.idle.notified();
                 if self.state().steps == 0 {
-                    return;
+                    tokio::time::sleep(QUIET).await;
+                    if self.state().steps == 0 {
+                        return;
+                    }
+                    continue;
                 }
                 notified.await;
             }
         })
         .await;
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Holds `hold` with `tag` and then, if that worked, releases `tag` from `release`.

@@ -266,12 +266,14 @@ impl Protector {
 
     /// Releases the job's tag from the held snapshots of `dataset` that the current modes
     /// do not need: all but the cursor (`cursor`, if the modes keep one) and `keep_step`
-    /// (the snapshots of a step still to be resumed). Costs one `zfs get` and a release
-    /// per held snapshot that is not needed; done when a dataset is planned from a listing
-    /// for the first time in this process, or after a resumable step that did not commit.
+    /// (the snapshots of a step still to be resumed), among `snapshots` (the dataset's).
+    /// Costs a `zfs get` of those snapshots and a release per held snapshot that is not
+    /// needed; done when a dataset is planned from a listing for the first time in this
+    /// process, or after a resumable step that did not commit.
     pub async fn tidy(
         &self,
         dataset: &DatasetName,
+        snapshots: &[SnapshotName],
         cursor: Option<&SnapshotName>,
         keep_step: &[SnapshotName],
     ) -> Result<(), StoreError> {
@@ -282,7 +284,7 @@ impl Protector {
         let cursor = cursor.filter(|_| self.modes.any_cursor());
         let stale: Vec<SnapshotName> = self
             .zfs
-            .userrefs(dataset, false)
+            .userrefs_of(snapshots)
             .await?
             .into_iter()
             .filter(|(s, n)| *n > 0 && Some(s) != cursor && !keep_step.contains(s))

@@ -361,7 +361,8 @@ impl Sender {
             Some(Step::Full { to }) => snap(&to.name).into_iter().collect(),
             None => Vec::new(),
         };
-        if let Err(e) = p.tidy(src, cursor.as_ref(), &keep).await {
+        let snapshots: Vec<_> = source.iter().filter_map(|s| snap(&s.name)).collect();
+        if let Err(e) = p.tidy(src, &snapshots, cursor.as_ref(), &keep).await {
             warn!(error = %e, "cannot release holds no longer needed");
         }
     }

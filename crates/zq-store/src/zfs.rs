@@ -408,6 +408,26 @@ impl Zfs {
         Ok(refs)
     }
 
+    /// How many user holds each of `snaps` has (`zfs get userrefs S1 S2 …`): costs time per
+    /// snapshot named, unlike [`Self::userrefs`] of a dataset, which lists its whole
+    /// subtree (zfs-fuse has no `get -d`).
+    pub async fn userrefs_of(
+        &self,
+        snaps: &[SnapshotName],
+    ) -> Result<Vec<(SnapshotName, u64)>, StoreError> {
+        let mut refs = Vec::new();
+        for chunk in snaps.chunks(512) {
+            let argv = self
+                .zfs()
+                .args(["get", "-H", "-o", "name,value", "userrefs"])
+                .args(chunk.iter().map(|s| s.to_string()));
+            for (name, n) in parse_userrefs(&run(&argv).await?)? {
+                refs.push((SnapshotName::parse(&name)?, n));
+            }
+        }
+        Ok(refs)
+    }
+
     /// The tags of the user holds on `snaps` (`zfs holds`), where zfs can list them
     /// ([`Capabilities::listable_holds`]); `None` where it cannot (zfs-fuse).
     pub async fn holds(

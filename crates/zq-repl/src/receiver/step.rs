@@ -149,12 +149,22 @@ impl Receiver {
             // With the next batch of moves, in a moment without steps (crate::holds).
             let (zfs, holds) = (self.zfs.clone(), self.holds.clone());
             let from = h.from.as_ref().and_then(|f| target.snapshot(&f.name).ok());
-            let scan = self
+            // The first step into the target in this process looks at its snapshots for
+            // stale tags (a crash between a commit and its move leaves one behind).
+            let first = self
                 .scanned
                 .lock()
                 .is_ok_and(|mut s| s.insert(target.clone()));
+            let scan: Vec<SnapshotName> = match (&result, first) {
+                (Ok(c), true) => c
+                    .snapshots
+                    .iter()
+                    .filter_map(|s| target.snapshot(&s.name).ok())
+                    .collect(),
+                _ => Vec::new(),
+            };
             tokio::spawn(async move {
-                move_last_hold(&zfs, &holds, &last, from.as_ref(), &to, held_before, scan).await
+                move_last_hold(&zfs, &holds, &last, from.as_ref(), &to, held_before, &scan).await
             });
         }
         result
@@ -506,7 +516,7 @@ async fn move_last_hold(
     from: Option<&SnapshotName>,
     to: &SnapshotName,
     held_before: Option<bool>,
-    scan: bool,
+    scan: &[SnapshotName],
 ) {
     let hold = last.hold.then_some(to);
     // This receiver placed (or not) the hold on the base itself; if it does not know (a
@@ -516,8 +526,8 @@ async fn move_last_hold(
         warn!(snapshot = %to, error = %e, "cannot move the last-received hold");
         return;
     }
-    if scan {
-        let stale: Vec<SnapshotName> = match zfs.userrefs(to.dataset(), false).await {
+    if !scan.is_empty() {
+        let stale: Vec<SnapshotName> = match zfs.userrefs_of(scan).await {
             Ok(refs) => refs
                 .into_iter()
                 .filter(|(s, n)| *n > 0 && s != to && Some(s) != from)

@@ -137,10 +137,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let receiver = Receiver::with_spools(zfs, policy, caps, spools);
-    let serving = tokio::spawn(receiver.serve(endpoint.clone()));
+    let serving = tokio::spawn(receiver.clone().serve(endpoint.clone()));
     zq::shutdown_signal().await;
     tracing::info!("shutting down");
     endpoint.close(0u32.into(), b"receiver shutting down");
     serving.abort();
+    // Last-received holds go out in batches: let the last ones happen.
+    receiver.flush_holds().await;
     ExitCode::SUCCESS
 }

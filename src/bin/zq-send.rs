@@ -245,6 +245,8 @@ async fn run(args: RunArgs) -> ExitCode {
         Some(every) => daemon(&args, every, job, zfs, peer.clone()).await,
         None => once(&args, job, zfs, &peer).await,
     };
+    // Cursor moves go out in batches: let the last ones happen before exiting.
+    peer.protector.flush().await;
     peer.client.shutdown().await;
     ExitCode::from(code)
 }

@@ -393,8 +393,15 @@ async fn retention_loop(
                     Ok(snap) => zfs.destroy_snapshot(&snap).await.map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
-                if let Err(e) = destroyed {
-                    warn!(dataset = %source, snapshot = %s.name, error = %e, "retention: cannot destroy");
+                match destroyed {
+                    // Held (another job's cursor, an operator's hold): never destroyed.
+                    Err(e) if e.contains("dataset is busy") => {
+                        debug!(dataset = %source, snapshot = %s.name, "retention: held; kept");
+                    }
+                    Err(e) => {
+                        warn!(dataset = %source, snapshot = %s.name, error = %e, "retention: cannot destroy");
+                    }
+                    Ok(()) => {}
                 }
             }
             let Some(s) = &sender else {

@@ -80,6 +80,23 @@ impl Holds {
         })
     }
 
+    /// Waits until every move asked for so far is done (before the process exits: a
+    /// one-shot run, a daemon or receiver shutting down), at most `limit`.
+    pub async fn flush(&self, limit: std::time::Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                {
+                    let s = self.state();
+                    if s.pending.is_empty() && !s.running {
+                        return;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+
     /// Marks a step as running until the guard is dropped: moves wait for no step to run.
     pub fn step(self: &Arc<Self>) -> StepGuard {
         self.state().steps += 1;

@@ -218,6 +218,11 @@ impl Protector {
         self.modes.of(incremental).step_holds()
     }
 
+    /// Waits (at most 15 s) for the hold moves asked for so far: call it before exiting.
+    pub async fn flush(&self) {
+        self.holds.flush(std::time::Duration::from_secs(15)).await;
+    }
+
     /// Marks a step as running: hold moves wait for a moment without steps
     /// ([`crate::holds`]).
     pub fn step(&self) -> StepGuard {
@@ -225,7 +230,7 @@ impl Protector {
     }
 
     /// Holds a step's `to`, and its `from` unless that is already the cursor. Returns at
-    /// once; the holds are placed with the next batch (at the latest 2 s later, not
+    /// once; the holds are placed with the next batch (at the latest 10 s later, not
     /// waiting for this step to end).
     pub fn step_started(&self, from: Option<&SnapshotName>, to: &SnapshotName) {
         if let Ok(mut t) = self.tidy.lock() {

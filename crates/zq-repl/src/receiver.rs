@@ -167,6 +167,12 @@ impl Receiver {
         })
     }
 
+    /// Waits (at most 15 s) for the last-received holds asked for so far: call it before
+    /// exiting.
+    pub async fn flush_holds(&self) {
+        self.holds.flush(std::time::Duration::from_secs(15)).await;
+    }
+
     fn target_lock(
         &self,
         target: &DatasetName,

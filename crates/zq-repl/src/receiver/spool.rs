@@ -543,6 +543,15 @@ mod tests {
         (0..8u8).map(|i| Bytes::from(vec![i; 1000])).collect()
     }
 
+    /// A step of [`chunks`] into `target` that failed after its last chunk.
+    fn interrupted(s: &Spools, target: &DatasetName) {
+        let mut w = s.writer(&header("b"), target).unwrap();
+        for c in &chunks() {
+            w.write(c);
+        }
+        s.keep(w);
+    }
+
     #[tokio::test]
     async fn a_small_step_leaves_nothing_and_a_large_one_a_token() {
         let dir = tempfile::tempdir().unwrap();
@@ -582,11 +591,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = DatasetName::parse("b/fs").unwrap();
         let s = spools(dir.path(), 1000, 1 << 20);
-        let mut w = s.writer(&header("b"), &target).unwrap();
-        for c in &chunks() {
-            w.write(c);
-        }
-        s.keep(w);
+        interrupted(&s, &target);
         let t = s.token("b/fs").await.unwrap();
         // The sender resumes at an offset the spool holds (its token's).
         let at = ResumeAt {
@@ -607,14 +612,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = DatasetName::parse("b/fs").unwrap();
         let s = spools(dir.path(), 1000, 1 << 20);
-        let fill = |s: &Spools| {
-            let mut w = s.writer(&header("b"), &target).unwrap();
-            for c in &chunks() {
-                w.write(c);
-            }
-            s.keep(w);
-        };
-        fill(&s);
+        interrupted(&s, &target);
         let t = s.token("b/fs").await.unwrap();
         let at = |offset, prefix_hash| ResumeAt {
             offset,
@@ -629,7 +627,7 @@ mod tests {
                 "holds 8000 bytes",
             ),
         ] {
-            fill(&s);
+            interrupted(&s, &target);
             let e = s.resume(&h, at, &target).await.unwrap_err();
             assert_eq!(e.kind, ErrorKind::ResumeRejected);
             assert!(e.message.contains(why), "{}", e.message);
@@ -642,11 +640,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = DatasetName::parse("b/fs").unwrap();
         let s = spools(dir.path(), 1000, 1 << 20);
-        let mut w = s.writer(&header("b"), &target).unwrap();
-        for c in &chunks() {
-            w.write(c);
-        }
-        s.keep(w);
+        interrupted(&s, &target);
         let t = s.token("b/fs").await.unwrap();
         let at = ResumeAt {
             offset: t.offset,
@@ -663,11 +657,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = DatasetName::parse("b/fs").unwrap();
         let s = spools(dir.path(), 1000, 2500);
-        let mut w = s.writer(&header("b"), &target).unwrap();
-        for c in &chunks() {
-            w.write(c);
-        }
-        s.keep(w);
+        interrupted(&s, &target);
         let t = s.token("b/fs").await.unwrap();
         assert_eq!(t.offset, 2500);
         let all: Vec<u8> = chunks().iter().flat_map(|c| c.to_vec()).collect();

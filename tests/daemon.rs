@@ -384,11 +384,7 @@ fn crash_mid_transfer(test: &str, crash: Crash) {
     // Both ends notice a dead peer within 3 s (the smaller idle timeout applies).
     let args = ["--every", "1s", "--idle-timeout", "3s"];
     let mut daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
-    assert!(
-        wait_for(Duration::from_secs(30), || spooled(&keys) >= 8 << 20),
-        "the receiver never spooled 8 MiB:\n{}",
-        daemon.log_text()
-    );
+    daemon.await_spooled(&keys, 8 << 20);
     assert!(receiving(&target), "the transfer ended before the crash");
     match crash {
         Crash::Receiver => {
@@ -405,9 +401,7 @@ fn crash_mid_transfer(test: &str, crash: Crash) {
         snapshots(&target) == snapshots(&ds)
     });
     // The sender logs the commit once the receiver's verdict is in.
-    let resumed = wait_for(Duration::from_secs(10), || {
-        daemon.log_text().contains("resumed_bytes=")
-    });
+    let resumed = daemon.logs_within(Duration::from_secs(10), "resumed_bytes=");
     let log = daemon.log_text();
     assert!(done, "not replicated after the crash:\n{log}");
     assert_eq!(read(&target, "big"), read(&ds, "big"));
@@ -438,11 +432,7 @@ fn a_transfer_cut_twice_for_longer_than_the_idle_timeout_resumes_each_time() {
     let args = ["--every", "1s", "--idle-timeout", "2s"];
     let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
     for at in [8u64 << 20, 24 << 20] {
-        assert!(
-            wait_for(Duration::from_secs(60), || spooled(&keys) >= at),
-            "the spool never reached {at} bytes:\n{}",
-            daemon.log_text()
-        );
+        daemon.await_spooled(&keys, at);
         relay.cut(true);
         std::thread::sleep(Duration::from_secs(4));
         relay.cut(false);
@@ -450,9 +440,7 @@ fn a_transfer_cut_twice_for_longer_than_the_idle_timeout_resumes_each_time() {
     let done = wait_for(Duration::from_secs(90), || {
         snapshots(&target) == snapshots(&ds)
     });
-    let resumed = wait_for(Duration::from_secs(10), || {
-        daemon.log_text().contains("resumed_bytes=")
-    });
+    let resumed = daemon.logs_within(Duration::from_secs(10), "resumed_bytes=");
     let log = daemon.log_text();
     assert!(done, "not replicated after the cuts:\n{log}");
     assert_eq!(read(&target, "big"), read(&ds, "big"));
@@ -485,11 +473,7 @@ fn a_corrupted_spool_is_refused_and_the_step_sent_afresh() {
     let target = dst.ds("fs");
     let args = ["--every", "1s", "--idle-timeout", "2s"];
     let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
-    assert!(
-        wait_for(Duration::from_secs(60), || spooled(&keys) >= 8 << 20),
-        "the receiver never spooled 8 MiB:\n{}",
-        daemon.log_text()
-    );
+    daemon.await_spooled(&keys, 8 << 20);
     relay.cut(true);
     // Both sides give the connection up after 2 s; the receiver keeps its spool.
     std::thread::sleep(Duration::from_secs(3));
@@ -499,9 +483,7 @@ fn a_corrupted_spool_is_refused_and_the_step_sent_afresh() {
     let done = wait_for(Duration::from_secs(90), || {
         snapshots(&target) == snapshots(&ds)
     });
-    wait_for(Duration::from_secs(10), || {
-        daemon.log_text().contains("step committed")
-    });
+    daemon.logs_within(Duration::from_secs(10), "step committed");
     let log = daemon.log_text();
     assert!(done, "not replicated after the corruption:\n{log}");
     assert_eq!(read(&target, "big"), read(&ds, "big"));
@@ -550,9 +532,7 @@ fn a_receiver_that_stops_reading_is_timed_out_and_the_step_resumes() {
     let done = wait_for(Duration::from_secs(90), || {
         snapshots(&target) == snapshots(&ds)
     });
-    let resumed = wait_for(Duration::from_secs(10), || {
-        daemon.log_text().contains("resumed_bytes=")
-    });
+    let resumed = daemon.logs_within(Duration::from_secs(10), "resumed_bytes=");
     let log = daemon.log_text();
     assert!(done, "not replicated after the stall:\n{log}");
     assert_eq!(read(&target, "big"), read(&ds, "big"));

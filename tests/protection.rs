@@ -177,11 +177,7 @@ fn destroyed_mid_step(test: &str, mode: Mode) {
         protection,
     ];
     let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
-    assert!(
-        wait_for(Duration::from_secs(60), || spooled(&keys) >= 8 << 20),
-        "the receiver never spooled 8 MiB:\n{}",
-        daemon.log_text()
-    );
+    daemon.await_spooled(&keys, 8 << 20);
     relay.cut(true);
     std::thread::sleep(Duration::from_secs(3));
     let destroyed = std::process::Command::new("zfs")
@@ -199,9 +195,7 @@ fn destroyed_mid_step(test: &str, mode: Mode) {
                 snapshots(&target) == snapshots(&ds)
             }));
             assert!(
-                wait_for(Duration::from_secs(10), || daemon
-                    .log_text()
-                    .contains("resumed_bytes=")),
+                daemon.logs_within(Duration::from_secs(10), "resumed_bytes="),
                 "resumed:\n{}",
                 daemon.log_text()
             );

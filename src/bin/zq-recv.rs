@@ -57,7 +57,8 @@ struct ServeArgs {
     /// smaller steps restart when interrupted.
     #[arg(long, default_value = "4MiB", value_name = "SIZE", value_parser = parse_size)]
     spool_from: u64,
-    /// Spool at most SIZE of one step; the rest of a longer one is not resumable.
+    /// Spool at most SIZE of one step; the rest of a longer one is not resumable (0: spool
+    /// nothing, as --no-spool).
     #[arg(long, default_value = "64GiB", value_name = "SIZE", value_parser = parse_size)]
     spool_max: u64,
     /// Spool nothing: every interrupted step starts over.
@@ -119,7 +120,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
     println!("listening on {bound}");
     tracing::info!(%bound, senders = args.allow.len(), "zq-recv ready");
     let caps = Capabilities::current(format!("zq-recv {}", env!("CARGO_PKG_VERSION")));
-    let spool = (!args.no_spool).then(|| SpoolConfig {
+    // A spool of at most 0 bytes would create and remove files for nothing.
+    let spool = (!args.no_spool && args.spool_max > 0).then(|| SpoolConfig {
         dir: args.spool_dir.clone(),
         from: args.spool_from.min(args.spool_max),
         max: args.spool_max,

@@ -538,6 +538,22 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (up to 60 s) until the receivers started with `keys` hold `bytes` of spool:
+    /// a large step is far enough along to be interrupted and resumed. Panics with the log.
+    pub fn await_spooled(&self, keys: &Keys, bytes: u64) {
+        assert!(
+            wait_for(Duration::from_secs(60), || spooled(keys) >= bytes),
+            "the receiver never spooled {bytes} bytes:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Whether the log contains `needle` within `limit` (a line can follow the event it
+    /// reports, e.g. the sender's commit log after the receiver's commit).
+    pub fn logs_within(&self, limit: Duration, needle: &str) -> bool {
+        wait_for(limit, || self.log_text().contains(needle))
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

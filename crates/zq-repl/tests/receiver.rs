@@ -165,6 +165,55 @@ async fn targets_outside_the_root_are_refused_before_any_zfs_command() {
     }
 }
 
+/// A version 3 step start is checked before anything runs: the hold tag a sender may ask
+/// for is only its own `zq_<job>_last`, and a resume needs a session that agreed on
+/// spooling (this receiver spools nothing).
+#[tokio::test]
+async fn a_step_start_with_a_foreign_hold_tag_or_an_unagreed_resume_is_refused() {
+    let setup = setup().await;
+    let conn = handshaken(&setup).await;
+    let Message::StepHeader(h) = header("backup/a/x") else {
+        unreachable!()
+    };
+    let start = |last_tag: &str, resume| {
+        Message::StepStart(zq_proto::StepStart {
+            header: h.clone(),
+            last_tag: last_tag.into(),
+            hold_last: true,
+            resume,
+        })
+    };
+    let at = zq_proto::ResumeAt {
+        offset: 1 << 20,
+        prefix_hash: [0; 32],
+    };
+    for (msg, kind, why) in [
+        (
+            start("keep", None),
+            ErrorKind::InvalidName,
+            "not a zq hold tag",
+        ),
+        (
+            start("zq_a b_last", None),
+            ErrorKind::InvalidName,
+            "not a zq hold tag",
+        ),
+        (
+            start("zq_j_last", Some(at)),
+            ErrorKind::Protocol,
+            "did not agree on spooling",
+        ),
+    ] {
+        match exchange(&conn, &msg).await {
+            Message::Verdict(Verdict::Failed(e)) => {
+                assert_eq!(e.kind, kind, "{e}");
+                assert!(e.message.contains(why), "{e}");
+            }
+            other => panic!("expected a failed verdict, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_header_naming_an_invalid_snapshot_is_refused() {
     let setup = setup().await;

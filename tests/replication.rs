@@ -218,6 +218,11 @@ fn no_common_snapshot_is_refused_then_replaced_with_force() {
         "{}",
         stderr(&out)
     );
+    assert!(
+        !stderr(&out).contains("running the job again"),
+        "a refusal is not retried: {}",
+        stderr(&out)
+    );
     assert_eq!(names(&snapshots(&target)), ["unrelated"]);
 
     let out = send(&keys, &recv, &ds, &target, &["--force"]);
@@ -339,6 +344,8 @@ fn a_full_destination_says_so_and_replication_continues_when_space_is_freed() {
         err.contains("out of space") && err.contains(&format!("available to {}", dst.name)),
         "{err}"
     );
+    // A one-shot run tries again (--retries 2) before giving up.
+    assert_eq!(err.matches("running the job again").count(), 2, "{err}");
     assert_eq!(snapshots(&ds), before, "the source is untouched");
     assert!(snapshots(&target).is_empty(), "nothing half-received");
 

@@ -12,7 +12,7 @@ use zq::{exit, fail};
 use zq_net::{Client, Fingerprint, Identity, Tuning};
 use zq_proto::Capabilities;
 use zq_repl::protect::{Modes, Protection, Protector, Tags};
-use zq_repl::{DaemonOptions, DatasetOutcome, Job, PlanOptions, ReplError, Sender};
+use zq_repl::{DaemonOptions, DatasetOutcome, DatasetReport, Job, PlanOptions, ReplError, Sender};
 use zq_store::{DatasetName, Zfs};
 
 const ROLE: &str = "zq-send";
@@ -165,6 +165,14 @@ struct RunArgs {
     /// for this long while the connection stays alive: a hung receiver or zfs receive.
     #[arg(long, value_name = "DURATION", value_parser = parse_period, default_value = "120s")]
     stall_timeout: Duration,
+    /// One-shot: run the job again this many times while datasets fail with errors that
+    /// may pass (a lost connection, a zfs command that failed on either side), waiting
+    /// --retry-delay, then twice as long each time. Refusals are never retried.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    retries: u32,
+    /// One-shot: the wait before the first retry (see --retries).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    retry_delay: Duration,
     /// Speak only this protocol version (for compatibility testing).
     #[arg(long, hide = true)]
     protocol_version: Option<u16>,
@@ -296,23 +304,60 @@ async fn abstractions(cmd: AbstractionsCommand) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Replicates once and reports each dataset; returns the exit code.
+/// Replicates once and reports each dataset; returns the exit code. Datasets that failed
+/// with a transient error get up to --retries more runs of the whole job (which skips what
+/// is up to date).
 async fn once(args: &RunArgs, job: Job, zfs: Zfs, peer: &Peer) -> u8 {
-    let sender = match peer.connect(zfs).await {
+    let mut sender = match peer.connect(zfs.clone()).await {
         Ok(s) => s,
         Err(e) => {
             zq::report(&e);
             return exit::CONNECT;
         }
     };
-    let reports = match sender.replicate(&job).await {
-        Ok(r) => r,
-        Err(e) => {
-            let code = code_for(&e);
-            zq::report(&anyhow::Error::new(e).context(format!("replicating {}", args.source)));
-            return code;
+    let mut reports: Vec<DatasetReport> = Vec::new();
+    let mut delay = args.retry_delay;
+    for attempt in 0..=args.retries {
+        if attempt > 0 {
+            tokio::time::sleep(delay).await;
+            delay = delay.saturating_mul(2);
+            if !sender.is_connected() {
+                sender = match peer.connect(zfs.clone()).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        zq::report(&e);
+                        return exit::CONNECT;
+                    }
+                };
+            }
         }
-    };
+        let run = match sender.replicate(&job).await {
+            Ok(r) => r,
+            Err(e) if e.transient() && attempt < args.retries => {
+                tracing::warn!(error = %zq::chain(&e), attempt = attempt + 1, retries = args.retries, "the job failed; running it again");
+                continue;
+            }
+            Err(e) => {
+                let code = code_for(&e);
+                zq::report(&anyhow::Error::new(e).context(format!("replicating {}", args.source)));
+                return code;
+            }
+        };
+        reports = merge_attempts(reports, run);
+        let transient: Vec<_> = reports
+            .iter()
+            .filter_map(|r| match &r.outcome {
+                DatasetOutcome::Failed(e) if e.transient() => Some(r.source.to_string()),
+                _ => None,
+            })
+            .collect();
+        if transient.is_empty() {
+            break;
+        }
+        if attempt < args.retries {
+            tracing::warn!(datasets = %transient.join(","), attempt = attempt + 1, retries = args.retries, ?delay, "datasets failed with errors that may pass; running the job again");
+        }
+    }
     let mut code = exit::OK;
     for r in &reports {
         match &r.outcome {
@@ -444,6 +489,29 @@ impl Peer {
             }
         }
     }
+}
+
+/// A dataset's outcome over several runs of the job: the latest, except that a dataset
+/// that was sent and then found up to date keeps the report of what was sent.
+fn merge_attempts(before: Vec<DatasetReport>, latest: Vec<DatasetReport>) -> Vec<DatasetReport> {
+    let mut before: Vec<Option<DatasetReport>> = before.into_iter().map(Some).collect();
+    latest
+        .into_iter()
+        .map(|r| {
+            let earlier = before
+                .iter_mut()
+                .find(|b| b.as_ref().is_some_and(|b| b.source == r.source))
+                .and_then(Option::take);
+            match (earlier, &r.outcome) {
+                (Some(e), DatasetOutcome::UpToDate)
+                    if matches!(e.outcome, DatasetOutcome::Sent { .. }) =>
+                {
+                    e
+                }
+                _ => r,
+            }
+        })
+        .collect()
 }
 
 fn code_for(e: &ReplError) -> u8 {

@@ -69,6 +69,22 @@ impl ReplError {
         }
     }
 
+    /// Whether running the job again soon may succeed: [`ReplError::retryable`] errors,
+    /// and zfs commands that failed for a reason zq cannot classify (a busy dataset,
+    /// zfs-fuse's sporadic I/O errors under load). Refusals (divergence, authorization,
+    /// names) are not transient; a full destination is, for as long as the retries last.
+    pub fn transient(&self) -> bool {
+        self.retryable()
+            || matches!(
+                self,
+                ReplError::Store(_)
+                    | ReplError::Remote(WireError {
+                        kind: ErrorKind::Zfs | ErrorKind::Internal,
+                        ..
+                    })
+            )
+    }
+
     /// Whether this is a divergence only `--force` (or a human) can resolve.
     pub fn needs_force(&self) -> bool {
         matches!(self, ReplError::Plan(_))

@@ -8,6 +8,40 @@ use tracing_subscriber::EnvFilter;
 
 pub mod status;
 
+/// Transport flags shared by both binaries: what the QUIC windows and socket buffers are
+/// sized for. Both ends should say the same (each side's receive window limits the other).
+#[derive(clap::Args, Debug, Clone)]
+pub struct TransportArgs {
+    /// Bandwidth-delay product of the path to size the QUIC windows for: link rate times
+    /// round-trip time (1 Gbit/s x 50 ms = 6.25MB; the default covers 1 Gbit/s at
+    /// 100 ms). Windows are limits, not allocations: see docs/operations.md.
+    #[arg(long, value_name = "SIZE", default_value = "12.5MB", value_parser = parse_size)]
+    pub bdp: u64,
+    /// Congestion controller: cubic, or bbr for long lossy paths.
+    #[arg(long, value_name = "NAME", default_value = "cubic")]
+    pub congestion: zq_net::Congestion,
+    /// UDP socket buffer to ask the kernel for, each direction (granted in full to root;
+    /// otherwise capped by net.core.rmem_max/wmem_max, with a warning).
+    #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = parse_size)]
+    pub udp_buffer: u64,
+}
+
+impl TransportArgs {
+    /// The transport settings these flags describe.
+    pub fn tuning(&self) -> zq_net::Tuning {
+        zq_net::Tuning {
+            congestion: self.congestion,
+            udp_buffer: usize::try_from(self.udp_buffer).unwrap_or(usize::MAX),
+            ..zq_net::Tuning::for_bdp(self.bdp)
+        }
+    }
+}
+
+/// A size on the command line: `4MiB`, `64G`, `12.5MB`, `1000`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    parse_size::parse_size(s).map_err(|e| format!("{s:?}: {e} (e.g. 4MiB, 64G, 12.5MB)"))
+}
+
 /// Exit codes, documented in `docs/operations.md`. Scripts and systemd act on these.
 pub mod exit {
     /// Everything asked for was done.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use zq::{exit, fail};
-use zq_net::{Fingerprint, Identity, Tuning};
+use zq_net::{Fingerprint, Identity};
 use zq_proto::Capabilities;
 use zq_repl::receiver::spool::{SpoolConfig, Spools};
 use zq_repl::{Policy, Receiver};
@@ -55,19 +55,17 @@ struct ServeArgs {
     spool_dir: PathBuf,
     /// Spool steps once their stream passes SIZE (held in memory per step until then);
     /// smaller steps restart when interrupted.
-    #[arg(long, default_value = "4MiB", value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, default_value = "4MiB", value_name = "SIZE", value_parser = zq::parse_size)]
     spool_from: u64,
     /// Spool at most SIZE of one step; the rest of a longer one is not resumable (0: spool
     /// nothing, as --no-spool).
-    #[arg(long, default_value = "64GiB", value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, default_value = "64GiB", value_name = "SIZE", value_parser = zq::parse_size)]
     spool_max: u64,
     /// Spool nothing: every interrupted step starts over.
     #[arg(long)]
     no_spool: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    parse_size::parse_size(s).map_err(|e| format!("{s:?}: {e} (e.g. 4MiB, 64G)"))
+    #[command(flatten)]
+    transport: zq::TransportArgs,
 }
 
 fn parse_allow(s: &str) -> Result<(Fingerprint, DatasetName), String> {
@@ -111,7 +109,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         identity,
         policy.fingerprints(),
         args.listen,
-        &Tuning::default(),
+        &args.transport.tuning(),
     ) {
         Ok(e) => e,
         Err(e) => return fail(exit::USAGE, &anyhow::Error::new(e)),

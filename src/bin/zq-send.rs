@@ -173,6 +173,8 @@ struct RunArgs {
     /// One-shot: the wait before the first retry (see --retries).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
     retry_delay: Duration,
+    #[command(flatten)]
+    transport: zq::TransportArgs,
     /// Speak only this protocol version (for compatibility testing).
     #[arg(long, hide = true)]
     protocol_version: Option<u16>,
@@ -449,7 +451,7 @@ impl Peer {
         let tuning = Tuning {
             idle_timeout: args.idle_timeout,
             keep_alive: Tuning::default().keep_alive.min(args.idle_timeout / 3),
-            ..Tuning::default()
+            ..args.transport.tuning()
         };
         let client = Client::new(identity, args.peer, addr, &tuning)?;
         Ok(Peer {

@@ -7,7 +7,8 @@ pub mod identity;
 pub mod pin;
 
 pub use endpoint::{
-    closed_by_tls_alert, peer_fingerprint, resolve, server, Client, Dialed, NetError, Tuning,
+    closed_by_tls_alert, peer_fingerprint, resolve, server, Client, Congestion, Dialed, NetError,
+    Tuning, DEFAULT_BDP,
 };
 pub use framed::{FramedRecv, FramedSend, StreamError};
 pub use identity::{Fingerprint, Identity, IdentityError};

@@ -45,3 +45,39 @@ drop_pool() {
     done
     zpool export -f "$1" 2>/dev/null || echo "warning: could not remove pool $1" >&2
 }
+
+# Starts the SSH baselines' sshd: its own config, host key, random port and a throw-away
+# uid-0 account $user whose shell is /bin/sh (no start-up files: a fair baseline), on
+# 127.0.0.1 or ADDR, optionally inside network namespace SERVER_NS and checked from
+# CLIENT_NS. Installs openssh-server if missing. Needs $work, $user and the pids array;
+# sets the sshopt array (ControlMaster in $work/cm). The caller's cleanup removes $user.
+start_sshd() { # harness-name [ADDR [SERVER_NS CLIENT_NS]]
+    local addr=${2:-127.0.0.1} sns=() cns=()
+    [ -n "${3:-}" ] && sns=(ip netns exec "$3") && cns=(ip netns exec "$4")
+    if ! command -v sshd >/dev/null && [ ! -x /usr/sbin/sshd ]; then
+        echo "$1: installing openssh-server for the baseline" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null
+    fi
+    mkdir -p "$work/home/.ssh" /run/sshd
+    ssh-keygen -q -t ed25519 -N '' -f "$work/hostkey"
+    ssh-keygen -q -t ed25519 -N '' -f "$work/id"
+    cp "$work/id.pub" "$work/home/.ssh/authorized_keys"
+    chmod 700 "$work/home" "$work/home/.ssh"
+    # '*' rather than useradd's '!': sshd refuses a locked account even for key logins.
+    useradd -o -u 0 -g 0 -M -d "$work/home" -s /bin/sh -p '*' "$user"
+    local port ok=
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    printf '%s\n' "ListenAddress $addr" "Port $port" "HostKey $work/hostkey" \
+        "PidFile $work/sshd.pid" "PermitRootLogin yes" "PasswordAuthentication no" \
+        "KbdInteractiveAuthentication no" "UsePAM no" "StrictModes no" \
+        "AuthorizedKeysFile $work/home/.ssh/authorized_keys" >"$work/sshd_config"
+    "${sns[@]}" /usr/sbin/sshd -f "$work/sshd_config" -D -e 2>"$work/sshd.log" &
+    pids+=($!)
+    sshopt=(-p "$port" -i "$work/id" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
+        -o LogLevel=ERROR -o ControlPath="$work/cm" -o ControlMaster=auto -o ControlPersist=600)
+    for _ in $(seq 50); do
+        "${cns[@]}" ssh "${sshopt[@]}" -o BatchMode=yes "$user@$addr" true 2>/dev/null && { ok=1; break; }
+        sleep 0.1
+    done
+    [ -n "$ok" ] || { echo "$1: cannot log in to the baseline's sshd:" >&2; cat "$work/sshd.log" >&2; exit 1; }
+}

@@ -23,7 +23,10 @@ fn throughput_moves_the_bytes_through_zq_and_tcp_and_reports_both() {
                 .lines()
                 .find(|l| l.starts_with(method))
                 .unwrap_or_else(|| panic!("no {method}line in {stdout}"));
-            assert!(line.contains("MB/s") && line.contains("(8388608 bytes in"), "{line}");
+            assert!(
+                line.contains("MB/s") && line.contains("(8388608 bytes in"),
+                "{line}"
+            );
         }
         assert!(stdout.contains("ratios: zq/tcp"), "{stdout}");
     }

@@ -362,3 +362,44 @@ fn a_full_destination_says_so_and_replication_continues_when_space_is_freed() {
     assert_eq!(snapshots(&target), snapshots(&ds));
     assert_eq!(read(&target, "big"), read(&ds, "big"));
 }
+
+/// `--compress auto` on a dataset of text and random data: the destination is identical,
+/// and the text went compressed (the sender logs the payload bytes it put on the wire).
+#[test]
+fn compressed_steps_arrive_identical_with_fewer_bytes_on_the_wire() {
+    let Some(_zfs) = zfs_or_skip("compressed_steps") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    let mountpoint = zfs(&["get", "-H", "-o", "value", "mountpoint", &ds]);
+    let text: String = (0..200_000)
+        .map(|i| format!("line {i}: zfs snapshot replicated over quic\n"))
+        .collect();
+    std::fs::write(std::path::Path::new(mountpoint.trim()).join("log"), &text).unwrap();
+    src.write("fs", "random", 2 << 20, 9);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+
+    let out = send(&keys, &recv, &ds, &target, &["--compress", "auto"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(snapshots(&target), snapshots(&ds));
+    assert_eq!(read(&target, "log"), text.as_bytes());
+    assert_eq!(read(&target, "random"), read(&ds, "random"));
+    let err = stderr(&out);
+    let field = |name: &str| -> u64 {
+        let at = err
+            .find(&format!(" {name}="))
+            .unwrap_or_else(|| panic!("{name} in {err}"));
+        err[at + name.len() + 2..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let (bytes, wire) = (field("bytes"), field("wire_bytes"));
+    // ~10 MB of text shrinks ~10x; the 2 MiB of random data does not.
+    assert!(wire < bytes / 2, "wire {wire} of {bytes}: {err}");
+    assert!(wire > 2 << 20, "the random part went raw: wire {wire}");
+}

@@ -173,6 +173,12 @@ struct RunArgs {
     /// One-shot: the wait before the first retry (see --retries).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
     retry_delay: Duration,
+    /// Compress chunks with zstd: none, auto (zstd level 1, but chunks that do not
+    /// shrink make the next ones go raw for a while: already-compressed or encrypted data
+    /// costs almost nothing), zstd (level 3) or zstd:LEVEL. Used only where the
+    /// receiver agrees; checksums are of the original bytes.
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    compress: zq_proto::Compression,
     #[command(flatten)]
     transport: zq::TransportArgs,
     /// Speak only this protocol version (for compatibility testing).
@@ -219,6 +225,9 @@ async fn run(args: RunArgs) -> ExitCode {
     if let Some(v) = args.protocol_version {
         caps.min_version = v;
         caps.max_version = v;
+    }
+    if args.compress == zq_proto::Compression::None {
+        caps.compression = vec!["none".into()];
     }
     let job_name = args
         .job
@@ -437,6 +446,7 @@ struct Peer {
     caps: Capabilities,
     protector: Arc<Protector>,
     stall_timeout: Duration,
+    compress: zq_proto::Compression,
 }
 
 impl Peer {
@@ -462,6 +472,7 @@ impl Peer {
             caps,
             protector,
             stall_timeout: args.stall_timeout,
+            compress: args.compress,
         })
     }
 
@@ -477,6 +488,7 @@ impl Peer {
             Ok(mut sender) => {
                 sender.protect(self.protector.clone());
                 sender.set_stall_timeout(self.stall_timeout);
+                sender.set_compression(self.compress);
                 Ok(sender)
             }
             Err(_) if zq_net::closed_by_tls_alert(&conn) => anyhow::bail!(

@@ -68,6 +68,24 @@ impl FramedSend {
         Ok(())
     }
 
+    /// Writes one chunk as [`zq_proto::Compressor`] prepared it: a data frame, or a
+    /// compressed one. Either way the chunk's bytes are not copied.
+    pub async fn send_payload(
+        &mut self,
+        hash: &[u8; 32],
+        payload: zq_proto::Payload,
+    ) -> Result<(), StreamError> {
+        match payload {
+            zq_proto::Payload::Raw(data) => self.send_data(hash, data).await,
+            zq_proto::Payload::Zstd { raw_len, data } => {
+                let header =
+                    Bytes::copy_from_slice(&codec::encode_zstd_header(hash, raw_len, data.len()));
+                self.inner.write_all_chunks(&mut [header, data]).await?;
+                Ok(())
+            }
+        }
+    }
+
     /// Sets the stream's priority: quinn transmits what higher-priority streams have
     /// buffered first (default 0). A stream whose connection is gone keeps its priority.
     pub fn set_priority(&self, priority: i32) {

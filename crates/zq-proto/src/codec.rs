@@ -2,8 +2,10 @@
 //!
 //! Kind `0x01` carries a bincode-encoded [`Message`]; kind `0x02` carries a data chunk as a
 //! 32-byte BLAKE3 hash followed by the raw bytes, so data is never re-serialized and can be
-//! split out of the receive buffer without a copy. Every length is checked against
-//! [`MAX_FRAME_LEN`] before anything is reserved.
+//! split out of the receive buffer without a copy. Kind `0x03` carries a zstd-compressed
+//! chunk: the hash (of the original bytes), their length as a big-endian `u32`, then one
+//! zstd frame; only sent where the session agreed on `zstd`. Every length is checked
+//! against [`MAX_FRAME_LEN`] before anything is reserved.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -12,10 +14,15 @@ use crate::message::{LimitError, Message};
 
 const KIND_MESSAGE: u8 = 0x01;
 const KIND_DATA: u8 = 0x02;
+const KIND_ZSTD_DATA: u8 = 0x03;
 const HASH_LEN: usize = 32;
 
 /// Bytes in front of a data chunk's payload: length prefix, kind byte and hash.
 pub const DATA_HEADER_LEN: usize = 4 + 1 + HASH_LEN;
+
+/// Bytes in front of a compressed chunk's payload: as [`DATA_HEADER_LEN`], plus the
+/// original length.
+pub const ZSTD_DATA_HEADER_LEN: usize = DATA_HEADER_LEN + 4;
 
 /// bincode configuration of every message: standard (varint, little endian), with a byte
 /// limit so that a claimed collection length can never reserve more than a frame holds.
@@ -35,6 +42,16 @@ pub enum Frame {
         /// The bytes.
         data: Bytes,
     },
+    /// A zstd-compressed chunk of send-stream bytes.
+    Compressed {
+        /// BLAKE3 of the original bytes, as claimed by the sender.
+        hash: [u8; 32],
+        /// Length of the original bytes (at most [`MAX_CHUNK_LEN`]): decompression never
+        /// produces more.
+        raw_len: u32,
+        /// One zstd frame.
+        data: Bytes,
+    },
 }
 
 impl Frame {
@@ -43,6 +60,7 @@ impl Frame {
         match self {
             Frame::Message(m) => m.name(),
             Frame::Data { .. } => "Data",
+            Frame::Compressed { .. } => "Compressed",
         }
     }
 }
@@ -69,6 +87,15 @@ pub enum FrameError {
         "data frame with a payload of {0} bytes (must be 0..={MAX_CHUNK_LEN} after a 32-byte hash)"
     )]
     BadDataFrame(usize),
+    /// A compressed data frame too short for its header, claiming more than
+    /// [`MAX_CHUNK_LEN`] original bytes, or compressed to more than it claims.
+    #[error("compressed data frame of {len} bytes claiming {raw_len} original bytes (at most {MAX_CHUNK_LEN}, and no fewer than the compressed bytes)")]
+    BadCompressedFrame {
+        /// Compressed payload length.
+        len: usize,
+        /// Claimed original length.
+        raw_len: u64,
+    },
     /// The message body is not a valid bincode `Message` (unknown variant, bad UTF-8,
     /// truncated field...).
     #[error("malformed message: {0}")]
@@ -123,6 +150,29 @@ pub fn encode_data_header(hash: &[u8; 32], len: usize) -> [u8; DATA_HEADER_LEN] 
     h
 }
 
+/// The bytes that precede a compressed chunk of `len` bytes whose original `raw_len` bytes
+/// hash to `hash` (see [`encode_data_header`]).
+///
+/// # Panics
+/// If `len > raw_len` or `raw_len > MAX_CHUNK_LEN`: a compressed chunk is only sent when it
+/// is smaller than the chunk.
+pub fn encode_zstd_header(
+    hash: &[u8; 32],
+    raw_len: usize,
+    len: usize,
+) -> [u8; ZSTD_DATA_HEADER_LEN] {
+    assert!(
+        len <= raw_len && raw_len <= MAX_CHUNK_LEN,
+        "compressed chunk of {len} bytes for {raw_len}"
+    );
+    let mut h = [0u8; ZSTD_DATA_HEADER_LEN];
+    h[..4].copy_from_slice(&((1 + HASH_LEN + 4 + len) as u32).to_be_bytes());
+    h[4] = KIND_ZSTD_DATA;
+    h[5..5 + HASH_LEN].copy_from_slice(hash);
+    h[5 + HASH_LEN..].copy_from_slice(&(raw_len as u32).to_be_bytes());
+    h
+}
+
 /// Decodes one frame from the front of `buf`, removing its bytes.
 ///
 /// Returns `Ok(None)` when `buf` does not yet hold a whole frame; the caller reads more and
@@ -170,6 +220,32 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
             body.copy_to_slice(&mut hash);
             Ok(Some(Frame::Data {
                 hash,
+                data: body.freeze(),
+            }))
+        }
+        KIND_ZSTD_DATA => {
+            let bad = |raw_len| FrameError::BadCompressedFrame {
+                len: body.len().saturating_sub(HASH_LEN + 4),
+                raw_len,
+            };
+            if body.len() < HASH_LEN + 4 {
+                return Err(bad(0));
+            }
+            let raw_len = u32::from_be_bytes([
+                body[HASH_LEN],
+                body[HASH_LEN + 1],
+                body[HASH_LEN + 2],
+                body[HASH_LEN + 3],
+            ]);
+            if raw_len as usize > MAX_CHUNK_LEN || body.len() - HASH_LEN - 4 > raw_len as usize {
+                return Err(bad(u64::from(raw_len)));
+            }
+            let mut hash = [0u8; HASH_LEN];
+            body.copy_to_slice(&mut hash);
+            body.advance(4);
+            Ok(Some(Frame::Compressed {
+                hash,
+                raw_len,
                 data: body.freeze(),
             }))
         }
@@ -341,6 +417,53 @@ mod tests {
     fn short_data_frame_is_an_error() {
         let mut b = BytesMut::from(&[0u8, 0, 0, 5, KIND_DATA, 1, 2, 3, 4][..]);
         assert_eq!(decode(&mut b), Err(FrameError::BadDataFrame(0)));
+    }
+
+    #[test]
+    fn compressed_frames_claim_bounded_lengths() {
+        let frame = |raw_len: u32, payload: usize| {
+            let mut b = BytesMut::new();
+            b.put_u32((1 + HASH_LEN + 4 + payload) as u32);
+            b.put_u8(KIND_ZSTD_DATA);
+            b.put_slice(&[7; HASH_LEN]);
+            b.put_u32(raw_len);
+            b.put_slice(&vec![0; payload]);
+            b
+        };
+        let ok = decode(&mut frame(1000, 10)).unwrap().unwrap();
+        assert!(
+            matches!(ok, Frame::Compressed { raw_len: 1000, ref data, .. } if data.len() == 10)
+        );
+        let too_big = MAX_CHUNK_LEN as u32 + 1;
+        assert_eq!(
+            decode(&mut frame(too_big, 10)),
+            Err(FrameError::BadCompressedFrame {
+                len: 10,
+                raw_len: u64::from(too_big)
+            })
+        );
+        // Compressed to more than it claims: never sent by zq.
+        assert!(matches!(
+            decode(&mut frame(5, 10)),
+            Err(FrameError::BadCompressedFrame { .. })
+        ));
+        // Too short for the original length.
+        let mut b = BytesMut::from(&[0u8, 0, 0, 3, KIND_ZSTD_DATA, 1, 2][..]);
+        assert!(matches!(
+            decode(&mut b),
+            Err(FrameError::BadCompressedFrame { .. })
+        ));
+        // The header helper writes what decode reads.
+        let mut b = BytesMut::from(&encode_zstd_header(&[9; 32], 4096, 3)[..]);
+        b.put_slice(b"abc");
+        assert_eq!(
+            decode(&mut b).unwrap(),
+            Some(Frame::Compressed {
+                hash: [9; 32],
+                raw_len: 4096,
+                data: Bytes::from_static(b"abc")
+            })
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ impl Capabilities {
         Capabilities {
             min_version: PROTOCOL_VERSION_MIN,
             max_version: PROTOCOL_VERSION_MAX,
-            compression: vec!["none".into()],
+            compression: vec!["zstd".into(), "none".into()],
             checksums: vec!["blake3".into()],
             resume: vec![crate::message::RESUME_SPOOL.into()],
             software: software.into(),
@@ -191,7 +191,13 @@ mod tests {
         let s = c.check_welcome(&w).unwrap();
         assert_eq!(s.version, PROTOCOL_VERSION_MAX);
         assert_eq!(s.checksum, "blake3");
-        assert_eq!(s.compression, "none");
+        assert_eq!(s.compression, "zstd");
+        // A sender that does not compress offers only "none".
+        let plain = Capabilities {
+            compression: vec!["none".into()],
+            ..Capabilities::current("zq-send")
+        };
+        assert_eq!(c.accept(&plain.hello()).unwrap().compression, "none");
     }
 
     #[test]

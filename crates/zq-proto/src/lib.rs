@@ -12,7 +12,13 @@ pub mod limits;
 pub mod message;
 pub mod transfer;
 
-pub use codec::{decode, encode, encode_data_header, Frame, FrameError, DATA_HEADER_LEN};
+pub use codec::{
+    decode, encode, encode_data_header, encode_zstd_header, Frame, FrameError, DATA_HEADER_LEN,
+    ZSTD_DATA_HEADER_LEN,
+};
 pub use handshake::{Capabilities, HandshakeError, Session};
 pub use message::*;
-pub use transfer::{StepDecoder, StepEncoder, StepEvent, TransferError, BEGIN_CHUNK};
+pub use transfer::{
+    Compression, Compressor, Payload, StepDecoder, StepEncoder, StepEvent, TransferError,
+    AUTO_LEVEL, BEGIN_CHUNK,
+};

@@ -68,6 +68,155 @@ impl StepEncoder {
     }
 }
 
+/// How a sender compresses its chunks (`--compress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Never.
+    None,
+    /// zstd at this level on every chunk; a chunk that does not shrink goes as it is.
+    Zstd(i32),
+    /// zstd at [`AUTO_LEVEL`], but a chunk that does not shrink by 1/16 makes the next
+    /// ones go uncompressed for a while (1, 2, 4 … 64 chunks), so already-compressed or
+    /// encrypted data costs almost nothing.
+    #[default]
+    Auto,
+}
+
+/// zstd level of [`Compression::Auto`]: the fastest positive level.
+pub const AUTO_LEVEL: i32 = 1;
+
+/// Chunks smaller than this are not worth compressing (the BEGIN record, a stream's tail).
+const MIN_COMPRESS: usize = 4096;
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let range = zstd::compression_level_range();
+        match s {
+            "none" => Ok(Compression::None),
+            "auto" => Ok(Compression::Auto),
+            "zstd" => Ok(Compression::Zstd(zstd::DEFAULT_COMPRESSION_LEVEL)),
+            _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
+                Some(Ok(level)) if range.contains(&level) => Ok(Compression::Zstd(level)),
+                _ => Err(format!(
+                    "{s:?}: expected none, auto, zstd or zstd:LEVEL with LEVEL in {}..={}",
+                    range.start(),
+                    range.end()
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compression::None => f.write_str("none"),
+            Compression::Auto => f.write_str("auto"),
+            Compression::Zstd(level) => write!(f, "zstd:{level}"),
+        }
+    }
+}
+
+/// One chunk as it goes on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// The bytes themselves.
+    Raw(Bytes),
+    /// One zstd frame of them.
+    Zstd {
+        /// Length of the original chunk.
+        raw_len: usize,
+        /// The compressed bytes (fewer than `raw_len`).
+        data: Bytes,
+    },
+}
+
+impl Payload {
+    /// Bytes this chunk puts on the wire, without the frame header.
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Payload::Raw(b) => b.len(),
+            Payload::Zstd { data, .. } => data.len(),
+        }
+    }
+}
+
+/// Sender side: compresses chunks per a [`Compression`], one zstd context per step.
+pub struct Compressor {
+    mode: Compression,
+    ctx: Option<zstd::bulk::Compressor<'static>>,
+    /// Chunks still to send uncompressed after one that did not shrink (auto).
+    skip: u32,
+    /// How many to skip after the next one that does not shrink (auto).
+    backoff: u32,
+}
+
+impl std::fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compressor")
+            .field("mode", &self.mode)
+            .field("skip", &self.skip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Compressor {
+    /// A compressor for one step (`Compression::None`: every chunk goes raw).
+    pub fn new(mode: Compression) -> std::io::Result<Self> {
+        let ctx = match mode {
+            Compression::None => None,
+            Compression::Auto => Some(zstd::bulk::Compressor::new(AUTO_LEVEL)?),
+            Compression::Zstd(level) => Some(zstd::bulk::Compressor::new(level)?),
+        };
+        Ok(Compressor {
+            mode,
+            ctx,
+            skip: 0,
+            backoff: 1,
+        })
+    }
+
+    /// Whether any chunk may be compressed (the step header says `zstd`).
+    pub fn is_active(&self) -> bool {
+        self.ctx.is_some()
+    }
+
+    /// The chunk as it should go on the wire.
+    pub fn compress(&mut self, chunk: Bytes) -> Payload {
+        let Some(ctx) = self.ctx.as_mut() else {
+            return Payload::Raw(chunk);
+        };
+        if chunk.len() < MIN_COMPRESS {
+            return Payload::Raw(chunk);
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return Payload::Raw(chunk);
+        }
+        match ctx.compress(&chunk) {
+            Ok(out) if out.len() < chunk.len() - chunk.len() / 16 => {
+                self.backoff = 1;
+                Payload::Zstd {
+                    raw_len: chunk.len(),
+                    data: Bytes::from(out),
+                }
+            }
+            Ok(out) if out.len() < chunk.len() && self.mode != Compression::Auto => Payload::Zstd {
+                raw_len: chunk.len(),
+                data: Bytes::from(out),
+            },
+            _ => {
+                if self.mode == Compression::Auto {
+                    self.skip = self.backoff;
+                    self.backoff = (self.backoff * 2).min(64);
+                }
+                Payload::Raw(chunk)
+            }
+        }
+    }
+}
+
 /// What the receiver should do after a frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepEvent {
@@ -116,24 +265,52 @@ pub enum TransferError {
         /// The frame's name.
         got: &'static str,
     },
+    /// A compressed chunk did not decompress to the length it claimed.
+    #[error("compressed chunk at stream offset {offset} does not decompress: {reason}")]
+    Decompress {
+        /// Offset of the chunk in the stream.
+        offset: u64,
+        /// What zstd said.
+        reason: String,
+    },
     /// The stream ended before `StepEnd`.
     #[error("stream ended after {0} bytes without StepEnd")]
     Truncated(u64),
 }
 
 /// Receiver side of one step's data.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct StepDecoder {
     stream: blake3::Hasher,
     total: u64,
     pending: Option<Bytes>,
     done: bool,
+    /// Present when the step's header said `zstd`: compressed chunks are accepted.
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl std::fmt::Debug for StepDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepDecoder")
+            .field("total", &self.total)
+            .field("done", &self.done)
+            .field("zstd", &self.zstd.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl StepDecoder {
-    /// A new step, after its header was accepted.
+    /// A new step, after its header was accepted: plain chunks only.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A new step whose header announced zstd: compressed chunks are accepted too.
+    pub fn with_zstd() -> std::io::Result<Self> {
+        Ok(StepDecoder {
+            zstd: Some(zstd::bulk::Decompressor::new()?),
+            ..Self::default()
+        })
     }
 
     /// Bytes verified so far (including the held-back chunk).
@@ -155,27 +332,67 @@ impl StepDecoder {
         if self.done {
             return Err(TransferError::Unexpected { got: frame.name() });
         }
-        match frame {
-            Frame::Data { hash, data } => {
-                if blake3::hash(&data).as_bytes() != &hash {
+        let (hash, data) = match frame {
+            Frame::Compressed {
+                hash,
+                raw_len,
+                data,
+            } => {
+                let Some(z) = self.zstd.as_mut() else {
                     self.pending = None;
-                    return Err(TransferError::ChunkChecksum {
-                        offset: self.total,
-                        len: data.len(),
+                    return Err(TransferError::Unexpected { got: "Compressed" });
+                };
+                // At most raw_len (<= MAX_CHUNK_LEN) bytes come out, whatever the input.
+                let raw = z
+                    .decompress(&data, raw_len as usize)
+                    .map_err(|e| e.to_string())
+                    .and_then(|raw| {
+                        if raw.len() == raw_len as usize {
+                            Ok(raw)
+                        } else {
+                            Err(format!("{} bytes instead of {raw_len}", raw.len()))
+                        }
                     });
+                match raw {
+                    Ok(raw) => (hash, Bytes::from(raw)),
+                    Err(reason) => {
+                        self.pending = None;
+                        return Err(TransferError::Decompress {
+                            offset: self.total,
+                            reason,
+                        });
+                    }
                 }
-                self.stream.update(&data);
-                let first = self.total == 0;
-                self.total += data.len() as u64;
-                if first && data.len() == BEGIN_CHUNK {
-                    return Ok(StepEvent::Data(data));
-                }
-                Ok(match self.pending.replace(data) {
-                    Some(prev) => StepEvent::Data(prev),
-                    None => StepEvent::Nothing,
-                })
             }
-            Frame::Message(Message::StepEnd(end)) => {
+            Frame::Data { hash, data } => (hash, data),
+            Frame::Message(m) => return self.on_message(m),
+        };
+        self.on_data(hash, data)
+    }
+
+    fn on_data(&mut self, hash: [u8; 32], data: Bytes) -> Result<StepEvent, TransferError> {
+        if blake3::hash(&data).as_bytes() != &hash {
+            self.pending = None;
+            return Err(TransferError::ChunkChecksum {
+                offset: self.total,
+                len: data.len(),
+            });
+        }
+        self.stream.update(&data);
+        let first = self.total == 0;
+        self.total += data.len() as u64;
+        if first && data.len() == BEGIN_CHUNK {
+            return Ok(StepEvent::Data(data));
+        }
+        Ok(match self.pending.replace(data) {
+            Some(prev) => StepEvent::Data(prev),
+            None => StepEvent::Nothing,
+        })
+    }
+
+    fn on_message(&mut self, m: Message) -> Result<StepEvent, TransferError> {
+        match m {
+            Message::StepEnd(end) => {
                 self.done = true;
                 let last = self.pending.take();
                 if end.total_len != self.total {
@@ -192,7 +409,7 @@ impl StepDecoder {
                     total_len: self.total,
                 })
             }
-            Frame::Message(Message::StepAbort(a)) => {
+            Message::StepAbort(a) => {
                 self.done = true;
                 self.pending = None;
                 Err(TransferError::Aborted(a.reason))
@@ -217,7 +434,178 @@ impl StepDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{decode, encode, encode_data_header};
+    use crate::codec::{decode, encode, encode_data_header, encode_zstd_header};
+    use proptest::prelude::*;
+
+    /// Text-like bytes zstd shrinks a lot.
+    fn compressible(len: usize) -> Bytes {
+        let words = b"zfs send receive snapshot stream dataset pool ";
+        Bytes::from(
+            (0..len)
+                .map(|i| words[(i * 7 + i / 13) % words.len()])
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn random(len: usize, seed: &[u8]) -> Bytes {
+        let mut b = vec![0u8; len];
+        blake3::Hasher::new()
+            .update(seed)
+            .finalize_xof()
+            .fill(&mut b);
+        Bytes::from(b)
+    }
+
+    /// The chunk as frame bytes on the wire, decoded again.
+    fn over_the_wire(hash: &[u8; 32], payload: Payload) -> Frame {
+        let mut wire = BytesMut::new();
+        match payload {
+            Payload::Raw(d) => {
+                wire.extend_from_slice(&encode_data_header(hash, d.len()));
+                wire.extend_from_slice(&d);
+            }
+            Payload::Zstd { raw_len, data } => {
+                wire.extend_from_slice(&encode_zstd_header(hash, raw_len, data.len()));
+                wire.extend_from_slice(&data);
+            }
+        }
+        let frame = decode(&mut wire).unwrap().unwrap();
+        assert!(wire.is_empty());
+        frame
+    }
+
+    #[test]
+    fn compression_modes_parse_and_print() {
+        assert_eq!("none".parse(), Ok(Compression::None));
+        assert_eq!("auto".parse(), Ok(Compression::Auto));
+        assert_eq!("zstd".parse(), Ok(Compression::Zstd(3)));
+        assert_eq!("zstd:19".parse(), Ok(Compression::Zstd(19)));
+        assert_eq!("zstd:-5".parse(), Ok(Compression::Zstd(-5)));
+        for bad in ["zstd:99", "zstd:", "lz4", "ZSTD"] {
+            let err = bad.parse::<Compression>().unwrap_err();
+            assert!(err.contains("none, auto, zstd"), "{err}");
+        }
+        assert_eq!(Compression::Zstd(7).to_string(), "zstd:7");
+    }
+
+    #[test]
+    fn a_compressed_chunk_is_verified_against_the_original_bytes() {
+        let chunk = compressible(256 * 1024);
+        let mut enc = StepEncoder::new();
+        let hash = enc.chunk(&chunk);
+        let payload = Compressor::new(Compression::Auto)
+            .unwrap()
+            .compress(chunk.clone());
+        assert!(
+            payload.wire_len() < chunk.len() / 4,
+            "{}",
+            payload.wire_len()
+        );
+        let frame = over_the_wire(&hash, payload);
+        assert!(matches!(frame, Frame::Compressed { .. }));
+        let mut dec = StepDecoder::with_zstd().unwrap();
+        assert_eq!(dec.on_frame(frame).unwrap(), StepEvent::Nothing);
+        let end = enc.end();
+        assert_eq!(
+            dec.on_frame(Frame::Message(Message::StepEnd(end))).unwrap(),
+            StepEvent::Complete {
+                last: Some(chunk),
+                total_len: 256 * 1024
+            }
+        );
+    }
+
+    #[test]
+    fn compressed_frames_are_refused_where_zstd_was_not_agreed() {
+        let chunk = compressible(64 * 1024);
+        let hash = *blake3::hash(&chunk).as_bytes();
+        let payload = Compressor::new(Compression::Zstd(1))
+            .unwrap()
+            .compress(chunk);
+        let frame = over_the_wire(&hash, payload);
+        assert_eq!(
+            StepDecoder::new().on_frame(frame),
+            Err(TransferError::Unexpected { got: "Compressed" })
+        );
+    }
+
+    #[test]
+    fn a_compressed_chunk_cannot_expand_past_its_claimed_length() {
+        // 1 MiB of zeros compresses to a few bytes; the frame claims 1000.
+        let big = vec![0u8; 1 << 20];
+        let data = Bytes::from(zstd::bulk::compress(&big, 1).unwrap());
+        let frame = Frame::Compressed {
+            hash: *blake3::hash(&big[..1000]).as_bytes(),
+            raw_len: 1000,
+            data,
+        };
+        let err = StepDecoder::with_zstd()
+            .unwrap()
+            .on_frame(frame)
+            .unwrap_err();
+        assert!(
+            matches!(err, TransferError::Decompress { offset: 0, .. }),
+            "{err}"
+        );
+        // Garbage is an error too, not a panic.
+        let frame = Frame::Compressed {
+            hash: [0; 32],
+            raw_len: 100,
+            data: Bytes::from_static(b"not zstd at all"),
+        };
+        assert!(matches!(
+            StepDecoder::with_zstd().unwrap().on_frame(frame),
+            Err(TransferError::Decompress { .. })
+        ));
+    }
+
+    #[test]
+    fn auto_leaves_incompressible_chunks_raw_and_backs_off() {
+        let mut auto = Compressor::new(Compression::Auto).unwrap();
+        assert!(matches!(
+            auto.compress(random(256 * 1024, b"a")),
+            Payload::Raw(_)
+        ));
+        // The next chunk is not even tried, however well it would compress...
+        assert!(matches!(
+            auto.compress(compressible(256 * 1024)),
+            Payload::Raw(_)
+        ));
+        // ...the one after is.
+        assert!(matches!(
+            auto.compress(compressible(256 * 1024)),
+            Payload::Zstd { .. }
+        ));
+        // A fixed level tries every chunk and still never sends one that grew.
+        let mut fixed = Compressor::new(Compression::Zstd(3)).unwrap();
+        for seed in [b"b", b"c"] {
+            assert!(matches!(
+                fixed.compress(random(64 * 1024, seed)),
+                Payload::Raw(_)
+            ));
+        }
+        // Small chunks (the BEGIN record) go raw.
+        assert!(matches!(fixed.compress(compressible(312)), Payload::Raw(_)));
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunk_round_trips_through_any_mode(
+            data in proptest::collection::vec(any::<u8>(), 0..20_000),
+            repeat in 1usize..8,
+            level in prop_oneof![Just(Compression::Auto), Just(Compression::Zstd(1)), Just(Compression::None)],
+        ) {
+            let chunk = Bytes::from(data.repeat(repeat));
+            let mut enc = StepEncoder::new();
+            let hash = enc.chunk(&chunk);
+            let frame = over_the_wire(&hash, Compressor::new(level).unwrap().compress(chunk.clone()));
+            let mut dec = StepDecoder::with_zstd().unwrap();
+            dec.on_frame(frame).unwrap();
+            let got = dec.on_frame(Frame::Message(Message::StepEnd(enc.end()))).unwrap();
+            let expected_last = if chunk.is_empty() { Some(chunk.clone()) } else { Some(chunk.clone()) };
+            prop_assert_eq!(got, StepEvent::Complete { last: expected_last, total_len: chunk.len() as u64 });
+        }
+    }
 
     #[test]
     fn a_resumed_step_verifies_the_whole_stream() {
@@ -258,7 +646,6 @@ mod tests {
     }
     use crate::message::StepAbort;
     use bytes::{BufMut, BytesMut};
-    use proptest::prelude::*;
 
     /// Encodes a whole step's data as the sender would, into one byte buffer.
     fn sender_wire(chunks: &[Vec<u8>]) -> BytesMut {

@@ -119,6 +119,8 @@ struct Agreed {
     version: u16,
     /// Both sides offered the `spool` resume kind.
     spooling: bool,
+    /// The sender may compress chunks with zstd.
+    zstd: bool,
 }
 
 /// The receiver's last-received hold a step asks for ([`zq_proto::StepStart`]).
@@ -246,6 +248,7 @@ impl Receiver {
             Ok(w) => Agreed {
                 version: w.version,
                 spooling: w.resume.iter().any(|r| r == zq_proto::RESUME_SPOOL),
+                zstd: w.compression == "zstd",
             },
             Err(e) => {
                 warn!(error = %e, "handshake failed");
@@ -393,7 +396,7 @@ impl Receiver {
                         tag: s.last_tag,
                         hold: s.hold_last,
                     };
-                    self.step(root, s.header, s.resume, last, recv)
+                    self.step(root, s.header, s.resume, last, agreed.zstd, recv)
                         .instrument(span)
                         .await
                 };
@@ -402,7 +405,7 @@ impl Receiver {
             Ok(Message::StepHeader(h)) => {
                 let span = info_span!("step", target = %h.target, to = %h.to.name);
                 let v = self
-                    .step(root, h, None, LastHold::default(), recv)
+                    .step(root, h, None, LastHold::default(), agreed.zstd, recv)
                     .instrument(span)
                     .await;
                 Message::Verdict(v)

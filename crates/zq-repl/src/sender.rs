@@ -8,8 +8,9 @@ use bytes::BytesMut;
 use tracing::{info, info_span, warn, Instrument};
 use zq_net::{Dialed, FramedRecv, FramedSend};
 use zq_proto::{
-    Capabilities, Committed, ListRequest, ListRoot, Message, ResumeAt, ResumeToken, Session,
-    SnapRef, StepAbort, StepEncoder, StepHeader, StepStart, Verdict, RESUME_SPOOL,
+    Capabilities, Committed, Compression, Compressor, ListRequest, ListRoot, Message, ResumeAt,
+    ResumeToken, Session, SnapRef, StepAbort, StepEncoder, StepHeader, StepStart, Verdict,
+    RESUME_SPOOL,
 };
 use zq_store::{DatasetName, Zfs};
 
@@ -77,6 +78,8 @@ pub struct Sender {
     protector: Option<std::sync::Arc<Protector>>,
     /// A step whose data the receiver does not accept for this long is abandoned.
     stall_timeout: std::time::Duration,
+    /// How chunks are compressed where the session agreed on zstd.
+    compression: Compression,
 }
 
 /// [`Sender::set_stall_timeout`]'s default.
@@ -109,6 +112,7 @@ impl Sender {
             session,
             protector: None,
             stall_timeout: STALL_TIMEOUT,
+            compression: Compression::None,
         })
     }
 
@@ -118,6 +122,12 @@ impl Sender {
     /// meanwhile (the stream's send window).
     pub fn set_stall_timeout(&mut self, timeout: std::time::Duration) {
         self.stall_timeout = timeout;
+    }
+
+    /// Compresses steps' chunks with zstd as `mode` says, where the receiver agreed to
+    /// zstd in the handshake (offer it with [`zq_proto::Capabilities`]); default none.
+    pub fn set_compression(&mut self, mode: Compression) {
+        self.compression = mode;
     }
 
     /// Protects this job's steps with holds and cursors ([`crate::protect`]).
@@ -558,6 +568,14 @@ impl Sender {
                 intermediates,
             } => (Some(from), to, *intermediates),
         };
+        let mode = if self.session.compression == "zstd" {
+            self.compression
+        } else {
+            Compression::None
+        };
+        let mut compressor = Compressor::new(mode)
+            .map_err(|e| ReplError::Protocol(format!("cannot start zstd: {e}")))?;
+        let mut wire_bytes = 0u64;
         let header = StepHeader {
             source: source.to_string(),
             target: target.to_string(),
@@ -571,7 +589,11 @@ impl Sender {
             },
             intermediates,
             force,
-            compression: "none".into(),
+            compression: if compressor.is_active() {
+                "zstd".into()
+            } else {
+                "none".into()
+            },
         };
         let to_snap = source.snapshot(&to.name)?;
         let from_snap = from.map(|f| source.snapshot(&f.name)).transpose()?;
@@ -683,7 +705,11 @@ impl Sender {
                     // Frees this step's slot for small steps (crate::lanes).
                     slot.to_bulk().await;
                 }
-                match tokio::time::timeout(self.stall_timeout, send.send_data(&hash, chunk)).await {
+                let payload = compressor.compress(chunk);
+                wire_bytes += payload.wire_len() as u64;
+                match tokio::time::timeout(self.stall_timeout, send.send_payload(&hash, payload))
+                    .await
+                {
                     Ok(sent) => sent?,
                     Err(_) => return Err(ReplError::Stalled(self.stall_timeout)),
                 }
@@ -736,6 +762,14 @@ impl Sender {
                         resumed_bytes = resumed,
                         ms = started.elapsed().as_millis() as u64,
                         "step committed (resumed: {} bytes not sent again)", resumed
+                    );
+                } else if compressor.is_active() {
+                    info!(
+                        snapshot = %to.name,
+                        bytes,
+                        wire_bytes,
+                        ms = started.elapsed().as_millis() as u64,
+                        "step committed"
                     );
                 } else {
                     info!(

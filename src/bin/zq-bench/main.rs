@@ -17,7 +17,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use zq_net::{Client, Fingerprint, FramedRecv, FramedSend, Identity};
-use zq_proto::{Message, StepDecoder, StepEncoder, StepEvent};
+use zq_proto::{Compression, Compressor, Message, StepDecoder, StepEncoder, StepEvent};
 
 mod relay;
 
@@ -124,6 +124,9 @@ struct Load {
     /// What the source generates: random (incompressible) or text (compresses ~3x).
     #[arg(long, default_value = "random")]
     data: Data,
+    /// zq's chunk compression, as zq-send --compress (none, auto, zstd, zstd:LEVEL).
+    #[arg(long, default_value = "none", value_name = "MODE")]
+    compress: Compression,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -141,6 +144,8 @@ struct Run {
     recv_cpu: f64,
     send_rss_kib: u64,
     recv_rss_kib: Option<u64>,
+    /// Payload bytes on the wire, where compression made them differ.
+    wire_bytes: Option<u64>,
 }
 
 impl Run {
@@ -162,6 +167,13 @@ impl Run {
             self.bytes,
             self.secs
         );
+        if let Some(wire) = self.wire_bytes {
+            println!(
+                "{name:<6} on the wire: {wire} payload bytes ({:.1}% of the stream), {:.1} MB/s of wire payload",
+                wire as f64 * 100.0 / self.bytes as f64,
+                wire as f64 / self.secs / 1e6
+            );
+        }
     }
 }
 
@@ -261,8 +273,8 @@ async fn throughput(
     transport: zq::TransportArgs,
 ) -> anyhow::Result<()> {
     println!(
-        "zq-bench throughput: {} bytes of {:?} data per method, chunks of {CHUNK} bytes",
-        load.size, load.data
+        "zq-bench throughput: {} bytes of {:?} data per method, chunks of {CHUNK} bytes, zq compression {}",
+        load.size, load.data, load.compress
     );
     let keys = tempfile::tempdir()?;
     let recv_fp = Identity::generate(keys.path(), "zq-recv")?;
@@ -465,9 +477,13 @@ async fn zq_send(
     let (send, recv) = conn.open_bi().await?;
     let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
     let mut encoder = StepEncoder::new();
+    let mut compressor = Compressor::new(load.compress)?;
+    let mut wire = 0u64;
     for chunk in chunks(&pool, load.size) {
         let hash = encoder.chunk(&chunk);
-        send.send_data(&hash, chunk).await?;
+        let payload = compressor.compress(chunk);
+        wire += payload.wire_len() as u64;
+        send.send_payload(&hash, payload).await?;
     }
     let end = encoder.end();
     send.send(&Message::StepEnd(end.clone())).await?;
@@ -488,6 +504,7 @@ async fn zq_send(
         secs,
         send_cpu: cpu1 - cpu0,
         send_rss_kib: rss,
+        wire_bytes: compressor.is_active().then_some(wire),
         ..Run::default()
     })
 }
@@ -510,7 +527,7 @@ async fn zq_sink(
         let mut bytes = 0;
         while let Ok((send, recv)) = conn.accept_bi().await {
             let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
-            let mut decoder = StepDecoder::new();
+            let mut decoder = StepDecoder::with_zstd()?;
             while let Some(frame) = recv.next().await? {
                 let end = match &frame {
                     zq_proto::Frame::Message(Message::StepEnd(e)) => Some(e.clone()),
@@ -617,6 +634,7 @@ async fn ssh_send(args: &str, load: &Load) -> anyhow::Result<Run> {
         recv_cpu: (machine_busy() - busy0 - send_cpu).max(0.0),
         send_rss_kib: rss,
         recv_rss_kib: None,
+        wire_bytes: None,
     })
 }
 

@@ -50,9 +50,10 @@ impl Receiver {
         h: StepHeader,
         resume: Option<ResumeAt>,
         last: LastHold,
+        zstd: bool,
         recv: &mut FramedRecv,
     ) -> Verdict {
-        match self.step_inner(root, &h, resume, last, recv).await {
+        match self.step_inner(root, &h, resume, last, zstd, recv).await {
             Ok(c) => {
                 info!(guid = c.guid, "committed");
                 Verdict::Committed(c)
@@ -93,6 +94,7 @@ impl Receiver {
         h: &StepHeader,
         resume: Option<ResumeAt>,
         last: LastHold,
+        zstd: bool,
         recv: &mut FramedRecv,
     ) -> Result<Committed, WireError> {
         let target = authorize(root, &h.target)?;
@@ -102,7 +104,7 @@ impl Receiver {
         if let Some(f) = &h.from {
             target.snapshot(&f.name).map_err(name_err)?;
         }
-        if h.compression != "none" {
+        if h.compression != "none" && !(h.compression == "zstd" && zstd) {
             return Err(WireError::new(
                 ErrorKind::Protocol,
                 format!("compression {:?} was not negotiated", h.compression),
@@ -197,7 +199,12 @@ impl Receiver {
             h.force == ForceAction::None
                 && h.from.as_ref().is_some_and(|f| k.base_is_newest(f.guid))
         });
-        let mut decoder = StepDecoder::new();
+        // The header's compression was checked against the session's in step_inner.
+        let mut decoder = if h.compression == "zstd" {
+            StepDecoder::with_zstd().map_err(|e| internal(format!("zstd: {e}")))?
+        } else {
+            StepDecoder::new()
+        };
         let (mut listed, mut first_at) = (0.0, 0.0);
         let (prepared, first, zrecv, spawned_force) = if h.force == ForceAction::None {
             // Nothing is destroyed on this path, so everything runs at once.
@@ -728,6 +735,7 @@ fn transfer_err(e: Option<TransferError>) -> WireError {
         | TransferError::LengthMismatch { .. }
         | TransferError::StreamChecksum(_) => ErrorKind::Checksum,
         TransferError::Aborted(_) => ErrorKind::Aborted,
+        TransferError::Decompress { .. } => ErrorKind::Checksum,
         TransferError::Unexpected { .. } | TransferError::Truncated(_) => ErrorKind::Protocol,
     };
     WireError::new(kind, e.to_string())

@@ -157,8 +157,14 @@ impl Run {
     }
     fn print(&self, name: &str) {
         let rss = |k: Option<u64>| k.map_or("-".into(), |k| format!("{:.0}", k as f64 / 1024.0));
+        let wire = self.wire_bytes.map_or(String::new(), |w| {
+            format!(
+                "; on the wire {w} payload bytes ({:.1}%)",
+                w as f64 * 100.0 / self.bytes as f64
+            )
+        });
         println!(
-            "{name:<6} {:>9.1} MB/s  cpu s/GB send {:>5.2} recv {:>5.2}  peak RSS MiB send {:>5} recv {:>5}  ({} bytes in {:.2} s)",
+            "{name:<6} {:>9.1} MB/s  cpu s/GB send {:>5.2} recv {:>5.2}  peak RSS MiB send {:>5} recv {:>5}  ({} bytes in {:.2} s{wire})",
             self.mb_s(),
             self.per_gb(self.send_cpu),
             self.per_gb(self.recv_cpu),
@@ -167,13 +173,6 @@ impl Run {
             self.bytes,
             self.secs
         );
-        if let Some(wire) = self.wire_bytes {
-            println!(
-                "{name:<6} on the wire: {wire} payload bytes ({:.1}% of the stream), {:.1} MB/s of wire payload",
-                wire as f64 * 100.0 / self.bytes as f64,
-                wire as f64 / self.secs / 1e6
-            );
-        }
     }
 }
 
@@ -522,34 +521,55 @@ async fn zq_sink(
     println!("listening on {}", endpoint.local_addr()?);
     let mut served = 0;
     while let Some(incoming) = endpoint.accept().await {
-        let conn = incoming.await?;
         let (cpu0, _) = usage(libc::RUSAGE_SELF);
-        let mut bytes = 0;
-        while let Ok((send, recv)) = conn.accept_bi().await {
-            let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
-            let mut decoder = StepDecoder::with_zstd()?;
-            while let Some(frame) = recv.next().await? {
-                let end = match &frame {
-                    zq_proto::Frame::Message(Message::StepEnd(e)) => Some(e.clone()),
-                    _ => None,
-                };
-                if let (StepEvent::Complete { total_len, .. }, Some(end)) =
-                    (decoder.on_frame(frame)?, end)
-                {
-                    bytes += total_len;
-                    send.send(&Message::StepEnd(end)).await?;
-                    send.finish()?;
-                }
+        // A connection that fails (a lost path, a refused key) is reported; the sink
+        // stays for the next one.
+        let result = async {
+            let conn = incoming.await?;
+            let mut bytes = 0;
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                bytes += sink_stream(send, recv).await?;
             }
+            if let Some(reason) = conn
+                .close_reason()
+                .filter(|r| !matches!(r, quinn::ConnectionError::ApplicationClosed(_)))
+            {
+                anyhow::bail!("connection failed after {bytes} bytes: {reason}");
+            }
+            Ok::<u64, anyhow::Error>(bytes)
         }
+        .await;
         let (cpu1, rss) = usage(libc::RUSAGE_SELF);
-        println!("sink bytes={bytes} cpu={:.3} rss_kib={rss}", cpu1 - cpu0);
+        match result {
+            Ok(bytes) => println!("sink bytes={bytes} cpu={:.3} rss_kib={rss}", cpu1 - cpu0),
+            Err(e) => println!("sink error: {}", zq::chain(e.as_ref())),
+        }
         served += 1;
         if served == connections {
             break;
         }
     }
     Ok(())
+}
+
+/// One stream of a sink's connection: every chunk and the end checked, the end echoed.
+async fn sink_stream(send: quinn::SendStream, recv: quinn::RecvStream) -> anyhow::Result<u64> {
+    let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+    let mut decoder = StepDecoder::with_zstd()?;
+    let mut bytes = 0;
+    while let Some(frame) = recv.next().await? {
+        let end = match &frame {
+            zq_proto::Frame::Message(Message::StepEnd(e)) => Some(e.clone()),
+            _ => None,
+        };
+        if let (StepEvent::Complete { total_len, .. }, Some(end)) = (decoder.on_frame(frame)?, end)
+        {
+            bytes += total_len;
+            send.send(&Message::StepEnd(end)).await?;
+            send.finish()?;
+        }
+    }
+    Ok(bytes)
 }
 
 /// The unencrypted reference: bytes into a TCP socket.

@@ -46,6 +46,8 @@ struct State {
     running: bool,
     /// Steps running now ([`Holds::step`]).
     steps: usize,
+    /// The process is about to exit ([`Holds::flush`]): moves go at once.
+    flushing: bool,
 }
 
 /// At most this many snapshots per `zfs hold` or `zfs release`.
@@ -83,6 +85,10 @@ impl Holds {
     /// Waits until every move asked for so far is done (before the process exits: a
     /// one-shot run, a daemon or receiver shutting down), at most `limit`.
     pub async fn flush(&self, limit: std::time::Duration) {
+        // Nothing comes after: waiting for a quiet moment would only delay the exit (a
+        // one-shot run paid the whole quiet period for its cursor move).
+        self.state().flushing = true;
+        self.idle.notify_waiters();
         let _ = tokio::time::timeout(limit, async {
             loop {
                 {
@@ -112,15 +118,30 @@ impl Holds {
     async fn quiet(&self) {
         let _ = tokio::time::timeout(MAX_DEFER, async {
             loop {
+                // Created before the state is read: a step ending or a flush starting
+                // after that read still wakes it.
                 let notified = self.idle.notified();
-                if self.state().steps == 0 {
-                    tokio::time::sleep(QUIET).await;
-                    if self.state().steps == 0 {
-                        return;
-                    }
+                let (steps, flushing) = {
+                    let s = self.state();
+                    (s.steps, s.flushing)
+                };
+                if flushing {
+                    return;
+                }
+                if steps > 0 {
+                    notified.await;
                     continue;
                 }
-                notified.await;
+                tokio::select! {
+                    _ = tokio::time::sleep(QUIET) => {
+                        let s = self.state();
+                        if s.steps == 0 || s.flushing {
+                            return;
+                        }
+                    }
+                    // A step ended or a flush began during the wait: look again.
+                    _ = notified => {}
+                }
             }
         })
         .await;

@@ -41,3 +41,23 @@ fn link_without_a_destination_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--to"));
 }
+
+/// `--bwlimit` holds the data path to its rate (after a burst of at most a second).
+#[test]
+fn the_rate_limit_holds_the_data_path_back() {
+    let out = Command::new(BENCH)
+        .args(["throughput", "--size", "4MiB", "--bwlimit", "2MB"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let line = stdout.lines().find(|l| l.starts_with("zq ")).unwrap();
+    let secs: f64 = line
+        .rsplit("bytes in ")
+        .next()
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    // 4.19 MB at 2 MB/s, less the burst (0.52 s: 1 MiB at that rate).
+    assert!(secs >= 1.5, "{line}");
+}

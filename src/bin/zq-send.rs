@@ -179,6 +179,10 @@ struct RunArgs {
     /// receiver agrees; checksums are of the original bytes.
     #[arg(long, value_name = "MODE", default_value = "none")]
     compress: zq_proto::Compression,
+    /// Keep the replication data of all datasets together under SIZE per second (e.g.
+    /// 50MB, 10MiB), measured after compression. Default: no limit.
+    #[arg(long, value_name = "SIZE", value_parser = zq::parse_size)]
+    bwlimit: Option<u64>,
     #[command(flatten)]
     transport: zq::TransportArgs,
     /// Speak only this protocol version (for compatibility testing).
@@ -447,6 +451,8 @@ struct Peer {
     protector: Arc<Protector>,
     stall_timeout: Duration,
     compress: zq_proto::Compression,
+    /// One limit for every connection this process makes.
+    bwlimit: Option<zq_net::RateLimit>,
 }
 
 impl Peer {
@@ -473,6 +479,7 @@ impl Peer {
             protector,
             stall_timeout: args.stall_timeout,
             compress: args.compress,
+            bwlimit: args.bwlimit.map(zq_net::RateLimit::new),
         })
     }
 
@@ -489,6 +496,7 @@ impl Peer {
                 sender.protect(self.protector.clone());
                 sender.set_stall_timeout(self.stall_timeout);
                 sender.set_compression(self.compress);
+                sender.set_bwlimit(self.bwlimit.clone());
                 Ok(sender)
             }
             Err(_) if zq_net::closed_by_tls_alert(&conn) => anyhow::bail!(

@@ -5,6 +5,7 @@ pub mod endpoint;
 pub mod framed;
 pub mod identity;
 pub mod pin;
+pub mod rate;
 
 pub use endpoint::{
     closed_by_tls_alert, peer_fingerprint, resolve, server, Client, Congestion, Dialed, NetError,
@@ -12,3 +13,4 @@ pub use endpoint::{
 };
 pub use framed::{FramedRecv, FramedSend, StreamError};
 pub use identity::{Fingerprint, Identity, IdentityError};
+pub use rate::RateLimit;

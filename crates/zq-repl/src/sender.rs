@@ -80,6 +80,8 @@ pub struct Sender {
     stall_timeout: std::time::Duration,
     /// How chunks are compressed where the session agreed on zstd.
     compression: Compression,
+    /// All steps' data together stays under this rate.
+    bwlimit: Option<zq_net::RateLimit>,
 }
 
 /// [`Sender::set_stall_timeout`]'s default.
@@ -113,6 +115,7 @@ impl Sender {
             protector: None,
             stall_timeout: STALL_TIMEOUT,
             compression: Compression::None,
+            bwlimit: None,
         })
     }
 
@@ -128,6 +131,12 @@ impl Sender {
     /// zstd in the handshake (offer it with [`zq_proto::Capabilities`]); default none.
     pub fn set_compression(&mut self, mode: Compression) {
         self.compression = mode;
+    }
+
+    /// Keeps the data of all steps under `limit` (shared: clones of one limit, given to
+    /// several senders, limit them together).
+    pub fn set_bwlimit(&mut self, limit: Option<zq_net::RateLimit>) {
+        self.bwlimit = limit;
     }
 
     /// Protects this job's steps with holds and cursors ([`crate::protect`]).
@@ -707,6 +716,9 @@ impl Sender {
                 }
                 let payload = compressor.compress(chunk);
                 wire_bytes += payload.wire_len() as u64;
+                if let Some(limit) = &self.bwlimit {
+                    limit.take(payload.wire_len()).await;
+                }
                 match tokio::time::timeout(self.stall_timeout, send.send_payload(&hash, payload))
                     .await
                 {

@@ -127,6 +127,9 @@ struct Load {
     /// zq's chunk compression, as zq-send --compress (none, auto, zstd, zstd:LEVEL).
     #[arg(long, default_value = "none", value_name = "MODE")]
     compress: Compression,
+    /// zq's rate limit, as zq-send --bwlimit (bytes per second after compression).
+    #[arg(long, value_name = "SIZE", value_parser = zq::parse_size)]
+    bwlimit: Option<u64>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -477,11 +480,15 @@ async fn zq_send(
     let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
     let mut encoder = StepEncoder::new();
     let mut compressor = Compressor::new(load.compress)?;
+    let limit = load.bwlimit.map(zq_net::RateLimit::new);
     let mut wire = 0u64;
     for chunk in chunks(&pool, load.size) {
         let hash = encoder.chunk(&chunk);
         let payload = compressor.compress(chunk);
         wire += payload.wire_len() as u64;
+        if let Some(limit) = &limit {
+            limit.take(payload.wire_len()).await;
+        }
         send.send_payload(&hash, payload).await?;
     }
     let end = encoder.end();

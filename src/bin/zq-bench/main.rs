@@ -503,6 +503,15 @@ async fn zq_send(
     }
     let secs = started.elapsed().as_secs_f64();
     let (cpu1, rss) = usage(libc::RUSAGE_SELF);
+    let stats = conn.stats();
+    tracing::info!(
+        mtu = stats.path.current_mtu,
+        rtt_ms = stats.path.rtt.as_secs_f64() * 1e3,
+        cwnd = stats.path.cwnd,
+        lost_packets = stats.path.lost_packets,
+        sent_packets = stats.path.sent_packets,
+        "path"
+    );
     conn.close(0u32.into(), b"done");
     client.shutdown().await;
     Ok(Run {

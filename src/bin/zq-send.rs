@@ -179,6 +179,10 @@ struct RunArgs {
     /// receiver agrees; checksums are of the original bytes.
     #[arg(long, value_name = "MODE", default_value = "none")]
     compress: zq_proto::Compression,
+    /// One-shot: no progress line (it is shown on a terminal for steps that run longer
+    /// than a second: bytes, rate and, where zfs estimates the size, the time left).
+    #[arg(long)]
+    no_progress: bool,
     /// Keep the replication data of all datasets together under SIZE per second (e.g.
     /// 50MB, 10MiB), measured after compression. Default: no limit.
     #[arg(long, value_name = "SIZE", value_parser = zq::parse_size)]
@@ -319,10 +323,50 @@ async fn abstractions(cmd: AbstractionsCommand) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Replicates once and reports each dataset; returns the exit code. Datasets that failed
-/// with a transient error get up to --retries more runs of the whole job (which skips what
-/// is up to date).
+/// Replicates once and reports each dataset, with a progress line on a terminal; returns
+/// the exit code. Datasets that failed with a transient error get up to --retries more runs
+/// of the whole job (which skips what is up to date).
 async fn once(args: &RunArgs, job: Job, zfs: Zfs, peer: &Peer) -> u8 {
+    use std::io::IsTerminal;
+    let progress = (!args.no_progress && std::io::stderr().is_terminal())
+        .then(|| Arc::new(zq_repl::progress::Progress::default()));
+    let ticker = progress.clone().map(|p| tokio::spawn(show_progress(p)));
+    let code = once_inner(args, job, zfs, peer, progress).await;
+    if let Some(t) = ticker {
+        t.abort();
+        eprint!("\r\x1b[K");
+    }
+    code
+}
+
+/// Redraws the progress line of the step in flight twice a second, once it has run for a
+/// second (small steps never show one).
+async fn show_progress(p: Arc<zq_repl::progress::Progress>) {
+    let mut shown = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = std::time::Instant::now();
+        match p.now() {
+            Some(f) if now.duration_since(f.started) >= Duration::from_secs(1) => {
+                eprint!("\r\x1b[K{}", f.line(now));
+                shown = true;
+            }
+            _ if shown => {
+                eprint!("\r\x1b[K");
+                shown = false;
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn once_inner(
+    args: &RunArgs,
+    job: Job,
+    zfs: Zfs,
+    peer: &Peer,
+    progress: Option<Arc<zq_repl::progress::Progress>>,
+) -> u8 {
     let mut sender = match peer.connect(zfs.clone()).await {
         Ok(s) => s,
         Err(e) => {
@@ -330,6 +374,7 @@ async fn once(args: &RunArgs, job: Job, zfs: Zfs, peer: &Peer) -> u8 {
             return exit::CONNECT;
         }
     };
+    sender.set_progress(progress.clone());
     let mut reports: Vec<DatasetReport> = Vec::new();
     let mut delay = args.retry_delay;
     for attempt in 0..=args.retries {
@@ -344,6 +389,7 @@ async fn once(args: &RunArgs, job: Job, zfs: Zfs, peer: &Peer) -> u8 {
                         return exit::CONNECT;
                     }
                 };
+                sender.set_progress(progress.clone());
             }
         }
         let run = match sender.replicate(&job).await {

@@ -8,6 +8,7 @@ mod fault;
 pub mod holds;
 pub mod lanes;
 pub mod plan;
+pub mod progress;
 pub mod protect;
 pub mod receiver;
 pub mod retention;

@@ -82,6 +82,8 @@ pub struct Sender {
     compression: Compression,
     /// All steps' data together stays under this rate.
     bwlimit: Option<zq_net::RateLimit>,
+    /// Where the step in flight is reported, with zfs's size estimate, if anyone watches.
+    progress: Option<std::sync::Arc<crate::progress::Progress>>,
 }
 
 /// [`Sender::set_stall_timeout`]'s default.
@@ -116,6 +118,7 @@ impl Sender {
             stall_timeout: STALL_TIMEOUT,
             compression: Compression::None,
             bwlimit: None,
+            progress: None,
         })
     }
 
@@ -137,6 +140,13 @@ impl Sender {
     /// several senders, limit them together).
     pub fn set_bwlimit(&mut self, limit: Option<zq_net::RateLimit>) {
         self.bwlimit = limit;
+    }
+
+    /// Reports each step in flight to `progress` (for a terminal), asking zfs for its size
+    /// estimate beside the step where zfs can give one: a `zfs send -nvP` per step, so only
+    /// for those who watch.
+    pub fn set_progress(&mut self, progress: Option<std::sync::Arc<crate::progress::Progress>>) {
+        self.progress = progress;
     }
 
     /// Protects this job's steps with holds and cursors ([`crate::protect`]).
@@ -623,6 +633,19 @@ impl Sender {
             }
         };
         let mut zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates);
+        let watched = self.progress.as_ref().map(|p| {
+            let id = p.start(to_snap.to_string());
+            let (watcher, zfs) = (p.clone(), self.zfs.clone());
+            let (from, to) = (from_snap.clone(), to_snap.clone());
+            tokio::spawn(async move {
+                if let Ok(Some(bytes)) = zfs.send_estimate(from.as_ref(), &to, intermediates).await
+                {
+                    watcher.estimate(id, bytes);
+                }
+            });
+            (p.clone(), id)
+        });
+        let _watched = ProgressGuard(watched);
         let mut buf = BytesMut::with_capacity(CHUNK);
         let mut resume_at = None;
         if let Some(token) = resume.filter(|_| self.spooling()) {
@@ -713,6 +736,9 @@ impl Sender {
                     send.set_priority(-1);
                     // Frees this step's slot for small steps (crate::lanes).
                     slot.to_bulk().await;
+                }
+                if let Some(p) = &self.progress {
+                    p.add(chunk.len() as u64);
                 }
                 let payload = compressor.compress(chunk);
                 wire_bytes += payload.wire_len() as u64;
@@ -812,6 +838,17 @@ impl Sender {
 
 /// What a committed step did.
 #[derive(Debug)]
+/// Ends a step's progress report however the step ends.
+struct ProgressGuard(Option<(std::sync::Arc<crate::progress::Progress>, u64)>);
+
+impl Drop for ProgressGuard {
+    fn drop(&mut self) {
+        if let Some((p, id)) = &self.0 {
+            p.end(*id);
+        }
+    }
+}
+
 struct StepDone {
     committed: Committed,
     /// Stream bytes sent on this connection.

@@ -211,7 +211,6 @@ pub fn parse_version(out: &str) -> Option<Version> {
     })
 }
 
-/// True if `zfs` stderr says the dataset does not exist (same wording in every ZFS).
 /// Parses `zfs get -H -o name,value -r userrefs ROOT`: the number of user holds of each
 /// snapshot under ROOT (filesystems and volumes print `-` and are skipped).
 pub fn parse_userrefs(out: &str) -> Result<Vec<(String, u64)>, ParseError> {
@@ -246,6 +245,28 @@ pub fn parse_holds(out: &str) -> Result<Vec<(String, String)>, ParseError> {
     Ok(holds)
 }
 
+/// Parses `zfs send -nvP …` (OpenZFS): the stream size the dry run estimates, from its
+/// `size<TAB>BYTES` line, else the last field of its `full`/`incremental` line. `None` if
+/// neither is there (an older zfs prints only `total estimated size is 1.2G`, which is
+/// not exact enough to print an ETA from).
+pub fn parse_send_estimate(out: &str) -> Option<u64> {
+    let fields = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    let lines: Vec<Vec<String>> = out.lines().map(fields).collect();
+    lines
+        .iter()
+        .rev()
+        .find(|f| f.len() == 2 && f[0] == "size")
+        .and_then(|f| f[1].parse().ok())
+        .or_else(|| {
+            lines
+                .iter()
+                .rev()
+                .find(|f| matches!(f.first().map(String::as_str), Some("full" | "incremental")))
+                .and_then(|f| f.last()?.parse().ok())
+        })
+}
+
+/// True if `zfs` stderr says the dataset does not exist (same wording in every ZFS).
 pub fn is_missing_dataset(stderr: &str) -> bool {
     stderr.contains("dataset does not exist")
 }
@@ -254,6 +275,25 @@ pub fn is_missing_dataset(stderr: &str) -> bool {
 mod tests {
     use super::*;
     use rstest::rstest;
+
+    #[rstest]
+    // OpenZFS 2.x, full and incremental (-P: tab-separated, exact bytes).
+    #[case::full("full\tzroot/test/a@1\t5389768\nsize\t5389768\n", Some(5389768))]
+    #[case::incremental("incremental\ts1\ttank/fs@s2\t4567\nsize\t4567\n", Some(4567))]
+    // A resume token's dry run: the nvlist first, then the send line, no size line.
+    #[case::resume_token(
+        "resume token contents:\nnvlist version: 0\n\tobject = 0x2\n\ttoname = zroot/test/a@1\nfull\tzroot/test/a@1\t5389768\n",
+        Some(5389768)
+    )]
+    // Without -P: human units only.
+    #[case::human(
+        "full send of tank/fs@s1 estimated size is 1.2G\ntotal estimated size is 1.2G\n",
+        None
+    )]
+    #[case::empty("", None)]
+    fn send_estimates(#[case] out: &str, #[case] want: Option<u64>) {
+        assert_eq!(parse_send_estimate(out), want);
+    }
 
     #[test]
     fn userrefs_from_zfs_fuse() {

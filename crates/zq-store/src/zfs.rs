@@ -309,6 +309,29 @@ impl Zfs {
         Ok(Reader::spawn(&argv.arg(to.to_string()))?)
     }
 
+    /// The size `zfs send` would produce for this step (`zfs send -nvP`), where zfs can
+    /// estimate it ([`Capabilities::send_estimate`]); `None` where it cannot (zfs-fuse) or
+    /// did not say.
+    pub async fn send_estimate(
+        &self,
+        from: Option<&SnapshotName>,
+        to: &SnapshotName,
+        intermediates: bool,
+    ) -> Result<Option<u64>, StoreError> {
+        if !self.caps.send_estimate {
+            return Ok(None);
+        }
+        let mut argv = self.zfs().args(["send", "-nvP"]);
+        if let Some(from) = from {
+            argv = argv
+                .arg(if intermediates { "-I" } else { "-i" })
+                .arg(from.to_string());
+        }
+        Ok(crate::parse::parse_send_estimate(
+            &run(&argv.arg(to.to_string())).await?,
+        ))
+    }
+
     /// Starts `zfs receive` into `target`. `force` adds `-F` (only after the caller rolled
     /// back or cleared the target with the user's `--force`).
     pub fn receive(&self, target: &DatasetName, force: bool) -> Result<Writer, StoreError> {

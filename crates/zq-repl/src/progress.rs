@@ -1,0 +1,184 @@
+//! What a sender's current step has moved, for a progress line on a terminal: bytes,
+//! rate and, where zfs can estimate the stream's size (`zfs send -nvP`, OpenZFS), the
+//! share done and the time left.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The step in flight, shared between a [`crate::Sender`] and whatever displays it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Counts steps, so that a late estimate never lands on the next step.
+    id: u64,
+    now: Option<InFlight>,
+}
+
+/// A step being sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    /// `dataset@snapshot` being sent.
+    pub what: String,
+    /// When the step started.
+    pub started: Instant,
+    /// Stream bytes sent (before compression).
+    pub bytes: u64,
+    /// What zfs estimated the stream at, if it could.
+    pub estimate: Option<u64>,
+}
+
+impl Progress {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The step in flight, if any.
+    pub fn now(&self) -> Option<InFlight> {
+        self.state().now.clone()
+    }
+
+    pub(crate) fn start(&self, what: String) -> u64 {
+        let mut s = self.state();
+        s.id += 1;
+        s.now = Some(InFlight {
+            what,
+            started: Instant::now(),
+            bytes: 0,
+            estimate: None,
+        });
+        s.id
+    }
+
+    pub(crate) fn estimate(&self, id: u64, bytes: u64) {
+        let mut s = self.state();
+        if s.id == id {
+            if let Some(n) = s.now.as_mut() {
+                n.estimate = Some(bytes);
+            }
+        }
+    }
+
+    pub(crate) fn add(&self, bytes: u64) {
+        if let Some(n) = self.state().now.as_mut() {
+            n.bytes += bytes;
+        }
+    }
+
+    pub(crate) fn end(&self, id: u64) {
+        let mut s = self.state();
+        if s.id == id {
+            s.now = None;
+        }
+    }
+}
+
+impl InFlight {
+    /// One line for a terminal: `pool/fs@snap: 1.2 GiB of ~4.0 GiB (30%), 95.1 MiB/s, 30 s
+    /// left`, or without an estimate `pool/fs@snap: 1.2 GiB, 95.1 MiB/s`.
+    pub fn line(&self, now: Instant) -> String {
+        let secs = now.saturating_duration_since(self.started).as_secs_f64();
+        let rate = if secs > 0.0 {
+            self.bytes as f64 / secs
+        } else {
+            0.0
+        };
+        match self.estimate.filter(|e| *e > 0) {
+            Some(est) => {
+                let pct = (self.bytes as f64 * 100.0 / est as f64).min(100.0);
+                let left = if rate > 0.0 {
+                    let s = (est.saturating_sub(self.bytes)) as f64 / rate;
+                    format!(", {} left", human_duration(Duration::from_secs_f64(s)))
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{}: {} of ~{} ({pct:.0}%), {}/s{left}",
+                    self.what,
+                    human(self.bytes as f64),
+                    human(est as f64),
+                    human(rate)
+                )
+            }
+            None => format!(
+                "{}: {}, {}/s",
+                self.what,
+                human(self.bytes as f64),
+                human(rate)
+            ),
+        }
+    }
+}
+
+fn human(b: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=99 => format!("{s} s"),
+        100..=5999 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_with_and_without_an_estimate() {
+        let t0 = Instant::now();
+        let mut f = InFlight {
+            what: "tank/fs@s1".into(),
+            started: t0,
+            bytes: 100 << 20,
+            estimate: Some(400 << 20),
+        };
+        let at = t0 + Duration::from_secs(2);
+        assert_eq!(
+            f.line(at),
+            "tank/fs@s1: 100.0 MiB of ~400.0 MiB (25%), 50.0 MiB/s, 6 s left"
+        );
+        f.estimate = None;
+        assert_eq!(f.line(at), "tank/fs@s1: 100.0 MiB, 50.0 MiB/s");
+        // An estimate below what was sent (zfs estimates) caps at 100%, 0 s left.
+        f.estimate = Some(50 << 20);
+        assert!(f.line(at).contains("(100%)") && f.line(at).ends_with("0 s left"));
+        assert_eq!(human_duration(Duration::from_secs(3725)), "62m05s");
+        assert_eq!(human_duration(Duration::from_secs(7300)), "2h01m");
+    }
+
+    #[test]
+    fn a_late_estimate_does_not_land_on_the_next_step() {
+        let p = Progress::default();
+        let first = p.start("a@1".into());
+        p.end(first);
+        let second = p.start("a@2".into());
+        p.estimate(first, 123);
+        assert_eq!(p.now().unwrap().estimate, None);
+        p.estimate(second, 456);
+        p.add(10);
+        let now = p.now().unwrap();
+        assert_eq!((now.estimate, now.bytes), (Some(456), 10));
+        p.end(first);
+        assert!(p.now().is_some(), "an old step's end leaves the new one");
+        p.end(second);
+        assert!(p.now().is_none());
+    }
+}

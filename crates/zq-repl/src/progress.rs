@@ -98,33 +98,35 @@ impl InFlight {
                 format!(
                     "{}: {} of ~{} ({pct:.0}%), {}/s{left}",
                     self.what,
-                    human(self.bytes as f64),
-                    human(est as f64),
-                    human(rate)
+                    human_bytes(self.bytes),
+                    human_bytes(est),
+                    human_bytes(rate as u64)
                 )
             }
             None => format!(
                 "{}: {}, {}/s",
                 self.what,
-                human(self.bytes as f64),
-                human(rate)
+                human_bytes(self.bytes),
+                human_bytes(rate as u64)
             ),
         }
     }
 }
 
-fn human(b: f64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
+/// `bytes` for people, in binary units with one decimal (no crate: this and the receiver's
+/// out-of-space message are its only uses).
+pub(crate) fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
         v /= 1024.0;
-        u += 1;
+        unit += 1;
     }
-    if u == 0 {
-        format!("{v:.0} B")
+    if unit == 0 {
+        format!("{bytes} B")
     } else {
-        format!("{v:.1} {}", UNITS[u])
+        format!("{v:.1} {}", UNITS[unit])
     }
 }
 

@@ -32,6 +32,7 @@ use zq_store::{DatasetName, SnapshotName, StreamBegin, Writer};
 
 use super::spool::{Replay, SpoolWriter};
 use super::{authorize, internal, zfs_err, Known, LastHold, Receiver, TARGET_WAIT};
+use crate::progress::human_bytes;
 use crate::to_info;
 
 /// What `prepare` found and did: whether `zfs receive` needs `-F`, and the target's
@@ -746,22 +747,6 @@ fn transfer_err(e: Option<TransferError>) -> WireError {
 fn is_out_of_space(e: &WireError) -> bool {
     e.kind == ErrorKind::Zfs
         && (e.message.contains("out of space") || e.message.contains("quota exceeded"))
-}
-
-/// `bytes` for people, in binary units with one decimal (no crate: this is the one place).
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
 
 #[cfg(test)]

@@ -99,7 +99,7 @@ fn chunk_pipeline(c: &mut Criterion) {
             let id = format!("{kind}, {mode}");
             g.bench_with_input(BenchmarkId::new("send", &id), &data, |b, data| {
                 let mut enc = StepEncoder::new();
-                let mut comp = Compressor::new(mode).unwrap();
+                let mut comp = Compressor::new(mode);
                 b.iter(|| {
                     let hash = enc.chunk(data);
                     (hash, comp.compress(data.clone()))
@@ -108,7 +108,7 @@ fn chunk_pipeline(c: &mut Criterion) {
             // The receiver's side of the same chunk: decompress if needed, verify, hash.
             let mut enc = StepEncoder::new();
             let hash = enc.chunk(&data);
-            let frame_bytes = match Compressor::new(mode).unwrap().compress(data.clone()) {
+            let frame_bytes = match Compressor::new(mode).compress(data.clone()) {
                 Payload::Raw(d) => {
                     let mut f = BytesMut::from(&encode_data_header(&hash, d.len())[..]);
                     f.extend_from_slice(&d);

@@ -162,30 +162,29 @@ impl std::fmt::Debug for Compressor {
 }
 
 impl Compressor {
-    /// A compressor for one step (`Compression::None`: every chunk goes raw).
-    pub fn new(mode: Compression) -> std::io::Result<Self> {
-        let ctx = match mode {
-            Compression::None => None,
-            Compression::Auto => Some(zstd::bulk::Compressor::new(AUTO_LEVEL)?),
-            Compression::Zstd(level) => Some(zstd::bulk::Compressor::new(level)?),
-        };
-        Ok(Compressor {
+    /// A compressor for one step (`Compression::None`: every chunk goes raw). The zstd
+    /// context is made on the first chunk worth compressing, so small steps never pay for
+    /// it; a context that cannot be made (out of memory) leaves every chunk raw.
+    pub fn new(mode: Compression) -> Self {
+        Compressor {
             mode,
-            ctx,
+            ctx: None,
             skip: 0,
             backoff: 1,
-        })
+        }
     }
 
     /// Whether any chunk may be compressed (the step header says `zstd`).
     pub fn is_active(&self) -> bool {
-        self.ctx.is_some()
+        self.mode != Compression::None
     }
 
     /// The chunk as it should go on the wire.
     pub fn compress(&mut self, chunk: Bytes) -> Payload {
-        let Some(ctx) = self.ctx.as_mut() else {
-            return Payload::Raw(chunk);
+        let level = match self.mode {
+            Compression::None => return Payload::Raw(chunk),
+            Compression::Auto => AUTO_LEVEL,
+            Compression::Zstd(level) => level,
         };
         if chunk.len() < MIN_COMPRESS {
             return Payload::Raw(chunk);
@@ -194,6 +193,18 @@ impl Compressor {
             self.skip -= 1;
             return Payload::Raw(chunk);
         }
+        if self.ctx.is_none() {
+            match zstd::bulk::Compressor::new(level) {
+                Ok(c) => self.ctx = Some(c),
+                Err(_) => {
+                    self.mode = Compression::None;
+                    return Payload::Raw(chunk);
+                }
+            }
+        }
+        let Some(ctx) = self.ctx.as_mut() else {
+            return Payload::Raw(chunk);
+        };
         match ctx.compress(&chunk) {
             Ok(out) if out.len() < chunk.len() - chunk.len() / 16 => {
                 self.backoff = 1;
@@ -493,9 +504,7 @@ mod tests {
         let chunk = compressible(256 * 1024);
         let mut enc = StepEncoder::new();
         let hash = enc.chunk(&chunk);
-        let payload = Compressor::new(Compression::Auto)
-            .unwrap()
-            .compress(chunk.clone());
+        let payload = Compressor::new(Compression::Auto).compress(chunk.clone());
         assert!(
             payload.wire_len() < chunk.len() / 4,
             "{}",
@@ -519,9 +528,7 @@ mod tests {
     fn compressed_frames_are_refused_where_zstd_was_not_agreed() {
         let chunk = compressible(64 * 1024);
         let hash = *blake3::hash(&chunk).as_bytes();
-        let payload = Compressor::new(Compression::Zstd(1))
-            .unwrap()
-            .compress(chunk);
+        let payload = Compressor::new(Compression::Zstd(1)).compress(chunk);
         let frame = over_the_wire(&hash, payload);
         assert_eq!(
             StepDecoder::new().on_frame(frame),
@@ -561,7 +568,7 @@ mod tests {
 
     #[test]
     fn auto_leaves_incompressible_chunks_raw_and_backs_off() {
-        let mut auto = Compressor::new(Compression::Auto).unwrap();
+        let mut auto = Compressor::new(Compression::Auto);
         assert!(matches!(
             auto.compress(random(256 * 1024, b"a")),
             Payload::Raw(_)
@@ -577,7 +584,7 @@ mod tests {
             Payload::Zstd { .. }
         ));
         // A fixed level tries every chunk and still never sends one that grew.
-        let mut fixed = Compressor::new(Compression::Zstd(3)).unwrap();
+        let mut fixed = Compressor::new(Compression::Zstd(3));
         for seed in [b"b", b"c"] {
             assert!(matches!(
                 fixed.compress(random(64 * 1024, seed)),
@@ -598,7 +605,7 @@ mod tests {
             let chunk = Bytes::from(data.repeat(repeat));
             let mut enc = StepEncoder::new();
             let hash = enc.chunk(&chunk);
-            let frame = over_the_wire(&hash, Compressor::new(level).unwrap().compress(chunk.clone()));
+            let frame = over_the_wire(&hash, Compressor::new(level).compress(chunk.clone()));
             let mut dec = StepDecoder::with_zstd().unwrap();
             dec.on_frame(frame).unwrap();
             let got = dec.on_frame(Frame::Message(Message::StepEnd(enc.end()))).unwrap();

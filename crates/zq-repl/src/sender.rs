@@ -592,8 +592,7 @@ impl Sender {
         } else {
             Compression::None
         };
-        let mut compressor = Compressor::new(mode)
-            .map_err(|e| ReplError::Protocol(format!("cannot start zstd: {e}")))?;
+        let mut compressor = Compressor::new(mode);
         let mut wire_bytes = 0u64;
         let header = StepHeader {
             source: source.to_string(),

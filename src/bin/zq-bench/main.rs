@@ -479,7 +479,7 @@ async fn zq_send(
     let (send, recv) = conn.open_bi().await?;
     let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
     let mut encoder = StepEncoder::new();
-    let mut compressor = Compressor::new(load.compress)?;
+    let mut compressor = Compressor::new(load.compress);
     let limit = load.bwlimit.map(zq_net::RateLimit::new);
     let mut wire = 0u64;
     for chunk in chunks(&pool, load.size) {

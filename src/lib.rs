@@ -74,15 +74,47 @@ pub fn init_logging(json: bool) {
     }
 }
 
-/// Installs logging and runs `main` on a multi-threaded tokio runtime.
+/// Installs logging and runs `main` on a tokio runtime with [`runtime_threads`] workers
+/// (one: a single-threaded runtime).
 pub fn block_on(log_json: bool, main: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     init_logging(log_json);
-    match tokio::runtime::Runtime::new() {
+    let threads = runtime_threads(
+        std::env::var("ZQ_THREADS").ok().as_deref(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+    let rt = match threads {
+        Ok(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Ok(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        Err(e) => return fail(exit::USAGE, &anyhow::anyhow!(e)),
+    };
+    match rt {
         Ok(rt) => rt.block_on(main),
         Err(e) => fail(
             exit::FAILURE,
             &anyhow::Error::new(e).context("starting the runtime"),
         ),
+    }
+}
+
+/// How many threads run zq's own work (QUIC, TLS, hashing, compression): `ZQ_THREADS` if
+/// set, else 1 on hosts with at most 2 cores and one per core above that. On 2 cores the
+/// peer, `zfs send`/`receive` and the kernel need the other core, and one thread avoids
+/// the cross-core wake-ups between quinn's drivers and the step tasks (measured: 1.6 CPU
+/// s/GB per side instead of 2.0 on loopback, docs/benchmarks.md).
+pub fn runtime_threads(env: Option<&str>, cores: usize) -> Result<usize, String> {
+    match env {
+        None | Some("") => Ok(if cores <= 2 { 1 } else { cores }),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "ZQ_THREADS={v:?}: expected a number of threads from 1 to 1024"
+            )),
+        },
     }
 }
 
@@ -163,4 +195,23 @@ pub fn report(err: &anyhow::Error) {
 pub fn fail(code: u8, err: &anyhow::Error) -> ExitCode {
     report(err);
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runtime_threads;
+
+    #[test]
+    fn one_thread_on_small_hosts_unless_told() {
+        assert_eq!(runtime_threads(None, 1), Ok(1));
+        assert_eq!(runtime_threads(None, 2), Ok(1));
+        assert_eq!(runtime_threads(None, 16), Ok(16));
+        assert_eq!(runtime_threads(Some(""), 8), Ok(8));
+        assert_eq!(runtime_threads(Some("4"), 2), Ok(4));
+        for bad in ["0", "-1", "many", "5000"] {
+            assert!(runtime_threads(Some(bad), 2)
+                .unwrap_err()
+                .contains("ZQ_THREADS"));
+        }
+    }
 }

@@ -181,12 +181,13 @@ impl Run {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    zq::block_on(false, async move {
+    let main = async move {
         match run(cli.command).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => zq::fail(zq::exit::FAILURE, &e),
         }
-    })
+    };
+    zq::block_on(false, main)
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {

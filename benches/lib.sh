@@ -50,7 +50,8 @@ drop_pool() {
 # uid-0 account $user whose shell is /bin/sh (no start-up files: a fair baseline), on
 # 127.0.0.1 or ADDR, optionally inside network namespace SERVER_NS and checked from
 # CLIENT_NS. Installs openssh-server if missing. Needs $work, $user and the pids array;
-# sets the sshopt array (ControlMaster in $work/cm). The caller's cleanup removes $user.
+# sets the sshopt array (ControlMaster in $work/cm). The caller's cleanup calls
+# stop_ssh_master and removes $user.
 start_sshd() { # harness-name [ADDR [SERVER_NS CLIENT_NS]]
     local addr=${2:-127.0.0.1} sns=() cns=()
     [ -n "${3:-}" ] && sns=(ip netns exec "$3") && cns=(ip netns exec "$4")
@@ -80,4 +81,10 @@ start_sshd() { # harness-name [ADDR [SERVER_NS CLIENT_NS]]
         sleep 0.1
     done
     [ -n "$ok" ] || { echo "$1: cannot log in to the baseline's sshd:" >&2; cat "$work/sshd.log" >&2; exit 1; }
+}
+
+# Ends the ControlMaster start_sshd's login check (or a baseline) left in $work/cm: it
+# would outlive the harness by its ControlPersist.
+stop_ssh_master() {
+    ssh -S "$work/cm" -O exit x 2>/dev/null || true
 }

@@ -184,7 +184,7 @@ struct RunArgs {
     #[arg(long)]
     no_progress: bool,
     /// Keep the replication data of all datasets together under SIZE per second (e.g.
-    /// 50MB, 10MiB), measured after compression. Default: no limit.
+    /// 50MB, 10MiB), measured after compression. Default (or 0): no limit.
     #[arg(long, value_name = "SIZE", value_parser = zq::parse_size)]
     bwlimit: Option<u64>,
     #[command(flatten)]
@@ -525,7 +525,7 @@ impl Peer {
             protector,
             stall_timeout: args.stall_timeout,
             compress: args.compress,
-            bwlimit: args.bwlimit.map(zq_net::RateLimit::new),
+            bwlimit: args.bwlimit.filter(|&b| b > 0).map(zq_net::RateLimit::new),
         })
     }
 

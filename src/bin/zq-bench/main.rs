@@ -481,7 +481,7 @@ async fn zq_send(
     let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
     let mut encoder = StepEncoder::new();
     let mut compressor = Compressor::new(load.compress);
-    let limit = load.bwlimit.map(zq_net::RateLimit::new);
+    let limit = load.bwlimit.filter(|&b| b > 0).map(zq_net::RateLimit::new);
     let mut wire = 0u64;
     for chunk in chunks(&pool, load.size) {
         let hash = encoder.chunk(&chunk);

@@ -179,6 +179,12 @@ impl Compressor {
         self.mode != Compression::None
     }
 
+    /// Whether [`Compressor::compress`] would run zstd on a chunk of `len` bytes (and so
+    /// take CPU time worth moving off an async runtime), rather than pass it through.
+    pub fn will_try(&self, len: usize) -> bool {
+        self.mode != Compression::None && len >= MIN_COMPRESS && self.skip == 0
+    }
+
     /// The chunk as it should go on the wire.
     pub fn compress(&mut self, chunk: Bytes) -> Payload {
         let level = match self.mode {
@@ -583,6 +589,8 @@ mod tests {
             auto.compress(compressible(256 * 1024)),
             Payload::Zstd { .. }
         ));
+        assert!(!auto.will_try(1000), "small chunks are never tried");
+        assert!(auto.will_try(256 * 1024));
         // A fixed level tries every chunk and still never sends one that grew.
         let mut fixed = Compressor::new(Compression::Zstd(3));
         for seed in [b"b", b"c"] {

@@ -739,7 +739,7 @@ impl Sender {
                 if let Some(p) = &self.progress {
                     p.add(chunk.len() as u64);
                 }
-                let payload = compressor.compress(chunk);
+                let payload = compress_chunk(&mut compressor, chunk).await?;
                 wire_bytes += payload.wire_len() as u64;
                 if let Some(limit) = &self.bwlimit {
                     limit.take(payload.wire_len()).await;
@@ -835,8 +835,28 @@ impl Sender {
     }
 }
 
-/// What a committed step did.
-#[derive(Debug)]
+/// `chunk` as it goes on the wire. zstd takes ~1 ms per 256 KiB chunk at level 1 and far
+/// longer at high levels, so it runs on tokio's blocking pool rather than on the runtime
+/// thread that also drives the connection and every other step (one thread on small
+/// hosts, see `zq::runtime_threads`); chunks it will not try go straight through.
+pub async fn compress_chunk(
+    compressor: &mut Compressor,
+    chunk: bytes::Bytes,
+) -> Result<zq_proto::Payload, ReplError> {
+    if !compressor.will_try(chunk.len()) {
+        return Ok(compressor.compress(chunk));
+    }
+    let mut c = std::mem::replace(compressor, Compressor::new(Compression::None));
+    let (c, payload) = tokio::task::spawn_blocking(move || {
+        let p = c.compress(chunk);
+        (c, p)
+    })
+    .await
+    .map_err(|e| ReplError::Protocol(format!("the compression task failed: {e}")))?;
+    *compressor = c;
+    Ok(payload)
+}
+
 /// Ends a step's progress report however the step ends.
 struct ProgressGuard(Option<(std::sync::Arc<crate::progress::Progress>, u64)>);
 
@@ -848,6 +868,8 @@ impl Drop for ProgressGuard {
     }
 }
 
+/// What a committed step did.
+#[derive(Debug)]
 struct StepDone {
     committed: Committed,
     /// Stream bytes sent on this connection.

@@ -485,7 +485,7 @@ async fn zq_send(
     let mut wire = 0u64;
     for chunk in chunks(&pool, load.size) {
         let hash = encoder.chunk(&chunk);
-        let payload = compressor.compress(chunk);
+        let payload = zq_repl::sender::compress_chunk(&mut compressor, chunk).await?;
         wire += payload.wire_len() as u64;
         if let Some(limit) = &limit {
             limit.take(payload.wire_len()).await;

@@ -552,6 +552,25 @@ mod tests {
         s.keep(w);
     }
 
+    /// A spool in a fresh directory (removed when the guard drops) holding an interrupted
+    /// 8000-byte step into b/fs, spooled from 1000 bytes up to `max`, and its token.
+    async fn spooled(max: u64) -> (tempfile::TempDir, Spools, DatasetName, ResumeToken) {
+        let dir = tempfile::tempdir().unwrap();
+        let target = DatasetName::parse("b/fs").unwrap();
+        let s = spools(dir.path(), 1000, max);
+        interrupted(&s, &target);
+        let t = s.token("b/fs").await.unwrap();
+        (dir, s, target, t)
+    }
+
+    /// Where a sender resumes `t`.
+    fn resume_at(t: &ResumeToken) -> ResumeAt {
+        ResumeAt {
+            offset: t.offset,
+            prefix_hash: t.prefix_hash,
+        }
+    }
+
     #[tokio::test]
     async fn a_small_step_leaves_nothing_and_a_large_one_a_token() {
         let dir = tempfile::tempdir().unwrap();
@@ -588,16 +607,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_resume_replays_exactly_the_verified_prefix() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = DatasetName::parse("b/fs").unwrap();
-        let s = spools(dir.path(), 1000, 1 << 20);
-        interrupted(&s, &target);
-        let t = s.token("b/fs").await.unwrap();
+        let (_dir, s, target, t) = spooled(1 << 20).await;
         // The sender resumes at an offset the spool holds (its token's).
-        let at = ResumeAt {
-            offset: t.offset,
-            prefix_hash: t.prefix_hash,
-        };
+        let at = resume_at(&t);
         let (mut replay, _w) = s.resume(&header("b"), at, &target).await.unwrap();
         let mut got = Vec::new();
         while let Some(d) = replay.next_piece().unwrap() {
@@ -609,11 +621,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_mismatched_resume_is_rejected_and_the_spool_discarded() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = DatasetName::parse("b/fs").unwrap();
-        let s = spools(dir.path(), 1000, 1 << 20);
-        interrupted(&s, &target);
-        let t = s.token("b/fs").await.unwrap();
+        let (_dir, s, target, t) = spooled(1 << 20).await;
         let at = |offset, prefix_hash| ResumeAt {
             offset,
             prefix_hash,
@@ -637,15 +645,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_resume_that_fails_before_its_replay_keeps_the_right_token() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = DatasetName::parse("b/fs").unwrap();
-        let s = spools(dir.path(), 1000, 1 << 20);
-        interrupted(&s, &target);
-        let t = s.token("b/fs").await.unwrap();
-        let at = ResumeAt {
-            offset: t.offset,
-            prefix_hash: t.prefix_hash,
-        };
+        let (_dir, s, target, t) = spooled(1 << 20).await;
+        let at = resume_at(&t);
         // E.g. the target turned out busy or diverged: the step fails before any replay.
         let (_replay, w) = s.resume(&header("b"), at, &target).await.unwrap();
         s.keep(w);
@@ -654,11 +655,7 @@ mod tests {
 
     #[tokio::test]
     async fn spooling_stops_at_max_and_the_prefix_stays_resumable() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = DatasetName::parse("b/fs").unwrap();
-        let s = spools(dir.path(), 1000, 2500);
-        interrupted(&s, &target);
-        let t = s.token("b/fs").await.unwrap();
+        let (_dir, _s, _target, t) = spooled(2500).await;
         assert_eq!(t.offset, 2500);
         let all: Vec<u8> = chunks().iter().flat_map(|c| c.to_vec()).collect();
         assert_eq!(t.prefix_hash, *blake3::hash(&all[..2500]).as_bytes());

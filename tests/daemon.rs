@@ -429,13 +429,28 @@ fn a_transfer_cut_twice_for_longer_than_the_idle_timeout_resumes_each_time() {
     src.write("fs", "big", 64 << 20, 17);
     src.snap("fs", "s1");
     let target = dst.ds("fs");
-    let args = ["--every", "1s", "--idle-timeout", "2s"];
+    // At 8 MB/s the stream (~40 MB) takes seconds, so both cuts land mid-transfer
+    // whatever the receiver had buffered when the first one came.
+    let args = ["--every", "1s", "--idle-timeout", "2s", "--bwlimit", "8MB"];
     let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
-    for at in [8u64 << 20, 24 << 20] {
+    let mut at = 8u64 << 20;
+    for cut in 0..2 {
         daemon.await_spooled(&keys, at);
         relay.cut(true);
         std::thread::sleep(Duration::from_secs(4));
         relay.cut(false);
+        if cut == 0 {
+            // The second cut comes once the resumed step has added to the spool.
+            assert!(
+                daemon.logs_within(
+                    Duration::from_secs(30),
+                    "resuming the step where the receiver's spool ends"
+                ),
+                "{}",
+                daemon.log_text()
+            );
+            at = spooled(&keys) + (4 << 20);
+        }
     }
     let done = wait_for(Duration::from_secs(90), || {
         snapshots(&target) == snapshots(&ds)

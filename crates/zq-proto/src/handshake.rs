@@ -4,6 +4,7 @@
 
 use crate::limits::{MAGIC, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use crate::message::{Hello, Refusal, RefusalReason, Welcome};
+use crate::transfer::StreamDigest;
 
 /// What one side can do, in order of preference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,7 +30,7 @@ impl Capabilities {
             min_version: PROTOCOL_VERSION_MIN,
             max_version: PROTOCOL_VERSION_MAX,
             compression: vec!["zstd".into(), "none".into()],
-            checksums: vec!["blake3".into()],
+            checksums: StreamDigest::NAMES.map(String::from).to_vec(),
             resume: vec![crate::message::RESUME_SPOOL.into()],
             software: software.into(),
         }
@@ -153,6 +154,14 @@ pub struct Session {
     pub peer_software: String,
 }
 
+impl Session {
+    /// How `StepEnd` hashes the whole stream in this session. The checksum was checked
+    /// against our offer, which holds only names [`StreamDigest`] knows.
+    pub fn stream_digest(&self) -> StreamDigest {
+        StreamDigest::from_checksum(&self.checksum).unwrap_or(StreamDigest::Flat)
+    }
+}
+
 /// A handshake failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
@@ -190,8 +199,24 @@ mod tests {
         let w = c.accept(&c.hello()).unwrap();
         let s = c.check_welcome(&w).unwrap();
         assert_eq!(s.version, PROTOCOL_VERSION_MAX);
-        assert_eq!(s.checksum, "blake3");
+        assert_eq!(s.checksum, "blake3-chunks");
+        assert_eq!(s.stream_digest(), StreamDigest::Chunks);
         assert_eq!(s.compression, "zstd");
+        // A peer from before blake3-chunks hashes every byte twice; both sides then do.
+        let old = Capabilities {
+            checksums: vec!["blake3".into()],
+            ..Capabilities::current("zq-send 0.1")
+        };
+        let w = c.accept(&old.hello()).unwrap();
+        assert_eq!(
+            old.check_welcome(&w).unwrap().stream_digest(),
+            StreamDigest::Flat
+        );
+        let w = old.accept(&c.hello()).unwrap();
+        assert_eq!(
+            c.check_welcome(&w).unwrap().stream_digest(),
+            StreamDigest::Flat
+        );
         // A sender that does not compress offers only "none".
         let plain = Capabilities {
             compression: vec!["none".into()],

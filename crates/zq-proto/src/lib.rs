@@ -19,6 +19,6 @@ pub use codec::{
 pub use handshake::{Capabilities, HandshakeError, Session};
 pub use message::*;
 pub use transfer::{
-    Compression, Compressor, Payload, StepDecoder, StepEncoder, StepEvent, TransferError,
-    AUTO_LEVEL, BEGIN_CHUNK,
+    Compression, Compressor, Payload, StepDecoder, StepEncoder, StepEvent, StreamDigest,
+    TransferError, AUTO_LEVEL, BEGIN_CHUNK,
 };

@@ -22,24 +22,149 @@ use crate::message::{Message, StepEnd};
 /// exactly this size is released without waiting for the next one (see the module docs).
 pub const BEGIN_CHUNK: usize = 312;
 
-/// Sender side of one step's data: per-chunk and whole-stream BLAKE3.
+/// How the whole-stream hash in `StepEnd` is computed: the session's checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamDigest {
+    /// `"blake3-chunks"`: BLAKE3 over the sequence of chunk lengths and chunk hashes, which
+    /// each side computes anyway, so every byte is hashed once per side. A resumed step's
+    /// prefix enters as one record: its length and its plain BLAKE3 (the resume token's
+    /// prefix hash, which does not depend on how the first attempt was chunked). As strong
+    /// as hashing the bytes: a collision needs one in BLAKE3.
+    #[default]
+    Chunks,
+    /// `"blake3"`: BLAKE3 of every byte of the stream, a second pass over the data on each
+    /// side. Spoken with peers that do not offer `blake3-chunks`.
+    Flat,
+}
+
+impl StreamDigest {
+    /// Checksum names in a sender's order of preference.
+    pub const NAMES: [&'static str; 2] = ["blake3-chunks", "blake3"];
+
+    /// The digest a session's agreed checksum name stands for.
+    pub fn from_checksum(name: &str) -> Option<Self> {
+        match name {
+            "blake3-chunks" => Some(StreamDigest::Chunks),
+            "blake3" => Some(StreamDigest::Flat),
+            _ => None,
+        }
+    }
+}
+
+/// Domain of the chained digest, so it can never equal the plain hash of some bytes.
+const CHAIN_CONTEXT: &str = "zq 2026-11-26 stream digest over chunk hashes";
+
+/// The whole-stream hash as the bytes go by, on either side.
+#[derive(Debug, Clone)]
+struct StreamHash {
+    digest: StreamDigest,
+    /// [`StreamDigest::Flat`]: every byte. [`StreamDigest::Chunks`]: a resumed prefix.
+    bytes: blake3::Hasher,
+    prefix_len: u64,
+    /// [`StreamDigest::Chunks`]: the records so far, the prefix's once a chunk came.
+    chain: blake3::Hasher,
+    sealed: bool,
+}
+
+impl Default for StreamHash {
+    fn default() -> Self {
+        StreamHash::new(StreamDigest::default())
+    }
+}
+
+impl StreamHash {
+    fn new(digest: StreamDigest) -> Self {
+        StreamHash {
+            digest,
+            bytes: blake3::Hasher::new(),
+            prefix_len: 0,
+            chain: blake3::Hasher::new_derive_key(CHAIN_CONTEXT),
+            sealed: false,
+        }
+    }
+
+    /// Bytes the receiver already holds (a resumed step), before any chunk.
+    fn prefix(&mut self, data: &[u8]) {
+        debug_assert!(!self.sealed);
+        self.bytes.update(data);
+        self.prefix_len += data.len() as u64;
+    }
+
+    /// BLAKE3 of the prefix accounted for so far.
+    fn prefix_hash(&self) -> [u8; 32] {
+        *self.bytes.finalize().as_bytes()
+    }
+
+    /// A chunk whose own BLAKE3 is `hash`.
+    fn chunk(&mut self, data: &[u8], hash: &[u8; 32]) {
+        match self.digest {
+            StreamDigest::Flat => {
+                self.bytes.update(data);
+            }
+            StreamDigest::Chunks => {
+                self.seal();
+                Self::record(&mut self.chain, 1, data.len() as u64, hash);
+            }
+        }
+    }
+
+    fn record(chain: &mut blake3::Hasher, kind: u8, len: u64, hash: &[u8; 32]) {
+        chain.update(&[kind]);
+        chain.update(&len.to_le_bytes());
+        chain.update(hash);
+    }
+
+    /// Ends the prefix: from now on only chunks come.
+    fn seal(&mut self) {
+        if !self.sealed {
+            self.sealed = true;
+            if self.prefix_len > 0 {
+                let h = self.prefix_hash();
+                Self::record(&mut self.chain, 2, self.prefix_len, &h);
+            }
+        }
+    }
+
+    fn finalize(&self) -> [u8; 32] {
+        match self.digest {
+            StreamDigest::Flat => *self.bytes.finalize().as_bytes(),
+            StreamDigest::Chunks if self.sealed => *self.chain.finalize().as_bytes(),
+            StreamDigest::Chunks => {
+                let mut all = self.clone();
+                all.seal();
+                *all.chain.finalize().as_bytes()
+            }
+        }
+    }
+}
+
+/// Sender side of one step's data: per-chunk BLAKE3 and the whole-stream digest.
 #[derive(Debug, Default)]
 pub struct StepEncoder {
-    stream: blake3::Hasher,
+    stream: StreamHash,
     total: u64,
 }
 
 impl StepEncoder {
-    /// A new step.
+    /// A new step, with the default [`StreamDigest`].
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// A new step whose `StepEnd` carries this kind of digest (the session's checksum).
+    pub fn with_digest(digest: StreamDigest) -> Self {
+        StepEncoder {
+            stream: StreamHash::new(digest),
+            total: 0,
+        }
+    }
+
     /// Accounts for `data` and returns its hash, to be sent in front of it.
     pub fn chunk(&mut self, data: &[u8]) -> [u8; 32] {
-        self.stream.update(data);
+        let hash = *blake3::hash(data).as_bytes();
+        self.stream.chunk(data, &hash);
         self.total += data.len() as u64;
-        *blake3::hash(data).as_bytes()
+        hash
     }
 
     /// Bytes accounted for so far.
@@ -48,22 +173,22 @@ impl StepEncoder {
     }
 
     /// Accounts for the start of a resumed step's stream, which the receiver already holds:
-    /// hashed into the whole stream, not sent.
+    /// hashed into the whole stream, not sent. Only before the first chunk.
     pub fn prefix(&mut self, data: &[u8]) {
-        self.stream.update(data);
+        self.stream.prefix(data);
         self.total += data.len() as u64;
     }
 
-    /// BLAKE3 of the bytes accounted for so far (a resume token's prefix hash).
+    /// BLAKE3 of the prefix accounted for so far (a resume token's prefix hash).
     pub fn prefix_hash(&self) -> [u8; 32] {
-        *self.stream.finalize().as_bytes()
+        self.stream.prefix_hash()
     }
 
     /// The `StepEnd` that closes the data.
     pub fn end(&self) -> StepEnd {
         StepEnd {
             total_len: self.total,
-            hash: *self.stream.finalize().as_bytes(),
+            hash: self.stream.finalize(),
         }
     }
 }
@@ -298,7 +423,7 @@ pub enum TransferError {
 /// Receiver side of one step's data.
 #[derive(Default)]
 pub struct StepDecoder {
-    stream: blake3::Hasher,
+    stream: StreamHash,
     total: u64,
     pending: Option<Bytes>,
     done: bool,
@@ -310,6 +435,7 @@ impl std::fmt::Debug for StepDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StepDecoder")
             .field("total", &self.total)
+            .field("digest", &self.stream.digest)
             .field("done", &self.done)
             .field("zstd", &self.zstd.is_some())
             .finish_non_exhaustive()
@@ -330,6 +456,14 @@ impl StepDecoder {
         })
     }
 
+    /// Expects this kind of whole-stream digest in `StepEnd` (the session's checksum)
+    /// instead of the default.
+    pub fn digest(mut self, digest: StreamDigest) -> Self {
+        debug_assert!(self.total == 0);
+        self.stream = StreamHash::new(digest);
+        self
+    }
+
     /// Bytes verified so far (including the held-back chunk).
     pub fn total(&self) -> u64 {
         self.total
@@ -340,7 +474,7 @@ impl StepDecoder {
     /// before the first frame.
     pub fn prefix(&mut self, data: &[u8]) {
         debug_assert!(self.pending.is_none() && !self.done);
-        self.stream.update(data);
+        self.stream.prefix(data);
         self.total += data.len() as u64;
     }
 
@@ -395,7 +529,7 @@ impl StepDecoder {
                 len: data.len(),
             });
         }
-        self.stream.update(&data);
+        self.stream.chunk(&data, &hash);
         let first = self.total == 0;
         self.total += data.len() as u64;
         if first && data.len() == BEGIN_CHUNK {
@@ -418,7 +552,7 @@ impl StepDecoder {
                         received: self.total,
                     });
                 }
-                if self.stream.finalize().as_bytes() != &end.hash {
+                if self.stream.finalize() != end.hash {
                     return Err(TransferError::StreamChecksum(self.total));
                 }
                 Ok(StepEvent::Complete {
@@ -625,37 +759,88 @@ mod tests {
     fn a_resumed_step_verifies_the_whole_stream() {
         let stream: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
         let (head, tail) = stream.split_at(4000);
-        let mut sender = StepEncoder::new();
-        sender.prefix(head);
-        assert_eq!(sender.prefix_hash(), *blake3::hash(head).as_bytes());
-        let hash = sender.chunk(tail);
-        let mut dec = StepDecoder::new();
-        dec.prefix(head);
-        let data = Bytes::copy_from_slice(tail);
-        assert_eq!(
-            dec.on_frame(Frame::Data { hash, data }).unwrap(),
-            StepEvent::Nothing
-        );
-        let end = sender.end();
-        assert_eq!(end.total_len, 10_000);
-        assert_eq!(end.hash, *blake3::hash(&stream).as_bytes());
-        assert!(matches!(
-            dec.on_frame(Frame::Message(Message::StepEnd(end.clone()))),
-            Ok(StepEvent::Complete {
-                total_len: 10_000,
-                ..
+        for digest in [StreamDigest::Chunks, StreamDigest::Flat] {
+            let mut sender = StepEncoder::with_digest(digest);
+            sender.prefix(head);
+            // The token's prefix hash is the plain hash either way: the first attempt's
+            // chunking is not known when resuming.
+            assert_eq!(sender.prefix_hash(), *blake3::hash(head).as_bytes());
+            let hash = sender.chunk(tail);
+            let mut dec = StepDecoder::new().digest(digest);
+            dec.prefix(head);
+            let data = Bytes::copy_from_slice(tail);
+            assert_eq!(
+                dec.on_frame(Frame::Data { hash, data }).unwrap(),
+                StepEvent::Nothing
+            );
+            let end = sender.end();
+            assert_eq!(end.total_len, 10_000);
+            assert_eq!(
+                end.hash == *blake3::hash(&stream).as_bytes(),
+                digest == StreamDigest::Flat
+            );
+            assert!(matches!(
+                dec.on_frame(Frame::Message(Message::StepEnd(end.clone()))),
+                Ok(StepEvent::Complete {
+                    total_len: 10_000,
+                    ..
+                })
+            ));
+            // A receiver whose prefix differs (a flipped bit in its spool) refuses the end.
+            let mut bad = head.to_vec();
+            bad[17] ^= 1;
+            let mut dec = StepDecoder::new().digest(digest);
+            dec.prefix(&bad);
+            let data = Bytes::copy_from_slice(tail);
+            dec.on_frame(Frame::Data { hash, data }).unwrap();
+            assert_eq!(
+                dec.on_frame(Frame::Message(Message::StepEnd(end))),
+                Err(TransferError::StreamChecksum(10_000)),
+                "{digest:?}"
+            );
+        }
+    }
+
+    /// Each chunk matches its own hash, but the sequence is wrong: only the stream digest
+    /// can tell, in both kinds.
+    #[test]
+    fn swapped_chunks_fail_the_stream_digest() {
+        let (a, b) = (vec![1u8; 5000], vec![2u8; 5000]);
+        for digest in [StreamDigest::Chunks, StreamDigest::Flat] {
+            let mut enc = StepEncoder::with_digest(digest);
+            let (ha, hb) = (enc.chunk(&a), enc.chunk(&b));
+            let mut dec = StepDecoder::new().digest(digest);
+            dec.on_frame(Frame::Data {
+                hash: hb,
+                data: Bytes::from(b.clone()),
             })
-        ));
-        // A receiver whose prefix differs (a flipped bit in its spool) refuses the end.
-        let mut bad = head.to_vec();
-        bad[17] ^= 1;
-        let mut dec = StepDecoder::new();
-        dec.prefix(&bad);
-        let data = Bytes::copy_from_slice(tail);
-        dec.on_frame(Frame::Data { hash, data }).unwrap();
+            .unwrap();
+            dec.on_frame(Frame::Data {
+                hash: ha,
+                data: Bytes::from(a.clone()),
+            })
+            .unwrap();
+            assert_eq!(
+                dec.on_frame(Frame::Message(Message::StepEnd(enc.end()))),
+                Err(TransferError::StreamChecksum(10_000)),
+                "{digest:?}"
+            );
+        }
+        // Both sides must agree on the kind.
+        let mut enc = StepEncoder::with_digest(StreamDigest::Flat);
+        let hash = enc.chunk(&a);
+        let mut dec = StepDecoder::new().digest(StreamDigest::Chunks);
+        dec.on_frame(Frame::Data {
+            hash,
+            data: Bytes::from(a.clone()),
+        })
+        .unwrap();
+        assert!(dec
+            .on_frame(Frame::Message(Message::StepEnd(enc.end())))
+            .is_err());
         assert_eq!(
-            dec.on_frame(Frame::Message(Message::StepEnd(end))),
-            Err(TransferError::StreamChecksum(10_000))
+            StreamDigest::NAMES.map(StreamDigest::from_checksum),
+            [Some(StreamDigest::Chunks), Some(StreamDigest::Flat)]
         );
     }
     use crate::message::StepAbort;
@@ -809,10 +994,7 @@ mod tests {
         assert_eq!(e, TransferError::Aborted("zfs send died".into()));
         let mut dec = StepDecoder::new();
         let e = dec
-            .on_frame(Frame::Message(Message::StepEnd(StepEnd {
-                total_len: 0,
-                hash: *blake3::hash(b"").as_bytes(),
-            })))
+            .on_frame(Frame::Message(Message::StepEnd(StepEncoder::new().end())))
             .unwrap();
         assert_eq!(
             e,

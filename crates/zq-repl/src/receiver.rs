@@ -121,6 +121,8 @@ struct Agreed {
     spooling: bool,
     /// The sender may compress chunks with zstd.
     zstd: bool,
+    /// How `StepEnd` hashes the whole stream.
+    digest: zq_proto::StreamDigest,
 }
 
 /// The receiver's last-received hold a step asks for ([`zq_proto::StepStart`]).
@@ -249,6 +251,8 @@ impl Receiver {
                 version: w.version,
                 spooling: w.resume.iter().any(|r| r == zq_proto::RESUME_SPOOL),
                 zstd: w.compression == "zstd",
+                digest: zq_proto::StreamDigest::from_checksum(&w.checksum)
+                    .unwrap_or(zq_proto::StreamDigest::Flat),
             },
             Err(e) => {
                 warn!(error = %e, "handshake failed");
@@ -396,7 +400,7 @@ impl Receiver {
                         tag: s.last_tag,
                         hold: s.hold_last,
                     };
-                    self.step(root, s.header, s.resume, last, agreed.zstd, recv)
+                    self.step(root, s.header, s.resume, last, agreed, recv)
                         .instrument(span)
                         .await
                 };
@@ -405,7 +409,7 @@ impl Receiver {
             Ok(Message::StepHeader(h)) => {
                 let span = info_span!("step", target = %h.target, to = %h.to.name);
                 let v = self
-                    .step(root, h, None, LastHold::default(), agreed.zstd, recv)
+                    .step(root, h, None, LastHold::default(), agreed, recv)
                     .instrument(span)
                     .await;
                 Message::Verdict(v)

@@ -616,7 +616,7 @@ impl Sender {
         let to_snap = source.snapshot(&to.name)?;
         let from_snap = from.map(|f| source.snapshot(&f.name)).transpose()?;
 
-        let mut encoder = StepEncoder::new();
+        let mut encoder = StepEncoder::with_digest(self.session.stream_digest());
         let mut created = None;
         // Hold moves wait for a moment without steps (crate::holds).
         let _running = self.protector.as_ref().map(|p| p.step());
@@ -669,7 +669,7 @@ impl Sender {
                     };
                     warn!(snapshot = %to.name, offset = token.offset, reason = %why, "cannot resume; sending the step afresh");
                     // Dropping it kills the first zfs send.
-                    encoder = StepEncoder::new();
+                    encoder = StepEncoder::with_digest(self.session.stream_digest());
                     buf.clear();
                     zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates);
                 }

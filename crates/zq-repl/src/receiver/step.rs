@@ -31,7 +31,7 @@ use zq_proto::{
 use zq_store::{DatasetName, SnapshotName, StreamBegin, Writer};
 
 use super::spool::{Replay, SpoolWriter};
-use super::{authorize, internal, zfs_err, Known, LastHold, Receiver, TARGET_WAIT};
+use super::{authorize, internal, zfs_err, Agreed, Known, LastHold, Receiver, TARGET_WAIT};
 use crate::progress::human_bytes;
 use crate::to_info;
 
@@ -51,10 +51,10 @@ impl Receiver {
         h: StepHeader,
         resume: Option<ResumeAt>,
         last: LastHold,
-        zstd: bool,
+        agreed: Agreed,
         recv: &mut FramedRecv,
     ) -> Verdict {
-        match self.step_inner(root, &h, resume, last, zstd, recv).await {
+        match self.step_inner(root, &h, resume, last, agreed, recv).await {
             Ok(c) => {
                 info!(guid = c.guid, "committed");
                 Verdict::Committed(c)
@@ -95,7 +95,7 @@ impl Receiver {
         h: &StepHeader,
         resume: Option<ResumeAt>,
         last: LastHold,
-        zstd: bool,
+        agreed: Agreed,
         recv: &mut FramedRecv,
     ) -> Result<Committed, WireError> {
         let target = authorize(root, &h.target)?;
@@ -105,7 +105,7 @@ impl Receiver {
         if let Some(f) = &h.from {
             target.snapshot(&f.name).map_err(name_err)?;
         }
-        if h.compression != "none" && !(h.compression == "zstd" && zstd) {
+        if h.compression != "none" && !(h.compression == "zstd" && agreed.zstd) {
             return Err(WireError::new(
                 ErrorKind::Protocol,
                 format!("compression {:?} was not negotiated", h.compression),
@@ -132,7 +132,16 @@ impl Receiver {
         let running = self.holds.step();
         let result = self
             .receive(
-                root, &target, &to, h, &last.tag, &mut busy, &mut spool, replay, recv,
+                root,
+                &target,
+                &to,
+                h,
+                &last.tag,
+                &mut busy,
+                &mut spool,
+                replay,
+                agreed.digest,
+                recv,
             )
             .await;
         drop(running);
@@ -185,6 +194,7 @@ impl Receiver {
         busy: &mut tokio::sync::OwnedMutexGuard<Option<Known>>,
         spool: &mut Option<SpoolWriter>,
         mut replay: Option<Replay>,
+        digest: zq_proto::StreamDigest,
         recv: &mut FramedRecv,
     ) -> Result<Committed, WireError> {
         let started = std::time::Instant::now();
@@ -201,11 +211,12 @@ impl Receiver {
                 && h.from.as_ref().is_some_and(|f| k.base_is_newest(f.guid))
         });
         // The header's compression was checked against the session's in step_inner.
-        let mut decoder = if h.compression == "zstd" {
+        let decoder = if h.compression == "zstd" {
             StepDecoder::with_zstd().map_err(|e| internal(format!("zstd: {e}")))?
         } else {
             StepDecoder::new()
         };
+        let mut decoder = decoder.digest(digest);
         let (mut listed, mut first_at) = (0.0, 0.0);
         let (prepared, first, zrecv, spawned_force) = if h.force == ForceAction::None {
             // Nothing is destroyed on this path, so everything runs at once.

@@ -35,10 +35,11 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// UDP address to listen on, e.g. [::]:7446. Port 0 picks a free port; the bound
-    /// address is printed on stdout as `listening on ADDR`.
-    #[arg(long, default_value = "[::]:7446", value_name = "ADDR")]
-    listen: SocketAddr,
+    /// UDP address to listen on [default: [::]:7446]. Port 0 picks a free port; the bound
+    /// address is printed on stdout as `listening on ADDR`. Under systemd socket
+    /// activation (zq-recv.socket) the socket comes from systemd instead: leave it out.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
     /// Directory holding this receiver's identity (see `keygen`).
     #[arg(long, value_name = "DIR")]
     identity: PathBuf,
@@ -77,15 +78,51 @@ fn parse_allow(s: &str) -> Result<(Fingerprint, DatasetName), String> {
     Ok((fp, root))
 }
 
+/// The port zq-recv listens on unless told otherwise.
+const DEFAULT_LISTEN: &str = "[::]:7446";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Identity(cmd) => cmd.run(ROLE),
-        Command::Serve(args) => zq::block_on(cli.log_json, serve(args)),
+        Command::Serve(args) => {
+            // Before any thread exists: reading LISTEN_FDS also removes it from the
+            // environment, so `zfs` children do not see it.
+            let inherited = activation_sockets();
+            zq::block_on(cli.log_json, serve(args, inherited))
+        }
     }
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
+/// The UDP sockets systemd passed (socket activation: `LISTEN_FDS`, `LISTEN_PID`), if any.
+fn activation_sockets() -> anyhow::Result<Vec<std::net::UdpSocket>> {
+    let mut fds = listenfd::ListenFd::from_env();
+    (0..fds.len())
+        .filter_map(|i| match fds.take_udp_socket(i) {
+            Ok(s) => s.map(Ok),
+            Err(e) => Some(Err(anyhow::anyhow!(
+                "socket {i} passed by systemd (LISTEN_FDS): {e}; zq-recv needs UDP sockets \
+                 (ListenDatagram= in its .socket unit)"
+            ))),
+        })
+        .collect()
+}
+
+async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocket>>) -> ExitCode {
+    let inherited = match inherited {
+        Ok(s) => s,
+        Err(e) => return fail(exit::USAGE, &e),
+    };
+    if let (Some(listen), false) = (args.listen, inherited.is_empty()) {
+        return fail(
+            exit::USAGE,
+            &anyhow::anyhow!(
+                "--listen {listen} given, but systemd passed {} socket(s) (LISTEN_FDS): \
+                 set the address in the .socket unit's ListenDatagram= and drop --listen",
+                inherited.len()
+            ),
+        );
+    }
     let mut policy = Policy::default();
     for (fp, root) in &args.allow {
         if let Err(e) = policy.allow(*fp, root.clone()) {
@@ -105,18 +142,28 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(z) => z,
         Err(e) => return fail(exit::FAILURE, &anyhow::Error::new(e).context("probing zfs")),
     };
-    let endpoint = match zq_net::server(
-        identity,
-        policy.fingerprints(),
-        args.listen,
-        &args.transport.tuning(),
-    ) {
+    let tuning = args.transport.tuning();
+    let endpoints = if inherited.is_empty() {
+        let listen = args
+            .listen
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("literal address"));
+        zq_net::server(identity, policy.fingerprints(), listen, &tuning).map(|e| vec![e])
+    } else {
+        inherited
+            .into_iter()
+            .map(|s| zq_net::server_on(identity.clone(), policy.fingerprints(), s, &tuning))
+            .collect()
+    };
+    let endpoints = match endpoints {
         Ok(e) => e,
         Err(e) => return fail(exit::USAGE, &anyhow::Error::new(e)),
     };
-    let bound = endpoint.local_addr().unwrap_or(args.listen);
-    println!("listening on {bound}");
-    tracing::info!(%bound, senders = args.allow.len(), "zq-recv ready");
+    for endpoint in &endpoints {
+        if let Ok(bound) = endpoint.local_addr() {
+            println!("listening on {bound}");
+            tracing::info!(%bound, senders = args.allow.len(), "zq-recv ready");
+        }
+    }
     let caps = Capabilities::current(format!("zq-recv {}", env!("CARGO_PKG_VERSION")));
     // A spool of at most 0 bytes would create and remove files for nothing.
     let spool = (!args.no_spool && args.spool_max > 0).then(|| SpoolConfig {
@@ -137,11 +184,21 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let receiver = Receiver::with_spools(zfs, policy, caps, spools);
-    let serving = tokio::spawn(receiver.clone().serve(endpoint.clone()));
+    let serving: Vec<_> = endpoints
+        .iter()
+        .map(|e| tokio::spawn(receiver.clone().serve(e.clone())))
+        .collect();
+    // For Type=notify units; a no-op elsewhere.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     zq::shutdown_signal().await;
     tracing::info!("shutting down");
-    endpoint.close(0u32.into(), b"receiver shutting down");
-    serving.abort();
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    for endpoint in &endpoints {
+        endpoint.close(0u32.into(), b"receiver shutting down");
+    }
+    for s in serving {
+        s.abort();
+    }
     // Last-received holds go out in batches: let the last ones happen.
     receiver.flush_holds().await;
     ExitCode::SUCCESS

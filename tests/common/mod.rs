@@ -319,6 +319,8 @@ impl Keys {
 pub struct Recv {
     child: Child,
     pub addr: String,
+    /// stderr, where it is captured ([`Recv::socket_activated`]).
+    pub log: Arc<Mutex<String>>,
 }
 
 impl Recv {
@@ -341,13 +343,8 @@ impl Recv {
     ) -> Recv {
         let mut cmd = Command::new(RECV);
         cmd.envs(env.iter().copied());
-        let spool = format!("{}/spool", keys.path());
-        cmd.args(["serve", "--listen", listen, "--identity", keys.path()]);
-        // Kept across restarts of the receiver, like /var/lib/zq-recv/spool.
-        cmd.args(["--spool-dir", &spool, "--spool-from", "1MiB"]);
-        for (fp, root) in allow {
-            cmd.arg("--allow").arg(format!("{fp}={root}"));
-        }
+        cmd.args(["serve", "--listen", listen])
+            .args(serve_args(keys, allow));
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -362,7 +359,111 @@ impl Recv {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected zq-recv output {line:?}"))
             .to_string();
-        Recv { child, addr }
+        Recv {
+            child,
+            addr,
+            log: Arc::default(),
+        }
+    }
+}
+
+/// `zq-recv serve`'s options but --listen.
+fn serve_args(keys: &Keys, allow: &[(&str, &str)]) -> Vec<String> {
+    let mut args: Vec<String> = vec!["--identity".into(), keys.path().into()];
+    // Kept across restarts of the receiver, like /var/lib/zq-recv/spool.
+    let spool = format!("{}/spool", keys.path());
+    args.extend([
+        "--spool-dir".into(),
+        spool,
+        "--spool-from".into(),
+        "1MiB".into(),
+    ]);
+    for (fp, root) in allow {
+        args.extend(["--allow".into(), format!("{fp}={root}")]);
+    }
+    args
+}
+
+/// `systemd-socket-activate`, from Debian's systemd package: `Some(path)`, or `None` when
+/// missing and the test may skip (panics under `ZQ_REQUIRE_ZFS=1`, like the ZFS tier).
+pub fn socket_activate_or_skip(test: &str) -> Option<&'static str> {
+    const PROGRAM: &str = "systemd-socket-activate";
+    if Command::new(PROGRAM).arg("--version").output().is_ok() {
+        return Some(PROGRAM);
+    }
+    if std::env::var("ZQ_REQUIRE_ZFS").as_deref() == Ok("1") {
+        panic!("{test}: {PROGRAM} is required (ZQ_REQUIRE_ZFS=1); apt-get install systemd");
+    }
+    eprintln!("SKIPPED {test}: needs {PROGRAM} (Debian's systemd package)");
+    None
+}
+
+impl Recv {
+    /// `zq-recv serve ARGS` under `systemd-socket-activate --datagram` on a free loopback
+    /// port: systemd's tool binds the socket and starts zq-recv (same PID) with it on the
+    /// first datagram, as `zq-recv.socket` does. `extra` goes after `serve`.
+    pub fn socket_activated(
+        keys: &Keys,
+        allow: &[(&str, &str)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Recv {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new("systemd-socket-activate");
+        cmd.args(["--datagram", "-l", &addr]);
+        // It passes only what -E names on to the program (besides LISTEN_*).
+        for (k, v) in env {
+            cmd.arg("-E").arg(format!("{k}={v}"));
+        }
+        let mut child = cmd
+            .args([RECV, "serve"])
+            .args(extra)
+            .args(serve_args(keys, allow))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // "Listening on 127.0.0.1:PORT as 3." once the socket is bound; then zq-recv's
+        // logs, kept and passed on (the pipe must never fill).
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        assert!(line.starts_with("Listening on"), "{line:?}");
+        let log = Arc::new(Mutex::new(String::new()));
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                if let Ok(mut k) = kept.lock() {
+                    k.push_str(&line);
+                    k.push('\n');
+                }
+            }
+        });
+        Recv { child, addr, log }
+    }
+
+    /// Waits for the process to exit (at most `within`).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + within;
+        while std::time::Instant::now() < until {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// SIGTERM, as systemd's stop does.
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
     }
 }
 

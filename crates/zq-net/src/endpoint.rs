@@ -223,7 +223,13 @@ pub struct SocketBuffers {
 fn bind_udp(addr: SocketAddr, tuning: &Tuning) -> Result<std::net::UdpSocket, NetError> {
     let socket =
         std::net::UdpSocket::bind(addr).map_err(|source| NetError::Bind { addr, source })?;
-    let got = set_buffers(&socket, tuning.udp_buffer);
+    size_buffers(&socket, tuning);
+    Ok(socket)
+}
+
+/// Asks for `tuning.udp_buffer` in each direction on `socket`, warning when capped.
+fn size_buffers(socket: &std::net::UdpSocket, tuning: &Tuning) {
+    let got = set_buffers(socket, tuning.udp_buffer);
     let short = |v: usize| v < tuning.udp_buffer;
     if short(got.recv) || short(got.send) {
         tracing::warn!(
@@ -237,7 +243,6 @@ fn bind_udp(addr: SocketAddr, tuning: &Tuning) -> Result<std::net::UdpSocket, Ne
     } else {
         tracing::debug!(recv = got.recv, send = got.send, "UDP socket buffers");
     }
-    Ok(socket)
 }
 
 #[cfg(target_os = "linux")]
@@ -586,6 +591,27 @@ pub fn server(
     listen: SocketAddr,
     tuning: &Tuning,
 ) -> Result<quinn::Endpoint, NetError> {
+    let socket = std::net::UdpSocket::bind(listen).map_err(|source| NetError::Bind {
+        addr: listen,
+        source,
+    })?;
+    server_on(identity, allowed, socket, tuning)
+}
+
+/// The receiver's endpoint on a UDP socket bound by someone else: systemd socket
+/// activation (`ListenDatagram=`), where the service needs no privilege to bind port 7446
+/// and the socket outlives restarts. Its buffers are sized as [`server`]'s.
+pub fn server_on(
+    identity: Identity,
+    allowed: impl IntoIterator<Item = Fingerprint>,
+    socket: std::net::UdpSocket,
+    tuning: &Tuning,
+) -> Result<quinn::Endpoint, NetError> {
+    let listen = socket.local_addr().map_err(|source| NetError::Bind {
+        addr: (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        source,
+    })?;
+    size_buffers(&socket, tuning);
     let (reset_key, cid_key) = restart_keys(&identity.key);
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -609,7 +635,6 @@ pub fn server(
         addr: listen,
         source,
     };
-    let socket = bind_udp(listen, tuning)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| NetError::Config("no async runtime for quinn".into()))?;
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));

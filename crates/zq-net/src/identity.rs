@@ -130,6 +130,18 @@ pub struct Identity {
     pub fingerprint: Fingerprint,
 }
 
+/// A receiver listening on several sockets (systemd passed more than one) needs the
+/// identity once per endpoint.
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+            fingerprint: self.fingerprint,
+        }
+    }
+}
+
 /// Paths of the certificate and key for `role` (`zq-send`, `zq-recv`) in `dir`.
 pub fn paths(dir: &Path, role: &str) -> (PathBuf, PathBuf) {
     (

@@ -2,6 +2,7 @@
 //! its own task and attached to the error, spawn failure kept apart from a non-zero exit,
 //! children killed on drop.
 
+use crate::timing::Timer;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -99,6 +100,19 @@ impl Argv {
         c
     }
 
+    /// The zfs subcommand (`list`, `send`, …) for timings.
+    fn subcommand(&self) -> &str {
+        self.args
+            .first()
+            .and_then(|a| a.to_str())
+            .filter(|a| a.bytes().all(|b| b.is_ascii_lowercase()))
+            .unwrap_or("other")
+    }
+
+    fn timer(&self) -> Timer {
+        Timer::start(self.subcommand())
+    }
+
     fn spawn_err(&self, source: std::io::Error) -> CommandError {
         CommandError::Spawn {
             program: self.program.display().to_string(),
@@ -119,12 +133,14 @@ impl std::fmt::Display for Argv {
 
 /// Runs `argv` to completion and returns its stdout.
 pub async fn run(argv: &Argv) -> Result<String, CommandError> {
+    let timer = argv.timer();
     let out = argv
         .command()
         .stdin(Stdio::null())
         .output()
         .await
         .map_err(|e| argv.spawn_err(e))?;
+    timer.stop();
     if !out.status.success() {
         let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         stderr.truncate(MAX_STDERR.min(stderr.len()));
@@ -161,11 +177,13 @@ async fn finish(
     argv: &str,
     mut child: Child,
     stderr: JoinHandle<String>,
+    timer: &Timer,
 ) -> Result<String, CommandError> {
     let status = child.wait().await.map_err(|source| CommandError::Io {
         argv: argv.to_string(),
         source,
     })?;
+    timer.stop();
     let stderr = stderr.await.unwrap_or_default();
     if status.success() {
         Ok(stderr)
@@ -182,6 +200,7 @@ async fn finish(
 #[derive(Debug)]
 pub struct Reader {
     argv: String,
+    timer: Timer,
     child: Child,
     stdout: ChildStdout,
     stderr: JoinHandle<String>,
@@ -204,6 +223,7 @@ impl Reader {
         })?;
         Ok(Reader {
             argv: argv.to_string(),
+            timer: argv.timer(),
             child,
             stdout,
             stderr,
@@ -233,7 +253,7 @@ impl Reader {
     /// Waits for the process; an error carries its stderr.
     pub async fn wait(self) -> Result<(), CommandError> {
         drop(self.stdout);
-        finish(&self.argv, self.child, self.stderr)
+        finish(&self.argv, self.child, self.stderr, &self.timer)
             .await
             .map(|_| ())
     }
@@ -248,6 +268,7 @@ impl Reader {
 #[derive(Debug)]
 pub struct Writer {
     argv: String,
+    timer: Timer,
     child: Child,
     stdin: Option<ChildStdin>,
     stderr: JoinHandle<String>,
@@ -267,6 +288,7 @@ impl Writer {
         let stdin = child.stdin.take();
         Ok(Writer {
             argv: argv.to_string(),
+            timer: argv.timer(),
             child,
             stdin,
             stderr,
@@ -308,7 +330,7 @@ impl Writer {
             // A failed flush shows up as the exit status below.
             let _ = stdin.shutdown().await;
         }
-        finish(&self.argv, self.child, self.stderr).await
+        finish(&self.argv, self.child, self.stderr, &self.timer).await
     }
 
     /// Kills the process before it saw the end of its input and reaps it. Used when the

@@ -6,6 +6,7 @@ pub mod command;
 pub mod name;
 pub mod parse;
 pub mod stream;
+pub mod timing;
 pub mod zfs;
 
 pub use command::{CommandError, Reader, Writer};

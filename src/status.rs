@@ -147,6 +147,9 @@ mod tests {
                 error: Some("connection lost".into()),
                 resumes: 1,
                 resumed_bytes: 48 << 20,
+                steps: 7,
+                failures: 1,
+                bytes: 1 << 30,
             }],
         };
         let t = table(&s, 102.0);

@@ -139,6 +139,11 @@ struct RunArgs {
     /// [default: $RUNTIME_DIRECTORY or /run/zq, file send-<SOURCE>--<TARGET>.json].
     #[arg(long, value_name = "PATH")]
     status_file: Option<PathBuf>,
+    /// Daemon: serve Prometheus metrics on http://ADDR/metrics (replication lag, steps,
+    /// failures, bytes and resumes per dataset; the connection's RTT, window and losses;
+    /// zfs command durations). Off by default; e.g. 127.0.0.1:9746.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Name of this replication job, in the holds it places (zq_<NAME> on the source,
     /// zq_<NAME>_last on the destination). Default: derived from the
     /// receiver's key and TARGET (printed at start).
@@ -216,6 +221,25 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> ExitCode {
+    if args.metrics_listen.is_some() && args.every.or(args.snapshot_every).is_none() {
+        return fail(
+            exit::USAGE,
+            &anyhow::anyhow!("--metrics-listen needs a daemon (--every or --snapshot-every): a one-shot run ends before anyone scrapes it"),
+        );
+    }
+    // Bound before anything else runs, so a taken port is a usage error at once.
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return fail(
+                    exit::USAGE,
+                    &anyhow::Error::new(e).context(format!("--metrics-listen {addr}")),
+                )
+            }
+        },
+        None => None,
+    };
     let identity = match Identity::load(&args.identity, ROLE) {
         Ok(i) => i,
         Err(e) => {
@@ -269,7 +293,7 @@ async fn run(args: RunArgs) -> ExitCode {
         },
     };
     let code = match args.every.or(args.snapshot_every) {
-        Some(every) => daemon(&args, every, job, zfs, peer.clone()).await,
+        Some(every) => daemon(&args, every, job, zfs, peer.clone(), metrics_listener).await,
         None => once(&args, job, zfs, &peer).await,
     };
     // Cursor moves go out in batches: let the last ones happen before exiting.
@@ -450,7 +474,26 @@ async fn once_inner(
 }
 
 /// Runs as a daemon until SIGTERM/SIGINT; returns the exit code (0 on a signal).
-async fn daemon(args: &RunArgs, every: Duration, job: Job, zfs: Zfs, peer: Arc<Peer>) -> u8 {
+async fn daemon(
+    args: &RunArgs,
+    every: Duration,
+    job: Job,
+    zfs: Zfs,
+    peer: Arc<Peer>,
+    metrics_listener: Option<tokio::net::TcpListener>,
+) -> u8 {
+    let metrics = metrics_listener.map(|listener| {
+        let metrics = Arc::new(zq_repl::metrics::DaemonMetrics::default());
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving metrics on /metrics");
+        }
+        let m = metrics.clone();
+        tokio::spawn(zq_repl::metrics::serve(
+            listener,
+            Arc::new(move || m.render()),
+        ));
+        metrics
+    });
     let opts = DaemonOptions {
         every,
         snapshot_every: args.snapshot_every,
@@ -466,6 +509,7 @@ async fn daemon(args: &RunArgs, every: Duration, job: Job, zfs: Zfs, peer: Arc<P
                 .unwrap_or_else(|| zq::status::default_file(&job.source, &job.target)),
         ),
         receiver: args.addr.clone(),
+        metrics,
     };
     tracing::info!(
         source = %job.source, target = %job.target, every = ?opts.every,

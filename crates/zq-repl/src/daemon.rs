@@ -67,6 +67,8 @@ pub struct DaemonOptions {
     pub status_file: Option<PathBuf>,
     /// The receiver's address, for the status.
     pub receiver: String,
+    /// Where scrapes of `--metrics-listen` read the status and the connection.
+    pub metrics: Option<Arc<crate::metrics::DaemonMetrics>>,
 }
 
 /// Opens a connection and runs the handshake; called again after a failure.
@@ -150,6 +152,9 @@ pub async fn run(
     }
     let (cursors_tx, cursors_rx) = watch::channel(Cursors::new());
     let (conn_tx, conn_rx) = watch::channel(None::<Arc<Sender>>);
+    if let Some(m) = &opts.metrics {
+        m.watch_sender(conn_tx.subscribe());
+    }
     let mut retention = None;
     if let Some(keep) = opts.keep_last {
         // Every 5 periods (at least 5 s), or less often when N is large: a pass lists the
@@ -768,13 +773,25 @@ impl State {
                 debug!(dataset = %src, snapshot = ?new.last(), bytes, "replicated");
                 if let Some(t) = self.datasets.get_mut(src) {
                     t.sent_new(&new, committed.guid, &committed.snapshots);
+                    t.counts.steps += 1;
+                    t.counts.bytes += bytes;
                 }
                 None
             }
-            Done::Planned(newest, DatasetOutcome::Sent { bytes, resumed, .. }) => {
+            Done::Planned(
+                newest,
+                DatasetOutcome::Sent {
+                    steps,
+                    bytes,
+                    resumed,
+                    ..
+                },
+            ) => {
                 debug!(dataset = %src, snapshot = ?newest.as_ref().map(|n| &n.name), bytes, resumed, "replicated");
                 if let Some(t) = self.datasets.get_mut(src) {
                     t.caught_up(newest);
+                    t.counts.steps += steps as u64;
+                    t.counts.bytes += bytes;
                     if resumed > 0 {
                         t.resumed.0 += 1;
                         t.resumed.1 += resumed;
@@ -802,6 +819,7 @@ impl State {
             // says so).
             t.cursor = None;
             t.error = Some(chain(&e));
+            t.counts.failures += 1;
         }
         // Whatever failed, the next tick starts from a fresh source listing.
         self.listed_at = None;
@@ -819,9 +837,9 @@ impl State {
 
     /// Writes the status file, if any; a failure is logged, never fatal.
     fn write_status(&mut self, opts: &DaemonOptions, connected: bool) {
-        let Some(path) = &opts.status_file else {
+        if opts.status_file.is_none() && opts.metrics.is_none() {
             return;
-        };
+        }
         let now = SystemTime::now();
         let status = Status {
             written_at: tracked::epoch_seconds(now),
@@ -832,6 +850,12 @@ impl State {
                 .iter()
                 .map(|(s, t)| t.status(s, now))
                 .collect(),
+        };
+        if let Some(m) = &opts.metrics {
+            m.set_status(status.clone());
+        }
+        let Some(path) = &opts.status_file else {
+            return;
         };
         match write_atomically(path, &status) {
             Ok(()) => {

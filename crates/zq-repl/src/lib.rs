@@ -7,6 +7,7 @@ pub mod error;
 mod fault;
 pub mod holds;
 pub mod lanes;
+pub mod metrics;
 pub mod plan;
 pub mod progress;
 pub mod protect;

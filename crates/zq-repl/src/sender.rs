@@ -191,6 +191,11 @@ impl Sender {
         self.conn.close_reason().is_none()
     }
 
+    /// The QUIC connection (for its statistics).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
     /// What the handshake agreed on.
     pub fn session(&self) -> &Session {
         &self.session

@@ -32,6 +32,19 @@ pub struct Tracked {
     /// Interrupted steps resumed from the receiver's spool, and the stream bytes they did
     /// not send again.
     pub resumed: (u64, u64),
+    /// Steps committed, failed attempts, and stream bytes of the committed steps.
+    pub counts: Counts,
+}
+
+/// What happened to a dataset so far in this daemon (counters for metrics and status).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Steps the receiver committed.
+    pub steps: u64,
+    /// Attempts that failed.
+    pub failures: u64,
+    /// Stream bytes of the committed steps.
+    pub bytes: u64,
 }
 
 /// What to do with a dataset now.
@@ -62,6 +75,7 @@ impl Tracked {
             error: None,
             cursor_time: None,
             resumed: (0, 0),
+            counts: Counts::default(),
         }
     }
 
@@ -174,6 +188,9 @@ impl Tracked {
             error: self.error.clone(),
             resumes: self.resumed.0,
             resumed_bytes: self.resumed.1,
+            steps: self.counts.steps,
+            failures: self.counts.failures,
+            bytes: self.counts.bytes,
         }
     }
 }
@@ -205,6 +222,15 @@ pub struct DatasetStatus {
     /// Stream bytes those resumes did not send again.
     #[serde(default)]
     pub resumed_bytes: u64,
+    /// Steps the receiver committed, since this daemon started.
+    #[serde(default)]
+    pub steps: u64,
+    /// Failed attempts, since this daemon started.
+    #[serde(default)]
+    pub failures: u64,
+    /// Stream bytes of the committed steps, since this daemon started.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// The whole daemon's status, written on every tick and as steps end (at most once a second).

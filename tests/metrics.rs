@@ -1,0 +1,121 @@
+//! `zq-send run --every … --metrics-listen ADDR` on real pools: the endpoint answers
+//! Prometheus scrapes with the datasets' lag and counters, the connection's statistics and
+//! zfs command durations, and refuses what is not a scrape.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The response to `request` sent to `addr`, or "" if it cannot connect.
+fn http(addr: &str, request: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The value of the sample whose line starts with `prefix`.
+fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_daemon_serves_prometheus_metrics() {
+    let Some(_zfs) = zfs_or_skip("a_daemon_serves_prometheus_metrics") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("ms"), Pool::new("md"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.ds("b"))]);
+    let fs = src.create("fs");
+    src.write("fs", "a", 100_000, 1);
+    src.snap("fs", "s1");
+    let target = dst.ds("b/fs");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = Daemon::start(
+        &keys,
+        &recv,
+        &fs,
+        &target,
+        &["--every", "1s", "--metrics-listen", &addr],
+    );
+    let labels = format!("{{source=\"{fs}\",target=\"{target}\"}}");
+    let steps = format!("zq_steps_total{labels} ");
+    let until = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let r = http(&addr, "GET /metrics HTTP/1.1\r\nHost: zq\r\n\r\n");
+        if sample(&r, &steps).is_some_and(|n| n >= 1.0) || Instant::now() > until {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(
+        text.contains("Content-Type: text/plain; version=0.0.4"),
+        "{text}"
+    );
+    assert_eq!(sample(&text, &steps), Some(1.0), "{text}");
+    assert!(sample(&text, &format!("zq_sent_bytes_total{labels} ")).unwrap() > 100_000.0);
+    assert_eq!(
+        sample(&text, &format!("zq_step_failures_total{labels} ")),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, &format!("zq_dataset_failing{labels} ")),
+        Some(0.0)
+    );
+    assert!(sample(&text, &format!("zq_replication_lag_seconds{labels} ")).is_some());
+    assert_eq!(sample(&text, "zq_connected "), Some(1.0), "{text}");
+    let rtt = sample(&text, "zq_connection_rtt_seconds ").unwrap();
+    assert!(rtt > 0.0 && rtt < 1.0, "{rtt}");
+    assert!(sample(&text, "zq_connection_sent_packets_total ").unwrap() > 0.0);
+    // The full stream's zfs send, timed.
+    let sends = "zq_zfs_command_duration_seconds_count{command=\"send\"} ";
+    assert!(sample(&text, sends).unwrap() >= 1.0, "{text}");
+    assert!(text.contains("# TYPE zq_zfs_command_duration_seconds histogram"));
+
+    // Anything but a scrape is refused, and the endpoint keeps serving.
+    assert!(http(&addr, "GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+    assert!(http(&addr, "hello\r\n\r\n").starts_with("HTTP/1.1 400"));
+    assert!(http(&addr, "GET /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.1 200"));
+    drop(daemon);
+}
+
+/// A one-shot run has nothing to scrape: a usage error rather than an endpoint that
+/// vanishes at once.
+#[test]
+fn metrics_need_a_daemon() {
+    let keys = Keys::new();
+    let out = std::process::Command::new(SEND)
+        .args([
+            "run",
+            "p/fs",
+            "127.0.0.1:9",
+            "q/fs",
+            "--identity",
+            keys.path(),
+        ])
+        .args(["--peer", &keys.recv_fp, "--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--metrics-listen needs a daemon"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -594,7 +594,17 @@ fn outages_in_the_middle_of_a_transfer_lose_nothing() {
     src.write("fs", "big", 64 << 20, 13);
     src.snap("fs", "s1");
     let target = dst.ds("fs");
-    let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &["--every", "1s"], &[]);
+    // At 16 MB/s the 64 MiB take 4 s of sending, so three outages fall inside the
+    // transfer however fast the data path gets (unthrottled, it can finish in the 0.7 s
+    // between two outages).
+    let daemon = Daemon::start_with_env(
+        &keys,
+        &relay.addr,
+        &ds,
+        &target,
+        &["--every", "1s", "--bwlimit", "16MB"],
+        &[],
+    );
     assert!(
         wait_for(Duration::from_secs(30), || receiving(&target)),
         "the transfer never started:\n{}",

@@ -152,10 +152,9 @@ pub const MTU_SEARCH_CAP: u16 = 16384;
 ///
 /// zq searches up to this (at most [`MTU_SEARCH_CAP`]) instead of quinn's fixed 1452 bytes:
 /// on loopback (MTU 65536) or a jumbo-frame LAN (9000) each packet then carries 6 to 11
-/// times the data, and most of
-/// QUIC's CPU cost (encryption setup, acknowledgements, pacing, syscalls) is per packet.
-/// The discovery itself (RFC 8899 probes, black-hole detection) still finds what the whole
-/// path carries; this only bounds the search.
+/// times the data, and most of QUIC's CPU cost (encryption setup, acknowledgements,
+/// pacing, syscalls) is per packet. The discovery itself (RFC 8899 probes, black-hole
+/// detection) still finds what the whole path carries; this only bounds the search.
 pub fn route_udp_payload(peer: SocketAddr) -> Option<u16> {
     let bind: SocketAddr = if peer.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()

@@ -1,9 +1,9 @@
 //! `zq-send status`: reads the status files daemons write after every iteration and shows
-//! them as a table or as JSON.
+//! them as a table or as JSON, or checks them against lag limits for a monitoring system.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use zq_repl::daemon::tracked::{epoch_seconds, Status};
@@ -28,6 +28,27 @@ pub fn default_file(source: &DatasetName, target: &DatasetName) -> PathBuf {
 /// Prints every status file in `paths` (files, or directories of `*.json` files; the
 /// default directory when empty). Exit 1 if none could be read.
 pub fn show(paths: &[PathBuf], json: bool) -> ExitCode {
+    let statuses = match load(paths) {
+        Ok(s) => s,
+        Err(e) => return fail(exit::FAILURE, &e),
+    };
+    let now = epoch_seconds(SystemTime::now());
+    for s in statuses {
+        if json {
+            match serde_json::to_string(&s) {
+                Ok(line) => println!("{line}"),
+                Err(e) => return fail(exit::FAILURE, &e.into()),
+            }
+        } else {
+            print!("{}", table(&s, now));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// The status files in `paths` (the default directory when empty), parsed; an error when
+/// there are none or one cannot be read.
+fn load(paths: &[PathBuf]) -> anyhow::Result<Vec<Status>> {
     let paths = if paths.is_empty() {
         vec![default_dir()]
     } else {
@@ -35,10 +56,7 @@ pub fn show(paths: &[PathBuf], json: bool) -> ExitCode {
     };
     let mut files = Vec::new();
     for p in &paths {
-        match status_files(p) {
-            Ok(f) => files.extend(f),
-            Err(e) => return fail(exit::FAILURE, &e),
-        }
+        files.extend(status_files(p)?);
     }
     if files.is_empty() {
         let where_ = paths
@@ -46,29 +64,149 @@ pub fn show(paths: &[PathBuf], json: bool) -> ExitCode {
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        return fail(
-            exit::FAILURE,
-            &anyhow::anyhow!("no status files in {where_}: is a zq-send daemon running?"),
+        anyhow::bail!("no status files in {where_}: is a zq-send daemon running?");
+    }
+    files
+        .iter()
+        .map(|file| {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            serde_json::from_slice::<Status>(&bytes)
+                .with_context(|| format!("{} is not a zq status file", file.display()))
+        })
+        .collect()
+}
+
+/// `zq-send status --warn-lag/--crit-lag`: limits on the replication lag.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// WARNING above this lag.
+    pub warn: Option<Duration>,
+    /// CRITICAL above this lag.
+    pub crit: Option<Duration>,
+}
+
+/// A monitoring plugin's states, as its exit codes (Nagios, Icinga, Sensu, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Exit 0.
+    Ok = 0,
+    /// Exit 1.
+    Warning = 1,
+    /// Exit 2.
+    Critical = 2,
+    /// Exit 3: no status to judge.
+    Unknown = 3,
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Level::Ok => "OK",
+            Level::Warning => "WARNING",
+            Level::Critical => "CRITICAL",
+            Level::Unknown => "UNKNOWN",
+        })
+    }
+}
+
+/// Something wrong in a daemon's status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    /// How bad.
+    pub level: Level,
+    /// What, for the operator.
+    pub what: String,
+}
+
+/// Checks one daemon's status against `limits` at `now` (seconds since the epoch): a lag
+/// over a limit (the lag grows with the file's age, so a hung daemon is caught), a dataset
+/// with nothing replicated yet (CRITICAL when a critical limit is set: it is not protected),
+/// a failing dataset and a lost connection (WARNING: the daemon retries on its own).
+pub fn assess(s: &Status, now: f64, limits: &Limits) -> Vec<Finding> {
+    let age = (now - s.written_at).max(0.0);
+    let mut found = Vec::new();
+    let mut say = |level, what: String| found.push(Finding { level, what });
+    if !s.connected {
+        say(
+            Level::Warning,
+            format!("not connected to receiver {}", s.receiver),
         );
     }
-    let now = epoch_seconds(SystemTime::now());
-    for file in files {
-        let status = std::fs::read(&file)
-            .with_context(|| format!("reading {}", file.display()))
-            .and_then(|b| {
-                serde_json::from_slice::<Status>(&b)
-                    .with_context(|| format!("{} is not a zq status file", file.display()))
-            });
-        match status {
-            Ok(s) if json => match serde_json::to_string(&s) {
-                Ok(line) => println!("{line}"),
-                Err(e) => return fail(exit::FAILURE, &e.into()),
-            },
-            Ok(s) => print!("{}", table(&s, now)),
-            Err(e) => return fail(exit::FAILURE, &e),
+    let over = |lag: f64, limit: Option<Duration>| limit.is_some_and(|l| lag > l.as_secs_f64());
+    let human =
+        |secs: f64| humantime::format_duration(Duration::from_secs(secs as u64)).to_string();
+    for d in &s.datasets {
+        match d.lag_seconds.map(|l| l + age) {
+            None if limits.warn.is_some() || limits.crit.is_some() => say(
+                if limits.crit.is_some() {
+                    Level::Critical
+                } else {
+                    Level::Warning
+                },
+                format!("{}: nothing replicated to {} yet", d.source, d.target),
+            ),
+            Some(lag) if over(lag, limits.crit) => say(
+                Level::Critical,
+                format!(
+                    "{}: lag {} > {}",
+                    d.source,
+                    human(lag),
+                    human_limit(limits.crit)
+                ),
+            ),
+            Some(lag) if over(lag, limits.warn) => say(
+                Level::Warning,
+                format!(
+                    "{}: lag {} > {}",
+                    d.source,
+                    human(lag),
+                    human_limit(limits.warn)
+                ),
+            ),
+            _ => {}
+        }
+        if let Some(e) = &d.error {
+            say(Level::Warning, format!("{}: failing: {e}", d.source));
         }
     }
-    ExitCode::SUCCESS
+    found
+}
+
+fn human_limit(limit: Option<Duration>) -> String {
+    limit.map_or_else(String::new, |l| humantime::format_duration(l).to_string())
+}
+
+/// `zq-send status --warn-lag/--crit-lag`: one summary line, then one line per finding;
+/// the exit code is the worst level (3 when there is no status to judge).
+pub fn monitor(paths: &[PathBuf], limits: &Limits) -> ExitCode {
+    let statuses = match load(paths) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("ZQ {} - {e:#}", Level::Unknown);
+            return ExitCode::from(Level::Unknown as u8);
+        }
+    };
+    let now = epoch_seconds(SystemTime::now());
+    let found: Vec<Finding> = statuses
+        .iter()
+        .flat_map(|s| assess(s, now, limits))
+        .collect();
+    let worst = found.iter().map(|f| f.level).max().unwrap_or(Level::Ok);
+    let datasets: usize = statuses.iter().map(|s| s.datasets.len()).sum();
+    let summary = match found.iter().find(|f| f.level == worst) {
+        Some(f) if found.len() > 1 => format!("{} (and {} more)", f.what, found.len() - 1),
+        Some(f) => f.what.clone(),
+        None => format!(
+            "{datasets} dataset(s) in {} daemon(s) within the limits",
+            statuses.len()
+        ),
+    };
+    println!("ZQ {worst} - {summary}");
+    for f in &found {
+        println!("{}: {}", f.level, f.what);
+    }
+    ExitCode::from(worst as u8)
 }
 
 fn status_files(p: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -159,6 +297,64 @@ mod tests {
         );
         assert!(t.contains("3.5s") && t.contains("connection lost"), "{t}");
         assert!(t.contains("1/48M"), "{t}");
+    }
+
+    fn status(written_at: f64, lag: Option<f64>, error: Option<&str>) -> Status {
+        Status {
+            written_at,
+            receiver: "r:7446".into(),
+            connected: true,
+            datasets: vec![DatasetStatus {
+                source: "tank/a".into(),
+                target: "b/a".into(),
+                replicated: lag.map(|_| "zq_x".into()),
+                lag_seconds: lag,
+                unsent: 0,
+                error: error.map(String::from),
+                resumes: 0,
+                resumed_bytes: 0,
+                steps: 0,
+                failures: 0,
+                bytes: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn lag_limits_give_monitoring_levels() {
+        let limits = Limits {
+            warn: Some(Duration::from_secs(60)),
+            crit: Some(Duration::from_secs(600)),
+        };
+        let levels = |s: &Status, now| {
+            assess(s, now, &limits)
+                .iter()
+                .map(|f| f.level)
+                .collect::<Vec<_>>()
+        };
+        assert!(levels(&status(100.0, Some(5.0), None), 100.0).is_empty());
+        // The lag ages with the file: a daemon that stopped writing is caught.
+        assert_eq!(
+            levels(&status(100.0, Some(5.0), None), 200.0),
+            [Level::Warning]
+        );
+        assert_eq!(
+            levels(&status(100.0, Some(5.0), None), 800.0),
+            [Level::Critical]
+        );
+        assert_eq!(levels(&status(100.0, None, None), 100.0), [Level::Critical]);
+        assert_eq!(
+            levels(&status(100.0, Some(1.0), Some("zfs failed")), 100.0),
+            [Level::Warning]
+        );
+        let mut down = status(100.0, Some(1.0), None);
+        down.connected = false;
+        let found = assess(&down, 100.0, &limits);
+        assert_eq!(found[0].level, Level::Warning);
+        assert!(found[0].what.contains("not connected to receiver r:7446"));
+        // Without limits only failures and connections count.
+        assert!(assess(&status(0.0, None, None), 1e9, &Limits::default()).is_empty());
+        assert!(Level::Unknown > Level::Critical && Level::Critical > Level::Warning);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! `zq-send run --every … --metrics-listen ADDR` on real pools: the endpoint answers
-//! Prometheus scrapes with the datasets' lag and counters, the connection's statistics and
-//! zfs command durations, and refuses what is not a scrape.
+//! Monitoring a daemon on real pools: `zq-send run --every … --metrics-listen ADDR`
+//! answers Prometheus scrapes with the datasets' lag and counters, the connection's
+//! statistics and zfs command durations, and refuses what is not a scrape; `zq-send status
+//! --warn-lag/--crit-lag` judges its status file as a monitoring plugin does.
 
 mod common;
 
@@ -92,7 +93,45 @@ fn a_daemon_serves_prometheus_metrics() {
     assert!(http(&addr, "GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
     assert!(http(&addr, "hello\r\n\r\n").starts_with("HTTP/1.1 400"));
     assert!(http(&addr, "GET /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.1 200"));
+
+    // The same daemon through `zq-send status` with lag limits: exit code = level.
+    let status = |limits: &[&str]| {
+        let out = std::process::Command::new(SEND)
+            .arg("status")
+            .args(limits)
+            .arg(&daemon.status)
+            .output()
+            .unwrap();
+        (out.status.code(), stdout(&out))
+    };
+    let (code, said) = status(&["--warn-lag", "1h", "--crit-lag", "2h"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.starts_with("ZQ OK - 1 dataset(s) in 1 daemon(s)"),
+        "{said}"
+    );
+    let (code, said) = status(&["--warn-lag", "1ms"]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.starts_with(&format!("ZQ WARNING - {fs}: lag ")),
+        "{said}"
+    );
+    let (code, said) = status(&["--warn-lag", "1ms", "--crit-lag", "2ms"]);
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.starts_with("ZQ CRITICAL - "), "{said}");
     drop(daemon);
+    let gone = keys.dir.path().join("no-such-dir");
+    let out = std::process::Command::new(SEND)
+        .args(["status", "--crit-lag", "1h"])
+        .arg(&gone)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stdout(&out).starts_with("ZQ UNKNOWN - no status files"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 /// A one-shot run has nothing to scrape: a usage error rather than an endpoint that

@@ -82,8 +82,18 @@ struct StatusArgs {
     /// Status files or directories holding them (default: where daemons write them).
     paths: Vec<PathBuf>,
     /// Print the status files' JSON (one document per line) instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["warn_lag", "crit_lag"])]
     json: bool,
+    /// Monitoring: WARNING (exit 1) when a dataset's newest replicated snapshot is older
+    /// than this, or a dataset is failing, or a daemon is not connected. Either limit
+    /// prints one summary line and one line per finding instead of the table, as
+    /// monitoring plugins do (see docs/operations.md).
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    warn_lag: Option<Duration>,
+    /// Monitoring: CRITICAL (exit 2) when a dataset's newest replicated snapshot is older
+    /// than this, or nothing was replicated yet. No status file at all: UNKNOWN (exit 3).
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    crit_lag: Option<Duration>,
 }
 
 #[derive(Args, Debug)]
@@ -215,6 +225,15 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Identity(cmd) => cmd.run(ROLE),
         Command::Run(args) => zq::block_on(cli.log_json, run(*args)),
+        Command::Status(args) if args.warn_lag.is_some() || args.crit_lag.is_some() => {
+            zq::status::monitor(
+                &args.paths,
+                &zq::status::Limits {
+                    warn: args.warn_lag,
+                    crit: args.crit_lag,
+                },
+            )
+        }
         Command::Status(args) => zq::status::show(&args.paths, args.json),
         Command::Abstractions(cmd) => zq::block_on(cli.log_json, abstractions(cmd)),
     }

@@ -58,6 +58,35 @@ pub mod exit {
     pub const NOT_AUTHORIZED: u8 = 5;
 }
 
+/// How logs are written to stderr.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Text for people (colours only on a terminal).
+    #[default]
+    Human,
+    /// One JSON object per line, for journald, Loki, Elasticsearch and the like.
+    Json,
+}
+
+/// The logging options both programs take.
+#[derive(clap::Args, Debug)]
+pub struct LogArgs {
+    /// Log format on stderr: human or json (one object per line). ZQ_LOG sets the level
+    /// (error, warn, info, debug, or per module).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// Same as --log-format json (the older spelling).
+    #[arg(long, global = true, hide = true)]
+    pub log_json: bool,
+}
+
+impl LogArgs {
+    /// Whether to log JSON lines.
+    pub fn json(&self) -> bool {
+        self.log_json || self.log_format == LogFormat::Json
+    }
+}
+
 /// Installs the log subscriber: stderr, filtered by `ZQ_LOG` (default `info`), human or
 /// JSON lines.
 pub fn init_logging(json: bool) {

@@ -18,9 +18,8 @@ const ROLE: &str = "zq-recv";
 #[derive(Parser, Debug)]
 #[command(name = "zq-recv", version)]
 struct Cli {
-    /// Log as JSON lines instead of human-readable text (logs go to stderr).
-    #[arg(long, global = true)]
-    log_json: bool,
+    #[command(flatten)]
+    log: zq::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,7 +88,7 @@ fn main() -> ExitCode {
             // Before any thread exists: reading LISTEN_FDS also removes it from the
             // environment, so `zfs` children do not see it.
             let inherited = activation_sockets();
-            zq::block_on(cli.log_json, serve(args, inherited))
+            zq::block_on(cli.log.json(), serve(args, inherited))
         }
     }
 }

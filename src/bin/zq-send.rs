@@ -24,9 +24,8 @@ const DEFAULT_KEEP_LAST: usize = 100;
 #[derive(Parser, Debug)]
 #[command(name = "zq-send", version)]
 struct Cli {
-    /// Log as JSON lines instead of human-readable text (logs go to stderr).
-    #[arg(long, global = true)]
-    log_json: bool,
+    #[command(flatten)]
+    log: zq::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -224,7 +223,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Identity(cmd) => cmd.run(ROLE),
-        Command::Run(args) => zq::block_on(cli.log_json, run(*args)),
+        Command::Run(args) => zq::block_on(cli.log.json(), run(*args)),
         Command::Status(args) if args.warn_lag.is_some() || args.crit_lag.is_some() => {
             zq::status::monitor(
                 &args.paths,
@@ -235,7 +234,7 @@ fn main() -> ExitCode {
             )
         }
         Command::Status(args) => zq::status::show(&args.paths, args.json),
-        Command::Abstractions(cmd) => zq::block_on(cli.log_json, abstractions(cmd)),
+        Command::Abstractions(cmd) => zq::block_on(cli.log.json(), abstractions(cmd)),
     }
 }
 

@@ -1,6 +1,7 @@
-//! zq-recv under systemd socket activation, through `systemd-socket-activate --datagram`
-//! (what `zq-recv.socket` does): zq-recv takes the socket from LISTEN_FDS, replicates
-//! through it, says READY=1 and STOPPING=1 on NOTIFY_SOCKET, and exits 0 on SIGTERM.
+//! zq under systemd. zq-recv through `systemd-socket-activate --datagram` (what
+//! `zq-recv.socket` does): it takes the socket from LISTEN_FDS, replicates through it, says
+//! READY=1 and STOPPING=1 on NOTIFY_SOCKET, and exits 0 on SIGTERM. A zq-send daemon
+//! (`zq-send@.service`) notifies the same way. The units pass `systemd-analyze verify`.
 
 mod common;
 
@@ -89,7 +90,8 @@ fn listen_conflicts_with_a_socket_from_systemd() {
 }
 
 /// The units in systemd/ parse and pass systemd's own checks (with ExecStart pointing at
-/// the binary under test, as /usr/local/bin/zq-recv does not exist here).
+/// the binaries under test, as /usr/local/bin/zq-* do not exist here; the template as an
+/// instance).
 #[test]
 fn units_pass_systemd_analyze_verify() {
     let Some(_) = socket_activate_or_skip("units_pass_systemd_analyze_verify") else {
@@ -98,10 +100,17 @@ fn units_pass_systemd_analyze_verify() {
     let dir = tempfile::tempdir().unwrap();
     let units = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd");
     let mut paths = Vec::new();
-    for unit in ["zq-recv.socket", "zq-recv.service"] {
+    for (unit, as_name) in [
+        ("zq-recv.socket", "zq-recv.socket"),
+        ("zq-recv.service", "zq-recv.service"),
+        ("zq-send@.service", "zq-send@tank-home.service"),
+    ] {
         let text = std::fs::read_to_string(format!("{units}/{unit}")).unwrap();
-        let path = dir.path().join(unit);
-        std::fs::write(&path, text.replace("/usr/local/bin/zq-recv", RECV)).unwrap();
+        let path = dir.path().join(as_name);
+        let text = text
+            .replace("/usr/local/bin/zq-recv", RECV)
+            .replace("/usr/local/bin/zq-send", SEND);
+        std::fs::write(&path, text).unwrap();
         paths.push(path);
     }
     let out = std::process::Command::new("systemd-analyze")
@@ -111,4 +120,33 @@ fn units_pass_systemd_analyze_verify() {
         .unwrap();
     let said = format!("{}{}", stdout(&out), stderr(&out));
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
+/// A sender daemon under a Type=notify unit: READY=1 at once (it reaches the receiver on
+/// its own), STOPPING=1 on SIGTERM.
+#[test]
+fn a_sender_daemon_notifies_systemd() {
+    let Some(_zfs) = zfs_or_skip("a_sender_daemon_notifies_systemd") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("ns"), Pool::new("nd"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let fs = src.create("fs");
+    src.snap("fs", "s1");
+    let notify_path = keys.dir.path().join("notify-send");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let daemon = Daemon::start_with_env(
+        &keys,
+        &recv.addr,
+        &fs,
+        &dst.ds("fs"),
+        &["--every", "1s"],
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    assert_eq!(notified(&notify), "READY=1", "{}", daemon.log_text());
+    assert_eq!(daemon.stop(Duration::from_secs(30)), Some(0));
+    assert_eq!(notified(&notify), "STOPPING=1");
 }

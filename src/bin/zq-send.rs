@@ -542,8 +542,12 @@ async fn daemon(
     tokio::spawn(async move {
         zq::shutdown_signal().await;
         tracing::info!("signal received, stopping");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         let _ = stop.send(true);
     });
+    // Type=notify units (zq-send@.service): running; the daemon reaches the receiver on
+    // its own, so readiness does not wait for it. A no-op elsewhere.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     zq_repl::daemon::run(job, opts, zfs, connect, stopped).await;
     exit::OK
 }

@@ -1,7 +1,8 @@
-//! Monitoring a daemon on real pools: `zq-send run --every … --metrics-listen ADDR`
-//! answers Prometheus scrapes with the datasets' lag and counters, the connection's
-//! statistics and zfs command durations, and refuses what is not a scrape; `zq-send status
-//! --warn-lag/--crit-lag` judges its status file as a monitoring plugin does.
+//! Monitoring on real pools: `zq-send run --every … --metrics-listen ADDR` answers
+//! Prometheus scrapes with the datasets' lag and counters, the connection's statistics and
+//! zfs command durations, and refuses what is not a scrape; `zq-recv serve
+//! --metrics-listen` does the same for targets and sender connections; `zq-send status
+//! --warn-lag/--crit-lag` judges a daemon's status file as a monitoring plugin does.
 
 mod common;
 
@@ -23,6 +24,15 @@ fn http(addr: &str, request: &str) -> String {
     out
 }
 
+/// A loopback address with a port that was free a moment ago.
+fn free_port() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 /// The value of the sample whose line starts with `prefix`.
 fn sample(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
@@ -37,16 +47,17 @@ fn a_daemon_serves_prometheus_metrics() {
         return;
     };
     let (src, dst, keys) = (Pool::new("ms"), Pool::new("md"), Keys::new());
-    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.ds("b"))]);
+    let recv_addr = free_port();
+    let recv = Recv::start_with_args(
+        &keys,
+        &[(&keys.send_fp, &dst.ds("b"))],
+        &["--metrics-listen", &recv_addr],
+    );
     let fs = src.create("fs");
     src.write("fs", "a", 100_000, 1);
     src.snap("fs", "s1");
     let target = dst.ds("b/fs");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_port();
     let daemon = Daemon::start(
         &keys,
         &recv,
@@ -93,6 +104,25 @@ fn a_daemon_serves_prometheus_metrics() {
     assert!(http(&addr, "GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
     assert!(http(&addr, "hello\r\n\r\n").starts_with("HTTP/1.1 400"));
     assert!(http(&addr, "GET /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.1 200"));
+
+    // The receiver's side of the same step and connection.
+    let text = http(&recv_addr, "GET /metrics HTTP/1.1\r\n\r\n");
+    let on_target = |name: &str| sample(&text, &format!("{name}{{target=\"{target}\"}} "));
+    assert_eq!(on_target("zq_received_steps_total"), Some(1.0), "{text}");
+    assert_eq!(on_target("zq_receive_failures_total"), Some(0.0));
+    assert!(on_target("zq_received_bytes_total").unwrap() > 100_000.0);
+    assert_eq!(
+        sample(&text, "zq_receiver_connections "),
+        Some(1.0),
+        "{text}"
+    );
+    let rtt = format!(
+        "zq_connection_rtt_seconds{{sender=\"{}\",remote=\"127.0.0.1:",
+        &keys.send_fp[..8]
+    );
+    assert!(text.contains(&rtt), "{text}");
+    let receives = "zq_zfs_command_duration_seconds_count{command=\"receive\"} ";
+    assert!(sample(&text, receives).unwrap() >= 1.0, "{text}");
 
     // The same daemon through `zq-send status` with lag limits: exit code = level.
     let status = |limits: &[&str]| {

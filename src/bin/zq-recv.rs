@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use zq::{exit, fail};
@@ -64,6 +65,11 @@ struct ServeArgs {
     /// Spool nothing: every interrupted step starts over.
     #[arg(long)]
     no_spool: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics (per target steps, failures, bytes
+    /// and resumes; each sender connection's RTT, window and losses; zfs command
+    /// durations). Off by default; e.g. 127.0.0.1:9747.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     transport: zq::TransportArgs,
 }
@@ -141,6 +147,19 @@ async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocke
         Ok(z) => z,
         Err(e) => return fail(exit::FAILURE, &anyhow::Error::new(e).context("probing zfs")),
     };
+    // Bound before anything else runs, so a taken port is a usage error at once.
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return fail(
+                    exit::USAGE,
+                    &anyhow::Error::new(e).context(format!("--metrics-listen {addr}")),
+                )
+            }
+        },
+        None => None,
+    };
     let tuning = args.transport.tuning();
     let endpoints = if inherited.is_empty() {
         let listen = args
@@ -183,6 +202,16 @@ async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocke
         }
     };
     let receiver = Receiver::with_spools(zfs, policy, caps, spools);
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving metrics on /metrics");
+        }
+        let metrics = receiver.metrics();
+        tokio::spawn(zq_repl::metrics::serve(
+            listener,
+            Arc::new(move || metrics.render()),
+        ));
+    }
     let serving: Vec<_> = endpoints
         .iter()
         .map(|e| tokio::spawn(receiver.clone().serve(e.clone())))

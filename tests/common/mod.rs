@@ -341,10 +341,26 @@ impl Recv {
         listen: &str,
         env: &[(&str, &str)],
     ) -> Recv {
+        Recv::spawn(keys, allow, listen, env, &[])
+    }
+
+    /// [`Recv::start`] with more options for `serve`.
+    pub fn start_with_args(keys: &Keys, allow: &[(&str, &str)], extra: &[&str]) -> Recv {
+        Recv::spawn(keys, allow, "127.0.0.1:0", &[], extra)
+    }
+
+    fn spawn(
+        keys: &Keys,
+        allow: &[(&str, &str)],
+        listen: &str,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Recv {
         let mut cmd = Command::new(RECV);
         cmd.envs(env.iter().copied());
         cmd.args(["serve", "--listen", listen])
-            .args(serve_args(keys, allow));
+            .args(serve_args(keys, allow))
+            .args(extra);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -1,7 +1,8 @@
-//! Prometheus metrics of a sender daemon (`zq-send run --every … --metrics-listen ADDR`):
-//! per dataset replication lag, steps, failures, bytes and resumes; the connection's RTT,
-//! congestion window and losses; how long `zfs` commands take. Text exposition format
-//! 0.0.4 over plain HTTP, rendered at each scrape from the daemon's status.
+//! Prometheus metrics (`--metrics-listen ADDR`). A sender daemon: per dataset replication
+//! lag, steps, failures, bytes and resumes; the connection's RTT, congestion window and
+//! losses. A receiver: per target steps, failures, bytes and resumes; each sender
+//! connection's statistics. Both: how long `zfs` commands take. Text exposition format
+//! 0.0.4 over plain HTTP, rendered at each scrape from what the program keeps anyway.
 //!
 //! The HTTP side is a few lines on tokio's TcpListener rather than hyper or axum: it
 //! answers one GET, reads at most [`MAX_REQUEST`] bytes of request head within
@@ -9,7 +10,9 @@
 //! The encoder is ours too: prometheus-client's registry keeps its own copy of every value,
 //! while the daemon already has them in its status.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -117,8 +120,144 @@ impl DaemonMetrics {
             datasets(&mut e, status);
         }
         if let Some(conn) = &conn {
-            connection(&mut e, &conn.stats());
+            connections(&mut e, &[(Vec::new(), conn.stats())]);
         }
+        zfs_timings(&mut e, &zq_store::timing::timings());
+        e.finish()
+    }
+}
+
+/// What a receiver counts per target since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetCounts {
+    /// Steps committed.
+    pub steps: u64,
+    /// Steps that failed.
+    pub failures: u64,
+    /// Stream bytes of the committed steps.
+    pub bytes: u64,
+    /// Steps resumed from the spool.
+    pub resumes: u64,
+}
+
+/// A sender's connection, while it is open.
+#[derive(Debug)]
+struct LiveConn {
+    sender: String,
+    remote: String,
+    conn: quinn::Connection,
+}
+
+/// What a receiver publishes for scrapes (`zq-recv serve --metrics-listen`).
+#[derive(Debug, Default)]
+pub struct ReceiverMetrics {
+    targets: Mutex<BTreeMap<String, TargetCounts>>,
+    conns: Mutex<BTreeMap<u64, LiveConn>>,
+    next_conn: AtomicU64,
+}
+
+/// Removes a connection from [`ReceiverMetrics`] when dropped.
+#[derive(Debug)]
+pub struct ConnGuard {
+    metrics: Arc<ReceiverMetrics>,
+    id: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.metrics.conns.lock() {
+            c.remove(&self.id);
+        }
+    }
+}
+
+impl ReceiverMetrics {
+    /// Counts something that happened to `target`.
+    pub fn count(&self, target: &str, f: impl FnOnce(&mut TargetCounts)) {
+        if let Ok(mut t) = self.targets.lock() {
+            f(t.entry(target.to_string()).or_default());
+        }
+    }
+
+    /// A sender connected (`sender`: its short fingerprint); listed until the guard drops.
+    pub fn connected(
+        self: &Arc<Self>,
+        sender: String,
+        remote: std::net::SocketAddr,
+        conn: quinn::Connection,
+    ) -> ConnGuard {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut c) = self.conns.lock() {
+            c.insert(
+                id,
+                LiveConn {
+                    sender,
+                    remote: remote.to_string(),
+                    conn,
+                },
+            );
+        }
+        ConnGuard {
+            metrics: self.clone(),
+            id,
+        }
+    }
+
+    /// The metrics now, as text.
+    pub fn render(&self) -> String {
+        let mut e = Exposition::default();
+        let conns: Vec<(Vec<(String, String)>, quinn::ConnectionStats)> = self
+            .conns
+            .lock()
+            .map(|c| {
+                c.values()
+                    .map(|l| {
+                        let labels = vec![
+                            ("sender".to_string(), l.sender.clone()),
+                            ("remote".to_string(), l.remote.clone()),
+                        ];
+                        (labels, l.conn.stats())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        e.family(
+            "zq_receiver_connections",
+            "gauge",
+            "Sender connections open now.",
+        );
+        e.sample("zq_receiver_connections", &[], conns.len() as f64);
+        let targets = self.targets.lock().map(|t| t.clone()).unwrap_or_default();
+        type Get = fn(&TargetCounts) -> u64;
+        let families: [(&str, &str, Get); 4] = [
+            (
+                "zq_received_steps_total",
+                "Steps committed into the target.",
+                |c| c.steps,
+            ),
+            (
+                "zq_receive_failures_total",
+                "Steps into the target that failed.",
+                |c| c.failures,
+            ),
+            (
+                "zq_received_bytes_total",
+                "Stream bytes of the committed steps.",
+                |c| c.bytes,
+            ),
+            (
+                "zq_received_resumes_total",
+                "Steps resumed from the spool.",
+                |c| c.resumes,
+            ),
+        ];
+        for (name, help, get) in families {
+            e.family(name, "counter", help);
+            for (target, c) in &targets {
+                e.sample(name, &[("target", target)], get(c) as f64);
+            }
+        }
+        connections(&mut e, &conns);
         zfs_timings(&mut e, &zq_store::timing::timings());
         e.finish()
     }
@@ -186,54 +325,65 @@ fn datasets(e: &mut Exposition, status: &Status) {
     }
 }
 
-fn connection(e: &mut Exposition, stats: &quinn::ConnectionStats) {
-    let path = &stats.path;
-    let gauges: [(&str, &str, f64); 3] = [
+/// Statistics of each connection (with its labels): one family per statistic.
+fn connections(e: &mut Exposition, conns: &[(Vec<(String, String)>, quinn::ConnectionStats)]) {
+    type Get = fn(&quinn::ConnectionStats) -> f64;
+    let families: [(&str, &str, &str, Get); 7] = [
         (
             "zq_connection_rtt_seconds",
+            "gauge",
             "Smoothed round-trip time of the connection.",
-            path.rtt.as_secs_f64(),
+            |s| s.path.rtt.as_secs_f64(),
         ),
         (
             "zq_connection_cwnd_bytes",
+            "gauge",
             "Congestion window of the connection.",
-            path.cwnd as f64,
+            |s| s.path.cwnd as f64,
         ),
         (
             "zq_connection_mtu_bytes",
+            "gauge",
             "UDP payload size the connection's MTU discovery reached.",
-            f64::from(path.current_mtu),
+            |s| f64::from(s.path.current_mtu),
         ),
-    ];
-    for (name, help, v) in gauges {
-        e.family(name, "gauge", help);
-        e.sample(name, &[], v);
-    }
-    let counters: [(&str, &str, f64); 4] = [
         (
             "zq_connection_sent_packets_total",
-            "Packets sent on the current connection.",
-            path.sent_packets as f64,
+            "counter",
+            "Packets sent on the connection.",
+            |s| s.path.sent_packets as f64,
         ),
         (
             "zq_connection_lost_packets_total",
-            "Packets of the current connection declared lost.",
-            path.lost_packets as f64,
+            "counter",
+            "Packets of the connection declared lost.",
+            |s| s.path.lost_packets as f64,
         ),
         (
             "zq_connection_lost_bytes_total",
-            "Bytes of the current connection declared lost.",
-            path.lost_bytes as f64,
+            "counter",
+            "Bytes of the connection declared lost.",
+            |s| s.path.lost_bytes as f64,
         ),
         (
             "zq_connection_congestion_events_total",
-            "Congestion events (window reductions) of the current connection.",
-            path.congestion_events as f64,
+            "counter",
+            "Congestion events (window reductions) of the connection.",
+            |s| s.path.congestion_events as f64,
         ),
     ];
-    for (name, help, v) in counters {
-        e.family(name, "counter", help);
-        e.sample(name, &[], v);
+    if conns.is_empty() {
+        return;
+    }
+    for (name, kind, help, get) in families {
+        e.family(name, kind, help);
+        for (labels, stats) in conns {
+            let labels: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            e.sample(name, &labels, get(stats));
+        }
     }
 }
 

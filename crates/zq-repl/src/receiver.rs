@@ -83,6 +83,8 @@ pub struct Receiver {
     /// Targets whose stale last-received holds this process has looked for (once each:
     /// only a restart can leave one behind).
     scanned: Mutex<std::collections::HashSet<DatasetName>>,
+    /// Counters and open connections, for `--metrics-listen`.
+    metrics: Arc<crate::metrics::ReceiverMetrics>,
 }
 
 /// A target's snapshots as this receiver left them after its last step: listed before the
@@ -168,7 +170,13 @@ impl Receiver {
             mounts: tokio::sync::Mutex::new(()),
             spools,
             scanned: Mutex::new(Default::default()),
+            metrics: Arc::default(),
         })
+    }
+
+    /// What `--metrics-listen` serves.
+    pub fn metrics(&self) -> Arc<crate::metrics::ReceiverMetrics> {
+        self.metrics.clone()
     }
 
     /// Waits (at most 15 s) for the last-received holds asked for so far: call it before
@@ -231,7 +239,8 @@ impl Receiver {
         if peer_fingerprint(&conn).is_none() && !Self::established(&conn, &mut established).await {
             return;
         }
-        let Some(root) = peer_fingerprint(&conn).and_then(|fp| {
+        let fp = peer_fingerprint(&conn);
+        let Some(root) = fp.and_then(|fp| {
             let root = self.policy.root(&fp).cloned();
             match &root {
                 Some(r) => info!(sender = %fp.short(), root = %r, "sender connected"),
@@ -242,6 +251,10 @@ impl Receiver {
             conn.close(1u32.into(), b"unknown sender key");
             return;
         };
+        let sender = fp.map(|f| f.short().to_string()).unwrap_or_default();
+        let _listed = self
+            .metrics
+            .connected(sender, conn.remote_address(), conn.clone());
         let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&conn));
         let result = handshake
             .await

@@ -54,7 +54,16 @@ impl Receiver {
         agreed: Agreed,
         recv: &mut FramedRecv,
     ) -> Verdict {
-        match self.step_inner(root, &h, resume, last, agreed, recv).await {
+        let result = self.step_inner(root, &h, resume, last, agreed, recv).await;
+        // Labelled by target only inside the sender's root: a sender cannot make the
+        // metrics grow with names it is refused.
+        let label =
+            authorize(root, &h.target).map_or_else(|_| "(refused)".into(), |t| t.to_string());
+        self.metrics.count(&label, |c| match &result {
+            Ok(_) => c.steps += 1,
+            Err(_) => c.failures += 1,
+        });
+        match result {
             Ok(c) => {
                 info!(guid = c.guid, "committed");
                 Verdict::Committed(c)
@@ -125,6 +134,7 @@ impl Receiver {
             None => (self.spools.writer(h, &target), None),
             Some(at) => {
                 let (replay, writer) = self.spools.resume(h, at, &target).await?;
+                self.metrics.count(&h.target, |c| c.resumes += 1);
                 (Some(writer), Some(replay))
             }
         };
@@ -294,6 +304,7 @@ impl Receiver {
             }
             return Err(zfs_err(e.into()));
         }
+        self.metrics.count(&h.target, |c| c.bytes += total);
         // Where a step's time goes: waiting for the target's lock, listing it and the first
         // bytes (ready), the rest of the stream, and `zfs receive` finishing after it.
         debug!(

@@ -128,6 +128,24 @@ pub fn parse_snapshots_changed(out: &str) -> Result<Vec<(String, Option<u64>)>, 
     Ok(values)
 }
 
+/// Parses `zfs get -H -o name,value PROPERTY` output (any ZFS): the value per filesystem or
+/// volume. Snapshot rows (zfs-fuse's `get` has no `-t` and lists them too) are skipped.
+pub fn parse_property_values(out: &str) -> Result<Vec<(String, String)>, ParseError> {
+    let mut values = Vec::new();
+    for (i, line) in out.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+        let Some((name, value)) = line.split_once('\t') else {
+            return Err(perr(i + 1, line, "1 field, expected 2"));
+        };
+        if name.is_empty() {
+            return Err(perr(i + 1, line, "empty name"));
+        }
+        if !name.contains('@') {
+            values.push((name.to_string(), value.to_string()));
+        }
+    }
+    Ok(values)
+}
+
 /// Parses `zfs get -Hp -o name,property,value type,guid,createtxg` output (any ZFS).
 /// Every name must have all three properties.
 pub fn parse_get(out: &str) -> Result<Vec<Entry>, ParseError> {
@@ -274,6 +292,26 @@ pub fn is_missing_dataset(stderr: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Captured from zfs-fuse 0.7 (`zfs get -H -o name,value -r zq:replicate zqft`, after
+    /// `zfs set zq:replicate=off zqft/a`); OpenZFS prints the same columns and, without
+    /// `-t`, also lists snapshots.
+    #[test]
+    fn property_values_skip_snapshots_and_keep_inherited_values() {
+        let out =
+            "zqft\t-\nzqft@s1\t-\nzqft/a\toff\nzqft/a@s1\toff\nzqft/a/b\toff\nzqft/a/b@s1\toff\n";
+        assert_eq!(
+            parse_property_values(out).unwrap(),
+            [("zqft", "-"), ("zqft/a", "off"), ("zqft/a/b", "off")]
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+        );
+        // A value may hold spaces; a line without a tab is not zfs output.
+        assert_eq!(
+            parse_property_values("p/x\tsome note\n").unwrap(),
+            [("p/x".to_string(), "some note".to_string())]
+        );
+        assert!(parse_property_values("p/x off\n").is_err());
+    }
     use rstest::rstest;
 
     #[rstest]

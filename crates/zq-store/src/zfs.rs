@@ -10,7 +10,8 @@ use crate::command::{run, Argv, CommandError, Reader, Writer};
 use crate::name::{DatasetName, NameError, SnapshotName};
 use crate::parse::{
     is_missing_dataset, parse_get, parse_holds, parse_list, parse_number_value,
-    parse_snapshots_changed, parse_userrefs, parse_version, Entry, Kind, ParseError, Version,
+    parse_property_values, parse_snapshots_changed, parse_userrefs, parse_version, Entry, Kind,
+    ParseError, Version,
 };
 
 /// A store operation failed.
@@ -270,6 +271,30 @@ impl Zfs {
             .collect()
     }
 
+    /// The value of `property` (a user property such as `zq:replicate`, inherited as ZFS
+    /// does; `-` where unset) of `root` and, with `recursive`, every filesystem and volume
+    /// below it. Empty if `root` does not exist.
+    pub async fn property_values(
+        &self,
+        root: &DatasetName,
+        recursive: bool,
+        property: &str,
+    ) -> Result<Vec<(DatasetName, String)>, StoreError> {
+        let argv = self
+            .zfs()
+            .args(["get", "-H", "-o", "name,value"])
+            .arg_if(recursive, "-r")
+            .arg(property)
+            .arg(root.as_str());
+        let Some(out) = run_unless_missing(&argv).await? else {
+            return Ok(Vec::new());
+        };
+        parse_property_values(&out)?
+            .into_iter()
+            .map(|(n, v)| Ok((DatasetName::parse(&n)?, v)))
+            .collect()
+    }
+
     /// The space `dataset` can still use (its `available` property: the pool's free space,
     /// less quotas and reservations), in bytes.
     pub async fn available(&self, dataset: &DatasetName) -> Result<u64, StoreError> {
@@ -278,6 +303,26 @@ impl Zfs {
             .args(["get", "-Hp", "-o", "value", "available"])
             .arg(dataset.as_str());
         Ok(parse_number_value(&run(&argv).await?, "available")?)
+    }
+
+    /// Creates each of `snaps`: in one `zfs snapshot` (atomic, one transaction group) where
+    /// zfs takes several names (OpenZFS), one after another otherwise (zfs-fuse). Stops at
+    /// the first failure.
+    pub async fn snapshot_each(&self, snaps: &[SnapshotName]) -> Result<(), StoreError> {
+        if self.caps.version.is_some() {
+            if !snaps.is_empty() {
+                run(&self
+                    .zfs()
+                    .arg("snapshot")
+                    .args(snaps.iter().map(|s| s.to_string())))
+                .await?;
+            }
+            return Ok(());
+        }
+        for snap in snaps {
+            self.snapshot(snap, false).await?;
+        }
+        Ok(())
     }
 
     /// Creates `snap`, and with `recursive` the same snapshot of every descendant, atomically

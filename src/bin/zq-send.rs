@@ -112,6 +112,25 @@ struct RunArgs {
     /// Also replicate every descendant dataset (parents before children).
     #[arg(long, short = 'r')]
     recursive: bool,
+    /// With --recursive: leave out DATASET and everything below it (repeatable; a name
+    /// relative to SOURCE, or the full name).
+    #[arg(long, value_name = "DATASET", requires = "recursive")]
+    exclude: Vec<String>,
+    /// With --recursive: leave out datasets whose whole name matches REGEX (repeatable;
+    /// e.g. 'tank/home/[^/]+/cache'; 'tank/tmp(/.*)?' for a subtree).
+    #[arg(long, value_name = "REGEX", requires = "recursive", value_parser = zq_repl::filter::anchored)]
+    exclude_regex: Vec<regex::Regex>,
+    /// With --recursive: replicate only datasets whose whole name matches one REGEX
+    /// (repeatable), less the excluded ones.
+    #[arg(long, value_name = "REGEX", requires = "recursive", value_parser = zq_repl::filter::anchored)]
+    include_regex: Vec<regex::Regex>,
+    /// With --recursive: leave out datasets whose user property has this value, e.g.
+    /// zq:replicate=off (ZFS inherits it, so it covers the subtree; read at every listing).
+    #[arg(long, value_name = "PROPERTY=VALUE", requires = "recursive")]
+    exclude_property: Option<zq_repl::filter::PropertyMatch>,
+    /// With --recursive: do not replicate SOURCE itself, only its descendants.
+    #[arg(long, requires = "recursive")]
+    skip_parent: bool,
     /// Send only the newest snapshot (zfs send -i) instead of every intermediate (-I).
     #[arg(long, short = 'i')]
     newest_only: bool,
@@ -212,6 +231,19 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (examples: 100ms, 1s, 5m)"))
 }
 
+/// `--exclude NAME`: a dataset inside `source`, by full name or relative to it.
+fn exclude_name(source: &DatasetName, name: &str) -> Result<DatasetName, String> {
+    let full = DatasetName::parse(name)
+        .ok()
+        .filter(|d| d.is_within(source))
+        .map_or_else(|| DatasetName::parse(&format!("{source}/{name}")), Ok)
+        .map_err(|e| format!("{name:?}: {e}"))?;
+    if &full == source {
+        return Err(format!("{name:?} is the source itself: use --skip-parent"));
+    }
+    Ok(full)
+}
+
 fn parse_period(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         d if d.is_zero() => Err(format!("{s:?}: a period must be longer than zero")),
@@ -299,10 +331,24 @@ async fn run(args: RunArgs) -> ExitCode {
         Ok(p) => Arc::new(p),
         Err(e) => return fail(exit::CONNECT, &e),
     };
+    let mut exclude = Vec::new();
+    for e in &args.exclude {
+        match exclude_name(&args.source, e) {
+            Ok(d) => exclude.push(d),
+            Err(e) => return fail(exit::USAGE, &anyhow::anyhow!(e).context("--exclude")),
+        }
+    }
     let job = Job {
         source: args.source.clone(),
         target: args.target.clone(),
         recursive: args.recursive,
+        filter: zq_repl::filter::DatasetFilter {
+            exclude,
+            exclude_regex: args.exclude_regex.clone(),
+            include_regex: args.include_regex.clone(),
+            exclude_property: args.exclude_property.clone(),
+            skip_parent: args.skip_parent,
+        },
         options: PlanOptions {
             newest_only: args.newest_only,
             force: args.force,

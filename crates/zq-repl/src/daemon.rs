@@ -134,6 +134,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (made_tx, mut made) = mpsc::unbounded_channel();
+    // The datasets the filter keeps, from the latest listing (for the snapshot loop).
+    let (included_tx, included_rx) = watch::channel(None::<Vec<DatasetName>>);
     let mut snapshots = None;
     if let Some(every) = opts.snapshot_every {
         snapshots = Some(tokio::spawn(snapshot_loop(
@@ -141,6 +143,7 @@ pub async fn run(
             job.clone(),
             every,
             made_tx,
+            included_rx,
             shutdown.clone(),
         )));
     }
@@ -177,7 +180,10 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sender: Option<Arc<Sender>> = None;
     let mut backoff = Backoff::new();
-    let mut state = State::default();
+    let mut state = State {
+        included: Some(included_tx),
+        ..State::default()
+    };
     let mut created = Vec::new();
     // Every dataset's step runs as its own task; a dataset whose step ends starts its next
     // one at once, without waiting for the others (a large transfer holds up nothing but
@@ -305,11 +311,15 @@ struct Work<'a> {
     lanes: &'a Arc<Lanes>,
 }
 
+/// Creates `zq_<time>` snapshots every `every`: of the whole tree at once (`zfs snapshot
+/// -r`), or with a dataset filter, of the datasets it keeps as of the last listing (none
+/// before the first), so excluded datasets do not collect snapshots nothing prunes.
 async fn snapshot_loop(
     zfs: Zfs,
     job: Job,
     every: Duration,
     made: mpsc::UnboundedSender<String>,
+    included: watch::Receiver<Option<Vec<DatasetName>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -327,7 +337,19 @@ async fn snapshot_loop(
                 continue;
             }
         };
-        match zfs.snapshot(&snap, job.recursive).await {
+        let created = if job.filter.is_empty() {
+            zfs.snapshot(&snap, job.recursive).await
+        } else {
+            let Some(names) = included.borrow().clone() else {
+                continue;
+            };
+            let snaps: Result<Vec<_>, _> = names.iter().map(|d| d.snapshot(&name)).collect();
+            match snaps {
+                Ok(snaps) => zfs.snapshot_each(&snaps).await,
+                Err(e) => Err(e.into()),
+            }
+        };
+        match created {
             Ok(()) => {
                 debug!(snapshot = %snap, "snapshot created");
                 if made.send(name).is_err() {
@@ -453,6 +475,11 @@ struct State {
     datasets: BTreeMap<DatasetName, Tracked>,
     /// When the source was last listed; `None` forces a listing.
     listed_at: Option<Instant>,
+    /// Every dataset of the source tree at the last listing, excluded ones too: what
+    /// `snapshots_changed` and refresh listings are compared with.
+    all_names: std::collections::BTreeSet<DatasetName>,
+    /// Where the datasets the filter keeps are published after each listing.
+    included: Option<watch::Sender<Option<Vec<DatasetName>>>>,
     /// `snapshots_changed` as of the last listings (OpenZFS >= 2.2).
     changes: Changes,
     /// The last error logged per dataset (to log a persisting error once).
@@ -507,6 +534,23 @@ impl State {
                 return false;
             }
         };
+        let all_names = sources.iter().map(|s| s.name.clone()).collect();
+        let sources = match job.select(zfs, sources, |s| &s.name).await {
+            Ok(s) if s.is_empty() => {
+                let e = ReplError::AllExcluded(job.source.to_string());
+                self.error(&job.source, e.to_string());
+                return false;
+            }
+            Ok(s) => s,
+            Err(e) => {
+                self.error(&job.source, format!("reading the filter's property: {e}"));
+                return false;
+            }
+        };
+        self.all_names = all_names;
+        if let Some(tx) = &self.included {
+            let _ = tx.send(Some(sources.iter().map(|s| s.name.clone()).collect()));
+        }
         let mut seen = BTreeMap::new();
         for src in sources {
             let snaps: Vec<_> = src.snapshots.iter().map(to_info).collect();
@@ -550,10 +594,17 @@ impl State {
         };
         let names: std::collections::BTreeSet<&DatasetName> =
             current.iter().map(|(n, _)| n).collect();
-        if !names.iter().copied().eq(self.datasets.keys()) {
+        if !names.iter().copied().eq(self.all_names.iter()) {
             return false;
         }
-        let stale: Vec<DatasetName> = self.changes.stale(&current).into_iter().cloned().collect();
+        // Excluded datasets change too; only the replicated ones need listing.
+        let stale: Vec<DatasetName> = self
+            .changes
+            .stale(&current)
+            .into_iter()
+            .filter(|n| self.datasets.contains_key(*n))
+            .cloned()
+            .collect();
         if !stale.is_empty() {
             let Ok(listed) = zfs.list_each(&stale).await else {
                 return false;
@@ -607,6 +658,13 @@ impl State {
                     .datasets
                     .iter()
                     .any(|(s, t)| !self.in_flight.contains(s) && t.needs_listing(by_name));
+            // A property that excludes datasets can change without any snapshot changing:
+            // read it again with a full listing every REFRESH.
+            if job.filter.exclude_property.is_some()
+                && self.listed_at.is_some_and(|t| t.elapsed() >= REFRESH)
+            {
+                must_list = true;
+            }
             if !must_list && foreign {
                 must_list = !self.list_changed(zfs, job).await;
             }
@@ -616,7 +674,7 @@ impl State {
                 match zfs.list_datasets(&job.source, job.recursive).await {
                     Ok(names) => {
                         let names: std::collections::BTreeSet<_> = names.into_iter().collect();
-                        if names.iter().eq(self.datasets.keys()) {
+                        if names == self.all_names {
                             self.listed_at = Some(Instant::now());
                         } else {
                             must_list = true;

@@ -12,6 +12,9 @@ pub enum ReplError {
     /// The source dataset does not exist.
     #[error("source dataset {0} does not exist")]
     SourceMissing(String),
+    /// The filters leave nothing to replicate.
+    #[error("every dataset of {0} is excluded (--exclude, --exclude-regex, --include-regex, --exclude-property, --skip-parent)")]
+    AllExcluded(String),
     /// The plan refused (divergence, nothing in common) — needs a human or `--force`.
     #[error(transparent)]
     Plan(#[from] PlanError),

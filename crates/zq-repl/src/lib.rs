@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod error;
 #[cfg(debug_assertions)]
 mod fault;
+pub mod filter;
 pub mod holds;
 pub mod lanes;
 pub mod metrics;

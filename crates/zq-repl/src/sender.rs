@@ -50,6 +50,34 @@ pub struct Job {
     pub recursive: bool,
     /// Planning options (`-i` vs `-I`, `--force`).
     pub options: PlanOptions,
+    /// Which of the datasets a recursive job replicates.
+    pub filter: crate::filter::DatasetFilter,
+}
+
+impl Job {
+    /// The items of `all` (source datasets, by `name`) this job replicates: all of them
+    /// without a filter; reads the filter's property with one `zfs get` if it has one.
+    pub async fn select<T>(
+        &self,
+        zfs: &Zfs,
+        all: Vec<T>,
+        name: impl Fn(&T) -> &DatasetName,
+    ) -> Result<Vec<T>, zq_store::StoreError> {
+        if self.filter.is_empty() {
+            return Ok(all);
+        }
+        let by_property = match &self.filter.exclude_property {
+            Some(p) => self.filter.excluded_by_property(
+                &zfs.property_values(&self.source, self.recursive, &p.name)
+                    .await?,
+            ),
+            None => Default::default(),
+        };
+        Ok(all
+            .into_iter()
+            .filter(|t| self.filter.keeps(&self.source, name(t), &by_property))
+            .collect())
+    }
 }
 
 /// The receiver's answer to a listing.
@@ -213,6 +241,10 @@ impl Sender {
         let sources = sources?;
         if sources.is_empty() {
             return Err(ReplError::SourceMissing(job.source.to_string()));
+        }
+        let sources = job.select(&self.zfs, sources, |s| &s.name).await?;
+        if sources.is_empty() {
+            return Err(ReplError::AllExcluded(job.source.to_string()));
         }
         let listing = dest?;
         let dest: HashMap<&str, &[zq_proto::SnapshotInfo]> = listing

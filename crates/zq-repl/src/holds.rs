@@ -156,8 +156,23 @@ impl Holds {
         hold: Option<&SnapshotName>,
         release: Option<&SnapshotName>,
     ) -> Result<(), String> {
+        match self.enqueue(tag, hold, release) {
+            Some(done) => done.await,
+            None => Ok(()),
+        }
+    }
+
+    /// [`Holds::r#move`] queued now, before the caller yields: a [`Holds::flush`] that
+    /// starts right after waits for it (a spawned task calling `move` might not have run
+    /// yet, and the move would be lost at exit). The future says how it went.
+    pub fn enqueue(
+        self: &Arc<Self>,
+        tag: &str,
+        hold: Option<&SnapshotName>,
+        release: Option<&SnapshotName>,
+    ) -> Option<impl std::future::Future<Output = Result<(), String>> + Send + 'static> {
         if hold.is_none() && release.is_none() {
-            return Ok(());
+            return None;
         }
         let (reply, rx) = oneshot::channel();
         let start = {
@@ -173,8 +188,10 @@ impl Holds {
         if start {
             tokio::spawn(self.clone().drain());
         }
-        rx.await
-            .unwrap_or_else(|_| Err("the hold task ended (shutting down)".into()))
+        Some(async move {
+            rx.await
+                .unwrap_or_else(|_| Err("the hold task ended (shutting down)".into()))
+        })
     }
 
     async fn drain(self: Arc<Self>) {

@@ -261,9 +261,14 @@ impl Protector {
         if hold.is_none() && release.is_none() {
             return;
         }
-        let (holds, tag) = (self.holds.clone(), self.tags.sender());
+        let tag = self.tags.sender();
+        // Queued before returning, so that a flush right after (a one-shot run exiting)
+        // waits for it.
+        let Some(done) = self.holds.enqueue(&tag, hold.as_ref(), release.as_ref()) else {
+            return;
+        };
         tokio::spawn(async move {
-            if let Err(e) = holds.r#move(&tag, hold.as_ref(), release.as_ref()).await {
+            if let Err(e) = done.await {
                 warn!(%tag, error = %e, "cannot move a hold; the next planned step retries");
             }
         });

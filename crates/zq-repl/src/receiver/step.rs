@@ -185,8 +185,16 @@ impl Receiver {
                     .collect(),
                 _ => Vec::new(),
             };
+            // Queued now (a flush at shutdown waits for it), carried out with the next batch.
+            let moved = move_last_hold(&holds, &last, from.as_ref(), &to, held_before);
             tokio::spawn(async move {
-                move_last_hold(&zfs, &holds, &last, from.as_ref(), &to, held_before, &scan).await
+                if let Some(moved) = moved {
+                    if let Err(e) = moved.await {
+                        warn!(snapshot = %to, error = %e, "cannot move the last-received hold");
+                        return;
+                    }
+                }
+                release_stale_last_holds(&zfs, &last.tag, from.as_ref(), &to, &scan).await
             });
         }
         result
@@ -538,24 +546,31 @@ impl Receiver {
 /// snapshot is always held), or removes it from the base when the sender no longer asks for
 /// it (a mode switch) and this receiver placed it. When this receiver does not know where
 /// it placed the tag (`held_before` is `None`: after a restart or a failed step) it looks
-/// at every held snapshot of the target. Failures are logged: the step is committed.
-async fn move_last_hold(
-    zfs: &zq_store::Zfs,
+/// at every held snapshot of the target ([`release_stale_last_holds`]). Queued at once;
+/// the future, if any, says how it went. Failures are logged: the step is committed.
+fn move_last_hold(
     holds: &std::sync::Arc<crate::holds::Holds>,
     last: &LastHold,
     from: Option<&SnapshotName>,
     to: &SnapshotName,
     held_before: Option<bool>,
-    scan: &[SnapshotName],
-) {
+) -> Option<impl std::future::Future<Output = Result<(), String>> + Send + 'static> {
     let hold = last.hold.then_some(to);
     // This receiver placed (or not) the hold on the base itself; if it does not know (a
     // restart, a failure) the tag may be on any older snapshot: see below.
     let release = from.filter(|_| held_before.unwrap_or(true) && from != Some(to));
-    if let Err(e) = holds.r#move(&last.tag, hold, release).await {
-        warn!(snapshot = %to, error = %e, "cannot move the last-received hold");
-        return;
-    }
+    holds.enqueue(&last.tag, hold, release)
+}
+
+/// Releases `tag` from the snapshots of `scan` that hold it other than `to` and `from`:
+/// what a crash between a commit and its hold move leaves behind.
+async fn release_stale_last_holds(
+    zfs: &zq_store::Zfs,
+    tag: &str,
+    from: Option<&SnapshotName>,
+    to: &SnapshotName,
+    scan: &[SnapshotName],
+) {
     if !scan.is_empty() {
         let stale: Vec<SnapshotName> = match zfs.userrefs_of(scan).await {
             Ok(refs) => refs
@@ -568,7 +583,7 @@ async fn move_last_hold(
                 Vec::new()
             }
         };
-        if let Err(e) = zfs.release(&last.tag, &stale).await {
+        if let Err(e) = zfs.release(tag, &stale).await {
             warn!(error = %e, "cannot release stale last-received holds");
         }
     }

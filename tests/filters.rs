@@ -148,3 +148,62 @@ fn a_filtered_daemon_snapshots_and_replicates_only_kept_datasets() {
     assert!(snapshots(&src.ds("t/scratch")).is_empty());
     assert_eq!(relative(&target), ["", "a", "b"]);
 }
+
+/// Only the snapshots a filter keeps reach the destination, though others lie between
+/// them (steps are `-i` chains, never `-I`), and later runs continue from the newest kept.
+#[test]
+fn only_the_snapshots_the_filter_keeps_are_replicated() {
+    let Some(_zfs) = zfs_or_skip("only_the_snapshots_the_filter_keeps_are_replicated") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("ss"), Pool::new("sd"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let fs = src.create("fs");
+    for (i, snap) in [
+        "hourly_1",
+        "frequent_1",
+        "hourly_2",
+        "frequent_2",
+        "hourly_3",
+    ]
+    .iter()
+    .enumerate()
+    {
+        src.write("fs", &format!("f{i}"), 20_000, i as u64);
+        src.snap("fs", snap);
+    }
+    let target = dst.ds("fs");
+    let names = |d: &str| -> Vec<String> { snapshots(d).into_iter().map(|(n, _)| n).collect() };
+    let filter = ["--include-snapshots", "hourly_.*"];
+    let out = send(&keys, &recv, &fs, &target, &filter);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(names(&target), ["hourly_1", "hourly_2", "hourly_3"]);
+
+    src.write("fs", "g", 20_000, 9);
+    src.snap("fs", "frequent_3");
+    src.snap("fs", "hourly_4");
+    let out = send(
+        &keys,
+        &recv,
+        &fs,
+        &target,
+        &["--exclude-snapshots", "frequent_.*"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        names(&target),
+        ["hourly_1", "hourly_2", "hourly_3", "hourly_4"]
+    );
+    assert_eq!(read(&target, "g"), read(&fs, "g"));
+
+    // A daemon whose own zq_ snapshots the filter would leave out: refused at start.
+    let out = send(
+        &keys,
+        &recv,
+        &fs,
+        &target,
+        &["--snapshot-every", "1s", "--include-snapshots", "hourly_.*"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--include-snapshots/--exclude-snapshots leave out"));
+}

@@ -131,6 +131,15 @@ struct RunArgs {
     /// With --recursive: do not replicate SOURCE itself, only its descendants.
     #[arg(long, requires = "recursive")]
     skip_parent: bool,
+    /// Replicate only snapshots whose name (after @) matches one REGEX (repeatable; e.g.
+    /// 'autosnap_.*_(hourly|daily)' for sanoid's). Steps then use chains of zfs send -i
+    /// between kept snapshots, never -I, which would carry the others.
+    #[arg(long, value_name = "REGEX", value_parser = zq_repl::filter::anchored)]
+    include_snapshots: Vec<regex::Regex>,
+    /// Leave out snapshots whose name (after @) matches REGEX (repeatable), as
+    /// --include-snapshots does.
+    #[arg(long, value_name = "REGEX", value_parser = zq_repl::filter::anchored)]
+    exclude_snapshots: Vec<regex::Regex>,
     /// Send only the newest snapshot (zfs send -i) instead of every intermediate (-I).
     #[arg(long, short = 'i')]
     newest_only: bool,
@@ -349,6 +358,10 @@ async fn run(args: RunArgs) -> ExitCode {
             exclude_property: args.exclude_property.clone(),
             skip_parent: args.skip_parent,
         },
+        snapshots: zq_repl::filter::SnapshotFilter {
+            include: args.include_snapshots.clone(),
+            exclude: args.exclude_snapshots.clone(),
+        },
         options: PlanOptions {
             newest_only: args.newest_only,
             force: args.force,
@@ -356,6 +369,16 @@ async fn run(args: RunArgs) -> ExitCode {
             chain_up_to: 0,
         },
     };
+    let ours = zq_repl::daemon::snapshot_name(std::time::SystemTime::now());
+    if args.snapshot_every.is_some() && !job.snapshots.keeps(&ours) {
+        return fail(
+            exit::USAGE,
+            &anyhow::anyhow!(
+                "--snapshot-every creates snapshots named like {ours}, which \
+                 --include-snapshots/--exclude-snapshots leave out: nothing would be replicated"
+            ),
+        );
+    }
     let code = match args.every.or(args.snapshot_every) {
         Some(every) => daemon(&args, every, job, zfs, peer.clone(), metrics_listener).await,
         None => once(&args, job, zfs, &peer).await,
@@ -611,6 +634,8 @@ struct Peer {
     compress: zq_proto::Compression,
     /// One limit for every connection this process makes.
     bwlimit: Option<zq_net::RateLimit>,
+    /// `zfs send -I` allowed (no snapshot filter).
+    intermediates: bool,
 }
 
 impl Peer {
@@ -638,6 +663,7 @@ impl Peer {
             stall_timeout: args.stall_timeout,
             compress: args.compress,
             bwlimit: args.bwlimit.filter(|&b| b > 0).map(zq_net::RateLimit::new),
+            intermediates: args.include_snapshots.is_empty() && args.exclude_snapshots.is_empty(),
         })
     }
 
@@ -655,6 +681,7 @@ impl Peer {
                 sender.set_stall_timeout(self.stall_timeout);
                 sender.set_compression(self.compress);
                 sender.set_bwlimit(self.bwlimit.clone());
+                sender.set_intermediates(self.intermediates);
                 Ok(sender)
             }
             Err(_) if zq_net::closed_by_tls_alert(&conn) => anyhow::bail!(

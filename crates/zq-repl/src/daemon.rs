@@ -553,7 +553,7 @@ impl State {
         }
         let mut seen = BTreeMap::new();
         for src in sources {
-            let snaps: Vec<_> = src.snapshots.iter().map(to_info).collect();
+            let snaps = job.kept_snapshots(&src.snapshots);
             let tracked = match self.datasets.remove(&src.name) {
                 Some(mut t) => {
                     t.listed(snaps);
@@ -616,7 +616,7 @@ impl State {
                 ) else {
                     return false;
                 };
-                t.listed(state.snapshots.iter().map(to_info).collect());
+                t.listed(job.kept_snapshots(&state.snapshots));
             }
         }
         debug!(stale = stale.len(), "source listed by snapshots_changed");

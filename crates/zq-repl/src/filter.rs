@@ -54,6 +54,29 @@ pub fn anchored(re: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{re})$")).map_err(|e| format!("{re:?}: {e}"))
 }
 
+/// Which snapshots of a dataset are replicated (`--include-snapshots`,
+/// `--exclude-snapshots`), by the name after `@`. The default keeps every one.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotFilter {
+    /// If any: only snapshots whose name matches one of these ([`anchored`]).
+    pub include: Vec<Regex>,
+    /// Snapshots whose name matches one of these.
+    pub exclude: Vec<Regex>,
+}
+
+impl SnapshotFilter {
+    /// True if it keeps every snapshot.
+    pub fn is_empty(&self) -> bool {
+        self.include.is_empty() && self.exclude.is_empty()
+    }
+
+    /// Whether the snapshot named `name` (after `@`) is replicated.
+    pub fn keeps(&self, name: &str) -> bool {
+        (self.include.is_empty() || self.include.iter().any(|r| r.is_match(name)))
+            && !self.exclude.iter().any(|r| r.is_match(name))
+    }
+}
+
 /// Which datasets a recursive job replicates. The default keeps everything.
 #[derive(Debug, Clone, Default)]
 pub struct DatasetFilter {
@@ -161,6 +184,21 @@ mod tests {
         assert_eq!(by, HashSet::from([ds("tank/a"), ds("tank/a/b")]));
         assert!(!f.keeps(&ds("tank"), &ds("tank/a/b"), &by));
         assert!(f.keeps(&ds("tank"), &ds("tank/c"), &by));
+    }
+
+    #[test]
+    fn snapshot_filters_match_the_name_after_the_at() {
+        let f = SnapshotFilter {
+            include: vec![anchored("autosnap_.*_(hourly|daily)").unwrap()],
+            exclude: vec![anchored(".*_daily").unwrap()],
+        };
+        assert!(f.keeps("autosnap_2026-11-26_10:00:00_hourly"));
+        assert!(!f.keeps("autosnap_2026-11-26_00:00:00_daily"));
+        assert!(!f.keeps("autosnap_2026-11-26_10:15:00_frequently"));
+        assert!(!f.keeps("zq_2026-11-26T10:00:00.000Z"));
+        assert!(
+            SnapshotFilter::default().keeps("anything") && SnapshotFilter::default().is_empty()
+        );
     }
 
     #[test]

@@ -52,9 +52,20 @@ pub struct Job {
     pub options: PlanOptions,
     /// Which of the datasets a recursive job replicates.
     pub filter: crate::filter::DatasetFilter,
+    /// Which snapshots of each dataset are replicated. When it leaves any out, steps never
+    /// use `zfs send -I` (which carries every snapshot in between) but chains of `-i`.
+    pub snapshots: crate::filter::SnapshotFilter,
 }
 
 impl Job {
+    /// The snapshots of a dataset (oldest first) this job replicates, in wire form.
+    pub fn kept_snapshots(&self, snapshots: &[zq_store::Snapshot]) -> Vec<zq_proto::SnapshotInfo> {
+        snapshots
+            .iter()
+            .filter(|s| self.snapshots.keeps(&s.name))
+            .map(to_info)
+            .collect()
+    }
     /// The items of `all` (source datasets, by `name`) this job replicates: all of them
     /// without a filter; reads the filter's property with one `zfs get` if it has one.
     pub async fn select<T>(
@@ -112,6 +123,9 @@ pub struct Sender {
     bwlimit: Option<zq_net::RateLimit>,
     /// Where the step in flight is reported, with zfs's size estimate, if anyone watches.
     progress: Option<std::sync::Arc<crate::progress::Progress>>,
+    /// False when a snapshot filter leaves snapshots out: no `-I` steps, which would carry
+    /// them; chains of `-i` steps between the kept ones instead.
+    intermediates: bool,
 }
 
 /// [`Sender::set_stall_timeout`]'s default.
@@ -145,6 +159,7 @@ impl Sender {
             protector: None,
             stall_timeout: STALL_TIMEOUT,
             compression: Compression::None,
+            intermediates: true,
             bwlimit: None,
             progress: None,
         })
@@ -168,6 +183,12 @@ impl Sender {
     /// several senders, limit them together).
     pub fn set_bwlimit(&mut self, limit: Option<zq_net::RateLimit>) {
         self.bwlimit = limit;
+    }
+
+    /// `false` under a snapshot filter: never `zfs send -I`, which would carry the
+    /// snapshots the filter leaves out, but a chain of `-i` steps between kept ones.
+    pub fn set_intermediates(&mut self, allowed: bool) {
+        self.intermediates = allowed;
     }
 
     /// Reports each step in flight to `progress` (for a terminal), asking zfs for its size
@@ -263,7 +284,7 @@ impl Sender {
             } else {
                 let dest_snaps = dest.get(target.as_str()).copied();
                 let span = info_span!("dataset", source = %src.name, target = %target);
-                let snapshots: Vec<_> = src.snapshots.iter().map(to_info).collect();
+                let snapshots = job.kept_snapshots(&src.snapshots);
                 self.replicate_dataset(
                     &src.name,
                     &snapshots,
@@ -514,7 +535,9 @@ impl Sender {
     /// How many new snapshots to send as a chain of `-i` steps rather than one `-I` step
     /// (see [`PlanOptions::chain_up_to`]).
     fn chain_up_to(&self) -> usize {
-        if self.zfs.capabilities().cheap_intermediates {
+        if !self.intermediates {
+            usize::MAX
+        } else if self.zfs.capabilities().cheap_intermediates {
             0
         } else {
             CHAIN_UP_TO

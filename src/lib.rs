@@ -103,6 +103,34 @@ pub fn init_logging(json: bool) {
     }
 }
 
+/// `--metrics-listen`'s TCP listener, if asked for; an error names the flag.
+pub async fn bind_metrics(
+    addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(format!("--metrics-listen {addr}")))?;
+    Ok(Some(listener))
+}
+
+/// Serves `render()` as Prometheus metrics on `listener` (`GET /metrics`), in the
+/// background.
+pub fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    render: impl Fn() -> String + Send + Sync + 'static,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving metrics on /metrics");
+    }
+    tokio::spawn(zq_repl::metrics::serve(
+        listener,
+        std::sync::Arc::new(render),
+    ));
+}
+
 /// Installs logging and runs `main` on a tokio runtime with [`runtime_threads`] workers
 /// (one: a single-threaded runtime).
 pub fn block_on(log_json: bool, main: impl std::future::Future<Output = ExitCode>) -> ExitCode {

@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use zq::{exit, fail};
@@ -148,17 +147,9 @@ async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocke
         Err(e) => return fail(exit::FAILURE, &anyhow::Error::new(e).context("probing zfs")),
     };
     // Bound before anything else runs, so a taken port is a usage error at once.
-    let metrics_listener = match args.metrics_listen {
-        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                return fail(
-                    exit::USAGE,
-                    &anyhow::Error::new(e).context(format!("--metrics-listen {addr}")),
-                )
-            }
-        },
-        None => None,
+    let metrics_listener = match zq::bind_metrics(args.metrics_listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(exit::USAGE, &e),
     };
     let tuning = args.transport.tuning();
     let endpoints = if inherited.is_empty() {
@@ -203,14 +194,8 @@ async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocke
     };
     let receiver = Receiver::with_spools(zfs, policy, caps, spools);
     if let Some(listener) = metrics_listener {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "serving metrics on /metrics");
-        }
         let metrics = receiver.metrics();
-        tokio::spawn(zq_repl::metrics::serve(
-            listener,
-            Arc::new(move || metrics.render()),
-        ));
+        zq::serve_metrics(listener, move || metrics.render());
     }
     let serving: Vec<_> = endpoints
         .iter()

@@ -287,17 +287,9 @@ async fn run(args: RunArgs) -> ExitCode {
         );
     }
     // Bound before anything else runs, so a taken port is a usage error at once.
-    let metrics_listener = match args.metrics_listen {
-        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                return fail(
-                    exit::USAGE,
-                    &anyhow::Error::new(e).context(format!("--metrics-listen {addr}")),
-                )
-            }
-        },
-        None => None,
+    let metrics_listener = match zq::bind_metrics(args.metrics_listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(exit::USAGE, &e),
     };
     let identity = match Identity::load(&args.identity, ROLE) {
         Ok(i) => i,
@@ -571,14 +563,8 @@ async fn daemon(
 ) -> u8 {
     let metrics = metrics_listener.map(|listener| {
         let metrics = Arc::new(zq_repl::metrics::DaemonMetrics::default());
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "serving metrics on /metrics");
-        }
         let m = metrics.clone();
-        tokio::spawn(zq_repl::metrics::serve(
-            listener,
-            Arc::new(move || m.render()),
-        ));
+        zq::serve_metrics(listener, move || m.render());
         metrics
     });
     let opts = DaemonOptions {

@@ -261,6 +261,13 @@ fn table(s: &Status, now: f64) -> String {
             resumed,
             d.error.as_deref().unwrap_or("")
         ));
+        if let Some(s) = &d.sending {
+            let what = format!("sending @{}", s.snapshot);
+            out.push_str(&format!(
+                "    {}\n",
+                zq_repl::progress::describe(&what, s.bytes, s.estimate, s.seconds)
+            ));
+        }
     }
     out
 }
@@ -288,9 +295,19 @@ mod tests {
                 steps: 7,
                 failures: 1,
                 bytes: 1 << 30,
+                sending: Some(zq_repl::daemon::tracked::Sending {
+                    snapshot: "zq_y".into(),
+                    bytes: 3 << 30,
+                    estimate: Some(4 << 30),
+                    seconds: 30.0,
+                }),
             }],
         };
         let t = table(&s, 102.0);
+        assert!(
+            t.contains("    sending @zq_y: 3.0 GiB of ~4.0 GiB (75%), 102.4 MiB/s, 10 s left"),
+            "{t}"
+        );
         assert!(
             t.contains("NOT CONNECTED") && t.contains("2.0 s ago"),
             "{t}"
@@ -316,6 +333,7 @@ mod tests {
                 steps: 0,
                 failures: 0,
                 bytes: 0,
+                sending: None,
             }],
         }
     }

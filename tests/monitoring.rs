@@ -188,3 +188,58 @@ fn metrics_need_a_daemon() {
         stderr(&out)
     );
 }
+
+/// A long step shows in `zq-send status` while it runs: the snapshot, bytes so far, rate.
+#[test]
+fn status_shows_the_step_in_flight() {
+    let Some(_zfs) = zfs_or_skip("status_shows_the_step_in_flight") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("is"), Pool::new("id"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let fs = src.create("fs");
+    src.write("fs", "big", 16 << 20, 3);
+    src.snap("fs", "s1");
+    // 16 MiB at 4 MB/s: about 4 s in flight.
+    let daemon = Daemon::start(
+        &keys,
+        &recv,
+        &fs,
+        &dst.ds("fs"),
+        &["--every", "1s", "--bwlimit", "4MB"],
+    );
+    let table = || {
+        let out = std::process::Command::new(SEND)
+            .arg("status")
+            .arg(&daemon.status)
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    // The status file is written at least once a second: both views while the step runs.
+    let mut seen = None;
+    let shown = wait_for(Duration::from_secs(30), || {
+        if !daemon.status.exists() {
+            return false;
+        }
+        let s = daemon.status()["datasets"][0]["sending"].clone();
+        let t = table();
+        if s["bytes"].as_u64().is_some_and(|b| b > 0) && t.contains("    sending @s1: ") {
+            seen = Some((s, t));
+        }
+        seen.is_some()
+    });
+    assert!(
+        shown,
+        "no step in flight in the status:\n{}",
+        daemon.log_text()
+    );
+    let (json, text) = seen.unwrap();
+    assert_eq!(json["snapshot"], "s1", "{json}");
+    assert!(json["seconds"].as_f64().unwrap() >= 1.0, "{json}");
+    assert!(text.contains("/s"), "{text}");
+    let ended = wait_for(Duration::from_secs(30), || {
+        daemon.status()["datasets"][0]["sending"].is_null()
+    });
+    assert!(ended, "the step never ended:\n{}", daemon.log_text());
+}

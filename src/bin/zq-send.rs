@@ -583,6 +583,7 @@ async fn daemon(
         ),
         receiver: args.addr.clone(),
         metrics,
+        progress: peer.progress.clone(),
     };
     tracing::info!(
         source = %job.source, target = %job.target, every = ?opts.every,
@@ -622,6 +623,8 @@ struct Peer {
     bwlimit: Option<zq_net::RateLimit>,
     /// `zfs send -I` allowed (no snapshot filter).
     intermediates: bool,
+    /// A daemon's steps in flight, for its status.
+    progress: Option<Arc<zq_repl::progress::Progress>>,
 }
 
 impl Peer {
@@ -650,6 +653,10 @@ impl Peer {
             compress: args.compress,
             bwlimit: args.bwlimit.filter(|&b| b > 0).map(zq_net::RateLimit::new),
             intermediates: args.include_snapshots.is_empty() && args.exclude_snapshots.is_empty(),
+            progress: args
+                .every
+                .or(args.snapshot_every)
+                .map(|_| Arc::new(zq_repl::progress::Progress::default())),
         })
     }
 
@@ -668,6 +675,9 @@ impl Peer {
                 sender.set_compression(self.compress);
                 sender.set_bwlimit(self.bwlimit.clone());
                 sender.set_intermediates(self.intermediates);
+                if self.progress.is_some() {
+                    sender.set_progress(self.progress.clone());
+                }
                 Ok(sender)
             }
             Err(_) if zq_net::closed_by_tls_alert(&conn) => anyhow::bail!(

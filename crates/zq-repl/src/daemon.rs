@@ -69,6 +69,9 @@ pub struct DaemonOptions {
     pub receiver: String,
     /// Where scrapes of `--metrics-listen` read the status and the connection.
     pub metrics: Option<Arc<crate::metrics::DaemonMetrics>>,
+    /// The steps in flight, as the senders report them ([`Sender::set_progress`]), for the
+    /// status.
+    pub progress: Option<Arc<crate::progress::Progress>>,
 }
 
 /// Opens a connection and runs the handshake; called again after a failure.
@@ -899,6 +902,25 @@ impl State {
             return;
         }
         let now = SystemTime::now();
+        // Steps in flight for a second or more, by dataset.
+        let sending: HashMap<String, tracked::Sending> = opts
+            .progress
+            .as_ref()
+            .map(|p| p.all())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| f.started.elapsed() >= Duration::from_secs(1))
+            .filter_map(|f| {
+                let (dataset, snapshot) = f.what.split_once('@')?;
+                let s = tracked::Sending {
+                    snapshot: snapshot.to_string(),
+                    bytes: f.bytes,
+                    estimate: f.estimate,
+                    seconds: f.started.elapsed().as_secs_f64(),
+                };
+                Some((dataset.to_string(), s))
+            })
+            .collect();
         let status = Status {
             written_at: tracked::epoch_seconds(now),
             receiver: opts.receiver.clone(),
@@ -906,7 +928,10 @@ impl State {
             datasets: self
                 .datasets
                 .iter()
-                .map(|(s, t)| t.status(s, now))
+                .map(|(s, t)| tracked::DatasetStatus {
+                    sending: sending.get(s.as_str()).cloned(),
+                    ..t.status(s, now)
+                })
                 .collect(),
         };
         if let Some(m) = &opts.metrics {

@@ -1,11 +1,12 @@
-//! What a sender's current step has moved, for a progress line on a terminal: bytes,
-//! rate and, where zfs can estimate the stream's size (`zfs send -nvP`, OpenZFS), the
-//! share done and the time left.
+//! What a sender's steps in flight have moved, for a progress line on a terminal and a
+//! daemon's status: bytes, rate and, for bulk steps where zfs can estimate the stream's
+//! size (`zfs send -nvP`, OpenZFS), the share done and the time left.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The step in flight, shared between a [`crate::Sender`] and whatever displays it.
+/// The steps in flight, shared between a [`crate::Sender`] and whatever displays them.
 #[derive(Debug, Default)]
 pub struct Progress {
     state: Mutex<State>,
@@ -13,9 +14,9 @@ pub struct Progress {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Counts steps, so that a late estimate never lands on the next step.
-    id: u64,
-    now: Option<InFlight>,
+    /// Numbers steps, so that a late estimate never lands on another step.
+    last_id: u64,
+    steps: BTreeMap<u64, InFlight>,
 }
 
 /// A step being sent.
@@ -36,43 +37,46 @@ impl Progress {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The step in flight, if any.
+    /// The step in flight that started last, if any (a one-shot run has one at a time).
     pub fn now(&self) -> Option<InFlight> {
-        self.state().now.clone()
+        self.state().steps.values().next_back().cloned()
+    }
+
+    /// Every step in flight, oldest first.
+    pub fn all(&self) -> Vec<InFlight> {
+        self.state().steps.values().cloned().collect()
     }
 
     pub(crate) fn start(&self, what: String) -> u64 {
         let mut s = self.state();
-        s.id += 1;
-        s.now = Some(InFlight {
-            what,
-            started: Instant::now(),
-            bytes: 0,
-            estimate: None,
-        });
-        s.id
+        s.last_id += 1;
+        let id = s.last_id;
+        s.steps.insert(
+            id,
+            InFlight {
+                what,
+                started: Instant::now(),
+                bytes: 0,
+                estimate: None,
+            },
+        );
+        id
     }
 
     pub(crate) fn estimate(&self, id: u64, bytes: u64) {
-        let mut s = self.state();
-        if s.id == id {
-            if let Some(n) = s.now.as_mut() {
-                n.estimate = Some(bytes);
-            }
+        if let Some(n) = self.state().steps.get_mut(&id) {
+            n.estimate = Some(bytes);
         }
     }
 
-    pub(crate) fn add(&self, bytes: u64) {
-        if let Some(n) = self.state().now.as_mut() {
+    pub(crate) fn add(&self, id: u64, bytes: u64) {
+        if let Some(n) = self.state().steps.get_mut(&id) {
             n.bytes += bytes;
         }
     }
 
     pub(crate) fn end(&self, id: u64) {
-        let mut s = self.state();
-        if s.id == id {
-            s.now = None;
-        }
+        self.state().steps.remove(&id);
     }
 }
 
@@ -81,35 +85,35 @@ impl InFlight {
     /// left`, or without an estimate `pool/fs@snap: 1.2 GiB, 95.1 MiB/s`.
     pub fn line(&self, now: Instant) -> String {
         let secs = now.saturating_duration_since(self.started).as_secs_f64();
-        let rate = if secs > 0.0 {
-            self.bytes as f64 / secs
-        } else {
-            0.0
-        };
-        match self.estimate.filter(|e| *e > 0) {
-            Some(est) => {
-                let pct = (self.bytes as f64 * 100.0 / est as f64).min(100.0);
-                let left = if rate > 0.0 {
-                    let s = (est.saturating_sub(self.bytes)) as f64 / rate;
-                    format!(", {} left", human_duration(Duration::from_secs_f64(s)))
-                } else {
-                    String::new()
-                };
-                format!(
-                    "{}: {} of ~{} ({pct:.0}%), {}/s{left}",
-                    self.what,
-                    human_bytes(self.bytes),
-                    human_bytes(est),
-                    human_bytes(rate as u64)
-                )
-            }
-            None => format!(
-                "{}: {}, {}/s",
-                self.what,
-                human_bytes(self.bytes),
+        describe(&self.what, self.bytes, self.estimate, secs)
+    }
+}
+
+/// [`InFlight::line`] of a step named `what` that has sent `bytes` in `secs` seconds, of
+/// an `estimate` if zfs gave one.
+pub fn describe(what: &str, bytes: u64, estimate: Option<u64>, secs: f64) -> String {
+    let rate = if secs > 0.0 { bytes as f64 / secs } else { 0.0 };
+    match estimate.filter(|e| *e > 0) {
+        Some(est) => {
+            let pct = (bytes as f64 * 100.0 / est as f64).min(100.0);
+            let left = if rate > 0.0 {
+                let s = (est.saturating_sub(bytes)) as f64 / rate;
+                format!(", {} left", human_duration(Duration::from_secs_f64(s)))
+            } else {
+                String::new()
+            };
+            format!(
+                "{what}: {} of ~{} ({pct:.0}%), {}/s{left}",
+                human_bytes(bytes),
+                human_bytes(est),
                 human_bytes(rate as u64)
-            ),
+            )
         }
+        None => format!(
+            "{what}: {}, {}/s",
+            human_bytes(bytes),
+            human_bytes(rate as u64)
+        ),
     }
 }
 
@@ -167,7 +171,7 @@ mod tests {
     }
 
     #[test]
-    fn a_late_estimate_does_not_land_on_the_next_step() {
+    fn steps_are_counted_apart_and_late_estimates_go_nowhere() {
         let p = Progress::default();
         let first = p.start("a@1".into());
         p.end(first);
@@ -175,12 +179,19 @@ mod tests {
         p.estimate(first, 123);
         assert_eq!(p.now().unwrap().estimate, None);
         p.estimate(second, 456);
-        p.add(10);
+        p.add(second, 10);
         let now = p.now().unwrap();
         assert_eq!((now.estimate, now.bytes), (Some(456), 10));
         p.end(first);
         assert!(p.now().is_some(), "an old step's end leaves the new one");
+        // A daemon runs several at once.
+        let third = p.start("b@1".into());
+        p.add(third, 5);
+        p.add(first, 1000);
+        let all: Vec<(String, u64)> = p.all().into_iter().map(|f| (f.what, f.bytes)).collect();
+        assert_eq!(all, [("a@2".to_string(), 10), ("b@1".to_string(), 5)]);
         p.end(second);
-        assert!(p.now().is_none());
+        p.end(third);
+        assert!(p.now().is_none() && p.all().is_empty());
     }
 }

@@ -191,9 +191,9 @@ impl Sender {
         self.intermediates = allowed;
     }
 
-    /// Reports each step in flight to `progress` (for a terminal), asking zfs for its size
-    /// estimate beside the step where zfs can give one: a `zfs send -nvP` per step, so only
-    /// for those who watch.
+    /// Reports each step in flight to `progress` (a terminal's progress line, a daemon's
+    /// status), asking zfs for its size estimate once a step turns bulk, where zfs can give
+    /// one (a `zfs send -nvP` beside it).
     pub fn set_progress(&mut self, progress: Option<std::sync::Arc<crate::progress::Progress>>) {
         self.progress = progress;
     }
@@ -692,19 +692,25 @@ impl Sender {
             }
         };
         let mut zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates);
-        let watched = self.progress.as_ref().map(|p| {
-            let id = p.start(to_snap.to_string());
-            let (watcher, zfs) = (p.clone(), self.zfs.clone());
-            let (from, to) = (from_snap.clone(), to_snap.clone());
-            tokio::spawn(async move {
-                if let Ok(Some(bytes)) = zfs.send_estimate(from.as_ref(), &to, intermediates).await
-                {
-                    watcher.estimate(id, bytes);
-                }
-            });
-            (p.clone(), id)
-        });
-        let _watched = ProgressGuard(watched);
+        let watched = self
+            .progress
+            .as_ref()
+            .map(|p| (p.clone(), p.start(to_snap.to_string())));
+        // Once a step is bulk, zfs's estimate of its size gives a share done and a time
+        // left: a `zfs send -nvP` beside it, never for the small steps of every second.
+        let estimate = |watched: &Option<(std::sync::Arc<crate::progress::Progress>, u64)>| {
+            if let Some((p, id)) = watched.clone() {
+                let (zfs, from, to) = (self.zfs.clone(), from_snap.clone(), to_snap.clone());
+                tokio::spawn(async move {
+                    if let Ok(Some(bytes)) =
+                        zfs.send_estimate(from.as_ref(), &to, intermediates).await
+                    {
+                        p.estimate(id, bytes);
+                    }
+                });
+            }
+        };
+        let _watched = ProgressGuard(watched.clone());
         let mut buf = BytesMut::with_capacity(CHUNK);
         let mut resume_at = None;
         if let Some(token) = resume.filter(|_| self.spooling()) {
@@ -792,12 +798,13 @@ impl Sender {
                 };
                 if before < BULK_BYTES && encoder.total() >= BULK_BYTES {
                     hold_step();
+                    estimate(&watched);
                     send.set_priority(-1);
                     // Frees this step's slot for small steps (crate::lanes).
                     slot.to_bulk().await;
                 }
-                if let Some(p) = &self.progress {
-                    p.add(chunk.len() as u64);
+                if let Some((p, id)) = &watched {
+                    p.add(*id, chunk.len() as u64);
                 }
                 let payload = compress_chunk(&mut compressor, chunk).await?;
                 wire_bytes += payload.wire_len() as u64;

@@ -191,6 +191,7 @@ impl Tracked {
             steps: self.counts.steps,
             failures: self.counts.failures,
             bytes: self.counts.bytes,
+            sending: None,
         }
     }
 }
@@ -231,6 +232,22 @@ pub struct DatasetStatus {
     /// Stream bytes of the committed steps, since this daemon started.
     #[serde(default)]
     pub bytes: u64,
+    /// The step in flight, if one has run for a second or more.
+    #[serde(default)]
+    pub sending: Option<Sending>,
+}
+
+/// A step in flight, in `zq-send status`.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Sending {
+    /// The snapshot it ends with (after `@`).
+    pub snapshot: String,
+    /// Stream bytes sent so far.
+    pub bytes: u64,
+    /// zfs's estimate of the stream's size, for bulk steps where zfs gives one.
+    pub estimate: Option<u64>,
+    /// How long it has been running, in seconds.
+    pub seconds: f64,
 }
 
 /// The whole daemon's status, written on every tick and as steps end (at most once a second).

@@ -33,6 +33,17 @@ fn free_port() -> String {
     format!("127.0.0.1:{port}")
 }
 
+/// `zq-send status ARGS PATH`: its exit code and stdout.
+fn zq_status(args: &[&str], path: &std::path::Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(SEND)
+        .arg("status")
+        .args(args)
+        .arg(path)
+        .output()
+        .unwrap();
+    (out.status.code(), stdout(&out))
+}
+
 /// The value of the sample whose line starts with `prefix`.
 fn sample(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
@@ -125,15 +136,7 @@ fn a_daemon_serves_prometheus_metrics() {
     assert!(sample(&text, receives).unwrap() >= 1.0, "{text}");
 
     // The same daemon through `zq-send status` with lag limits: exit code = level.
-    let status = |limits: &[&str]| {
-        let out = std::process::Command::new(SEND)
-            .arg("status")
-            .args(limits)
-            .arg(&daemon.status)
-            .output()
-            .unwrap();
-        (out.status.code(), stdout(&out))
-    };
+    let status = |limits: &[&str]| zq_status(limits, &daemon.status);
     let (code, said) = status(&["--warn-lag", "1h", "--crit-lag", "2h"]);
     assert_eq!(code, Some(0), "{said}");
     assert!(
@@ -150,18 +153,9 @@ fn a_daemon_serves_prometheus_metrics() {
     assert_eq!(code, Some(2), "{said}");
     assert!(said.starts_with("ZQ CRITICAL - "), "{said}");
     drop(daemon);
-    let gone = keys.dir.path().join("no-such-dir");
-    let out = std::process::Command::new(SEND)
-        .args(["status", "--crit-lag", "1h"])
-        .arg(&gone)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(3));
-    assert!(
-        stdout(&out).starts_with("ZQ UNKNOWN - no status files"),
-        "{}",
-        stdout(&out)
-    );
+    let (code, said) = zq_status(&["--crit-lag", "1h"], &keys.dir.path().join("none"));
+    assert_eq!(code, Some(3));
+    assert!(said.starts_with("ZQ UNKNOWN - no status files"), "{said}");
 }
 
 /// A one-shot run has nothing to scrape: a usage error rather than an endpoint that
@@ -208,14 +202,7 @@ fn status_shows_the_step_in_flight() {
         &dst.ds("fs"),
         &["--every", "1s", "--bwlimit", "4MB"],
     );
-    let table = || {
-        let out = std::process::Command::new(SEND)
-            .arg("status")
-            .arg(&daemon.status)
-            .output()
-            .unwrap();
-        stdout(&out)
-    };
+    let table = || zq_status(&[], &daemon.status).1;
     // The status file is written at least once a second: both views while the step runs.
     let mut seen = None;
     let shown = wait_for(Duration::from_secs(30), || {

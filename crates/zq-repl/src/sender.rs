@@ -66,6 +66,7 @@ impl Job {
             .map(to_info)
             .collect()
     }
+
     /// The items of `all` (source datasets, by `name`) this job replicates: all of them
     /// without a filter; reads the filter's property with one `zfs get` if it has one.
     pub async fn select<T>(

@@ -86,7 +86,7 @@ impl Meta {
 #[derive(Debug)]
 pub struct Spools {
     config: Option<SpoolConfig>,
-    /// Length and hash of a spool as its writer left it, so a token needs no reading.
+    /// Length and hash of a spool as a token last read it, so the next needs no reading.
     known: Mutex<HashMap<String, (u64, [u8; 32])>>,
 }
 
@@ -151,7 +151,7 @@ impl Spools {
     }
 
     /// The resume token of `target`'s spool, if it holds any bytes. Hashes the spool file
-    /// unless its writer in this process left the hash.
+    /// (on tokio's blocking pool) unless a token of the same spool already did.
     pub async fn token(&self, target: &str) -> Option<ResumeToken> {
         let (meta_path, data_path) = self.paths(target)?;
         let meta: Meta = serde_json::from_slice(&std::fs::read(&meta_path).ok()?).ok()?;
@@ -238,8 +238,6 @@ impl Spools {
             max: config.max,
             state: State::Buffering(Vec::new()),
             len: 0,
-            hash: blake3::Hasher::new(),
-            hashed: 0,
         })
     }
 
@@ -330,9 +328,6 @@ impl Spools {
                     State::Writing(file)
                 },
                 len: offset,
-                // Filled in by the replay (`SpoolWriter::replayed`).
-                hash: blake3::Hasher::new(),
-                hashed: 0,
             },
         ))
     }
@@ -346,13 +341,10 @@ impl Spools {
         }
         if w.len > 0 && !matches!(w.state, State::Buffering(_)) {
             info!(target = %w.target, bytes = w.len, "step spooled for a resume");
+            // The next token hashes the file: once per interruption, instead of a second
+            // BLAKE3 pass over every spooled byte while the stream arrives.
             if let Ok(mut k) = self.known.lock() {
-                if w.hashed == w.len {
-                    k.insert(w.target.clone(), (w.len, *w.hash.finalize().as_bytes()));
-                } else {
-                    // Not replayed: the next token reads the file.
-                    k.remove(&w.target);
-                }
+                k.remove(&w.target);
             }
         }
     }
@@ -402,10 +394,6 @@ pub struct SpoolWriter {
     max: u64,
     state: State,
     len: u64,
-    /// BLAKE3 of the spool's first `hashed` bytes; equal to `len` unless a resumed step
-    /// failed before its prefix was replayed (then the spool file is hashed again).
-    hash: blake3::Hasher,
-    hashed: u64,
 }
 
 /// The spooled prefix of a resumed step, read in chunks.
@@ -420,20 +408,12 @@ impl SpoolWriter {
         self.to_guid = guid;
     }
 
-    /// Accounts for the prefix replayed from this spool (it is already on disk).
-    pub fn replayed(&mut self, data: &[u8]) {
-        self.hash.update(data);
-        self.hashed += data.len() as u64;
-    }
-
     /// Copies verified `data`, the stream's next bytes.
     pub fn write(&mut self, data: &Bytes) {
         match &mut self.state {
             State::Stopped => {}
             State::Buffering(held) => {
                 self.len += data.len() as u64;
-                self.hash.update(data);
-                self.hashed += data.len() as u64;
                 held.push(data.clone());
                 if self.len >= self.from {
                     let held = std::mem::take(held);
@@ -451,8 +431,6 @@ impl SpoolWriter {
                     return;
                 }
                 self.len += part.len() as u64;
-                self.hash.update(part);
-                self.hashed += part.len() as u64;
                 if part.len() < data.len() {
                     debug!(target = %self.target, max = self.max, "spool full; the rest of this step is not resumable");
                     self.state = State::Stopped;

@@ -254,7 +254,7 @@ impl Receiver {
                 },
                 async {
                     let f = match replay.as_mut() {
-                        Some(r) => replay_first(r, &mut decoder, spool),
+                        Some(r) => replay_first(r, &mut decoder),
                         None => first_bytes(recv, &mut decoder, spool).await,
                     };
                     first_at = ms(started);
@@ -271,7 +271,7 @@ impl Receiver {
         } else {
             let p = self.prepare(root, target, h, last_tag).await?;
             let first = match replay.as_mut() {
-                Some(r) => replay_first(r, &mut decoder, spool)?,
+                Some(r) => replay_first(r, &mut decoder)?,
                 None => first_bytes(recv, &mut decoder, spool).await?,
             };
             let zrecv = self.zfs.receive(target, p.force).map_err(zfs_err)?;
@@ -627,12 +627,8 @@ async fn first_bytes(
 
 /// A resumed step's first bytes, from its spool: at least a BEGIN record (the spool holds
 /// more than that, or it would not exist).
-fn replay_first(
-    replay: &mut Replay,
-    decoder: &mut StepDecoder,
-    spool: &mut Option<SpoolWriter>,
-) -> Result<FirstBytes, WireError> {
-    let data: Vec<Bytes> = replay_next(replay, decoder, spool)?.into_iter().collect();
+fn replay_first(replay: &mut Replay, decoder: &mut StepDecoder) -> Result<FirstBytes, WireError> {
+    let data: Vec<Bytes> = replay_next(replay, decoder)?.into_iter().collect();
     Ok(FirstBytes {
         data,
         complete: None,
@@ -640,19 +636,12 @@ fn replay_first(
 }
 
 /// The next piece of a resumed step's spooled prefix, accounted for in the stream hash.
-fn replay_next(
-    replay: &mut Replay,
-    decoder: &mut StepDecoder,
-    spool: &mut Option<SpoolWriter>,
-) -> Result<Option<Bytes>, WireError> {
+fn replay_next(replay: &mut Replay, decoder: &mut StepDecoder) -> Result<Option<Bytes>, WireError> {
     let d = replay
         .next_piece()
         .map_err(|e| internal(format!("reading the spool: {e}")))?;
     if let Some(d) = &d {
         decoder.prefix(d);
-        if let Some(w) = spool.as_mut() {
-            w.replayed(d);
-        }
     }
     Ok(d)
 }
@@ -722,7 +711,7 @@ async fn feed(
         return Ok(total);
     }
     if let Some(r) = replay.as_mut() {
-        while let Some(d) = replay_next(r, decoder, spool)? {
+        while let Some(d) = replay_next(r, decoder)? {
             zrecv_write(zrecv, &d).await?;
         }
     }

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
+pub mod config;
+pub mod serve;
 pub mod status;
 
 /// Transport flags shared by both binaries: what the QUIC windows and socket buffers are
@@ -35,6 +37,40 @@ impl TransportArgs {
             ..zq_net::Tuning::for_bdp(self.bdp)
         }
     }
+}
+
+/// Which arguments of a subcommand the command line or the environment set: those
+/// override a config file's values.
+#[derive(Default)]
+pub struct Given(std::collections::BTreeSet<String>);
+
+impl Given {
+    pub fn new(m: &clap::ArgMatches) -> Given {
+        use clap::parser::ValueSource;
+        Given(
+            m.ids()
+                .filter(|id| {
+                    matches!(
+                        m.value_source(id.as_str()),
+                        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                    )
+                })
+                .map(|id| id.to_string())
+                .collect(),
+        )
+    }
+
+    pub fn has(&self, id: &str) -> bool {
+        self.0.contains(id)
+    }
+}
+
+/// A clap error's message without its usage lines: for arguments a config file gave,
+/// where the usage of the command line would mislead.
+pub fn clap_message(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.trim_start_matches("error: ").to_owned()
 }
 
 /// A size on the command line: `4MiB`, `64G`, `12.5MB`, `1000`.

@@ -1,16 +1,16 @@
 //! `zq-recv`: receives ZFS snapshots from pinned `zq-send` peers over QUIC.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use anyhow::Context;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use zq::serve::{ServeArgs, ServeOnly, DEFAULT_LISTEN};
 use zq::{exit, fail};
-use zq_net::{Fingerprint, Identity};
+use zq_net::Identity;
 use zq_proto::Capabilities;
 use zq_repl::receiver::spool::{SpoolConfig, Spools};
 use zq_repl::{Policy, Receiver};
-use zq_store::{DatasetName, Zfs};
+use zq_store::Zfs;
 
 const ROLE: &str = "zq-recv";
 
@@ -29,73 +29,55 @@ enum Command {
     #[command(flatten)]
     Identity(zq::IdentityCommand),
     /// Accept senders and receive their streams until SIGTERM/SIGINT.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
-
-#[derive(Args, Debug)]
-struct ServeArgs {
-    /// UDP address to listen on [default: [::]:7446]. Port 0 picks a free port; the bound
-    /// address is printed on stdout as `listening on ADDR`. Under systemd socket
-    /// activation (zq-recv.socket) the socket comes from systemd instead: leave it out.
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<SocketAddr>,
-    /// Directory holding this receiver's identity (see `keygen`).
-    #[arg(long, value_name = "DIR")]
-    identity: PathBuf,
-    /// Allow the sender with this fingerprint to write inside ROOT (repeatable; one root
-    /// per sender).
-    #[arg(long, value_name = "FINGERPRINT=ROOT", required = true, value_parser = parse_allow)]
-    allow: Vec<(Fingerprint, DatasetName)>,
-    /// The zfs program to run.
-    #[arg(long, default_value = "zfs", value_name = "PATH")]
-    zfs: PathBuf,
-    /// Directory where large steps are spooled so that an interrupted one resumes instead
-    /// of starting over. Needs free space for the largest transfer (up to --spool-max).
-    #[arg(long, default_value = "/var/lib/zq-recv/spool", value_name = "DIR")]
-    spool_dir: PathBuf,
-    /// Spool steps once their stream passes SIZE (held in memory per step until then);
-    /// smaller steps restart when interrupted.
-    #[arg(long, default_value = "4MiB", value_name = "SIZE", value_parser = zq::parse_size)]
-    spool_from: u64,
-    /// Spool at most SIZE of one step; the rest of a longer one is not resumable (0: spool
-    /// nothing, as --no-spool).
-    #[arg(long, default_value = "64GiB", value_name = "SIZE", value_parser = zq::parse_size)]
-    spool_max: u64,
-    /// Spool nothing: every interrupted step starts over.
-    #[arg(long)]
-    no_spool: bool,
-    /// Serve Prometheus metrics on http://ADDR/metrics (per target steps, failures, bytes
-    /// and resumes; each sender connection's RTT, window and losses; zfs command
-    /// durations). Off by default; e.g. 127.0.0.1:9747.
-    #[arg(long, value_name = "ADDR")]
-    metrics_listen: Option<SocketAddr>,
-    #[command(flatten)]
-    transport: zq::TransportArgs,
-}
-
-fn parse_allow(s: &str) -> Result<(Fingerprint, DatasetName), String> {
-    let (fp, root) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected FINGERPRINT=ROOT"))?;
-    let fp = Fingerprint::parse(fp)?;
-    let root = DatasetName::parse(root).map_err(|e| e.to_string())?;
-    Ok((fp, root))
-}
-
-/// The port zq-recv listens on unless told otherwise.
-const DEFAULT_LISTEN: &str = "[::]:7446";
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Identity(cmd) => cmd.run(ROLE),
         Command::Serve(args) => {
+            let given = matches
+                .subcommand_matches("serve")
+                .map(zq::Given::new)
+                .unwrap_or_default();
+            let args = match from_config(*args, &given) {
+                Ok(a) => a,
+                Err(e) => return fail(exit::USAGE, &e),
+            };
             // Before any thread exists: reading LISTEN_FDS also removes it from the
             // environment, so `zfs` children do not see it.
             let inherited = activation_sockets();
             zq::block_on(cli.log.json(), serve(args, inherited))
         }
     }
+}
+
+/// With --config, the file's receiver for this host under the flags and environment
+/// given; otherwise the command line's.
+fn from_config(cli: ServeArgs, given: &zq::Given) -> anyhow::Result<ServeArgs> {
+    let Some(path) = cli.config.clone() else {
+        return Ok(cli);
+    };
+    let config = zq::config::Config::load(&path)?;
+    let host = cli.host.clone().unwrap_or_else(zq::config::this_host);
+    let Some(receiver) = config.receiver_for(&host)? else {
+        anyhow::bail!(
+            "config file {} has no receiver for host {host:?} (hosts named in it: {}); set --host",
+            path.display(),
+            config.host_names()?.join(", ")
+        );
+    };
+    let mut args = ServeOnly::try_parse_from(&receiver.args)
+        .map_err(|e| anyhow::anyhow!("{}", zq::clap_message(&e)))
+        .with_context(|| format!("config file {}: receiver of host {host:?}", path.display()))?
+        .args;
+    args.overlay(cli, given);
+    Ok(args)
 }
 
 /// The UDP sockets systemd passed (socket activation: `LISTEN_FDS`, `LISTEN_PID`), if any.
@@ -133,7 +115,16 @@ async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocke
             return fail(exit::USAGE, &anyhow::anyhow!(e).context("--allow"));
         }
     }
-    let identity = match Identity::load(&args.identity, ROLE) {
+    let Some(identity_dir) = &args.identity else {
+        return fail(exit::USAGE, &anyhow::anyhow!("--identity is missing"));
+    };
+    if args.allow.is_empty() {
+        return fail(
+            exit::USAGE,
+            &anyhow::anyhow!("no --allow: no sender could connect"),
+        );
+    }
+    let identity = match Identity::load(identity_dir, ROLE) {
         Ok(i) => i,
         Err(e) => {
             return fail(

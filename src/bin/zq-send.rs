@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use zq::{exit, fail};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use zq::{exit, fail, TransportArgs};
 use zq_net::{Client, Fingerprint, Identity, Tuning};
 use zq_proto::Capabilities;
 use zq_repl::protect::{Modes, Protection, Protector, Tags};
@@ -42,6 +42,23 @@ enum Command {
     /// Show or clean up the holds zq placed on source snapshots (step holds, cursors).
     #[command(subcommand)]
     Abstractions(AbstractionsCommand),
+    /// Check a config file (every job and receiver of every host in it) and print what
+    /// this host would run: its jobs as `zq-send run` commands, its receiver as `zq-recv
+    /// serve`. Exit 0 when valid, 2 otherwise.
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Args, Debug)]
+struct CheckConfigArgs {
+    /// The config file.
+    #[arg(long, value_name = "FILE", env = "ZQ_CONFIG")]
+    config: PathBuf,
+    /// Show what this host would run [default: this machine's host name].
+    #[arg(long, value_name = "NAME", env = "ZQ_HOST", conflicts_with = "all")]
+    host: Option<String>,
+    /// Show what every host of the file would run.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,41 +112,57 @@ struct StatusArgs {
     crit_lag: Option<Duration>,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct RunArgs {
     /// Source dataset, e.g. tank/home.
-    source: DatasetName,
+    #[arg(required_unless_present = "config", conflicts_with = "config")]
+    source: Option<DatasetName>,
     /// Receiver address, host:port (e.g. backup.example:7446 or [::1]:7446).
-    addr: String,
+    #[arg(required_unless_present = "config")]
+    addr: Option<String>,
     /// Target dataset on the receiver, inside the root the receiver allows for us.
-    target: DatasetName,
+    #[arg(required_unless_present = "config")]
+    target: Option<DatasetName>,
+    /// Run the jobs of this config file that name this host (see --host), each as if its
+    /// keys were flags; flags and environment variables given here override the file for
+    /// all of them. With --job NAME, only that job. See docs/operations.md, "Config file".
+    #[arg(long, value_name = "FILE", env = "ZQ_CONFIG")]
+    config: Option<PathBuf>,
+    /// With --config: the host whose jobs to run [default: this machine's host name].
+    #[arg(long, value_name = "NAME", env = "ZQ_HOST", requires = "config")]
+    host: Option<String>,
     /// Directory holding this sender's identity (see `keygen`).
-    #[arg(long, value_name = "DIR")]
-    identity: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "ZQ_IDENTITY",
+        required_unless_present = "config"
+    )]
+    identity: Option<PathBuf>,
     /// The receiver's fingerprint, as printed by `zq-recv keygen` / `fingerprint`.
-    #[arg(long, value_name = "FINGERPRINT")]
-    peer: Fingerprint,
+    #[arg(long, value_name = "FINGERPRINT", required_unless_present = "config")]
+    peer: Option<Fingerprint>,
     /// Also replicate every descendant dataset (parents before children).
     #[arg(long, short = 'r')]
     recursive: bool,
     /// With --recursive: leave out DATASET and everything below it (repeatable; a name
     /// relative to SOURCE, or the full name).
-    #[arg(long, value_name = "DATASET", requires = "recursive")]
+    #[arg(long, value_name = "DATASET")]
     exclude: Vec<String>,
     /// With --recursive: leave out datasets whose whole name matches REGEX (repeatable;
     /// e.g. 'tank/home/[^/]+/cache'; 'tank/tmp(/.*)?' for a subtree).
-    #[arg(long, value_name = "REGEX", requires = "recursive", value_parser = zq_repl::filter::anchored)]
+    #[arg(long, value_name = "REGEX", value_parser = zq_repl::filter::anchored)]
     exclude_regex: Vec<regex::Regex>,
     /// With --recursive: replicate only datasets whose whole name matches one REGEX
     /// (repeatable), less the excluded ones.
-    #[arg(long, value_name = "REGEX", requires = "recursive", value_parser = zq_repl::filter::anchored)]
+    #[arg(long, value_name = "REGEX", value_parser = zq_repl::filter::anchored)]
     include_regex: Vec<regex::Regex>,
     /// With --recursive: leave out datasets whose user property has this value, e.g.
     /// zq:replicate=off (ZFS inherits it, so it covers the subtree; read at every listing).
-    #[arg(long, value_name = "PROPERTY=VALUE", requires = "recursive")]
+    #[arg(long, value_name = "PROPERTY=VALUE")]
     exclude_property: Option<zq_repl::filter::PropertyMatch>,
     /// With --recursive: do not replicate SOURCE itself, only its descendants.
-    #[arg(long, requires = "recursive")]
+    #[arg(long)]
     skip_parent: bool,
     /// Replicate only snapshots whose name (after @) matches one REGEX (repeatable; e.g.
     /// 'autosnap_.*_(hourly|daily)' for sanoid's). Steps then use chains of zfs send -i
@@ -148,7 +181,7 @@ struct RunArgs {
     #[arg(long)]
     force: bool,
     /// The zfs program to run.
-    #[arg(long, default_value = "zfs", value_name = "PATH")]
+    #[arg(long, default_value = "zfs", value_name = "PATH", env = "ZQ_ZFS")]
     zfs: PathBuf,
     /// Run as a daemon: replicate at least this often (e.g. 1s, 100ms) until SIGTERM or
     /// SIGINT, reconnecting as needed. Without --snapshot-every it replicates snapshots
@@ -183,7 +216,8 @@ struct RunArgs {
     metrics_listen: Option<std::net::SocketAddr>,
     /// Name of this replication job, in the holds it places (zq_<NAME> on the source,
     /// zq_<NAME>_last on the destination). Default: derived from the
-    /// receiver's key and TARGET (printed at start).
+    /// receiver's key and TARGET (printed at start). With --config: run only the job
+    /// of this name.
     #[arg(long, value_name = "NAME")]
     job: Option<String>,
     /// What holds protect replication (both initial and incremental steps):
@@ -219,7 +253,7 @@ struct RunArgs {
     /// shrink make the next ones go raw for a while: already-compressed or encrypted data
     /// costs almost nothing), zstd (level 3) or zstd:LEVEL. Used only where the
     /// receiver agrees; checksums are of the original bytes.
-    #[arg(long, value_name = "MODE", default_value = "none")]
+    #[arg(long, value_name = "MODE", default_value = "none", env = "ZQ_COMPRESS")]
     compress: zq_proto::Compression,
     /// One-shot: no progress line (it is shown on a terminal for steps that run longer
     /// than a second: bytes, rate and, where zfs estimates the size, the time left).
@@ -227,7 +261,7 @@ struct RunArgs {
     no_progress: bool,
     /// Keep the replication data of all datasets together under SIZE per second (e.g.
     /// 50MB, 10MiB), measured after compression. Default (or 0): no limit.
-    #[arg(long, value_name = "SIZE", value_parser = zq::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = zq::parse_size, env = "ZQ_BWLIMIT")]
     bwlimit: Option<u64>,
     #[command(flatten)]
     transport: zq::TransportArgs,
@@ -261,10 +295,25 @@ fn parse_period(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Identity(cmd) => cmd.run(ROLE),
-        Command::Run(args) => zq::block_on(cli.log.json(), run(*args)),
+        Command::Run(args) => {
+            let given = matches
+                .subcommand_matches("run")
+                .map(zq::Given::new)
+                .unwrap_or_default();
+            let jobs = match jobs(*args, &given) {
+                Ok(j) => j,
+                Err(e) => return fail(exit::USAGE, &e),
+            };
+            zq::block_on(cli.log.json(), run_all(jobs))
+        }
+        Command::CheckConfig(args) => check_config(&args),
         Command::Status(args) if args.warn_lag.is_some() || args.crit_lag.is_some() => {
             zq::status::monitor(
                 &args.paths,
@@ -279,22 +328,364 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> ExitCode {
-    if args.metrics_listen.is_some() && args.every.or(args.snapshot_every).is_none() {
-        return fail(
-            exit::USAGE,
-            &anyhow::anyhow!("--metrics-listen needs a daemon (--every or --snapshot-every): a one-shot run ends before anyone scrapes it"),
+/// `run`'s arguments alone, to parse a config file's job as the flags it stands for.
+#[derive(Parser, Debug)]
+#[command(name = "zq-send run", no_binary_name = true)]
+struct RunOnly {
+    #[command(flatten)]
+    args: RunArgs,
+}
+
+/// Copies into `file` (a job of the config file) the arguments the command line or the
+/// environment gave. The destructuring lists every field: a new flag does not compile
+/// until it is listed here, so none is silently ignored under --config.
+fn overlay(file: &mut RunArgs, cli: RunArgs, given: &zq::Given) {
+    macro_rules! overlay {
+        ($into:expr, $from:expr, $ty:ident { $($field:ident),* $(,)? }) => {{
+            let $ty { $($field),* } = $from;
+            $(if given.has(stringify!($field)) {
+                $into.$field = $field;
+            })*
+        }};
+    }
+    let cli_transport = cli.transport.clone();
+    // `transport` itself is no argument (never given): its flags follow.
+    overlay!(
+        file,
+        cli,
+        RunArgs {
+            source,
+            addr,
+            target,
+            config,
+            host,
+            identity,
+            peer,
+            recursive,
+            exclude,
+            exclude_regex,
+            include_regex,
+            exclude_property,
+            skip_parent,
+            include_snapshots,
+            exclude_snapshots,
+            newest_only,
+            force,
+            zfs,
+            every,
+            snapshot_every,
+            jitter,
+            max_steps,
+            keep_last,
+            status_file,
+            metrics_listen,
+            job,
+            protection,
+            protection_initial,
+            protection_incremental,
+            idle_timeout,
+            stall_timeout,
+            retries,
+            retry_delay,
+            compress,
+            no_progress,
+            bwlimit,
+            transport,
+            protocol_version,
+        }
+    );
+    overlay!(
+        file.transport,
+        cli_transport,
+        TransportArgs {
+            bdp,
+            congestion,
+            udp_buffer
+        }
+    );
+}
+
+/// The jobs to run: the command line's, or with --config those of the file for this host
+/// (only --job's, if given), each under the flags and environment given.
+fn jobs(cli: RunArgs, given: &zq::Given) -> anyhow::Result<Vec<Run>> {
+    let Some(path) = cli.config.clone() else {
+        return Ok(vec![Run::new(cli)?]);
+    };
+    let config = zq::config::Config::load(&path)?;
+    let host = cli.host.clone().unwrap_or_else(zq::config::this_host);
+    let mut jobs = config.jobs_for(&host)?;
+    if jobs.is_empty() {
+        anyhow::bail!(
+            "config file {} has no job for host {host:?} (hosts named in it: {}); set --host",
+            path.display(),
+            config.host_names()?.join(", ")
         );
     }
+    if let (true, Some(only)) = (given.has("job"), &cli.job) {
+        jobs.retain(|j| &j.name == only);
+        if jobs.is_empty() {
+            anyhow::bail!(
+                "config file {} has no job {only:?} for host {host:?}",
+                path.display()
+            );
+        }
+    }
+    if jobs.len() > 1 {
+        for (id, flag) in [
+            ("metrics_listen", "--metrics-listen"),
+            ("status_file", "--status-file"),
+        ] {
+            if given.has(id) {
+                anyhow::bail!(
+                    "{flag} would be the same for the {} jobs of host {host:?}: set it per job \
+                     in the config file, or run one job with --job",
+                    jobs.len()
+                );
+            }
+        }
+    }
+    jobs.into_iter()
+        .map(|job| {
+            let label = format!("config file {}: job {:?}", path.display(), job.name);
+            let parsed = RunOnly::try_parse_from(&job.args)
+                .map_err(|e| anyhow::anyhow!("{}", zq::clap_message(&e)))
+                .with_context(|| label.clone())?;
+            let mut args = parsed.args;
+            overlay(&mut args, cli.clone(), given);
+            let mut run = Run::new(args).with_context(|| label.clone())?;
+            run.name = Some(job.name);
+            Ok(run)
+        })
+        .collect()
+}
+
+/// One job, checked: what the command line or the config file must give, present.
+#[derive(Debug)]
+struct Run {
+    /// The config file's name of the job (for logs).
+    name: Option<String>,
+    source: DatasetName,
+    addr: String,
+    target: DatasetName,
+    identity: PathBuf,
+    peer: Fingerprint,
+    args: RunArgs,
+}
+
+/// The job's other settings, as given (`run.every`, …).
+impl std::ops::Deref for Run {
+    type Target = RunArgs;
+    fn deref(&self) -> &RunArgs {
+        &self.args
+    }
+}
+
+impl Run {
+    /// Checks what clap cannot, since a config file may give part of it.
+    fn new(args: RunArgs) -> anyhow::Result<Run> {
+        let need = |what: &str| anyhow::anyhow!("{what} is missing");
+        let daemon = args.every.or(args.snapshot_every).is_some();
+        if !args.recursive {
+            for (set, flag) in [
+                (!args.exclude.is_empty(), "--exclude"),
+                (!args.exclude_regex.is_empty(), "--exclude-regex"),
+                (!args.include_regex.is_empty(), "--include-regex"),
+                (args.exclude_property.is_some(), "--exclude-property"),
+                (args.skip_parent, "--skip-parent"),
+            ] {
+                if set {
+                    anyhow::bail!("{flag} needs --recursive (recursive = true in a config file)");
+                }
+            }
+        }
+        if args.metrics_listen.is_some() && !daemon {
+            anyhow::bail!("--metrics-listen needs a daemon (--every or --snapshot-every): a one-shot run ends before anyone scrapes it");
+        }
+        let snapshots = zq_repl::filter::SnapshotFilter {
+            include: args.include_snapshots.clone(),
+            exclude: args.exclude_snapshots.clone(),
+        };
+        let ours = zq_repl::daemon::snapshot_name(std::time::SystemTime::now());
+        if args.snapshot_every.is_some() && !snapshots.keeps(&ours) {
+            anyhow::bail!(
+                "--snapshot-every creates snapshots named like {ours}, which \
+                 --include-snapshots/--exclude-snapshots leave out: nothing would be replicated"
+            );
+        }
+        Ok(Run {
+            name: None,
+            source: args.source.clone().ok_or_else(|| need("SOURCE"))?,
+            addr: args.addr.clone().ok_or_else(|| need("ADDR"))?,
+            target: args.target.clone().ok_or_else(|| need("TARGET"))?,
+            identity: args.identity.clone().ok_or_else(|| need("--identity"))?,
+            peer: args.peer.ok_or_else(|| need("--peer"))?,
+            args,
+        })
+    }
+
+    /// One line saying what the job does, for check-config.
+    fn describe(&self) -> String {
+        let mut what = vec![];
+        if self.recursive {
+            what.push("recursive".to_owned());
+        }
+        let filters = self.exclude.len()
+            + self.exclude_regex.len()
+            + self.include_regex.len()
+            + usize::from(self.exclude_property.is_some())
+            + usize::from(self.skip_parent);
+        if filters > 0 {
+            what.push(format!("{filters} dataset filter(s)"));
+        }
+        let snapshot_filters = self.include_snapshots.len() + self.exclude_snapshots.len();
+        if snapshot_filters > 0 {
+            what.push(format!("{snapshot_filters} snapshot filter(s)"));
+        }
+        let how = match (self.every, self.snapshot_every) {
+            (_, Some(s)) => format!(
+                "daemon: snapshots every {}, replicates every {}, start jitter up to {}, up to {} steps at once, keeps the last {}",
+                humantime::format_duration(s),
+                humantime::format_duration(self.every.unwrap_or(s)),
+                humantime::format_duration(self.jitter),
+                self.max_steps,
+                self.keep_last.unwrap_or(DEFAULT_KEEP_LAST)
+            ),
+            (Some(e), None) => format!(
+                "daemon: replicates every {}, start jitter up to {}, up to {} steps at once{}",
+                humantime::format_duration(e),
+                humantime::format_duration(self.jitter),
+                self.max_steps,
+                self.keep_last
+                    .map(|k| format!(", keeps the last {k}"))
+                    .unwrap_or_default()
+            ),
+            (None, None) => "once".to_owned(),
+        };
+        let what = if what.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", what.join(", "))
+        };
+        format!(
+            "{}{what} -> {} on {} [{how}; protection {}]",
+            self.source, self.target, self.addr, self.protection
+        )
+    }
+}
+
+/// `zq-send check-config`: every job and receiver of the file parsed as the flags they
+/// stand for, then what the host(s) would run.
+fn check_config(args: &CheckConfigArgs) -> ExitCode {
+    match check_config_inner(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(exit::USAGE, &e),
+    }
+}
+
+fn check_config_inner(args: &CheckConfigArgs) -> anyhow::Result<()> {
+    use zq::config::shell_words;
+    let config = zq::config::Config::load(&args.config)?;
+    let jobs = config.jobs()?;
+    let receivers = config.receivers()?;
+    let mut runs = Vec::new();
+    for job in &jobs {
+        let label = || {
+            format!(
+                "config file {}: job {:?} on host {:?}",
+                args.config.display(),
+                job.name,
+                job.host
+            )
+        };
+        let parsed = RunOnly::try_parse_from(&job.args)
+            .map_err(|e| anyhow::anyhow!("{}", zq::clap_message(&e)))
+            .with_context(label)?;
+        runs.push(Run::new(parsed.args).with_context(label)?);
+    }
+    for r in &receivers {
+        zq::serve::ServeOnly::try_parse_from(&r.args)
+            .map_err(|e| anyhow::anyhow!("{}", zq::clap_message(&e)))
+            .with_context(|| {
+                format!(
+                    "config file {}: receiver on host {:?}",
+                    args.config.display(),
+                    r.host
+                )
+            })?;
+    }
+    let hosts = config.host_names()?;
+    println!(
+        "{}: valid ({} job(s), {} receiver(s); hosts: {})",
+        args.config.display(),
+        jobs.len(),
+        receivers.len(),
+        hosts.join(", ")
+    );
+    let shown: Vec<String> = if args.all {
+        hosts
+    } else {
+        vec![args.host.clone().unwrap_or_else(zq::config::this_host)]
+    };
+    for host in &shown {
+        println!("host {host}:");
+        let mut nothing = true;
+        for (job, run) in jobs.iter().zip(&runs) {
+            if zq::config::host_matches(&job.host, host) {
+                nothing = false;
+                println!("  job {}: {}", job.name, run.describe());
+                println!("    zq-send run {}", shell_words(&job.args));
+            }
+        }
+        for r in receivers
+            .iter()
+            .filter(|r| zq::config::host_matches(&r.host, host))
+        {
+            nothing = false;
+            println!("  receiver: zq-recv serve {}", shell_words(&r.args));
+        }
+        if nothing {
+            println!("  nothing: no job or receiver of the file names this host");
+        }
+    }
+    Ok(())
+}
+
+/// Runs the jobs side by side; the exit code is the worst of theirs.
+async fn run_all(jobs: Vec<Run>) -> ExitCode {
+    use tracing::Instrument;
+    let mut set = tokio::task::JoinSet::new();
+    let several = jobs.len() > 1;
+    for mut job in jobs {
+        // One progress line per terminal.
+        job.args.no_progress |= several;
+        let span = match &job.name {
+            Some(name) => tracing::info_span!("job", name = %name),
+            None => tracing::Span::none(),
+        };
+        set.spawn(run(job).instrument(span));
+    }
+    let mut code = exit::OK;
+    while let Some(done) = set.join_next().await {
+        code = code.max(done.unwrap_or(exit::FAILURE));
+    }
+    ExitCode::from(code)
+}
+
+fn failed(code: u8, err: &anyhow::Error) -> u8 {
+    zq::report(err);
+    code
+}
+
+async fn run(args: Run) -> u8 {
     // Bound before anything else runs, so a taken port is a usage error at once.
     let metrics_listener = match zq::bind_metrics(args.metrics_listen).await {
         Ok(l) => l,
-        Err(e) => return fail(exit::USAGE, &e),
+        Err(e) => return failed(exit::USAGE, &e),
     };
     let identity = match Identity::load(&args.identity, ROLE) {
         Ok(i) => i,
         Err(e) => {
-            return fail(
+            return failed(
                 exit::USAGE,
                 &anyhow::Error::new(e).context("loading identity"),
             )
@@ -302,7 +693,7 @@ async fn run(args: RunArgs) -> ExitCode {
     };
     let zfs = match Zfs::probe(&args.zfs).await {
         Ok(z) => z,
-        Err(e) => return fail(exit::FAILURE, &anyhow::Error::new(e).context("probing zfs")),
+        Err(e) => return failed(exit::FAILURE, &anyhow::Error::new(e).context("probing zfs")),
     };
     let mut caps = Capabilities::current(format!("zq-send {}", env!("CARGO_PKG_VERSION")));
     if let Some(v) = args.protocol_version {
@@ -325,18 +716,18 @@ async fn run(args: RunArgs) -> ExitCode {
             },
             tags,
         )),
-        Err(e) => return fail(exit::USAGE, &anyhow::anyhow!(e).context("--job")),
+        Err(e) => return failed(exit::USAGE, &anyhow::anyhow!(e).context("--job")),
     };
     tracing::info!(job = %job_name, initial = %protector.modes.initial, incremental = %protector.modes.incremental, "protection");
     let peer = match Peer::new(&args, identity, caps, protector).await {
         Ok(p) => Arc::new(p),
-        Err(e) => return fail(exit::CONNECT, &e),
+        Err(e) => return failed(exit::CONNECT, &e),
     };
     let mut exclude = Vec::new();
     for e in &args.exclude {
         match exclude_name(&args.source, e) {
             Ok(d) => exclude.push(d),
-            Err(e) => return fail(exit::USAGE, &anyhow::anyhow!(e).context("--exclude")),
+            Err(e) => return failed(exit::USAGE, &anyhow::anyhow!(e).context("--exclude")),
         }
     }
     let job = Job {
@@ -361,16 +752,6 @@ async fn run(args: RunArgs) -> ExitCode {
             chain_up_to: 0,
         },
     };
-    let ours = zq_repl::daemon::snapshot_name(std::time::SystemTime::now());
-    if args.snapshot_every.is_some() && !job.snapshots.keeps(&ours) {
-        return fail(
-            exit::USAGE,
-            &anyhow::anyhow!(
-                "--snapshot-every creates snapshots named like {ours}, which \
-                 --include-snapshots/--exclude-snapshots leave out: nothing would be replicated"
-            ),
-        );
-    }
     let code = match args.every.or(args.snapshot_every) {
         Some(every) => daemon(&args, every, job, zfs, peer.clone(), metrics_listener).await,
         None => once(&args, job, zfs, &peer).await,
@@ -378,7 +759,7 @@ async fn run(args: RunArgs) -> ExitCode {
     // Cursor moves go out in batches: let the last ones happen before exiting.
     peer.protector.flush().await;
     peer.client.shutdown().await;
-    ExitCode::from(code)
+    code
 }
 
 /// `zq-send abstractions list|release-stale`.
@@ -429,7 +810,7 @@ async fn abstractions(cmd: AbstractionsCommand) -> ExitCode {
 /// Replicates once and reports each dataset, with a progress line on a terminal; returns
 /// the exit code. Datasets that failed with a transient error get up to --retries more runs
 /// of the whole job (which skips what is up to date).
-async fn once(args: &RunArgs, job: Job, zfs: Zfs, peer: &Peer) -> u8 {
+async fn once(args: &Run, job: Job, zfs: Zfs, peer: &Peer) -> u8 {
     use std::io::IsTerminal;
     let progress = (!args.no_progress && std::io::stderr().is_terminal())
         .then(|| Arc::new(zq_repl::progress::Progress::default()));
@@ -464,7 +845,7 @@ async fn show_progress(p: Arc<zq_repl::progress::Progress>) {
 }
 
 async fn once_inner(
-    args: &RunArgs,
+    args: &Run,
     job: Job,
     zfs: Zfs,
     peer: &Peer,
@@ -554,7 +935,7 @@ async fn once_inner(
 
 /// Runs as a daemon until SIGTERM/SIGINT; returns the exit code (0 on a signal).
 async fn daemon(
-    args: &RunArgs,
+    args: &Run,
     every: Duration,
     job: Job,
     zfs: Zfs,
@@ -629,7 +1010,7 @@ struct Peer {
 
 impl Peer {
     async fn new(
-        args: &RunArgs,
+        args: &Run,
         identity: Identity,
         caps: Capabilities,
         protector: Arc<Protector>,

@@ -361,6 +361,11 @@ impl Recv {
         cmd.args(["serve", "--listen", listen])
             .args(serve_args(keys, allow))
             .args(extra);
+        Recv::spawn_command(cmd)
+    }
+
+    /// Starts `cmd` (a `zq-recv serve …`) and waits for the address it listens on.
+    pub fn spawn_command(mut cmd: Command) -> Recv {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -604,15 +609,22 @@ impl Daemon {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Daemon {
-        let log = keys.dir.path().join("daemon.log");
         let status = keys.dir.path().join("status.json");
-        let child = Command::new(SEND)
-            .args(["run", source, addr, target, "--identity", keys.path()])
+        let mut cmd = Command::new(SEND);
+        cmd.args(["run", source, addr, target, "--identity", keys.path()])
             .args(["--peer", &keys.recv_fp])
             .arg("--status-file")
             .arg(&status)
             .args(extra)
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Daemon::spawn_command(cmd, keys, status)
+    }
+
+    /// Starts `cmd` (a `zq-send run …` daemon writing its status to `status`), logging
+    /// to a file next to `keys`.
+    pub fn spawn_command(mut cmd: Command, keys: &Keys, status: PathBuf) -> Daemon {
+        let log = keys.dir.path().join("daemon.log");
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -1,0 +1,129 @@
+//! `zq-recv serve`'s arguments, here so that `zq-send check-config` can check a config
+//! file's receivers with the same definitions.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use zq_net::Fingerprint;
+use zq_store::DatasetName;
+
+/// `zq-recv serve`: where to listen, whom to allow, where to spool.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Serve as the receiver this config file describes for this host (see --host);
+    /// flags and environment variables given here override the file. See
+    /// docs/operations.md, "Config file".
+    #[arg(long, value_name = "FILE", env = "ZQ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// With --config: the host whose receiver to run [default: this machine's host name].
+    #[arg(long, value_name = "NAME", env = "ZQ_HOST", requires = "config")]
+    pub host: Option<String>,
+    /// UDP address to listen on [default: [::]:7446]. Port 0 picks a free port; the bound
+    /// address is printed on stdout as `listening on ADDR`. Under systemd socket
+    /// activation (zq-recv.socket) the socket comes from systemd instead: leave it out.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Directory holding this receiver's identity (see `keygen`).
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "ZQ_IDENTITY",
+        required_unless_present = "config"
+    )]
+    pub identity: Option<PathBuf>,
+    /// Allow the sender with this fingerprint to write inside ROOT (repeatable; one root
+    /// per sender).
+    #[arg(long, value_name = "FINGERPRINT=ROOT", required_unless_present = "config", value_parser = parse_allow)]
+    pub allow: Vec<(Fingerprint, DatasetName)>,
+    /// The zfs program to run.
+    #[arg(long, default_value = "zfs", value_name = "PATH", env = "ZQ_ZFS")]
+    pub zfs: PathBuf,
+    /// Directory where large steps are spooled so that an interrupted one resumes instead
+    /// of starting over. Needs free space for the largest transfer (up to --spool-max).
+    #[arg(long, default_value = "/var/lib/zq-recv/spool", value_name = "DIR")]
+    pub spool_dir: PathBuf,
+    /// Spool steps once their stream passes SIZE (held in memory per step until then);
+    /// smaller steps restart when interrupted.
+    #[arg(long, default_value = "4MiB", value_name = "SIZE", value_parser = crate::parse_size)]
+    pub spool_from: u64,
+    /// Spool at most SIZE of one step; the rest of a longer one is not resumable (0: spool
+    /// nothing, as --no-spool).
+    #[arg(long, default_value = "64GiB", value_name = "SIZE", value_parser = crate::parse_size)]
+    pub spool_max: u64,
+    /// Spool nothing: every interrupted step starts over.
+    #[arg(long)]
+    pub no_spool: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics (per target steps, failures, bytes
+    /// and resumes; each sender connection's RTT, window and losses; zfs command
+    /// durations). Off by default; e.g. 127.0.0.1:9747.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub transport: crate::TransportArgs,
+}
+
+/// `--allow FINGERPRINT=ROOT`.
+pub fn parse_allow(s: &str) -> Result<(Fingerprint, DatasetName), String> {
+    let (fp, root) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected FINGERPRINT=ROOT"))?;
+    let fp = Fingerprint::parse(fp)?;
+    let root = DatasetName::parse(root).map_err(|e| e.to_string())?;
+    Ok((fp, root))
+}
+
+/// The port zq-recv listens on unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "[::]:7446";
+
+impl ServeArgs {
+    /// Copies into `self` (a config file's receiver) the arguments the command line or the
+    /// environment gave (`given`). The destructuring lists every field: a new flag does
+    /// not compile until it is listed here.
+    pub fn overlay(&mut self, cli: ServeArgs, given: &crate::Given) {
+        macro_rules! overlay {
+            ($into:expr, $from:expr, $ty:path { $($field:ident),* $(,)? }) => {{
+                let $ty { $($field),* } = $from;
+                $(if given.has(stringify!($field)) {
+                    $into.$field = $field;
+                })*
+            }};
+        }
+        let cli_transport = cli.transport.clone();
+        // `transport` itself is no argument (never given): its flags follow.
+        overlay!(
+            self,
+            cli,
+            ServeArgs {
+                config,
+                host,
+                listen,
+                identity,
+                allow,
+                zfs,
+                spool_dir,
+                spool_from,
+                spool_max,
+                no_spool,
+                metrics_listen,
+                transport,
+            }
+        );
+        overlay!(
+            self.transport,
+            cli_transport,
+            crate::TransportArgs {
+                bdp,
+                congestion,
+                udp_buffer
+            }
+        );
+    }
+}
+
+/// `serve`'s arguments alone, to parse a config file's receiver as the flags it stands for.
+#[derive(clap::Parser, Debug)]
+#[command(name = "zq-recv serve", no_binary_name = true)]
+pub struct ServeOnly {
+    #[command(flatten)]
+    pub args: ServeArgs,
+}

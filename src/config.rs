@@ -165,6 +165,10 @@ struct ProtectionSpec {
 #[serde(deny_unknown_fields)]
 struct RetentionSpec {
     keep_last: Option<Scalar>,
+    /// `--keep-grid`, e.g. "1h=all,24h=hourly,30d=daily".
+    grid: Option<String>,
+    target_keep_last: Option<Scalar>,
+    target_grid: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -493,6 +497,9 @@ impl Config {
             job.protection.incremental.as_ref(),
         );
         a.value("keep-last", job.retention.keep_last.as_ref());
+        a.value("keep-grid", job.retention.grid.as_ref());
+        a.value("target-keep-last", job.retention.target_keep_last.as_ref());
+        a.value("target-keep-grid", job.retention.target_grid.as_ref());
         a.value("max-steps", job.concurrency.steps.as_ref());
         a.transport(&job.transport);
         Ok(a.finish(host))

@@ -42,10 +42,24 @@ enum Command {
     /// Show or clean up the holds zq placed on source snapshots (step holds, cursors).
     #[command(subcommand)]
     Abstractions(AbstractionsCommand),
+    /// Apply a job's retention once on both sides, without replicating: what a daemon's
+    /// retention pass would do (--keep-last, --keep-grid, --target-keep-*; a daemon with
+    /// --snapshot-every keeps the last 100 by default). With --dry-run, destroy nothing and
+    /// print what would go. Takes run's arguments (or --config and --job).
+    Prune(Box<PruneArgs>),
     /// Check a config file (every job and receiver of every host in it) and print what
     /// this host would run: its jobs as `zq-send run` commands, its receiver as `zq-recv
     /// serve`. Exit 0 when valid, 2 otherwise.
     CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Args, Debug)]
+struct PruneArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Destroy nothing; print what would be destroyed on each side.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args, Debug)]
@@ -205,6 +219,20 @@ struct RunArgs {
     /// snapshots are never touched. Default 100 with --snapshot-every, otherwise off.
     #[arg(long, value_name = "N")]
     keep_last: Option<usize>,
+    /// Daemon: retention by age on both sides, as well as --keep-last (a snapshot either
+    /// keeps stays): AGE=PERIOD rules from young to old, e.g. 1h=all,24h=hourly,30d=daily
+    /// keeps every zq_ snapshot of the last hour, then the oldest of each hour for a day,
+    /// of each day for 30 days, and none older (periods: all, minutely, hourly, daily,
+    /// weekly, monthly, yearly, or a duration). Same safeguards as --keep-last.
+    #[arg(long, value_name = "GRID")]
+    keep_grid: Option<zq_repl::retention::Grid>,
+    /// Daemon: retention on the target by count; with --target-keep-grid, the target's
+    /// own policy instead of --keep-last/--keep-grid (e.g. keep more on the backup).
+    #[arg(long, value_name = "N")]
+    target_keep_last: Option<usize>,
+    /// Daemon: retention on the target by age (see --keep-grid and --target-keep-last).
+    #[arg(long, value_name = "GRID")]
+    target_keep_grid: Option<zq_repl::retention::Grid>,
     /// Daemon: write the status that `zq-send status` shows to this file on every tick
     /// [default: $RUNTIME_DIRECTORY or /run/zq, file send-<SOURCE>--<TARGET>.json].
     #[arg(long, value_name = "PATH")]
@@ -311,7 +339,19 @@ fn main() -> ExitCode {
                 Ok(j) => j,
                 Err(e) => return fail(exit::USAGE, &e),
             };
-            zq::block_on(cli.log.json(), run_all(jobs))
+            zq::block_on(cli.log.json(), run_all(jobs, Action::Replicate))
+        }
+        Command::Prune(args) => {
+            let given = matches
+                .subcommand_matches("prune")
+                .map(zq::Given::new)
+                .unwrap_or_default();
+            let dry_run = args.dry_run;
+            let jobs = match jobs(args.run, &given) {
+                Ok(j) => j,
+                Err(e) => return fail(exit::USAGE, &e),
+            };
+            zq::block_on(cli.log.json(), run_all(jobs, Action::Prune { dry_run }))
         }
         Command::CheckConfig(args) => check_config(&args),
         Command::Status(args) if args.warn_lag.is_some() || args.crit_lag.is_some() => {
@@ -377,6 +417,9 @@ fn overlay(file: &mut RunArgs, cli: RunArgs, given: &zq::Given) {
             jitter,
             max_steps,
             keep_last,
+            keep_grid,
+            target_keep_last,
+            target_keep_grid,
             status_file,
             metrics_listen,
             job,
@@ -523,6 +566,30 @@ impl Run {
         })
     }
 
+    /// Retention on each side: the flags', and a daemon that makes its own snapshots keeps
+    /// the last [`DEFAULT_KEEP_LAST`] when no retention flag is given (they would pile up
+    /// at one per period).
+    fn retention(&self) -> zq_repl::retention::Retention {
+        use zq_repl::retention::{Policy, Retention};
+        let mut source = Policy {
+            keep_last: self.keep_last,
+            grid: self.keep_grid.clone(),
+        };
+        let own = self.target_keep_last.is_some() || self.target_keep_grid.is_some();
+        if source.is_off() && !own && self.snapshot_every.is_some() {
+            source.keep_last = Some(DEFAULT_KEEP_LAST);
+        }
+        let target = if own {
+            Policy {
+                keep_last: self.target_keep_last,
+                grid: self.target_keep_grid.clone(),
+            }
+        } else {
+            source.clone()
+        };
+        Retention { source, target }
+    }
+
     /// One line saying what the job does, for check-config.
     fn describe(&self) -> String {
         let mut what = vec![];
@@ -543,21 +610,19 @@ impl Run {
         }
         let how = match (self.every, self.snapshot_every) {
             (_, Some(s)) => format!(
-                "daemon: snapshots every {}, replicates every {}, start jitter up to {}, up to {} steps at once, keeps the last {}",
+                "daemon: snapshots every {}, replicates every {}, start jitter up to {}, up to {} steps at once, {}",
                 humantime::format_duration(s),
                 humantime::format_duration(self.every.unwrap_or(s)),
                 humantime::format_duration(self.jitter),
                 self.max_steps,
-                self.keep_last.unwrap_or(DEFAULT_KEEP_LAST)
+                retention_text(&self.retention())
             ),
             (Some(e), None) => format!(
-                "daemon: replicates every {}, start jitter up to {}, up to {} steps at once{}",
+                "daemon: replicates every {}, start jitter up to {}, up to {} steps at once, {}",
                 humantime::format_duration(e),
                 humantime::format_duration(self.jitter),
                 self.max_steps,
-                self.keep_last
-                    .map(|k| format!(", keeps the last {k}"))
-                    .unwrap_or_default()
+                retention_text(&self.retention())
             ),
             (None, None) => "once".to_owned(),
         };
@@ -570,6 +635,15 @@ impl Run {
             "{}{what} -> {} on {} [{how}; protection {}]",
             self.source, self.target, self.addr, self.protection
         )
+    }
+}
+
+/// "source: keep …; target: keep …", or one of them when both sides agree.
+fn retention_text(r: &zq_repl::retention::Retention) -> String {
+    if r.source == r.target {
+        format!("retention {} on both sides", r.source)
+    } else {
+        format!("retention: source {}, target {}", r.source, r.target)
     }
 }
 
@@ -650,8 +724,15 @@ fn check_config_inner(args: &CheckConfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What to do with a job.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Replicate,
+    Prune { dry_run: bool },
+}
+
 /// Runs the jobs side by side; the exit code is the worst of theirs.
-async fn run_all(jobs: Vec<Run>) -> ExitCode {
+async fn run_all(jobs: Vec<Run>, action: Action) -> ExitCode {
     use tracing::Instrument;
     let mut set = tokio::task::JoinSet::new();
     let several = jobs.len() > 1;
@@ -662,7 +743,7 @@ async fn run_all(jobs: Vec<Run>) -> ExitCode {
             Some(name) => tracing::info_span!("job", name = %name),
             None => tracing::Span::none(),
         };
-        set.spawn(run(job).instrument(span));
+        set.spawn(run(job, action).instrument(span));
     }
     let mut code = exit::OK;
     while let Some(done) = set.join_next().await {
@@ -676,9 +757,13 @@ fn failed(code: u8, err: &anyhow::Error) -> u8 {
     code
 }
 
-async fn run(args: Run) -> u8 {
+async fn run(args: Run, action: Action) -> u8 {
+    let metrics_listen = match action {
+        Action::Replicate => args.metrics_listen,
+        Action::Prune { .. } => None,
+    };
     // Bound before anything else runs, so a taken port is a usage error at once.
-    let metrics_listener = match zq::bind_metrics(args.metrics_listen).await {
+    let metrics_listener = match zq::bind_metrics(metrics_listen).await {
         Ok(l) => l,
         Err(e) => return failed(exit::USAGE, &e),
     };
@@ -752,9 +837,12 @@ async fn run(args: Run) -> u8 {
             chain_up_to: 0,
         },
     };
-    let code = match args.every.or(args.snapshot_every) {
-        Some(every) => daemon(&args, every, job, zfs, peer.clone(), metrics_listener).await,
-        None => once(&args, job, zfs, &peer).await,
+    let code = match (action, args.every.or(args.snapshot_every)) {
+        (Action::Prune { dry_run }, _) => prune(&args, job, zfs, &peer, dry_run).await,
+        (Action::Replicate, Some(every)) => {
+            daemon(&args, every, job, zfs, peer.clone(), metrics_listener).await
+        }
+        (Action::Replicate, None) => once(&args, job, zfs, &peer).await,
     };
     // Cursor moves go out in batches: let the last ones happen before exiting.
     peer.protector.flush().await;
@@ -805,6 +893,81 @@ async fn abstractions(cmd: AbstractionsCommand) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `zq-send prune`: one retention pass on both sides, each snapshot destroyed (or, with
+/// `dry_run`, that would be) on a line of its own.
+async fn prune(args: &Run, job: Job, zfs: Zfs, peer: &Peer, dry_run: bool) -> u8 {
+    let retention = args.retention();
+    if retention.is_off() {
+        return failed(
+            exit::USAGE,
+            &anyhow::anyhow!(
+                "no retention to apply: give --keep-last or --keep-grid (or --target-keep-*), \
+                 or --snapshot-every for its default (the last {DEFAULT_KEEP_LAST})"
+            ),
+        );
+    }
+    let sender = match peer.connect(zfs.clone()).await {
+        Ok(s) => s,
+        Err(e) => return failed(exit::CONNECT, &e),
+    };
+    let pruned = match zq_repl::daemon::prune_once(&sender, &zfs, &job, &retention, dry_run).await {
+        Ok(p) => p,
+        Err(e) => {
+            let code = code_for(&e);
+            return failed(
+                code,
+                &anyhow::Error::new(e).context(format!("pruning {}", args.source)),
+            );
+        }
+    };
+    let verb = if dry_run {
+        "would destroy"
+    } else {
+        "destroyed"
+    };
+    println!(
+        "retention: source {}; target {}",
+        retention.source, retention.target
+    );
+    let mut code = exit::OK;
+    for p in &pruned {
+        if let Some(why) = p.skipped {
+            println!("{} -> {}: nothing pruned: {why}", p.source, p.target);
+            continue;
+        }
+        for name in &p.source_snapshots {
+            println!("{verb} {}@{name}", p.source);
+        }
+        match &p.target_snapshots {
+            Ok(names) => {
+                for name in names {
+                    println!("{verb} {}@{name} (on the receiver)", p.target);
+                }
+                println!(
+                    "{} -> {}: {verb} {} here, {} on the receiver",
+                    p.source,
+                    p.target,
+                    p.source_snapshots.len(),
+                    names.len()
+                );
+            }
+            Err(e) => {
+                eprintln!(
+                    "error: {} -> {}: retention on the receiver: {}",
+                    p.source,
+                    p.target,
+                    zq::chain(e)
+                );
+                code = code.max(exit::FAILURE);
+            }
+        }
+    }
+    if !dry_run {
+        peer.protector.flush().await;
+    }
+    code
 }
 
 /// Replicates once and reports each dataset, with a progress line on a terminal; returns
@@ -953,10 +1116,7 @@ async fn daemon(
         snapshot_every: args.snapshot_every,
         jitter: args.jitter,
         max_steps: usize::from(args.max_steps),
-        // zq's own snapshots would pile up at one per period: prune by default then.
-        keep_last: args
-            .keep_last
-            .or(args.snapshot_every.map(|_| DEFAULT_KEEP_LAST)),
+        retention: args.retention(),
         status_file: Some(
             args.status_file
                 .clone()

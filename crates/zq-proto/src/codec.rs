@@ -687,6 +687,22 @@ mod tests {
                     destroyed,
                     remaining
                 })),
+            (
+                arb_name(),
+                any::<Option<u32>>(),
+                proptest::option::of("[0-9a-z=,]{0,40}"),
+                any::<u64>(),
+                any::<bool>()
+            )
+                .prop_map(|(dataset, keep_last, grid, base_guid, dry_run)| {
+                    Message::PruneBy(PruneBy {
+                        dataset,
+                        keep_last,
+                        grid,
+                        base_guid,
+                        dry_run,
+                    })
+                }),
         ]
     }
 
@@ -711,10 +727,11 @@ mod tests {
                 Message::Pruned(_) => 11,
                 Message::Resumable(_) => 12,
                 Message::StepStart(_) => 13,
+                Message::PruneBy(_) => 14,
             }
         }
         let mut runner = proptest::test_runner::TestRunner::deterministic();
-        let mut seen = [false; 14];
+        let mut seen = [false; 15];
         for _ in 0..2000 {
             let m = arb_message().new_tree(&mut runner).unwrap().current();
             seen[kind(&m)] = true;

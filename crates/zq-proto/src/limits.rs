@@ -7,7 +7,8 @@ pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// of its `to` snapshot to the stream (0), and `Prune`/`Pruned` exist.
 /// Version 3: steps start with `StepStart` (protection, resume), `Resumable` follows a
 /// listing when both peers offered the `spool` resume kind, `ErrorKind::ResumeRejected`.
-pub const PROTOCOL_VERSION_MAX: u16 = 3;
+/// Version 4: `PruneBy` (retention by a time grid as well as by count, and dry runs).
+pub const PROTOCOL_VERSION_MAX: u16 = 4;
 
 /// First four bytes of every `Hello`: "ZQ" and two bytes of zeros, so a stray client of
 /// another protocol is told apart from a zq peer of another version.
@@ -31,6 +32,8 @@ pub const MAX_SNAPSHOTS_PER_DATASET: usize = 1_000_000;
 
 /// Longest free-text field (error messages, software versions).
 pub const MAX_TEXT_LEN: usize = 16 * 1024;
+/// Longest time grid in a `PruneBy` (16 rules fit in well under this).
+pub const MAX_GRID_LEN: usize = 1024;
 
 /// Most capability names a peer may advertise per kind, and the longest such name.
 pub const MAX_CAPABILITIES: usize = 32;

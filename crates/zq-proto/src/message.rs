@@ -43,6 +43,9 @@ pub enum Message {
     /// the header with the step's protection and, with [`RESUME_SPOOL`], where a resumed
     /// step's data continue. Data chunks follow.
     StepStart(StepStart),
+    /// Sender → receiver, from version 4, instead of [`Message::Prune`]: retention by count
+    /// and/or a time grid, or only what it would destroy. Answered by [`Pruned`].
+    PruneBy(PruneBy),
 }
 
 /// The resume kind in which the receiver spools a large step's verified bytes and the
@@ -67,6 +70,7 @@ impl Message {
             Message::Pruned(_) => "Pruned",
             Message::Resumable(_) => "Resumable",
             Message::StepStart(_) => "StepStart",
+            Message::PruneBy(_) => "PruneBy",
         }
     }
 
@@ -151,6 +155,12 @@ impl Message {
                     .try_for_each(|s| check_name("Verdict.snapshots", &s.name))
             }
             Message::Prune(p) => check_name("Prune.dataset", &p.dataset),
+            Message::PruneBy(p) => {
+                check_name("PruneBy.dataset", &p.dataset)?;
+                p.grid
+                    .as_deref()
+                    .map_or(Ok(()), |g| check_len("PruneBy.grid", g.len(), MAX_GRID_LEN))
+            }
             Message::Pruned(p) => {
                 check_count(
                     "Pruned.destroyed",
@@ -468,7 +478,23 @@ pub struct PruneRequest {
     pub base_guid: u64,
 }
 
-/// What a [`PruneRequest`] destroyed.
+/// Retention of one target's `zq_` snapshots (version 4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneBy {
+    /// Target dataset on the receiver.
+    pub dataset: String,
+    /// Keep the newest N `zq_` snapshots.
+    pub keep_last: Option<u32>,
+    /// Keep what this time grid keeps (`1h=all,24h=1h`, see `zq_repl::retention::Grid`);
+    /// the receiver parses it and refuses a bad one.
+    pub grid: Option<String>,
+    /// GUID of the common base, which is never destroyed (nor anything newer).
+    pub base_guid: u64,
+    /// Destroy nothing: answer with what would be destroyed.
+    pub dry_run: bool,
+}
+
+/// What a [`PruneRequest`] or [`PruneBy`] destroyed (or, in a dry run, would destroy).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pruned {
     /// Names (after `@`) of the destroyed snapshots.

@@ -33,7 +33,7 @@ use zq_proto::SnapshotInfo;
 use zq_store::{DatasetName, Zfs};
 
 use crate::lanes::{Lanes, Slot};
-use crate::retention::{prunable, remote_may_exceed, RemoteCount, ZQ_PREFIX};
+use crate::retention::{prunable_by, remote_may_exceed, Policy, RemoteCount, Retention, ZQ_PREFIX};
 use crate::sender::{Job, Listing, Sender};
 use crate::{to_info, DatasetOutcome, ReplError};
 
@@ -59,9 +59,9 @@ pub struct DaemonOptions {
     /// Most replication steps in flight at once; steps that grow past 1 MiB move to a
     /// bulk lane with as many slots again ([`crate::lanes`]).
     pub max_steps: usize,
-    /// Retention: keep this many of the newest `zq_` snapshots on both sides (never the
-    /// common base or anything newer); `None` keeps everything.
-    pub keep_last: Option<usize>,
+    /// Retention of `zq_` snapshots on each side (never the common base or anything
+    /// newer); off on a side whose policy is off.
+    pub retention: Retention,
     /// Where to write the status (`zq-send status` reads it): on every tick, and at most
     /// once a second as steps end.
     pub status_file: Option<PathBuf>,
@@ -162,17 +162,25 @@ pub async fn run(
         m.watch_sender(conn_tx.subscribe());
     }
     let mut retention = None;
-    if let Some(keep) = opts.keep_last {
+    if !opts.retention.is_off() {
         // Every 5 periods (at least 5 s), or less often when N is large: a pass lists the
         // whole source tree, which costs time per snapshot, and waiting until a quarter of N
         // new snapshots may exist loses nothing.
+        let keep = [
+            opts.retention.source.keep_last,
+            opts.retention.target.keep_last,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(0);
         let fill =
             opts.snapshot_every.unwrap_or(opts.every) * u32::try_from(keep / 4).unwrap_or(u32::MAX);
         let every = (opts.every * 5).max(Duration::from_secs(5)).max(fill);
         retention = Some(tokio::spawn(retention_loop(
             zfs.clone(),
             job.clone(),
-            keep,
+            opts.retention.clone(),
             every,
             cursors_rx,
             conn_rx,
@@ -378,16 +386,17 @@ type Cursors = HashMap<DatasetName, (DatasetName, SnapshotInfo)>;
 async fn retention_loop(
     zfs: Zfs,
     job: Job,
-    keep: usize,
+    retention: Retention,
     every: Duration,
     mut cursors: watch::Receiver<Cursors>,
     conn: watch::Receiver<Option<Arc<Sender>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let keep_u32 = u32::try_from(keep).unwrap_or(u32::MAX);
     let mut last = Instant::now();
     // Per target, what its last prune left (see `remote_may_exceed`).
     let mut remote: HashMap<DatasetName, RemoteCount> = HashMap::new();
+    // Said once: the receiver cannot apply the target's policy.
+    let mut unsupported_said = false;
     loop {
         tokio::select! {
             changed = cursors.changed() => if changed.is_err() { return },
@@ -411,42 +420,42 @@ async fn retention_loop(
             }
         };
         // Receivers older than protocol version 2 do not prune.
-        let mut sender = conn.borrow().clone().filter(|s| s.session().version >= 2);
+        let mut sender = conn
+            .borrow()
+            .clone()
+            .filter(|s| s.session().version >= 2 && !retention.target.is_off());
+        let now = std::time::SystemTime::now();
         for dataset in listing {
             let Some((target, base)) = cursors.get(&dataset.name) else {
                 continue;
             };
             let source = &dataset.name;
             let snaps: Vec<_> = dataset.snapshots.iter().map(to_info).collect();
-            for s in prunable(&snaps, ZQ_PREFIX, keep, base.guid) {
-                let destroyed = match source.snapshot(&s.name) {
-                    Ok(snap) => zfs.destroy_snapshot(&snap).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                match destroyed {
-                    // Held (another job's cursor, an operator's hold): never destroyed.
-                    Err(e) if e.contains("dataset is busy") => {
-                        debug!(dataset = %source, snapshot = %s.name, "retention: held; kept");
-                    }
-                    Err(e) => {
-                        warn!(dataset = %source, snapshot = %s.name, error = %e, "retention: cannot destroy");
-                    }
-                    Ok(()) => {}
-                }
-            }
+            let doomed = prunable_by(&snaps, ZQ_PREFIX, &retention.source, base.guid, now);
+            destroy_local(&zfs, source, &doomed).await;
             let Some(s) = &sender else {
                 continue;
             };
-            if !remote_may_exceed(
-                remote.get(target).copied(),
-                &snaps,
-                ZQ_PREFIX,
-                keep,
-                base.guid,
-            ) {
-                continue;
+            // By count alone, a prune that cannot destroy anything is not asked for.
+            if let Policy {
+                keep_last: Some(keep),
+                grid: None,
+            } = retention.target
+            {
+                if !remote_may_exceed(
+                    remote.get(target).copied(),
+                    &snaps,
+                    ZQ_PREFIX,
+                    keep,
+                    base.guid,
+                ) {
+                    continue;
+                }
             }
-            match s.prune_remote(target, keep_u32, base.guid).await {
+            match s
+                .prune_remote(target, &retention.target, base.guid, false)
+                .await
+            {
                 Ok(p) => match p.remaining {
                     Some(remaining) => {
                         let count = RemoteCount {
@@ -464,12 +473,118 @@ async fn retention_loop(
                     debug!(error = %chain(&e), "retention: the connection is gone");
                     sender = None;
                 }
+                Err(ReplError::Unsupported(why)) => {
+                    if !unsupported_said {
+                        warn!(%why, "retention on the receiver is off");
+                        unsupported_said = true;
+                    }
+                    sender = None;
+                }
                 Err(e) => {
                     warn!(dataset = %target, error = %chain(&e), "retention on the receiver failed")
                 }
             }
         }
     }
+}
+
+/// Destroys `doomed` snapshots of `dataset` here; returns the names destroyed. A held one
+/// (another job's cursor, an operator's hold) is never destroyed: zfs refuses, and it is
+/// kept; other failures are logged.
+async fn destroy_local(zfs: &Zfs, dataset: &DatasetName, doomed: &[&SnapshotInfo]) -> Vec<String> {
+    let mut destroyed = Vec::new();
+    for s in doomed {
+        let result = match dataset.snapshot(&s.name) {
+            Ok(snap) => zfs.destroy_snapshot(&snap).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Err(e) if e.contains("dataset is busy") => {
+                debug!(%dataset, snapshot = %s.name, "retention: held; kept");
+            }
+            Err(e) => {
+                warn!(%dataset, snapshot = %s.name, error = %e, "retention: cannot destroy");
+            }
+            Ok(()) => destroyed.push(s.name.clone()),
+        }
+    }
+    destroyed
+}
+
+/// What one retention pass did (or, in a dry run, would do) to a dataset and its target.
+#[derive(Debug)]
+pub struct Pruned {
+    pub source: DatasetName,
+    pub target: DatasetName,
+    /// Snapshots of the source destroyed (would be); held ones stay when it runs.
+    pub source_snapshots: Vec<String>,
+    /// Snapshots of the target destroyed (would be), or why the receiver did not prune.
+    pub target_snapshots: Result<Vec<String>, ReplError>,
+    /// Why neither side was touched, if so (no common snapshot: nothing may go).
+    pub skipped: Option<&'static str>,
+}
+
+/// One retention pass over `job` on both sides, outside a daemon (`zq-send prune`): the
+/// base of each dataset is the newest source snapshot the target also has (by GUID);
+/// without one, nothing of that dataset goes. With `dry_run`, nothing is destroyed on
+/// either side: the result says what would be.
+pub async fn prune_once(
+    sender: &Sender,
+    zfs: &Zfs,
+    job: &Job,
+    retention: &Retention,
+    dry_run: bool,
+) -> Result<Vec<Pruned>, ReplError> {
+    let (sources, dest) = tokio::join!(
+        zfs.list(&job.source, job.recursive),
+        sender.list_remote(&job.target, job.recursive)
+    );
+    let sources = job.select(zfs, sources?, |s| &s.name).await?;
+    let dest = dest?;
+    let now = std::time::SystemTime::now();
+    let mut out = Vec::new();
+    for src in sources {
+        let target = src.name.rebase(&job.source, &job.target)?;
+        let snaps: Vec<SnapshotInfo> = src.snapshots.iter().map(to_info).collect();
+        let on_target: std::collections::HashSet<u64> = dest
+            .datasets
+            .iter()
+            .find(|d| d.name == target.as_str())
+            .map(|d| d.snapshots.iter().map(|s| s.guid).collect())
+            .unwrap_or_default();
+        let Some(base) = snaps.iter().rev().find(|s| on_target.contains(&s.guid)) else {
+            out.push(Pruned {
+                source: src.name,
+                target,
+                source_snapshots: Vec::new(),
+                target_snapshots: Ok(Vec::new()),
+                skipped: Some("no snapshot in common with the target"),
+            });
+            continue;
+        };
+        let doomed = prunable_by(&snaps, ZQ_PREFIX, &retention.source, base.guid, now);
+        let source_snapshots = if dry_run {
+            doomed.iter().map(|s| s.name.clone()).collect()
+        } else {
+            destroy_local(zfs, &src.name, &doomed).await
+        };
+        let target_snapshots = if retention.target.is_off() {
+            Ok(Vec::new())
+        } else {
+            sender
+                .prune_remote(&target, &retention.target, base.guid, dry_run)
+                .await
+                .map(|p| p.destroyed)
+        };
+        out.push(Pruned {
+            source: src.name,
+            target,
+            source_snapshots,
+            target_snapshots,
+            skipped: None,
+        });
+    }
+    Ok(out)
 }
 
 /// What the daemon knows, per source dataset (parents before children).

@@ -45,6 +45,9 @@ pub enum ReplError {
     /// Not attempted.
     #[error("skipped: {0}")]
     Skipped(String),
+    /// The receiver is too old for what was asked (it speaks an older protocol version).
+    #[error("{0}")]
+    Unsupported(String),
     /// The receiver stopped reading a step's data (it, or its `zfs receive`, hangs) while
     /// the connection stayed alive.
     #[error("the receiver accepted none of the step's data for {0:?}; step abandoned")]

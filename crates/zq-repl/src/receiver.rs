@@ -391,7 +391,20 @@ impl Receiver {
                     Err(e) => Message::Error(e),
                 }
             }
-            Ok(Message::Prune(p)) => match self.prune(root, p).await {
+            Ok(Message::Prune(p)) => {
+                let by = zq_proto::PruneBy {
+                    dataset: p.dataset,
+                    keep_last: Some(p.keep_last),
+                    grid: None,
+                    base_guid: p.base_guid,
+                    dry_run: false,
+                };
+                match self.prune(root, by).await {
+                    Ok(pruned) => Message::Pruned(pruned),
+                    Err(e) => Message::Error(e),
+                }
+            }
+            Ok(Message::PruneBy(p)) if agreed.version >= 4 => match self.prune(root, p).await {
                 Ok(pruned) => Message::Pruned(pruned),
                 Err(e) => Message::Error(e),
             },
@@ -471,9 +484,22 @@ impl Receiver {
     async fn prune(
         &self,
         root: &DatasetName,
-        req: zq_proto::PruneRequest,
+        req: zq_proto::PruneBy,
     ) -> Result<zq_proto::Pruned, WireError> {
         let target = authorize(root, &req.dataset)?;
+        let policy = crate::retention::Policy {
+            keep_last: req
+                .keep_last
+                .map(|k| usize::try_from(k).unwrap_or(usize::MAX)),
+            grid: req
+                .grid
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|e: String| {
+                    WireError::new(ErrorKind::Protocol, format!("PruneBy.grid {e}"))
+                })?,
+        };
         let lock = self.target_lock(&target)?;
         let Ok(mut known) = tokio::time::timeout(PRUNE_WAIT, lock.lock_owned()).await else {
             return Ok(zq_proto::Pruned {
@@ -491,14 +517,22 @@ impl Receiver {
             });
         };
         let snapshots: Vec<_> = state.snapshots.iter().map(to_info).collect();
-        let keep = usize::try_from(req.keep_last).unwrap_or(usize::MAX);
         let mut destroyed = Vec::new();
-        for s in
-            crate::retention::prunable(&snapshots, crate::retention::ZQ_PREFIX, keep, req.base_guid)
-        {
+        let doomed = crate::retention::prunable_by(
+            &snapshots,
+            crate::retention::ZQ_PREFIX,
+            &policy,
+            req.base_guid,
+            std::time::SystemTime::now(),
+        );
+        for s in doomed {
             let snap = target
                 .snapshot(&s.name)
                 .map_err(|e| internal(e.to_string()))?;
+            if req.dry_run {
+                destroyed.push(s.name.clone());
+                continue;
+            }
             match self.zfs.destroy_snapshot(&snap).await {
                 Ok(()) => destroyed.push(s.name.clone()),
                 // Held (by zq's other jobs, or anyone): never destroyed.

@@ -506,22 +506,47 @@ impl Sender {
         self.session.resume.iter().any(|r| r == RESUME_SPOOL)
     }
 
-    /// Asks the receiver to prune `target`'s `zq_` snapshots (see [`crate::retention`]);
-    /// returns the names it destroyed.
+    /// Asks the receiver to prune `target`'s `zq_` snapshots by `policy` (see
+    /// [`crate::retention`]), or with `dry_run` only to say what would go; returns the
+    /// names it destroyed (would destroy). Receivers before protocol version 4 know only
+    /// a count: a grid or a dry run is [`ReplError::Unsupported`] there.
     pub async fn prune_remote(
         &self,
         target: &DatasetName,
-        keep_last: u32,
+        policy: &crate::retention::Policy,
         base_guid: u64,
+        dry_run: bool,
     ) -> Result<zq_proto::Pruned, ReplError> {
+        let keep_last = policy
+            .keep_last
+            .map(|k| u32::try_from(k).unwrap_or(u32::MAX));
+        let request = if self.session.version >= 4 {
+            Message::PruneBy(zq_proto::PruneBy {
+                dataset: target.to_string(),
+                keep_last,
+                grid: policy.grid.as_ref().map(ToString::to_string),
+                base_guid,
+                dry_run,
+            })
+        } else {
+            match (keep_last, &policy.grid, dry_run) {
+                (Some(keep_last), None, false) => Message::Prune(zq_proto::PruneRequest {
+                    dataset: target.to_string(),
+                    keep_last,
+                    base_guid,
+                }),
+                _ => {
+                    return Err(ReplError::Unsupported(format!(
+                        "the receiver speaks protocol version {}: retention by time grid and \
+                         dry runs need version 4 (upgrade zq-recv)",
+                        self.session.version
+                    )))
+                }
+            }
+        };
         let (send, recv) = self.conn.open_bi().await.map_err(ReplError::connection)?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
-        send.send(&Message::Prune(zq_proto::PruneRequest {
-            dataset: target.to_string(),
-            keep_last,
-            base_guid,
-        }))
-        .await?;
+        send.send(&request).await?;
         send.finish()?;
         match recv.message("Pruned").await? {
             Message::Pruned(p) => Ok(p),

@@ -105,6 +105,8 @@ struct JobSpec {
     receiver: Option<String>,
     /// The receiver's fingerprint.
     peer: Option<String>,
+    /// Pull mode (`zq-send serve`): where to listen for the receiver instead of dialing it.
+    listen: Option<String>,
     target: Option<String>,
     identity: Option<String>,
     recursive: Option<bool>,
@@ -231,6 +233,8 @@ pub struct Job {
     pub host: String,
     /// The arguments of `zq-send run` this job stands for.
     pub args: Vec<String>,
+    /// Its `listen` address, which `zq-send serve` takes instead of the receiver's.
+    pub listen: Option<String>,
 }
 
 /// A receiver of the file, resolved for one host.
@@ -382,6 +386,10 @@ impl Config {
                 out.push(Job {
                     name: spec.name.clone().unwrap_or_default(),
                     args: self.job_args(&spec, &host)?,
+                    listen: spec
+                        .listen
+                        .as_ref()
+                        .map(|l| l.replace(HOST_PLACEHOLDER, &host)),
                     host,
                 });
             }

@@ -6,6 +6,16 @@ use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
+/// `println!` that ignores a closed stdout (a reader that went away, `| head`): what the
+/// programs print is for people and scripts, and a broken pipe is not a crash.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod config;
 pub mod serve;
 pub mod status;
@@ -259,7 +269,7 @@ impl IdentityCommand {
         };
         match result {
             Ok(fp) => {
-                println!("{fp}");
+                out!("{fp}");
                 ExitCode::SUCCESS
             }
             Err((e, what)) => fail(exit::USAGE, &anyhow::Error::new(e).context(what)),

@@ -36,7 +36,7 @@ pub fn show(paths: &[PathBuf], json: bool) -> ExitCode {
     for s in statuses {
         if json {
             match serde_json::to_string(&s) {
-                Ok(line) => println!("{line}"),
+                Ok(line) => crate::out!("{line}"),
                 Err(e) => return fail(exit::FAILURE, &e.into()),
             }
         } else {
@@ -183,7 +183,7 @@ pub fn monitor(paths: &[PathBuf], limits: &Limits) -> ExitCode {
     let statuses = match load(paths) {
         Ok(s) => s,
         Err(e) => {
-            println!("ZQ {} - {e:#}", Level::Unknown);
+            crate::out!("ZQ {} - {e:#}", Level::Unknown);
             return ExitCode::from(Level::Unknown as u8);
         }
     };
@@ -202,9 +202,9 @@ pub fn monitor(paths: &[PathBuf], limits: &Limits) -> ExitCode {
             statuses.len()
         ),
     };
-    println!("ZQ {worst} - {summary}");
+    crate::out!("ZQ {worst} - {summary}");
     for f in &found {
-        println!("{}: {}", f.level, f.what);
+        crate::out!("{}: {}", f.level, f.what);
     }
     ExitCode::from(worst as u8)
 }

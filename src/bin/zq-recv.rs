@@ -30,6 +30,22 @@ enum Command {
     Identity(zq::IdentityCommand),
     /// Accept senders and receive their streams until SIGTERM/SIGINT.
     Serve(Box<ServeArgs>),
+    /// Pull mode: dial the `zq-send serve` at ADDR (a sender whose key is --peer) and
+    /// receive what it sends, redialing whenever the connection ends, until SIGTERM/SIGINT.
+    /// For a backup server behind NAT or a firewall: only outgoing UDP is needed. The
+    /// sender still needs an --allow root, as with serve.
+    Pull(Box<PullArgs>),
+}
+
+#[derive(clap::Args, Debug)]
+struct PullArgs {
+    /// The sender's address (where `zq-send serve` listens), host:port.
+    addr: String,
+    /// The sender's fingerprint (`zq-send fingerprint`); it must have an --allow root.
+    #[arg(long, value_name = "FINGERPRINT")]
+    peer: zq_net::Fingerprint,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +56,18 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Identity(cmd) => cmd.run(ROLE),
+        Command::Pull(args) => {
+            let given = matches
+                .subcommand_matches("pull")
+                .map(zq::Given::new)
+                .unwrap_or_default();
+            let PullArgs { addr, peer, serve } = *args;
+            let serve = match from_config(serve, &given) {
+                Ok(a) => a,
+                Err(e) => return fail(exit::USAGE, &e),
+            };
+            zq::block_on(cli.log.json(), pull(addr, peer, serve))
+        }
         Command::Serve(args) => {
             let given = matches
                 .subcommand_matches("serve")
@@ -109,49 +137,24 @@ async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocke
             ),
         );
     }
-    let mut policy = Policy::default();
-    for (fp, root) in &args.allow {
-        if let Err(e) = policy.allow(*fp, root.clone()) {
-            return fail(exit::USAGE, &anyhow::anyhow!(e).context("--allow"));
-        }
-    }
-    let Some(identity_dir) = &args.identity else {
-        return fail(exit::USAGE, &anyhow::anyhow!("--identity is missing"));
-    };
-    if args.allow.is_empty() {
-        return fail(
-            exit::USAGE,
-            &anyhow::anyhow!("no --allow: no sender could connect"),
-        );
-    }
-    let identity = match Identity::load(identity_dir, ROLE) {
-        Ok(i) => i,
-        Err(e) => {
-            return fail(
-                exit::USAGE,
-                &anyhow::Error::new(e).context("loading identity"),
-            )
-        }
-    };
-    let zfs = match Zfs::probe(&args.zfs).await {
-        Ok(z) => z,
-        Err(e) => return fail(exit::FAILURE, &anyhow::Error::new(e).context("probing zfs")),
-    };
-    // Bound before anything else runs, so a taken port is a usage error at once.
-    let metrics_listener = match zq::bind_metrics(args.metrics_listen).await {
-        Ok(l) => l,
-        Err(e) => return fail(exit::USAGE, &e),
+    let Prepared {
+        identity,
+        fingerprints,
+        receiver,
+    } = match prepare(&args).await {
+        Ok(p) => p,
+        Err((code, e)) => return fail(code, &e),
     };
     let tuning = args.transport.tuning();
     let endpoints = if inherited.is_empty() {
         let listen = args
             .listen
             .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("literal address"));
-        zq_net::server(identity, policy.fingerprints(), listen, &tuning).map(|e| vec![e])
+        zq_net::server(identity, fingerprints, listen, &tuning).map(|e| vec![e])
     } else {
         inherited
             .into_iter()
-            .map(|s| zq_net::server_on(identity.clone(), policy.fingerprints(), s, &tuning))
+            .map(|s| zq_net::server_on(identity.clone(), fingerprints.clone(), s, &tuning))
             .collect()
     };
     let endpoints = match endpoints {
@@ -160,33 +163,9 @@ async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocke
     };
     for endpoint in &endpoints {
         if let Ok(bound) = endpoint.local_addr() {
-            println!("listening on {bound}");
+            zq::out!("listening on {bound}");
             tracing::info!(%bound, senders = args.allow.len(), "zq-recv ready");
         }
-    }
-    let caps = Capabilities::current(format!("zq-recv {}", env!("CARGO_PKG_VERSION")));
-    // A spool of at most 0 bytes would create and remove files for nothing.
-    let spool = (!args.no_spool && args.spool_max > 0).then(|| SpoolConfig {
-        dir: args.spool_dir.clone(),
-        from: args.spool_from.min(args.spool_max),
-        max: args.spool_max,
-    });
-    let spools = match Spools::new(spool) {
-        Ok(s) => s,
-        Err(e) => {
-            return fail(
-                exit::USAGE,
-                &anyhow::Error::new(e).context(format!(
-                    "creating the spool directory {} (set --spool-dir, or --no-spool)",
-                    args.spool_dir.display()
-                )),
-            )
-        }
-    };
-    let receiver = Receiver::with_spools(zfs, policy, caps, spools);
-    if let Some(listener) = metrics_listener {
-        let metrics = receiver.metrics();
-        zq::serve_metrics(listener, move || metrics.render());
     }
     let serving: Vec<_> = endpoints
         .iter()
@@ -204,6 +183,135 @@ async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocke
         s.abort();
     }
     // Last-received holds go out in batches: let the last ones happen.
+    receiver.flush_holds().await;
+    ExitCode::SUCCESS
+}
+
+/// What serving and pulling share: the key, the senders allowed, the receiving engine
+/// (and its metrics endpoint, started).
+struct Prepared {
+    identity: Identity,
+    fingerprints: Vec<zq_net::Fingerprint>,
+    receiver: std::sync::Arc<Receiver>,
+}
+
+async fn prepare(args: &ServeArgs) -> Result<Prepared, (u8, anyhow::Error)> {
+    let usage = |e: anyhow::Error| (exit::USAGE, e);
+    let mut policy = Policy::default();
+    for (fp, root) in &args.allow {
+        policy
+            .allow(*fp, root.clone())
+            .map_err(|e| usage(anyhow::anyhow!(e).context("--allow")))?;
+    }
+    let identity_dir = args
+        .identity
+        .as_ref()
+        .ok_or_else(|| usage(anyhow::anyhow!("--identity is missing")))?;
+    if args.allow.is_empty() {
+        return Err(usage(anyhow::anyhow!(
+            "no --allow: no sender could connect"
+        )));
+    }
+    let identity = Identity::load(identity_dir, ROLE)
+        .map_err(|e| usage(anyhow::Error::new(e).context("loading identity")))?;
+    let zfs = Zfs::probe(&args.zfs)
+        .await
+        .map_err(|e| (exit::FAILURE, anyhow::Error::new(e).context("probing zfs")))?;
+    // Bound before anything else runs, so a taken port is a usage error at once.
+    let metrics_listener = zq::bind_metrics(args.metrics_listen).await.map_err(usage)?;
+    let caps = Capabilities::current(format!("zq-recv {}", env!("CARGO_PKG_VERSION")));
+    // A spool of at most 0 bytes would create and remove files for nothing.
+    let spool = (!args.no_spool && args.spool_max > 0).then(|| SpoolConfig {
+        dir: args.spool_dir.clone(),
+        from: args.spool_from.min(args.spool_max),
+        max: args.spool_max,
+    });
+    let spools = Spools::new(spool).map_err(|e| {
+        usage(anyhow::Error::new(e).context(format!(
+            "creating the spool directory {} (set --spool-dir, or --no-spool)",
+            args.spool_dir.display()
+        )))
+    })?;
+    let fingerprints = policy.fingerprints();
+    let receiver = Receiver::with_spools(zfs, policy, caps, spools);
+    if let Some(listener) = metrics_listener {
+        let metrics = receiver.metrics();
+        zq::serve_metrics(listener, move || metrics.render());
+    }
+    Ok(Prepared {
+        identity,
+        fingerprints,
+        receiver,
+    })
+}
+
+/// `zq-recv pull`: dials the sender and serves each connection until it ends, then dials
+/// again (after 1 s, doubling up to 30 s while attempts fail or end at once).
+async fn pull(addr: String, peer: zq_net::Fingerprint, args: ServeArgs) -> ExitCode {
+    use std::time::{Duration, Instant};
+    if let Some(listen) = args.listen {
+        return fail(
+            exit::USAGE,
+            &anyhow::anyhow!("--listen {listen}: pull dials the sender and listens on nothing"),
+        );
+    }
+    if !args.allow.iter().any(|(fp, _)| *fp == peer) {
+        return fail(
+            exit::USAGE,
+            &anyhow::anyhow!(
+                "--peer {peer} has no --allow root: add --allow {peer}=ROOT (where it may write)"
+            ),
+        );
+    }
+    let Prepared {
+        identity, receiver, ..
+    } = match prepare(&args).await {
+        Ok(p) => p,
+        Err((code, e)) => return fail(code, &e),
+    };
+    let target = match zq_net::resolve(&addr).await {
+        Ok(a) => a,
+        Err(e) => return fail(exit::USAGE, &anyhow::Error::new(e)),
+    };
+    let client = match zq_net::Client::new(identity, peer, target, &args.transport.tuning()) {
+        Ok(c) => c,
+        Err(e) => return fail(exit::USAGE, &anyhow::Error::new(e)),
+    };
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tracing::info!(sender = %addr, "zq-recv pulling");
+    const FIRST: Duration = Duration::from_secs(1);
+    const CAP: Duration = Duration::from_secs(30);
+    let mut delay = FIRST;
+    let stop = zq::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let started = Instant::now();
+        let session = async {
+            match client.dial(target).await {
+                Ok(mut dialed) => match dialed.established().await {
+                    Ok(_) => receiver.clone().serve_connection(dialed.conn).await,
+                    Err(e) => tracing::warn!(sender = %addr, error = %e, "cannot connect"),
+                },
+                Err(e) => tracing::warn!(sender = %addr, error = %e, "cannot connect"),
+            }
+        };
+        tokio::select! {
+            _ = session => {}
+            _ = &mut stop => break,
+        }
+        // A connection that lasted was not a failure: dial again soon.
+        if started.elapsed() > CAP {
+            delay = FIRST;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut stop => break,
+        }
+        delay = (delay * 2).min(CAP);
+    }
+    tracing::info!("shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    client.shutdown().await;
     receiver.flush_holds().await;
     ExitCode::SUCCESS
 }

@@ -42,6 +42,12 @@ enum Command {
     /// Show or clean up the holds zq placed on source snapshots (step holds, cursors).
     #[command(subcommand)]
     Abstractions(AbstractionsCommand),
+    /// Pull mode: replicate SOURCE to TARGET like `run`, but listen on ADDR and let the
+    /// receiver (--peer, running `zq-recv pull`) connect: for a backup server behind NAT
+    /// or a firewall. Data still flow from here; the receiver's --allow roots still apply.
+    /// Takes run's arguments (ADDR is where to listen; port 0 picks one, printed as
+    /// `listening on ADDR`).
+    Serve(Box<RunArgs>),
     /// Apply a job's retention once on both sides, without replicating: what a daemon's
     /// retention pass would do (--keep-last, --keep-grid, --target-keep-*; a daemon with
     /// --snapshot-every keeps the last 100 by default). With --dry-run, destroy nothing and
@@ -335,11 +341,22 @@ fn main() -> ExitCode {
                 .subcommand_matches("run")
                 .map(zq::Given::new)
                 .unwrap_or_default();
-            let jobs = match jobs(*args, &given) {
+            let jobs = match jobs(*args, &given, Action::Replicate) {
                 Ok(j) => j,
                 Err(e) => return fail(exit::USAGE, &e),
             };
             zq::block_on(cli.log.json(), run_all(jobs, Action::Replicate))
+        }
+        Command::Serve(args) => {
+            let given = matches
+                .subcommand_matches("serve")
+                .map(zq::Given::new)
+                .unwrap_or_default();
+            let jobs = match jobs(*args, &given, Action::Serve) {
+                Ok(j) => j,
+                Err(e) => return fail(exit::USAGE, &e),
+            };
+            zq::block_on(cli.log.json(), run_all(jobs, Action::Serve))
         }
         Command::Prune(args) => {
             let given = matches
@@ -347,7 +364,7 @@ fn main() -> ExitCode {
                 .map(zq::Given::new)
                 .unwrap_or_default();
             let dry_run = args.dry_run;
-            let jobs = match jobs(args.run, &given) {
+            let jobs = match jobs(args.run, &given, Action::Prune { dry_run }) {
                 Ok(j) => j,
                 Err(e) => return fail(exit::USAGE, &e),
             };
@@ -450,7 +467,7 @@ fn overlay(file: &mut RunArgs, cli: RunArgs, given: &zq::Given) {
 
 /// The jobs to run: the command line's, or with --config those of the file for this host
 /// (only --job's, if given), each under the flags and environment given.
-fn jobs(cli: RunArgs, given: &zq::Given) -> anyhow::Result<Vec<Run>> {
+fn jobs(cli: RunArgs, given: &zq::Given, action: Action) -> anyhow::Result<Vec<Run>> {
     let Some(path) = cli.config.clone() else {
         return Ok(vec![Run::new(cli)?]);
     };
@@ -488,8 +505,15 @@ fn jobs(cli: RunArgs, given: &zq::Given) -> anyhow::Result<Vec<Run>> {
         }
     }
     jobs.into_iter()
-        .map(|job| {
+        .map(|mut job| {
             let label = format!("config file {}: job {:?}", path.display(), job.name);
+            if let Action::Serve = action {
+                // ADDR is where to listen; the receiver (its fingerprint) stays pinned.
+                let listen = job.listen.clone().with_context(|| {
+                    format!("{label}: no `listen` address for zq-send serve (pull mode)")
+                })?;
+                job.args[1] = listen;
+            }
             let parsed = RunOnly::try_parse_from(&job.args)
                 .map_err(|e| anyhow::anyhow!("{}", zq::clap_message(&e)))
                 .with_context(|| label.clone())?;
@@ -688,7 +712,7 @@ fn check_config_inner(args: &CheckConfigArgs) -> anyhow::Result<()> {
             })?;
     }
     let hosts = config.host_names()?;
-    println!(
+    zq::out!(
         "{}: valid ({} job(s), {} receiver(s); hosts: {})",
         args.config.display(),
         jobs.len(),
@@ -701,13 +725,20 @@ fn check_config_inner(args: &CheckConfigArgs) -> anyhow::Result<()> {
         vec![args.host.clone().unwrap_or_else(zq::config::this_host)]
     };
     for host in &shown {
-        println!("host {host}:");
+        zq::out!("host {host}:");
         let mut nothing = true;
         for (job, run) in jobs.iter().zip(&runs) {
             if zq::config::host_matches(&job.host, host) {
                 nothing = false;
-                println!("  job {}: {}", job.name, run.describe());
-                println!("    zq-send run {}", shell_words(&job.args));
+                zq::out!("  job {}: {}", job.name, run.describe());
+                zq::out!("    zq-send run {}", shell_words(&job.args));
+                if let Some(listen) = &job.listen {
+                    zq::out!(
+                        "    pull mode: zq-send serve --config {} --job {} listens on {listen}",
+                        args.config.display(),
+                        job.name
+                    );
+                }
             }
         }
         for r in receivers
@@ -715,10 +746,10 @@ fn check_config_inner(args: &CheckConfigArgs) -> anyhow::Result<()> {
             .filter(|r| zq::config::host_matches(&r.host, host))
         {
             nothing = false;
-            println!("  receiver: zq-recv serve {}", shell_words(&r.args));
+            zq::out!("  receiver: zq-recv serve {}", shell_words(&r.args));
         }
         if nothing {
-            println!("  nothing: no job or receiver of the file names this host");
+            zq::out!("  nothing: no job or receiver of the file names this host");
         }
     }
     Ok(())
@@ -728,7 +759,11 @@ fn check_config_inner(args: &CheckConfigArgs) -> anyhow::Result<()> {
 #[derive(Debug, Clone, Copy)]
 enum Action {
     Replicate,
-    Prune { dry_run: bool },
+    /// Replicate in pull mode: listen on ADDR for the receiver.
+    Serve,
+    Prune {
+        dry_run: bool,
+    },
 }
 
 /// Runs the jobs side by side; the exit code is the worst of theirs.
@@ -759,7 +794,7 @@ fn failed(code: u8, err: &anyhow::Error) -> u8 {
 
 async fn run(args: Run, action: Action) -> u8 {
     let metrics_listen = match action {
-        Action::Replicate => args.metrics_listen,
+        Action::Replicate | Action::Serve => args.metrics_listen,
         Action::Prune { .. } => None,
     };
     // Bound before anything else runs, so a taken port is a usage error at once.
@@ -804,7 +839,8 @@ async fn run(args: Run, action: Action) -> u8 {
         Err(e) => return failed(exit::USAGE, &anyhow::anyhow!(e).context("--job")),
     };
     tracing::info!(job = %job_name, initial = %protector.modes.initial, incremental = %protector.modes.incremental, "protection");
-    let peer = match Peer::new(&args, identity, caps, protector).await {
+    let listen = matches!(action, Action::Serve);
+    let peer = match Peer::new(&args, identity, caps, protector, listen).await {
         Ok(p) => Arc::new(p),
         Err(e) => return failed(exit::CONNECT, &e),
     };
@@ -839,14 +875,14 @@ async fn run(args: Run, action: Action) -> u8 {
     };
     let code = match (action, args.every.or(args.snapshot_every)) {
         (Action::Prune { dry_run }, _) => prune(&args, job, zfs, &peer, dry_run).await,
-        (Action::Replicate, Some(every)) => {
+        (Action::Replicate | Action::Serve, Some(every)) => {
             daemon(&args, every, job, zfs, peer.clone(), metrics_listener).await
         }
-        (Action::Replicate, None) => once(&args, job, zfs, &peer).await,
+        (Action::Replicate | Action::Serve, None) => once(&args, job, zfs, &peer).await,
     };
     // Cursor moves go out in batches: let the last ones happen before exiting.
     peer.protector.flush().await;
-    peer.client.shutdown().await;
+    peer.shutdown().await;
     code
 }
 
@@ -885,10 +921,11 @@ async fn abstractions(cmd: AbstractionsCommand) -> ExitCode {
     let verb = if release.is_some() { "released " } else { "" };
     for a in &found {
         match &a.tag {
-            Some(tag) => println!("{verb}{}\t{tag}", a.snapshot),
-            None => println!(
+            Some(tag) => zq::out!("{verb}{}\t{tag}", a.snapshot),
+            None => zq::out!(
                 "{}\t{} hold(s); this zfs cannot list tags: give --job to look for zq's",
-                a.snapshot, a.userrefs
+                a.snapshot,
+                a.userrefs
             ),
         }
     }
@@ -927,25 +964,26 @@ async fn prune(args: &Run, job: Job, zfs: Zfs, peer: &Peer, dry_run: bool) -> u8
     } else {
         "destroyed"
     };
-    println!(
+    zq::out!(
         "retention: source {}; target {}",
-        retention.source, retention.target
+        retention.source,
+        retention.target
     );
     let mut code = exit::OK;
     for p in &pruned {
         if let Some(why) = p.skipped {
-            println!("{} -> {}: nothing pruned: {why}", p.source, p.target);
+            zq::out!("{} -> {}: nothing pruned: {why}", p.source, p.target);
             continue;
         }
         for name in &p.source_snapshots {
-            println!("{verb} {}@{name}", p.source);
+            zq::out!("{verb} {}@{name}", p.source);
         }
         match &p.target_snapshots {
             Ok(names) => {
                 for name in names {
-                    println!("{verb} {}@{name} (on the receiver)", p.target);
+                    zq::out!("{verb} {}@{name} (on the receiver)", p.target);
                 }
-                println!(
+                zq::out!(
                     "{} -> {}: {verb} {} here, {} on the receiver",
                     p.source,
                     p.target,
@@ -1069,7 +1107,7 @@ async fn once_inner(
     let mut code = exit::OK;
     for r in &reports {
         match &r.outcome {
-            DatasetOutcome::UpToDate => println!("{} -> {}: up to date", r.source, r.target),
+            DatasetOutcome::UpToDate => zq::out!("{} -> {}: up to date", r.source, r.target),
             DatasetOutcome::Sent {
                 steps,
                 bytes,
@@ -1082,7 +1120,7 @@ async fn once_inner(
                 } else {
                     String::new()
                 };
-                println!(
+                zq::out!(
                     "{} -> {}: sent {steps} step(s), {bytes} bytes{resumed}; destination now at @{newest} ({committed} snapshots)",
                     r.source, r.target
                 )
@@ -1149,11 +1187,23 @@ async fn daemon(
     exit::OK
 }
 
-/// The receiver: one client endpoint reused for every (re)connection, so TLS sessions can
-/// be resumed.
+/// How the sender reaches its receiver.
+enum Link {
+    /// It dials: one client endpoint reused for every (re)connection, so TLS sessions can
+    /// be resumed.
+    Dial { client: Client, addr: SocketAddr },
+    /// Pull mode (`zq-send serve`): the receiver dials in. A daemon waits for it up to
+    /// `wait` per attempt (then counts a failed attempt and tries again); a one-shot run
+    /// waits as long as it takes.
+    Listen {
+        listener: zq_net::Listener,
+        wait: Option<Duration>,
+    },
+}
+
+/// The receiver.
 struct Peer {
-    client: Client,
-    addr: SocketAddr,
+    link: Link,
     name: String,
     ours: Fingerprint,
     caps: Capabilities,
@@ -1174,6 +1224,7 @@ impl Peer {
         identity: Identity,
         caps: Capabilities,
         protector: Arc<Protector>,
+        listen: bool,
     ) -> anyhow::Result<Self> {
         let addr = zq_net::resolve(&args.addr).await?;
         let ours = identity.fingerprint;
@@ -1182,11 +1233,25 @@ impl Peer {
             keep_alive: Tuning::default().keep_alive.min(args.idle_timeout / 3),
             ..args.transport.tuning()
         };
-        let client = Client::new(identity, args.peer, addr, &tuning)?;
+        let daemon = args.every.or(args.snapshot_every).is_some();
+        let (link, name) = if listen {
+            let listener = zq_net::Listener::bind(identity, args.peer, addr, &tuning)?;
+            let bound = listener.local_addr();
+            zq::out!("listening on {bound}");
+            tracing::info!(%bound, receiver = %args.peer.short(), "waiting for the receiver to connect (pull mode)");
+            let link = Link::Listen {
+                listener,
+                // Short enough that the daemon writes its status and sees SIGTERM.
+                wait: daemon.then_some(Duration::from_secs(2)),
+            };
+            (link, format!("(pull) {}", args.peer.short()))
+        } else {
+            let client = Client::new(identity, args.peer, addr, &tuning)?;
+            (Link::Dial { client, addr }, args.addr.clone())
+        };
         Ok(Peer {
-            client,
-            addr,
-            name: args.addr.clone(),
+            link,
+            name,
             ours,
             caps,
             protector,
@@ -1201,13 +1266,25 @@ impl Peer {
         })
     }
 
-    /// Connects and runs the handshake.
+    /// Connects (or, in pull mode, takes the receiver's connection) and runs the handshake.
     async fn connect(&self, zfs: Zfs) -> anyhow::Result<Sender> {
-        let dialed = self
-            .client
-            .dial(self.addr)
-            .await
-            .with_context(|| format!("connecting to receiver {}", self.name))?;
+        let dialed = match &self.link {
+            Link::Dial { client, addr } => client
+                .dial(*addr)
+                .await
+                .with_context(|| format!("connecting to receiver {}", self.name))?,
+            Link::Listen { listener, wait } => listener
+                .next(*wait)
+                .await
+                .with_context(|| {
+                    format!(
+                        "the receiver {} has not connected to {} yet",
+                        self.name,
+                        listener.local_addr()
+                    )
+                })?
+                .into(),
+        };
         let conn = dialed.conn.clone();
         match Sender::handshake(dialed, zfs, &self.caps).await {
             Ok(mut sender) => {
@@ -1231,6 +1308,16 @@ impl Peer {
             Err(e) => {
                 Err(anyhow::Error::new(e).context(format!("handshake with receiver {}", self.name)))
             }
+        }
+    }
+}
+
+impl Peer {
+    /// Closes the endpoint so the receiver learns of it at once.
+    async fn shutdown(&self) {
+        match &self.link {
+            Link::Dial { client, .. } => client.shutdown().await,
+            Link::Listen { listener, .. } => listener.shutdown().await,
         }
     }
 }

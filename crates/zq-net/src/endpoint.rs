@@ -606,6 +606,17 @@ pub fn server_on(
     socket: std::net::UdpSocket,
     tuning: &Tuning,
 ) -> Result<quinn::Endpoint, NetError> {
+    server_parts(identity, allowed, socket, tuning).map(|(endpoint, _)| endpoint)
+}
+
+/// [`server_on`]'s endpoint and the server configuration it uses (whose transport a
+/// [`Listener`] adjusts per connection).
+fn server_parts(
+    identity: Identity,
+    allowed: impl IntoIterator<Item = Fingerprint>,
+    socket: std::net::UdpSocket,
+    tuning: &Tuning,
+) -> Result<(quinn::Endpoint, quinn::ServerConfig), NetError> {
     let listen = socket.local_addr().map_err(|source| NetError::Bind {
         addr: (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
         source,
@@ -646,7 +657,144 @@ pub fn server_on(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind_err)
+    let endpoint = quinn::Endpoint::new(endpoint_config, Some(config.clone()), socket, runtime)
+        .map_err(bind_err)?;
+    Ok((endpoint, config))
+}
+
+/// The sender's endpoint in pull mode (`zq-send serve`): it listens and the receiver, whose
+/// key is pinned, dials in (a backup server behind NAT or a firewall). The data still flow
+/// from the sender, so each connection gets a transport whose MTU search reaches as far as
+/// the route to that receiver allows, like [`Client`]'s. A task accepts connections as they
+/// come and completes their handshakes; [`Listener::next`] hands out the newest. A receiver
+/// keeps one connection: when it dials again (it restarted, or its side timed out), the
+/// connection handed out before is closed, so the sender moves to the new one at once
+/// instead of waiting out the idle timeout.
+#[derive(Debug)]
+pub struct Listener {
+    endpoint: quinn::Endpoint,
+    ready: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<quinn::Connection>>,
+    /// The connection last handed out.
+    current: Arc<Mutex<Option<quinn::Connection>>>,
+    local: SocketAddr,
+}
+
+impl Listener {
+    /// Listens on `listen` for the receiver whose key is `peer`.
+    pub fn bind(
+        identity: Identity,
+        peer: Fingerprint,
+        listen: SocketAddr,
+        tuning: &Tuning,
+    ) -> Result<Self, NetError> {
+        let socket = std::net::UdpSocket::bind(listen).map_err(|source| NetError::Bind {
+            addr: listen,
+            source,
+        })?;
+        let local = socket.local_addr().map_err(|source| NetError::Bind {
+            addr: listen,
+            source,
+        })?;
+        let (endpoint, config) = server_parts(identity, [peer], socket, tuning)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let current = Arc::new(Mutex::new(None));
+        tokio::spawn(accept_loop(
+            endpoint.clone(),
+            config,
+            tuning.clone(),
+            tx,
+            current.clone(),
+        ));
+        Ok(Listener {
+            endpoint,
+            ready: tokio::sync::Mutex::new(rx),
+            current,
+            local,
+        })
+    }
+
+    /// The address it listens on (the port chosen, for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The newest established connection from the receiver, waiting up to `wait` (forever
+    /// with `None`) for one; older ones not taken yet are closed.
+    pub async fn next(&self, wait: Option<Duration>) -> Option<quinn::Connection> {
+        let mut ready = self.ready.lock().await;
+        let first = match wait {
+            Some(w) => tokio::time::timeout(w, ready.recv()).await.ok()??,
+            None => ready.recv().await?,
+        };
+        let mut newest = first;
+        while let Ok(newer) = ready.try_recv() {
+            newest.close(VarInt::from_u32(0), b"superseded by a newer connection");
+            newest = newer;
+        }
+        // One that died while waiting is of no use.
+        if newest.close_reason().is_some() {
+            return None;
+        }
+        if let Ok(mut current) = self.current.lock() {
+            *current = Some(newest.clone());
+        }
+        Some(newest)
+    }
+
+    /// Closes the endpoint so the receiver learns of it at once.
+    pub async fn shutdown(&self) {
+        self.endpoint.close(VarInt::from_u32(0), b"done");
+        let _ = tokio::time::timeout(Duration::from_millis(5), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Accepts the receiver's connections for a [`Listener`] until the endpoint closes.
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    config: quinn::ServerConfig,
+    tuning: Tuning,
+    ready: tokio::sync::mpsc::Sender<quinn::Connection>,
+    current: Arc<Mutex<Option<quinn::Connection>>>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let mtu_bound = route_udp_payload(remote)
+            .unwrap_or(ETHERNET_UDP_PAYLOAD)
+            .min(MTU_SEARCH_CAP);
+        let mut config = config.clone();
+        match tuning.transport(mtu_bound) {
+            Ok(t) => {
+                config.transport_config(Arc::new(t));
+            }
+            Err(e) => tracing::warn!(error = %e, "keeping the default transport"),
+        }
+        let connecting = match incoming.accept_with(Arc::new(config)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "cannot accept connection");
+                continue;
+            }
+        };
+        let ready = ready.clone();
+        let current = current.clone();
+        let timeout = tuning.connect_timeout;
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(Ok(conn)) => {
+                    tracing::info!(%remote, "the receiver connected");
+                    let old = current.lock().ok().and_then(|mut c| c.take());
+                    if let Some(old) = old {
+                        old.close(VarInt::from_u32(0), b"the receiver connected again");
+                    }
+                    let _ = ready.send(conn).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%remote, error = %e, "connection refused or failed during handshake (not the pinned receiver's key?)")
+                }
+                Err(_) => tracing::warn!(%remote, "handshake did not complete within {timeout:?}"),
+            }
+        });
+    }
 }
 
 /// Keys that survive a restart, derived from the receiver's private key: the stateless-reset

@@ -9,7 +9,7 @@ pub mod rate;
 
 pub use endpoint::{
     closed_by_tls_alert, peer_fingerprint, resolve, server, server_on, Client, Congestion, Dialed,
-    NetError, Tuning, DEFAULT_BDP,
+    Listener, NetError, Tuning, DEFAULT_BDP,
 };
 pub use framed::{FramedRecv, FramedSend, StreamError};
 pub use identity::{Fingerprint, Identity, IdentityError};

@@ -19,6 +19,9 @@ mod step;
 
 /// How long a connected sender has to complete the zq handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a receiver that dialed waits for the sender's Hello (see
+/// [`Receiver::serve_connection`]): longer than the sender's reconnection backoff.
+pub const PULL_HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Which sender may write where: each sender key maps to one destination root.
 #[derive(Debug, Clone, Default)]
@@ -223,17 +226,29 @@ impl Receiver {
                         }
                     },
                 };
-                this.connection(conn, established)
+                this.connection(conn, established, HANDSHAKE_TIMEOUT)
                     .instrument(info_span!("conn", %remote))
                     .await
             });
         }
     }
 
+    /// Serves one connection this receiver dialed (pull mode, `zq-recv pull`): the sender
+    /// at the other end drives it as usual, under the same policy. Returns when it closes.
+    /// The sender may take a while to start (it picks the connection up between its
+    /// reconnection attempts), so its Hello may come up to [`PULL_HELLO_TIMEOUT`] later.
+    pub async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        self.connection(conn, None, PULL_HELLO_TIMEOUT)
+            .instrument(info_span!("conn", %remote))
+            .await
+    }
+
     async fn connection(
         self: Arc<Self>,
         conn: quinn::Connection,
         mut established: Option<quinn::ZeroRttAccepted>,
+        hello_timeout: std::time::Duration,
     ) {
         // Known before the handshake completes only when the session is resumed.
         if peer_fingerprint(&conn).is_none() && !Self::established(&conn, &mut established).await {
@@ -255,10 +270,10 @@ impl Receiver {
         let _listed = self
             .metrics
             .connected(sender, conn.remote_address(), conn.clone());
-        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&conn));
+        let handshake = tokio::time::timeout(hello_timeout, self.handshake(&conn));
         let result = handshake
             .await
-            .unwrap_or_else(|_| Err(format!("no Hello within {HANDSHAKE_TIMEOUT:?}")));
+            .unwrap_or_else(|_| Err(format!("no Hello within {hello_timeout:?}")));
         let agreed = match result {
             Ok(w) => Agreed {
                 version: w.version,

@@ -178,6 +178,8 @@ struct RetentionSpec {
 struct ConcurrencySpec {
     /// `--max-steps`: replication steps in flight at once.
     steps: Option<Scalar>,
+    /// `--max-size-estimates`: size estimations running at once.
+    size_estimates: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -509,6 +511,10 @@ impl Config {
         a.value("target-keep-last", job.retention.target_keep_last.as_ref());
         a.value("target-keep-grid", job.retention.target_grid.as_ref());
         a.value("max-steps", job.concurrency.steps.as_ref());
+        a.value(
+            "max-size-estimates",
+            job.concurrency.size_estimates.as_ref(),
+        );
         a.transport(&job.transport);
         Ok(a.finish(host))
     }

@@ -223,6 +223,15 @@ fn status_shows_the_step_in_flight() {
     );
     let (json, text) = seen.unwrap();
     assert_eq!(json["snapshot"], "s1", "{json}");
+    // zfs-fuse cannot estimate a stream (no send -nvP): a full one gets the snapshot's
+    // referenced size instead, which covers the 16 MiB file. Asked for once the step is
+    // bulk, beside it.
+    let estimated = wait_for(Duration::from_secs(10), || {
+        daemon.status()["datasets"][0]["sending"]["estimate"]
+            .as_u64()
+            .is_some_and(|e| (16 << 20..20 << 20).contains(&e))
+    });
+    assert!(estimated, "{}", daemon.status());
     assert!(json["seconds"].as_f64().unwrap() >= 1.0, "{json}");
     assert!(text.contains("/s"), "{text}");
     let ended = wait_for(Duration::from_secs(30), || {

@@ -220,6 +220,11 @@ struct RunArgs {
     /// to a bulk lane with as many slots again, so large transfers never block small ones.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     max_steps: u16,
+    /// Most size estimations running at once (zfs send -nvP; on zfs-fuse the snapshot's
+    /// referenced size for full streams). They run beside bulk steps for progress and
+    /// status only; no step waits for one.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    max_size_estimates: u16,
     /// Daemon: retention of zq's own snapshots (names starting with zq_) on both sides:
     /// keep the newest N, never the common base or anything not yet replicated. Other
     /// snapshots are never touched. Default 100 with --snapshot-every, otherwise off.
@@ -433,6 +438,7 @@ fn overlay(file: &mut RunArgs, cli: RunArgs, given: &zq::Given) {
             snapshot_every,
             jitter,
             max_steps,
+            max_size_estimates,
             keep_last,
             keep_grid,
             target_keep_last,
@@ -1216,6 +1222,8 @@ struct Peer {
     intermediates: bool,
     /// A daemon's steps in flight, for its status.
     progress: Option<Arc<zq_repl::progress::Progress>>,
+    /// One cap on size estimations for all of this job's connections.
+    estimates: Arc<tokio::sync::Semaphore>,
 }
 
 impl Peer {
@@ -1263,6 +1271,9 @@ impl Peer {
                 .every
                 .or(args.snapshot_every)
                 .map(|_| Arc::new(zq_repl::progress::Progress::default())),
+            estimates: Arc::new(tokio::sync::Semaphore::new(usize::from(
+                args.max_size_estimates,
+            ))),
         })
     }
 
@@ -1293,6 +1304,7 @@ impl Peer {
                 sender.set_compression(self.compress);
                 sender.set_bwlimit(self.bwlimit.clone());
                 sender.set_intermediates(self.intermediates);
+                sender.set_size_estimates(self.estimates.clone());
                 if self.progress.is_some() {
                     sender.set_progress(self.progress.clone());
                 }

@@ -124,10 +124,15 @@ pub struct Sender {
     bwlimit: Option<zq_net::RateLimit>,
     /// Where the step in flight is reported, with zfs's size estimate, if anyone watches.
     progress: Option<std::sync::Arc<crate::progress::Progress>>,
+    /// Caps the size estimations running at once (`concurrency.size_estimates`).
+    estimates: std::sync::Arc<tokio::sync::Semaphore>,
     /// False when a snapshot filter leaves snapshots out: no `-I` steps, which would carry
     /// them; chains of `-i` steps between the kept ones instead.
     intermediates: bool,
 }
+
+/// [`Sender::set_size_estimates`]'s default: zrepl's `concurrency.size_estimates`.
+pub const DEFAULT_SIZE_ESTIMATES: usize = 4;
 
 /// [`Sender::set_stall_timeout`]'s default.
 pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -163,6 +168,7 @@ impl Sender {
             intermediates: true,
             bwlimit: None,
             progress: None,
+            estimates: std::sync::Arc::new(tokio::sync::Semaphore::new(DEFAULT_SIZE_ESTIMATES)),
         })
     }
 
@@ -197,6 +203,13 @@ impl Sender {
     /// one (a `zfs send -nvP` beside it).
     pub fn set_progress(&mut self, progress: Option<std::sync::Arc<crate::progress::Progress>>) {
         self.progress = progress;
+    }
+
+    /// Shares a cap on the size estimations (`zfs send -nvP`, or a property where zfs
+    /// cannot estimate) that run at once, across connections and jobs (default: 4 per
+    /// sender). Estimates only feed progress and status; a step never waits for one.
+    pub fn set_size_estimates(&mut self, cap: std::sync::Arc<tokio::sync::Semaphore>) {
+        self.estimates = cap;
     }
 
     /// Protects this job's steps with holds and cursors ([`crate::protect`]).
@@ -727,7 +740,11 @@ impl Sender {
         let estimate = |watched: &Option<(std::sync::Arc<crate::progress::Progress>, u64)>| {
             if let Some((p, id)) = watched.clone() {
                 let (zfs, from, to) = (self.zfs.clone(), from_snap.clone(), to_snap.clone());
+                let cap = self.estimates.clone();
                 tokio::spawn(async move {
+                    let Ok(_permit) = cap.acquire_owned().await else {
+                        return;
+                    };
                     if let Ok(Some(bytes)) =
                         zfs.send_estimate(from.as_ref(), &to, intermediates).await
                     {

@@ -354,9 +354,10 @@ impl Zfs {
         Ok(Reader::spawn(&argv.arg(to.to_string()))?)
     }
 
-    /// The size `zfs send` would produce for this step (`zfs send -nvP`), where zfs can
-    /// estimate it ([`Capabilities::send_estimate`]); `None` where it cannot (zfs-fuse) or
-    /// did not say.
+    /// The size `zfs send` would produce for this step: `zfs send -nvP` where zfs can
+    /// estimate it ([`Capabilities::send_estimate`]); elsewhere (zfs-fuse), for a full
+    /// stream, the snapshot's `referenced` property (what a full stream carries, less
+    /// record headers); `None` for an incremental there, or where zfs did not say.
     pub async fn send_estimate(
         &self,
         from: Option<&SnapshotName>,
@@ -364,7 +365,14 @@ impl Zfs {
         intermediates: bool,
     ) -> Result<Option<u64>, StoreError> {
         if !self.caps.send_estimate {
-            return Ok(None);
+            if from.is_some() {
+                return Ok(None);
+            }
+            let argv = self
+                .zfs()
+                .args(["get", "-Hp", "-o", "value", "referenced"])
+                .arg(to.to_string());
+            return Ok(Some(parse_number_value(&run(&argv).await?, "referenced")?));
         }
         let mut argv = self.zfs().args(["send", "-nvP"]);
         if let Some(from) = from {

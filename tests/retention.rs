@@ -128,9 +128,16 @@ fn a_time_grid_prunes_each_side_by_its_own_policy_and_a_dry_run_only_tells() {
     // The held one stays on the source; the base (the newest) and "manual" stay everywhere.
     assert_eq!(names(&source), without(&[&old, &hourly_b]), "{said}");
     assert_eq!(names(&target), without(&[&old]), "{said}");
+    // The chain is intact: the next incremental goes on from the base.
+    src.write("d", "f", 4242, 99);
+    src.snap("d", "after");
+    let out = send(&keys, &recv, &source, &target, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(names(&target).last().map(String::as_str), Some("after"));
 
     // A receiver before protocol version 4 cannot apply a grid: said, exit 1, and the
     // target is left as it is.
+    let before = names(&target);
     let out = prune_output(&["--protocol-version", "3"]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(
@@ -138,6 +145,6 @@ fn a_time_grid_prunes_each_side_by_its_own_policy_and_a_dry_run_only_tells() {
         "{}",
         stderr(&out)
     );
-    assert_eq!(names(&target), without(&[&old]));
+    assert_eq!(names(&target), before);
     zfs(&["release", "keep", &format!("{source}@{daily_b}")]);
 }

@@ -106,6 +106,19 @@ fn daemon_through_a_receiver_crash(test: &str, children: usize, steady: Duration
         daemon.log_text()
     );
 
+    // The first snapshots of every dataset arrive together, the later ones of the
+    // initial catch-up one dataset at a time (zfs-fuse creates and mounts one dataset
+    // at a time): steady state starts once all have caught up.
+    let caught_up = wait_for_every(Duration::from_secs(30), Duration::from_millis(500), || {
+        lag_now(&pairs).0 <= 2
+    });
+    assert!(
+        caught_up,
+        "the initial catch-up did not finish: {}\n{}",
+        lag_now(&pairs).1,
+        daemon.log_text()
+    );
+
     // Steady state: every dataset within 2 iterations of its source.
     let (worst, which) = worst_lag(&pairs, steady);
     assert!(

@@ -16,6 +16,20 @@ macro_rules! out {
     }};
 }
 
+/// `overlay!(given, into, from, Type { field, … })`: moves each field of `from` (arguments
+/// parsed from the command line) into `into` (a config file's) where `given` says the
+/// command line or the environment set it. `from` is destructured without `..`: a field
+/// left out of the list does not compile, so no flag is silently ignored under --config.
+#[macro_export]
+macro_rules! overlay {
+    ($given:expr, $into:expr, $from:expr, $ty:path { $($field:ident),* $(,)? }) => {{
+        let $ty { $($field),* } = $from;
+        $(if $given.has(stringify!($field)) {
+            $into.$field = $field;
+        })*
+    }};
+}
+
 pub mod config;
 pub mod serve;
 pub mod status;

@@ -80,17 +80,10 @@ impl ServeArgs {
     /// environment gave (`given`). The destructuring lists every field: a new flag does
     /// not compile until it is listed here.
     pub fn overlay(&mut self, cli: ServeArgs, given: &crate::Given) {
-        macro_rules! overlay {
-            ($into:expr, $from:expr, $ty:path { $($field:ident),* $(,)? }) => {{
-                let $ty { $($field),* } = $from;
-                $(if given.has(stringify!($field)) {
-                    $into.$field = $field;
-                })*
-            }};
-        }
         let cli_transport = cli.transport.clone();
         // `transport` itself is no argument (never given): its flags follow.
         overlay!(
+            given,
             self,
             cli,
             ServeArgs {
@@ -109,6 +102,7 @@ impl ServeArgs {
             }
         );
         overlay!(
+            given,
             self.transport,
             cli_transport,
             crate::TransportArgs {

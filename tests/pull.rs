@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -22,30 +21,18 @@ impl Drop for Killed {
 
 /// `zq-send serve SOURCE 127.0.0.1:0 TARGET …` and the address it listens on.
 fn serve(keys: &Keys, source: &str, target: &str, extra: &[&str]) -> (Killed, String) {
-    let mut child = Command::new(SEND)
-        .args([
-            "serve",
-            source,
-            "127.0.0.1:0",
-            target,
-            "--identity",
-            keys.path(),
-        ])
-        .args(["--peer", &keys.recv_fp])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected zq-send serve output {line:?}"))
-        .to_string();
+    let mut cmd = Command::new(SEND);
+    cmd.args([
+        "serve",
+        source,
+        "127.0.0.1:0",
+        target,
+        "--identity",
+        keys.path(),
+    ])
+    .args(["--peer", &keys.recv_fp])
+    .args(extra);
+    let (child, addr) = spawn_listening(cmd);
     (Killed(child), addr)
 }
 

@@ -341,39 +341,13 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Identity(cmd) => cmd.run(ROLE),
-        Command::Run(args) => {
-            let given = matches
-                .subcommand_matches("run")
-                .map(zq::Given::new)
-                .unwrap_or_default();
-            let jobs = match jobs(*args, &given, Action::Replicate) {
-                Ok(j) => j,
-                Err(e) => return fail(exit::USAGE, &e),
-            };
-            zq::block_on(cli.log.json(), run_all(jobs, Action::Replicate))
-        }
-        Command::Serve(args) => {
-            let given = matches
-                .subcommand_matches("serve")
-                .map(zq::Given::new)
-                .unwrap_or_default();
-            let jobs = match jobs(*args, &given, Action::Serve) {
-                Ok(j) => j,
-                Err(e) => return fail(exit::USAGE, &e),
-            };
-            zq::block_on(cli.log.json(), run_all(jobs, Action::Serve))
-        }
+        Command::Run(args) => start(&matches, "run", *args, Action::Replicate, cli.log.json()),
+        Command::Serve(args) => start(&matches, "serve", *args, Action::Serve, cli.log.json()),
         Command::Prune(args) => {
-            let given = matches
-                .subcommand_matches("prune")
-                .map(zq::Given::new)
-                .unwrap_or_default();
-            let dry_run = args.dry_run;
-            let jobs = match jobs(args.run, &given, Action::Prune { dry_run }) {
-                Ok(j) => j,
-                Err(e) => return fail(exit::USAGE, &e),
+            let action = Action::Prune {
+                dry_run: args.dry_run,
             };
-            zq::block_on(cli.log.json(), run_all(jobs, Action::Prune { dry_run }))
+            start(&matches, "prune", args.run, action, cli.log.json())
         }
         Command::CheckConfig(args) => check_config(&args),
         Command::Status(args) if args.warn_lag.is_some() || args.crit_lag.is_some() => {
@@ -398,21 +372,33 @@ struct RunOnly {
     args: RunArgs,
 }
 
+/// Runs `action` on the jobs that subcommand `name` was given (see [`jobs`]).
+fn start(
+    matches: &clap::ArgMatches,
+    name: &str,
+    args: RunArgs,
+    action: Action,
+    log_json: bool,
+) -> ExitCode {
+    let given = matches
+        .subcommand_matches(name)
+        .map(zq::Given::new)
+        .unwrap_or_default();
+    match jobs(args, &given, action) {
+        Ok(jobs) => zq::block_on(log_json, run_all(jobs, action)),
+        Err(e) => fail(exit::USAGE, &e),
+    }
+}
+
 /// Copies into `file` (a job of the config file) the arguments the command line or the
 /// environment gave. The destructuring lists every field: a new flag does not compile
 /// until it is listed here, so none is silently ignored under --config.
 fn overlay(file: &mut RunArgs, cli: RunArgs, given: &zq::Given) {
-    macro_rules! overlay {
-        ($into:expr, $from:expr, $ty:ident { $($field:ident),* $(,)? }) => {{
-            let $ty { $($field),* } = $from;
-            $(if given.has(stringify!($field)) {
-                $into.$field = $field;
-            })*
-        }};
-    }
+    use zq::overlay;
     let cli_transport = cli.transport.clone();
     // `transport` itself is no argument (never given): its flags follow.
     overlay!(
+        given,
         file,
         cli,
         RunArgs {
@@ -461,6 +447,7 @@ fn overlay(file: &mut RunArgs, cli: RunArgs, given: &zq::Given) {
         }
     );
     overlay!(
+        given,
         file.transport,
         cli_transport,
         TransportArgs {

@@ -365,27 +365,34 @@ impl Recv {
     }
 
     /// Starts `cmd` (a `zq-recv serve …`) and waits for the address it listens on.
-    pub fn spawn_command(mut cmd: Command) -> Recv {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected zq-recv output {line:?}"))
-            .to_string();
+    pub fn spawn_command(cmd: Command) -> Recv {
+        let (child, addr) = spawn_listening(cmd);
         Recv {
             child,
             addr,
             log: Arc::default(),
         }
     }
+}
+
+/// Starts `cmd` (a `zq-recv serve` or `zq-send serve`, which print `listening on ADDR`
+/// first) and returns it with that address.
+pub fn spawn_listening(mut cmd: Command) -> (Child, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected output {line:?} of {cmd:?}"))
+        .to_string();
+    (child, addr)
 }
 
 /// `zq-recv serve`'s options but --listen.

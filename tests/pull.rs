@@ -137,3 +137,51 @@ fn a_one_shot_serve_obeys_the_pulling_receivers_roots() {
     assert_eq!(wait_exit(&mut sender.0, Duration::from_secs(60)), Some(0));
     assert_eq!(snapshots(&inside), snapshots(&src.ds("d")));
 }
+
+/// `zq-recv pull --config`: the receiver entry of the file gives the identity, spool and
+/// roots; the port its host's address implies is not listened on when pulling.
+#[test]
+fn a_pulling_receiver_takes_its_roots_from_the_config_file() {
+    let Some(_zfs) = zfs_or_skip("a_pulling_receiver_takes_its_roots_from_the_config_file") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("cs"), Pool::new("cd"), Keys::new());
+    src.create("d");
+    src.snap("d", "s1");
+    let file = keys.dir.path().join("zq.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[hosts.vault]
+address = "vault.example:7446"
+[hosts.src]
+fingerprint = "{send}"
+
+[[receivers]]
+host = "vault"
+identity = "{keys}"
+spool_dir = "{keys}/spool"
+allow = [{{ sender = "src", root = "{root}" }}]
+"#,
+            send = keys.send_fp,
+            keys = keys.path(),
+            root = dst.name,
+        ),
+    )
+    .unwrap();
+    let target = dst.ds("d");
+    let (mut sender, addr) = serve(&keys, &src.ds("d"), &target, &[]);
+    let _receiver = Killed(
+        Command::new(RECV)
+            .args(["pull", &addr, "--peer", &keys.send_fp, "--config"])
+            .arg(&file)
+            .args(["--host", "vault"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(wait_exit(&mut sender.0, Duration::from_secs(60)), Some(0));
+    assert_eq!(snapshots(&target), snapshots(&src.ds("d")));
+}

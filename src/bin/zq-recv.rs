@@ -62,10 +62,15 @@ fn main() -> ExitCode {
                 .map(zq::Given::new)
                 .unwrap_or_default();
             let PullArgs { addr, peer, serve } = *args;
-            let serve = match from_config(serve, &given) {
+            let mut serve = match from_config(serve, &given) {
                 Ok(a) => a,
                 Err(e) => return fail(exit::USAGE, &e),
             };
+            // A config file's receiver listens where its host's address says; pulling,
+            // it listens nowhere. Only --listen on the command line is a mistake.
+            if !given.has("listen") {
+                serve.listen = None;
+            }
             zq::block_on(cli.log.json(), pull(addr, peer, serve))
         }
         Command::Serve(args) => {

@@ -290,7 +290,8 @@ struct RunArgs {
     retry_delay: Duration,
     /// Compress chunks with zstd: none, auto (zstd level 1, but chunks that do not
     /// shrink make the next ones go raw for a while: already-compressed or encrypted data
-    /// costs almost nothing), zstd (level 3) or zstd:LEVEL. Used only where the
+    /// costs almost nothing; and chunks go raw while the link is faster than zstd on this
+    /// host), zstd (level 3) or zstd:LEVEL. Used only where the
     /// receiver agrees; checksums are of the original bytes.
     #[arg(long, value_name = "MODE", default_value = "none", env = "ZQ_COMPRESS")]
     compress: zq_proto::Compression,

@@ -47,6 +47,12 @@ impl RateLimit {
         }
     }
 
+    /// The rate, in bytes per second.
+    pub fn bytes_per_sec(&self) -> f64 {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        1.0 / g.per_byte
+    }
+
     /// Waits until `len` more bytes may go.
     pub async fn take(&self, len: usize) {
         let wait = {

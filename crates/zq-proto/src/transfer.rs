@@ -202,13 +202,23 @@ pub enum Compression {
     Zstd(i32),
     /// zstd at [`AUTO_LEVEL`], but a chunk that does not shrink by 1/16 makes the next
     /// ones go uncompressed for a while (1, 2, 4 … 64 chunks), so already-compressed or
-    /// encrypted data costs almost nothing.
+    /// encrypted data costs almost nothing; and while the link can carry raw bytes faster
+    /// than zstd makes compressed ones ([`Compressor::set_link_rate`]), chunks go raw but
+    /// every [`AUTO_PROBE_EVERY`]th, which keeps both figures current.
     #[default]
     Auto,
 }
 
 /// zstd level of [`Compression::Auto`]: the fastest positive level.
 pub const AUTO_LEVEL: i32 = 1;
+
+/// While the link outruns zstd, [`Compression::Auto`] still compresses one chunk in this
+/// many, to measure zstd's speed and the link's rate again.
+pub const AUTO_PROBE_EVERY: u32 = 32;
+
+/// The link must be this much faster than zstd before `auto` sends raw (and this much
+/// slower before it compresses again): hysteresis, as both figures are noisy.
+const AUTO_MARGIN: f64 = 1.25;
 
 /// Chunks smaller than this are not worth compressing (the BEGIN record, a stream's tail).
 const MIN_COMPRESS: usize = 4096;
@@ -275,6 +285,14 @@ pub struct Compressor {
     skip: u32,
     /// How many to skip after the next one that does not shrink (auto).
     backoff: u32,
+    /// zstd's speed on this host, raw bytes per second (a moving average), once measured.
+    speed: Option<f64>,
+    /// What the link can carry, bytes per second, as the sender last estimated it.
+    link: Option<f64>,
+    /// Sending raw because the link outruns zstd (auto).
+    outrun: bool,
+    /// Chunks since the last one compressed while `outrun`.
+    since_probe: u32,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -296,7 +314,53 @@ impl Compressor {
             ctx: None,
             skip: 0,
             backoff: 1,
+            speed: None,
+            link: None,
+            outrun: false,
+            since_probe: 0,
         }
+    }
+
+    /// What the link can carry now, in bytes per second (the sender's estimate: congestion
+    /// window over round-trip time, or a rate limit). With [`Compression::Auto`], chunks go
+    /// raw while this is well above zstd's measured speed: compressing would then slow the
+    /// transfer down, whatever it saves on the wire.
+    pub fn set_link_rate(&mut self, bytes_per_sec: f64) {
+        self.link = Some(bytes_per_sec);
+        self.update_outrun();
+    }
+
+    /// How long zstd took for a chunk of `raw_len` bytes (the caller times
+    /// [`Compressor::compress`] on the chunks [`Compressor::will_try`] accepted).
+    pub fn record_speed(&mut self, raw_len: usize, secs: f64) {
+        if secs <= 0.0 || raw_len < MIN_COMPRESS {
+            return;
+        }
+        let now = raw_len as f64 / secs;
+        self.speed = Some(match self.speed {
+            Some(s) => 0.75 * s + 0.25 * now,
+            None => now,
+        });
+        self.update_outrun();
+    }
+
+    fn update_outrun(&mut self) {
+        if self.mode != Compression::Auto {
+            return;
+        }
+        if let (Some(speed), Some(link)) = (self.speed, self.link) {
+            if !self.outrun && link > speed * AUTO_MARGIN {
+                self.outrun = true;
+                self.since_probe = 0;
+            } else if self.outrun && link * AUTO_MARGIN < speed {
+                self.outrun = false;
+            }
+        }
+    }
+
+    /// Whether the link outruns zstd and this chunk goes raw (auto), not a probe.
+    fn outrun_skips(&self) -> bool {
+        self.outrun && self.since_probe + 1 < AUTO_PROBE_EVERY
     }
 
     /// Whether any chunk may be compressed (the step header says `zstd`).
@@ -307,7 +371,10 @@ impl Compressor {
     /// Whether [`Compressor::compress`] would run zstd on a chunk of `len` bytes (and so
     /// take CPU time worth moving off an async runtime), rather than pass it through.
     pub fn will_try(&self, len: usize) -> bool {
-        self.mode != Compression::None && len >= MIN_COMPRESS && self.skip == 0
+        self.mode != Compression::None
+            && len >= MIN_COMPRESS
+            && self.skip == 0
+            && !self.outrun_skips()
     }
 
     /// The chunk as it should go on the wire.
@@ -323,6 +390,13 @@ impl Compressor {
         if self.skip > 0 {
             self.skip -= 1;
             return Payload::Raw(chunk);
+        }
+        if self.outrun {
+            if self.outrun_skips() {
+                self.since_probe += 1;
+                return Payload::Raw(chunk);
+            }
+            self.since_probe = 0;
         }
         if self.ctx.is_none() {
             match zstd::bulk::Compressor::new(level) {
@@ -662,6 +736,35 @@ mod tests {
                 total_len: 256 * 1024
             }
         );
+    }
+
+    /// `auto` sends raw while the link outruns zstd (one probe in AUTO_PROBE_EVERY), and
+    /// compresses again once the link is the slower; other modes ignore the link.
+    #[test]
+    fn auto_sends_raw_while_the_link_outruns_zstd() {
+        let chunk = compressible(256 * 1024);
+        let compressed = |c: &mut Compressor, n: u32| {
+            (0..n)
+                .filter(|_| matches!(c.compress(chunk.clone()), Payload::Zstd { .. }))
+                .count()
+        };
+        let mut auto = Compressor::new(Compression::Auto);
+        // Nothing measured yet: compress.
+        assert_eq!(compressed(&mut auto, 4), 4);
+        auto.record_speed(1 << 20, 0.005); // zstd: 200 MB/s
+        auto.set_link_rate(1e9); // a 1 GB/s link
+        assert_eq!(compressed(&mut auto, 2 * AUTO_PROBE_EVERY), 2);
+        assert!(!auto.will_try(chunk.len()));
+        // Within the margin either way: no flapping.
+        auto.set_link_rate(180e6);
+        assert_eq!(compressed(&mut auto, AUTO_PROBE_EVERY), 1);
+        auto.set_link_rate(100e6); // now the link is the bottleneck
+        assert!(auto.will_try(chunk.len()));
+        assert_eq!(compressed(&mut auto, 8), 8);
+        let mut zstd = Compressor::new(Compression::Zstd(1));
+        zstd.record_speed(1 << 20, 0.005);
+        zstd.set_link_rate(1e9);
+        assert_eq!(compressed(&mut zstd, 8), 8);
     }
 
     #[test]

@@ -849,6 +849,9 @@ impl Sender {
                 if let Some((p, id)) = &watched {
                     p.add(*id, chunk.len() as u64);
                 }
+                if compressor.is_active() {
+                    compressor.set_link_rate(link_rate(&self.conn, self.bwlimit.as_ref()));
+                }
                 let payload = compress_chunk(&mut compressor, chunk).await?;
                 wire_bytes += payload.wire_len() as u64;
                 if let Some(limit) = &self.bwlimit {
@@ -945,6 +948,19 @@ impl Sender {
     }
 }
 
+/// What `conn` can carry now, bytes per second: its congestion window per round trip
+/// (what the controller lets out), or `limit` if lower. For `--compress auto`
+/// ([`Compressor::set_link_rate`]).
+pub fn link_rate(conn: &quinn::Connection, limit: Option<&zq_net::RateLimit>) -> f64 {
+    let cwnd = conn.stats().path.cwnd as f64;
+    let rtt = conn.rtt().as_secs_f64().max(1e-5);
+    let rate = cwnd / rtt;
+    match limit {
+        Some(limit) => rate.min(limit.bytes_per_sec()),
+        None => rate,
+    }
+}
+
 /// `chunk` as it goes on the wire. zstd takes ~1 ms per 256 KiB chunk at level 1 and far
 /// longer at high levels, so it runs on tokio's blocking pool rather than on the runtime
 /// thread that also drives the connection and every other step (one thread on small
@@ -958,7 +974,9 @@ pub async fn compress_chunk(
     }
     let mut c = std::mem::replace(compressor, Compressor::new(Compression::None));
     let (c, payload) = tokio::task::spawn_blocking(move || {
+        let (len, started) = (chunk.len(), std::time::Instant::now());
         let p = c.compress(chunk);
+        c.record_speed(len, started.elapsed().as_secs_f64());
         (c, p)
     })
     .await

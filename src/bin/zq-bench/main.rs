@@ -485,6 +485,9 @@ async fn zq_send(
     let mut wire = 0u64;
     for chunk in chunks(&pool, load.size) {
         let hash = encoder.chunk(&chunk);
+        if compressor.is_active() {
+            compressor.set_link_rate(zq_repl::sender::link_rate(&conn, limit.as_ref()));
+        }
         let payload = zq_repl::sender::compress_chunk(&mut compressor, chunk).await?;
         wire += payload.wire_len() as u64;
         if let Some(limit) = &limit {

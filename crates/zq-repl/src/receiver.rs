@@ -540,14 +540,25 @@ impl Receiver {
             req.base_guid,
             std::time::SystemTime::now(),
         );
+        if req.dry_run {
+            // What would really go: held snapshots stay (zfs refuses to destroy them).
+            let would = crate::daemon::not_held(&self.zfs, &target, &doomed)
+                .await
+                .map_err(zfs_err)?;
+            let zq = snapshots
+                .iter()
+                .filter(|s| s.name.starts_with(crate::retention::ZQ_PREFIX))
+                .count();
+            return Ok(zq_proto::Pruned {
+                remaining: Some(u32::try_from(zq.saturating_sub(would.len())).unwrap_or(u32::MAX)),
+                destroyed: would,
+            });
+        }
         for s in doomed {
             let snap = target
                 .snapshot(&s.name)
                 .map_err(|e| internal(e.to_string()))?;
-            if req.dry_run {
-                destroyed.push(s.name.clone());
-                continue;
-            }
+
             match self.zfs.destroy_snapshot(&snap).await {
                 Ok(()) => destroyed.push(s.name.clone()),
                 // Held (by zq's other jobs, or anyone): never destroyed.

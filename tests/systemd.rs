@@ -104,6 +104,7 @@ fn units_pass_systemd_analyze_verify() {
         ("zq-recv.socket", "zq-recv.socket"),
         ("zq-recv.service", "zq-recv.service"),
         ("zq-send@.service", "zq-send@tank-home.service"),
+        ("zq-send-serve@.service", "zq-send-serve@tank-home.service"),
     ] {
         let text = std::fs::read_to_string(format!("{units}/{unit}")).unwrap();
         let path = dir.path().join(as_name);

@@ -748,6 +748,40 @@ impl Listener {
     }
 }
 
+/// Lets an event through at most once per period; counts the others.
+#[derive(Debug)]
+struct Throttle {
+    period: Duration,
+    /// When one last went through, and how many did not since.
+    state: Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Throttle {
+    fn new(period: Duration) -> Self {
+        Throttle {
+            period,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(events held back since the last one let through)` if this one may go.
+    fn allow(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.period => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                let held = state.1;
+                *state = (Some(now), 0);
+                Some(held)
+            }
+        }
+    }
+}
+
 /// Accepts the receiver's connections for a [`Listener`] until the endpoint closes.
 async fn accept_loop(
     endpoint: quinn::Endpoint,
@@ -756,6 +790,9 @@ async fn accept_loop(
     ready: tokio::sync::mpsc::Sender<quinn::Connection>,
     current: Arc<Mutex<Option<quinn::Connection>>>,
 ) {
+    // The port is open to anyone: a scanner's failed handshakes are logged at most every
+    // 10 s, with how many went unlogged.
+    let refused = Arc::new(Throttle::new(Duration::from_secs(10)));
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
         let mtu_bound = route_udp_payload(remote)
@@ -777,6 +814,7 @@ async fn accept_loop(
         };
         let ready = ready.clone();
         let current = current.clone();
+        let refused = refused.clone();
         let timeout = tuning.connect_timeout;
         tokio::spawn(async move {
             match tokio::time::timeout(timeout, connecting).await {
@@ -789,9 +827,15 @@ async fn accept_loop(
                     let _ = ready.send(conn).await;
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(%remote, error = %e, "connection refused or failed during handshake (not the pinned receiver's key?)")
+                    if let Some(unlogged) = refused.allow() {
+                        tracing::warn!(%remote, error = %e, unlogged, "connection refused or failed during handshake (not the pinned receiver's key?)")
+                    }
                 }
-                Err(_) => tracing::warn!(%remote, "handshake did not complete within {timeout:?}"),
+                Err(_) => {
+                    if let Some(unlogged) = refused.allow() {
+                        tracing::warn!(%remote, unlogged, "handshake did not complete within {timeout:?}")
+                    }
+                }
             }
         });
     }
@@ -845,6 +889,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_through_per_period_and_counts_the_rest() {
+        let t = Throttle::new(Duration::from_millis(50));
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), None);
+        assert_eq!(t.allow(), None);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(t.allow(), Some(2));
+    }
 
     #[test]
     fn windows_follow_the_bdp_with_floors_and_a_cap() {

@@ -79,6 +79,11 @@ fn check_config_shows_one_host_and_names_what_is_wrong() {
             "both named \"pg\" on host \"db1\"",
         ),
         (
+            "name = \"sanoid\"",
+            "name = \"sa noid\"",
+            "job \"sa noid\" on host \"db1\": --job \"sa noid\"",
+        ),
+        (
             "skip_parent = true",
             "skip_parent = \"yes\"",
             "invalid type: string \"yes\", expected a boolean",

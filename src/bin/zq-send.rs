@@ -559,6 +559,9 @@ impl Run {
                 }
             }
         }
+        if let Some(job) = &args.job {
+            Tags::new(job).map_err(|e| anyhow::anyhow!("--job {job:?}: {e}"))?;
+        }
         if args.metrics_listen.is_some() && !daemon {
             anyhow::bail!("--metrics-listen needs a daemon (--every or --snapshot-every): a one-shot run ends before anyone scrapes it");
         }

@@ -511,31 +511,6 @@ async fn destroy_local(zfs: &Zfs, dataset: &DatasetName, doomed: &[&SnapshotInfo
     destroyed
 }
 
-/// The names of `doomed` snapshots of `dataset` that no hold keeps: what a pass would
-/// really destroy (zfs refuses to destroy a held one), for a dry run. One `zfs get`.
-pub(crate) async fn not_held(
-    zfs: &Zfs,
-    dataset: &DatasetName,
-    doomed: &[&SnapshotInfo],
-) -> Result<Vec<String>, zq_store::StoreError> {
-    let names = doomed
-        .iter()
-        .map(|s| dataset.snapshot(&s.name))
-        .collect::<Result<Vec<_>, _>>()?;
-    let held: std::collections::HashSet<String> = zfs
-        .userrefs_of(&names)
-        .await?
-        .into_iter()
-        .filter(|(_, refs)| *refs > 0)
-        .map(|(snap, _)| snap.snap().to_owned())
-        .collect();
-    Ok(doomed
-        .iter()
-        .filter(|s| !held.contains(&s.name))
-        .map(|s| s.name.clone())
-        .collect())
-}
-
 /// What one retention pass did (or, in a dry run, would do) to a dataset and its target.
 #[derive(Debug)]
 pub struct Pruned {
@@ -589,7 +564,12 @@ pub async fn prune_once(
         };
         let doomed = prunable_by(&snaps, ZQ_PREFIX, &retention.source, base.guid, now);
         let source_snapshots = if dry_run {
-            not_held(zfs, &src.name, &doomed).await?
+            let names: Vec<&str> = doomed.iter().map(|s| s.name.as_str()).collect();
+            zfs.unheld(&src.name, &names)
+                .await?
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
         } else {
             destroy_local(zfs, &src.name, &doomed).await
         };

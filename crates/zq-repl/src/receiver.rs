@@ -542,9 +542,15 @@ impl Receiver {
         );
         if req.dry_run {
             // What would really go: held snapshots stay (zfs refuses to destroy them).
-            let would = crate::daemon::not_held(&self.zfs, &target, &doomed)
+            let names: Vec<&str> = doomed.iter().map(|s| s.name.as_str()).collect();
+            let would: Vec<String> = self
+                .zfs
+                .unheld(&target, &names)
                 .await
-                .map_err(zfs_err)?;
+                .map_err(zfs_err)?
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
             let zq = snapshots
                 .iter()
                 .filter(|s| s.name.starts_with(crate::retention::ZQ_PREFIX))

@@ -484,6 +484,31 @@ impl Zfs {
         Ok(refs)
     }
 
+    /// The snapshots among `snaps` (names after `@`) of `dataset` that no user hold keeps:
+    /// what a destroy would really remove (zfs refuses a held one). One `zfs get` per 512.
+    pub async fn unheld<'a>(
+        &self,
+        dataset: &DatasetName,
+        snaps: &[&'a str],
+    ) -> Result<Vec<&'a str>, StoreError> {
+        let names = snaps
+            .iter()
+            .map(|s| dataset.snapshot(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let held: std::collections::HashSet<String> = self
+            .userrefs_of(&names)
+            .await?
+            .into_iter()
+            .filter(|(_, refs)| *refs > 0)
+            .map(|(snap, _)| snap.snap().to_owned())
+            .collect();
+        Ok(snaps
+            .iter()
+            .copied()
+            .filter(|s| !held.contains(*s))
+            .collect())
+    }
+
     /// How many user holds each of `snaps` has (`zfs get userrefs S1 S2 …`): costs time per
     /// snapshot named, unlike [`Self::userrefs`] of a dataset, which lists its whole
     /// subtree (zfs-fuse has no `get -d`).

@@ -124,6 +124,7 @@ struct JobSpec {
     retry_delay: Option<String>,
     compress: Option<String>,
     bwlimit: Option<Scalar>,
+    connections: Option<Scalar>,
     no_progress: Option<bool>,
     #[serde(default)]
     filter: FilterSpec,
@@ -491,6 +492,7 @@ impl Config {
         a.value("retry-delay", job.retry_delay.as_ref());
         a.value("compress", job.compress.as_ref());
         a.value("bwlimit", job.bwlimit.as_ref());
+        a.value("connections", job.connections.as_ref());
         a.flag("no-progress", job.no_progress);
         let f = &job.filter;
         a.values("exclude", &f.exclude);

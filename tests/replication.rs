@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -402,4 +403,74 @@ fn compressed_steps_arrive_identical_with_fewer_bytes_on_the_wire() {
     // ~10 MB of text shrinks ~10x; the 2 MiB of random data does not.
     assert!(wire < bytes / 2, "wire {wire} of {bytes}: {err}");
     assert!(wire > 2 << 20, "the random part went raw: wire {wire}");
+}
+
+#[test]
+fn bulk_steps_spread_over_parallel_connections_arrive_identical() {
+    let Some(_zfs) = zfs_or_skip("parallel_connections") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    src.write("fs", "a", 12 << 20, 21);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+    let args = ["--connections", "3", "--compress", "auto"];
+
+    // A full stream of ~12 MiB: bulk after its first MiB, then striped over 3 connections.
+    let out = send(&keys, &recv, &ds, &target, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("spreading the step's chunks over parallel connections")
+            && err.contains("connections=3"),
+        "{err}"
+    );
+    // Incrementals: a bulk one, striped as well, and a small one that is not.
+    src.write("fs", "b", 6 << 20, 22);
+    src.snap("fs", "s2");
+    src.write("fs", "c", 10_000, 23);
+    src.snap("fs", "s3");
+    let out = send(&keys, &recv, &ds, &target, &["--connections", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A receiver of protocol version 4 gets the step over one connection.
+    src.write("fs", "d", 3 << 20, 24);
+    src.snap("fs", "s4");
+    let v4 = ["--connections", "3", "--protocol-version", "4"];
+    let out = send(&keys, &recv, &ds, &target, &v4);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("(< 5): one connection, not 3"), "{err}");
+    assert!(!err.contains("spreading"), "{err}");
+    assert_eq!(snapshots(&target), snapshots(&ds));
+    for f in ["a", "b", "c", "d"] {
+        assert_eq!(read(&target, f), read(&ds, f), "{f}");
+    }
+}
+
+#[test]
+fn parallel_connections_are_refused_in_pull_mode() {
+    let keys = Keys::new();
+    let out = Command::new(SEND)
+        .args([
+            "serve",
+            "pool/fs",
+            "127.0.0.1:0",
+            "backup/fs",
+            "--identity",
+            keys.path(),
+            "--peer",
+            &keys.recv_fp,
+            "--connections",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--connections 2 needs zq-send to dial the receiver"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -303,6 +303,13 @@ struct RunArgs {
     /// 50MB, 10MiB), measured after compression. Default (or 0): no limit.
     #[arg(long, value_name = "SIZE", value_parser = zq::parse_size, env = "ZQ_BWLIMIT")]
     bwlimit: Option<u64>,
+    /// Open N connections to the receiver and spread each bulk step's chunks over all of
+    /// them (steps under 1 MiB stay on one). One connection's congestion window caps a
+    /// stream on a long or lossy path; several fill more of it. 1 to 16; the receiver
+    /// must speak protocol version 5; not with `serve`.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=16))]
+    connections: u8,
     #[command(flatten)]
     transport: zq::TransportArgs,
     /// Speak only this protocol version (for compatibility testing).
@@ -443,6 +450,7 @@ fn overlay(file: &mut RunArgs, cli: RunArgs, given: &zq::Given) {
             compress,
             no_progress,
             bwlimit,
+            connections,
             transport,
             protocol_version,
         }
@@ -1215,6 +1223,8 @@ struct Peer {
     progress: Option<Arc<zq_repl::progress::Progress>>,
     /// One cap on size estimations for all of this job's connections.
     estimates: Arc<tokio::sync::Semaphore>,
+    /// Connections per sender: bulk steps stripe their chunks over them.
+    connections: u8,
 }
 
 impl Peer {
@@ -1233,6 +1243,13 @@ impl Peer {
             ..args.transport.tuning()
         };
         let daemon = args.every.or(args.snapshot_every).is_some();
+        if listen && args.connections > 1 {
+            anyhow::bail!(
+                "--connections {} needs zq-send to dial the receiver; in pull mode (serve) \
+                 the receiver makes the one connection",
+                args.connections
+            );
+        }
         let (link, name) = if listen {
             let listener = zq_net::Listener::bind(identity, args.peer, addr, &tuning)?;
             let bound = listener.local_addr();
@@ -1265,6 +1282,7 @@ impl Peer {
             estimates: Arc::new(tokio::sync::Semaphore::new(usize::from(
                 args.max_size_estimates,
             ))),
+            connections: args.connections,
         })
     }
 
@@ -1288,7 +1306,7 @@ impl Peer {
                 .into(),
         };
         let conn = dialed.conn.clone();
-        match Sender::handshake(dialed, zfs, &self.caps).await {
+        match Sender::handshake(dialed, zfs.clone(), &self.caps).await {
             Ok(mut sender) => {
                 sender.protect(self.protector.clone());
                 sender.set_stall_timeout(self.stall_timeout);
@@ -1298,6 +1316,16 @@ impl Peer {
                 sender.set_size_estimates(self.estimates.clone());
                 if self.progress.is_some() {
                     sender.set_progress(self.progress.clone());
+                }
+                if self.connections > 1 && sender.session().version >= 5 {
+                    sender.set_stripe_connections(self.stripe_connections(&zfs).await);
+                } else if self.connections > 1 {
+                    tracing::warn!(
+                        version = sender.session().version,
+                        "the receiver speaks protocol version {} (< 5): one connection, not {}",
+                        sender.session().version,
+                        self.connections
+                    );
                 }
                 Ok(sender)
             }
@@ -1316,6 +1344,35 @@ impl Peer {
 }
 
 impl Peer {
+    /// `--connections N`: N-1 more handshaken connections to the receiver, dialed at once.
+    /// One that fails is left out (with a warning): the step's own connection carries on.
+    async fn stripe_connections(&self, zfs: &Zfs) -> Vec<quinn::Connection> {
+        let Link::Dial { client, addr } = &self.link else {
+            return Vec::new();
+        };
+        let mut dials = tokio::task::JoinSet::new();
+        for _ in 1..self.connections {
+            let (client, addr, zfs, caps) = (client.clone(), *addr, zfs.clone(), self.caps.clone());
+            dials.spawn(async move {
+                let dialed = client.dial(addr).await?;
+                Ok::<_, anyhow::Error>(
+                    Sender::handshake(dialed, zfs, &caps)
+                        .await?
+                        .into_connection(),
+                )
+            });
+        }
+        let mut conns = Vec::new();
+        while let Some(r) = dials.join_next().await {
+            match r {
+                Ok(Ok(conn)) => conns.push(conn),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot open a parallel connection"),
+                Err(e) => tracing::warn!(error = %e, "cannot open a parallel connection"),
+            }
+        }
+        conns
+    }
+
     /// Closes the endpoint so the receiver learns of it at once.
     async fn shutdown(&self) {
         match &self.link {

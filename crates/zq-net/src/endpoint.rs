@@ -370,7 +370,7 @@ pub async fn resolve(target: &str) -> Result<SocketAddr, NetError> {
 }
 
 /// The sender's side: connects to one receiver whose key is pinned.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Client {
     endpoint: quinn::Endpoint,
     /// TLS and transport settings; each connection gets its own MTU search bound.

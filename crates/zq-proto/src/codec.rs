@@ -265,6 +265,7 @@ pub fn finish(buf: &BytesMut) -> Result<(), FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::MAX_STRIPES;
     use crate::message::*;
     use proptest::prelude::*;
 
@@ -392,6 +393,23 @@ mod tests {
         assert_eq!(decode(&mut b), Err(FrameError::Empty));
         let mut b = BytesMut::from(&[0u8, 0, 0, 1, 0x7f][..]);
         assert_eq!(decode(&mut b), Err(FrameError::UnknownKind(0x7f)));
+    }
+
+    #[test]
+    fn stripe_counts_and_indexes_are_bounded() {
+        for bad in [
+            Message::Stripes(Stripes { id: 1, count: 0 }),
+            Message::Stripes(Stripes {
+                id: 1,
+                count: MAX_STRIPES as u8 + 1,
+            }),
+            Message::StripeJoin(StripeJoin {
+                id: 1,
+                index: MAX_STRIPES as u8,
+            }),
+        ] {
+            assert!(matches!(bad.validate(), Err(LimitError { .. })), "{bad:?}");
+        }
     }
 
     #[test]
@@ -703,6 +721,11 @@ mod tests {
                         dry_run,
                     })
                 }),
+            (any::<u64>(), 1..=MAX_STRIPES as u8)
+                .prop_map(|(id, count)| Message::Stripes(Stripes { id, count })),
+            (any::<u64>(), 0..MAX_STRIPES as u8)
+                .prop_map(|(id, index)| Message::StripeJoin(StripeJoin { id, index })),
+            any::<u64>().prop_map(Message::StripeChunk),
         ]
     }
 
@@ -728,10 +751,13 @@ mod tests {
                 Message::Resumable(_) => 12,
                 Message::StepStart(_) => 13,
                 Message::PruneBy(_) => 14,
+                Message::Stripes(_) => 15,
+                Message::StripeJoin(_) => 16,
+                Message::StripeChunk(_) => 17,
             }
         }
         let mut runner = proptest::test_runner::TestRunner::deterministic();
-        let mut seen = [false; 15];
+        let mut seen = [false; 18];
         for _ in 0..2000 {
             let m = arb_message().new_tree(&mut runner).unwrap().current();
             seen[kind(&m)] = true;

@@ -8,7 +8,9 @@ pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// Version 3: steps start with `StepStart` (protection, resume), `Resumable` follows a
 /// listing when both peers offered the `spool` resume kind, `ErrorKind::ResumeRejected`.
 /// Version 4: `PruneBy` (retention by a time grid as well as by count, and dry runs).
-pub const PROTOCOL_VERSION_MAX: u16 = 4;
+/// Version 5: `Stripes`, `StripeJoin`, `StripeChunk` (a bulk step's chunks spread over
+/// parallel connections).
+pub const PROTOCOL_VERSION_MAX: u16 = 5;
 
 /// First four bytes of every `Hello`: "ZQ" and two bytes of zeros, so a stray client of
 /// another protocol is told apart from a zq peer of another version.
@@ -42,3 +44,6 @@ pub const MAX_CAPABILITY_LEN: usize = 64;
 
 /// Longest user-hold tag a sender may ask the receiver to place (ZFS allows 255 bytes).
 pub const MAX_TAG_LEN: usize = 128;
+
+/// Most stripe streams one step's chunks may be spread over (`zq-send --connections`).
+pub const MAX_STRIPES: usize = 16;

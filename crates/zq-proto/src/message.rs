@@ -46,6 +46,17 @@ pub enum Message {
     /// Sender → receiver, from version 4, instead of [`Message::Prune`]: retention by count
     /// and/or a time grid, or only what it would destroy. Answered by [`Pruned`].
     PruneBy(PruneBy),
+    /// Sender → receiver, from version 5, on a step stream between its data chunks: the
+    /// rest of the step's chunks come on [`Stripes::count`] stripe streams, possibly on
+    /// other connections of the same sender. [`StepEnd`] (or [`StepAbort`]) follows here
+    /// once the last chunk is queued; the receiver applies `StepEnd` only after every
+    /// stripe stream has ended (streams are not ordered with each other).
+    Stripes(Stripes),
+    /// Sender → receiver, from version 5: the first frame of a stripe stream.
+    StripeJoin(StripeJoin),
+    /// Sender → receiver, from version 5, on a stripe stream: the next frame is data chunk
+    /// number `.0` of the striped part of the step (counted from 0).
+    StripeChunk(u64),
 }
 
 /// The resume kind in which the receiver spools a large step's verified bytes and the
@@ -71,6 +82,9 @@ impl Message {
             Message::Resumable(_) => "Resumable",
             Message::StepStart(_) => "StepStart",
             Message::PruneBy(_) => "PruneBy",
+            Message::Stripes(_) => "Stripes",
+            Message::StripeJoin(_) => "StripeJoin",
+            Message::StripeChunk(_) => "StripeChunk",
         }
     }
 
@@ -141,7 +155,9 @@ impl Message {
                 }
                 Ok(())
             }
-            Message::StepEnd(_) => Ok(()),
+            Message::StepEnd(_) | Message::StripeChunk(_) => Ok(()),
+            Message::Stripes(s) => check_stripe("Stripes.count", usize::from(s.count)),
+            Message::StripeJoin(j) => check_stripe("StripeJoin.index", usize::from(j.index) + 1),
             Message::StepAbort(a) => check_text("StepAbort.reason", &a.reason),
             Message::Verdict(Verdict::Committed(c)) => {
                 check_name("Verdict.dataset", &c.dataset)?;
@@ -205,6 +221,18 @@ fn check_len(field: &'static str, actual: usize, limit: usize) -> Result<(), Lim
     Ok(())
 }
 use check_len as check_count;
+
+/// A stripe count (or index + 1) must be 1..=[`MAX_STRIPES`].
+fn check_stripe(field: &'static str, n: usize) -> Result<(), LimitError> {
+    if n == 0 {
+        return Err(LimitError {
+            field,
+            actual: 0,
+            limit: MAX_STRIPES,
+        });
+    }
+    check_len(field, n, MAX_STRIPES)
+}
 
 fn check_name(field: &'static str, s: &str) -> Result<(), LimitError> {
     check_len(field, s.len(), MAX_NAME_LEN)
@@ -492,6 +520,27 @@ pub struct PruneBy {
     pub base_guid: u64,
     /// Destroy nothing: answer with what would be destroyed.
     pub dry_run: bool,
+}
+
+/// A step's chunks from here on are spread over stripe streams (version 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stripes {
+    /// Names the set: each of its streams starts with a [`StripeJoin`] of this id. Chosen
+    /// at random by the sender; the receiver matches it only among that sender's streams.
+    pub id: u64,
+    /// How many stripe streams (1..=[`MAX_STRIPES`]).
+    pub count: u8,
+}
+
+/// Opens a stripe stream of the set [`Stripes::id`] (version 5). Chunk frames follow,
+/// each after a [`Message::StripeChunk`] giving its number; the set's chunks are
+/// numbered across all its streams, each stream's in increasing order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeJoin {
+    /// The set's [`Stripes::id`].
+    pub id: u64,
+    /// This stream's place in the set, below [`Stripes::count`].
+    pub index: u8,
 }
 
 /// What a [`PruneRequest`] or [`PruneBy`] destroyed (or, in a dry run, would destroy).

@@ -15,6 +15,7 @@ pub mod protect;
 pub mod receiver;
 pub mod retention;
 pub mod sender;
+pub mod stripe;
 
 #[cfg(test)]
 mod testutil;

@@ -17,6 +17,8 @@ mod lister;
 pub mod spool;
 mod step;
 
+use crate::stripe::StepFrames;
+
 /// How long a connected sender has to complete the zq handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a receiver that dialed waits for the sender's Hello (see
@@ -88,6 +90,8 @@ pub struct Receiver {
     scanned: Mutex<std::collections::HashSet<DatasetName>>,
     /// Counters and open connections, for `--metrics-listen`.
     metrics: Arc<crate::metrics::ReceiverMetrics>,
+    /// Stripe streams of bulk steps spread over parallel connections ([`crate::stripe`]).
+    stripes: Arc<crate::stripe::StripeRegistry>,
 }
 
 /// A target's snapshots as this receiver left them after its last step: listed before the
@@ -174,6 +178,7 @@ impl Receiver {
             spools,
             scanned: Mutex::new(Default::default()),
             metrics: Arc::default(),
+            stripes: Arc::default(),
         })
     }
 
@@ -254,19 +259,18 @@ impl Receiver {
         if peer_fingerprint(&conn).is_none() && !Self::established(&conn, &mut established).await {
             return;
         }
-        let fp = peer_fingerprint(&conn);
-        let Some(root) = fp.and_then(|fp| {
-            let root = self.policy.root(&fp).cloned();
-            match &root {
-                Some(r) => info!(sender = %fp.short(), root = %r, "sender connected"),
-                None => warn!(sender = %fp, "connected key has no root; closing"),
-            }
-            root
-        }) else {
+        let Some(fp) = peer_fingerprint(&conn) else {
+            warn!("connected sender has no key; closing");
             conn.close(1u32.into(), b"unknown sender key");
             return;
         };
-        let sender = fp.map(|f| f.short().to_string()).unwrap_or_default();
+        let Some(root) = self.policy.root(&fp).cloned() else {
+            warn!(sender = %fp, "connected key has no root; closing");
+            conn.close(1u32.into(), b"unknown sender key");
+            return;
+        };
+        info!(sender = %fp.short(), root = %root, "sender connected");
+        let sender = fp.short().to_string();
         let _listed = self
             .metrics
             .connected(sender, conn.remote_address(), conn.clone());
@@ -304,8 +308,8 @@ impl Receiver {
             let root = root.clone();
             tokio::spawn(
                 async move {
-                    let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
-                    if let Err(e) = this.stream(&root, agreed, &mut send, &mut recv).await {
+                    let (mut send, recv) = (FramedSend::new(send), FramedRecv::new(recv));
+                    if let Err(e) = this.stream(&root, fp, agreed, &mut send, recv).await {
                         warn!(error = %e, "stream failed");
                     }
                 }
@@ -383,11 +387,25 @@ impl Receiver {
     async fn stream(
         &self,
         root: &DatasetName,
+        peer: Fingerprint,
         agreed: Agreed,
         send: &mut FramedSend,
-        recv: &mut FramedRecv,
+        mut recv: FramedRecv,
     ) -> Result<(), StreamError> {
+        // Steps may spread their chunks over stripe streams from version 5.
+        let stripes = (agreed.version >= 5).then(|| (self.stripes.clone(), peer));
         let reply = match recv.message("a request").await {
+            Ok(Message::StripeJoin(j)) if agreed.version >= 5 => {
+                // Read by the step that claims it; nothing is answered here.
+                send.finish()?;
+                return match self.stripes.deliver(peer, j, recv) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        warn!(error = %e, "stripe stream refused");
+                        Ok(())
+                    }
+                };
+            }
             Ok(Message::ListRequest(r)) => {
                 let roots = r.roots.clone();
                 match self.list(root, r).await {
@@ -441,7 +459,8 @@ impl Receiver {
                         tag: s.last_tag,
                         hold: s.hold_last,
                     };
-                    self.step(root, s.header, s.resume, last, agreed, recv)
+                    let mut frames = StepFrames::new(&mut recv, stripes);
+                    self.step(root, s.header, s.resume, last, agreed, &mut frames)
                         .instrument(span)
                         .await
                 };
@@ -449,8 +468,9 @@ impl Receiver {
             }
             Ok(Message::StepHeader(h)) => {
                 let span = info_span!("step", target = %h.target, to = %h.to.name);
+                let mut frames = StepFrames::new(&mut recv, None);
                 let v = self
-                    .step(root, h, None, LastHold::default(), agreed, recv)
+                    .step(root, h, None, LastHold::default(), agreed, &mut frames)
                     .instrument(span)
                     .await;
                 Message::Verdict(v)

@@ -9,10 +9,12 @@ use tracing::{info, info_span, warn, Instrument};
 use zq_net::{Dialed, FramedRecv, FramedSend};
 use zq_proto::{
     Capabilities, Committed, Compression, Compressor, ListRequest, ListRoot, Message, ResumeAt,
-    ResumeToken, Session, SnapRef, StepAbort, StepEncoder, StepHeader, StepStart, Verdict,
+    ResumeToken, Session, SnapRef, StepAbort, StepEncoder, StepHeader, StepStart, Stripes, Verdict,
     RESUME_SPOOL,
 };
 use zq_store::{DatasetName, Zfs};
+
+use crate::stripe::StripeSender;
 
 use crate::error::ReplError;
 use crate::lanes::Slot;
@@ -129,6 +131,9 @@ pub struct Sender {
     /// False when a snapshot filter leaves snapshots out: no `-I` steps, which would carry
     /// them; chains of `-i` steps between the kept ones instead.
     intermediates: bool,
+    /// More connections to the same receiver, over which bulk steps spread their chunks
+    /// with this one ([`crate::stripe`]).
+    stripes: Vec<quinn::Connection>,
 }
 
 /// [`Sender::set_size_estimates`]'s default: zrepl's `concurrency.size_estimates`.
@@ -169,7 +174,50 @@ impl Sender {
             bwlimit: None,
             progress: None,
             estimates: std::sync::Arc::new(tokio::sync::Semaphore::new(DEFAULT_SIZE_ESTIMATES)),
+            stripes: Vec::new(),
         })
+    }
+
+    /// Spreads bulk steps' chunks over these connections as well as this sender's own
+    /// ([`crate::stripe`]; protocol version 5, else unused). Each must be a handshaken
+    /// connection to the same receiver under the same key (another [`Sender`]'s, see
+    /// [`Sender::into_connection`]). One that closes is left out of later steps.
+    pub fn set_stripe_connections(&mut self, conns: Vec<quinn::Connection>) {
+        self.stripes = conns;
+    }
+
+    /// The connection, handshaken, for [`Sender::set_stripe_connections`].
+    pub fn into_connection(self) -> quinn::Connection {
+        self.conn
+    }
+
+    /// Says [`Stripes`] on a bulk step's stream and opens the set, when this sender has
+    /// stripe connections open and the receiver speaks version 5.
+    async fn open_stripes(&self, send: &mut FramedSend) -> Result<Option<StripeSender>, ReplError> {
+        if self.session.version < 5 || self.stripes.is_empty() {
+            return Ok(None);
+        }
+        let mut conns = vec![self.conn.clone()];
+        conns.extend(
+            self.stripes
+                .iter()
+                .filter(|c| c.close_reason().is_none())
+                .cloned(),
+        );
+        conns.truncate(zq_proto::limits::MAX_STRIPES);
+        if conns.len() < 2 {
+            return Ok(None);
+        }
+        let set = Stripes {
+            id: crate::stripe::new_id(),
+            count: conns.len() as u8,
+        };
+        send.send(&Message::Stripes(set)).await?;
+        info!(
+            connections = set.count,
+            "spreading the step's chunks over parallel connections"
+        );
+        Ok(Some(StripeSender::open(&conns, set).await?))
     }
 
     /// Abandons a step (and lets it be retried, resuming from the receiver's spool) when
@@ -811,6 +859,9 @@ impl Sender {
             slot.to_bulk().await;
         }
 
+        // Once bulk, the chunks may go over several connections (crate::stripe).
+        let mut striped: Option<StripeSender> = None;
+        let mut stripes_tried = false;
         // A write error means the receiver stopped reading (it refused the step or failed);
         // its verdict, read below, says why.
         let send_result = async {
@@ -857,17 +908,40 @@ impl Sender {
                 if let Some(limit) = &self.bwlimit {
                     limit.take(payload.wire_len()).await;
                 }
-                match tokio::time::timeout(self.stall_timeout, send.send_payload(&hash, payload))
-                    .await
-                {
+                if !stripes_tried && encoder.total() >= BULK_BYTES {
+                    stripes_tried = true;
+                    striped = self.open_stripes(&mut send).await?;
+                }
+                let sent = match striped.as_mut() {
+                    Some(s) => {
+                        tokio::time::timeout(self.stall_timeout, s.send(hash, payload)).await
+                    }
+                    None => {
+                        tokio::time::timeout(self.stall_timeout, async {
+                            Ok(send.send_payload(&hash, payload).await?)
+                        })
+                        .await
+                    }
+                };
+                match sent {
                     Ok(sent) => sent?,
                     Err(_) => return Err(ReplError::Stalled(self.stall_timeout)),
                 }
             }
             zsend.wait().await?;
+            if let Some(s) = striped.take() {
+                match tokio::time::timeout(self.stall_timeout, s.finish()).await {
+                    Ok(done) => done?,
+                    Err(_) => return Err(ReplError::Stalled(self.stall_timeout)),
+                }
+            }
             Ok::<(), ReplError>(())
         }
         .await;
+        if let Some(s) = striped.take() {
+            // The step failed while its chunks were striped: reset every stripe stream.
+            s.abort().await;
+        }
         if let Err(ReplError::Stalled(_)) = &send_result {
             // Nothing more will get through, a verdict neither: drop the stream.
             send.reset();

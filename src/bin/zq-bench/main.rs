@@ -130,6 +130,11 @@ struct Load {
     /// zq's rate limit, as zq-send --bwlimit (bytes per second after compression).
     #[arg(long, value_name = "SIZE", value_parser = zq::parse_size)]
     bwlimit: Option<u64>,
+    /// zq's parallel connections, as zq-send --connections: the chunks are striped over
+    /// N connections from the first one.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=16))]
+    connections: u8,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -475,10 +480,23 @@ async fn zq_send(
     let pool = pool(load.data);
     let client = Client::new(identity, peer, addr, &transport.tuning())?;
     let conn = client.connect(addr).await?;
+    let mut conns = vec![conn.clone()];
+    for _ in 1..load.connections {
+        conns.push(client.connect(addr).await?);
+    }
     let (cpu0, _) = usage(libc::RUSAGE_SELF);
     let started = Instant::now();
     let (send, recv) = conn.open_bi().await?;
     let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+    let mut striped = None;
+    if conns.len() > 1 {
+        let set = zq_proto::Stripes {
+            id: zq_repl::stripe::new_id(),
+            count: load.connections,
+        };
+        send.send(&Message::Stripes(set)).await?;
+        striped = Some(zq_repl::stripe::StripeSender::open(&conns, set).await?);
+    }
     let mut encoder = StepEncoder::new();
     let mut compressor = Compressor::new(load.compress);
     let limit = load.bwlimit.filter(|&b| b > 0).map(zq_net::RateLimit::new);
@@ -493,7 +511,13 @@ async fn zq_send(
         if let Some(limit) = &limit {
             limit.take(payload.wire_len()).await;
         }
-        send.send_payload(&hash, payload).await?;
+        match striped.as_mut() {
+            Some(s) => s.send(hash, payload).await?,
+            None => send.send_payload(&hash, payload).await?,
+        }
+    }
+    if let Some(s) = striped {
+        s.finish().await?;
     }
     let end = encoder.end();
     send.send(&Message::StepEnd(end.clone())).await?;
@@ -516,7 +540,9 @@ async fn zq_send(
         sent_packets = stats.path.sent_packets,
         "path"
     );
-    conn.close(0u32.into(), b"done");
+    for c in &conns {
+        c.close(0u32.into(), b"done");
+    }
     client.shutdown().await;
     Ok(Run {
         bytes: load.size,
@@ -529,6 +555,8 @@ async fn zq_send(
 }
 
 /// zq's data path, receiving side: every chunk and the stream verified, then dropped.
+/// Connections are served at once (a striping sender opens several); one `sink …` line
+/// is printed per connection that carried a step, when it closes.
 async fn zq_sink(
     listen: SocketAddr,
     dir: &std::path::Path,
@@ -539,45 +567,113 @@ async fn zq_sink(
     let identity = Identity::load(dir, "zq-recv")?;
     let endpoint = zq_net::server(identity, [allow], listen, &transport.tuning())?;
     println!("listening on {}", endpoint.local_addr()?);
-    let mut served = 0;
-    while let Some(incoming) = endpoint.accept().await {
-        let (cpu0, _) = usage(libc::RUSAGE_SELF);
-        // A connection that fails (a lost path, a refused key) is reported; the sink
-        // stays for the next one.
-        let result = async {
-            let conn = incoming.await?;
-            let mut bytes = 0;
-            while let Ok((send, recv)) = conn.accept_bi().await {
-                bytes += sink_stream(send, recv).await?;
+    let stripes = std::sync::Arc::new(zq_repl::stripe::StripeRegistry::default());
+    let (served_tx, mut served) = tokio::sync::mpsc::unbounded_channel();
+    let mut count = 0;
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+            Some(()) = served.recv() => {
+                count += 1;
+                if count == connections {
+                    break;
+                }
+                continue;
             }
-            if let Some(reason) = conn
-                .close_reason()
-                .filter(|r| !matches!(r, quinn::ConnectionError::ApplicationClosed(_)))
-            {
-                anyhow::bail!("connection failed after {bytes} bytes: {reason}");
+        };
+        let (stripes, served_tx) = (stripes.clone(), served_tx.clone());
+        tokio::spawn(async move {
+            if sink_connection(incoming, stripes, allow).await {
+                let _ = served_tx.send(());
             }
-            Ok::<u64, anyhow::Error>(bytes)
-        }
-        .await;
-        let (cpu1, rss) = usage(libc::RUSAGE_SELF);
-        match result {
-            Ok(bytes) => println!("sink bytes={bytes} cpu={:.3} rss_kib={rss}", cpu1 - cpu0),
-            Err(e) => println!("sink error: {}", zq::chain(e.as_ref())),
-        }
-        served += 1;
-        if served == connections {
-            break;
-        }
+        });
     }
     Ok(())
 }
 
+/// One connection of the sink; true if it carried a step (not only stripe streams).
+async fn sink_connection(
+    incoming: quinn::Incoming,
+    stripes: std::sync::Arc<zq_repl::stripe::StripeRegistry>,
+    allow: Fingerprint,
+) -> bool {
+    let (cpu0, _) = usage(libc::RUSAGE_SELF);
+    // A connection that fails (a lost path, a refused key) is reported; the sink stays
+    // for the next one.
+    let result = async {
+        let conn = incoming.await?;
+        let mut streams = tokio::task::JoinSet::new();
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let stripes = stripes.clone();
+            streams.spawn(async move {
+                let r = sink_stream(send, recv, stripes, allow).await;
+                if let Err(e) = &r {
+                    // At once: the connection's line comes only when it closes.
+                    tracing::warn!(error = %zq::chain(e.as_ref()), "sink stream failed");
+                }
+                r
+            });
+        }
+        let (mut bytes, mut steps) = (0, 0);
+        while let Some(r) = streams.join_next().await {
+            if let Some(b) = r?? {
+                bytes += b;
+                steps += 1;
+            }
+        }
+        if let Some(reason) = conn
+            .close_reason()
+            .filter(|r| !matches!(r, quinn::ConnectionError::ApplicationClosed(_)))
+        {
+            anyhow::bail!("connection failed after {bytes} bytes: {reason}");
+        }
+        Ok::<_, anyhow::Error>((bytes, steps))
+    }
+    .await;
+    let (cpu1, rss) = usage(libc::RUSAGE_SELF);
+    match result {
+        Ok((_, 0)) => false,
+        Ok((bytes, _)) => {
+            println!("sink bytes={bytes} cpu={:.3} rss_kib={rss}", cpu1 - cpu0);
+            true
+        }
+        Err(e) => {
+            println!("sink error: {}", zq::chain(e.as_ref()));
+            true
+        }
+    }
+}
+
 /// One stream of a sink's connection: every chunk and the end checked, the end echoed.
-async fn sink_stream(send: quinn::SendStream, recv: quinn::RecvStream) -> anyhow::Result<u64> {
+/// `None` for a stripe stream, which goes to the step that claims it.
+async fn sink_stream(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    stripes: std::sync::Arc<zq_repl::stripe::StripeRegistry>,
+    peer: Fingerprint,
+) -> anyhow::Result<Option<u64>> {
     let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
     let mut decoder = StepDecoder::with_zstd()?;
     let mut bytes = 0;
-    while let Some(frame) = recv.next().await? {
+    let first = recv.next().await?;
+    if let Some(zq_proto::Frame::Message(Message::StripeJoin(j))) = first {
+        stripes
+            .deliver(peer, j, recv)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        return Ok(None);
+    }
+    let mut frames = zq_repl::stripe::StepFrames::new(&mut recv, Some((stripes, peer)));
+    let mut next = match first {
+        Some(zq_proto::Frame::Message(Message::Stripes(set))) => {
+            frames.stripe(set).map_err(|e| anyhow::anyhow!(e))?;
+            frames.next().await.map_err(|e| anyhow::anyhow!(e))?
+        }
+        other => other,
+    };
+    while let Some(frame) = next {
         let end = match &frame {
             zq_proto::Frame::Message(Message::StepEnd(e)) => Some(e.clone()),
             _ => None,
@@ -588,8 +684,9 @@ async fn sink_stream(send: quinn::SendStream, recv: quinn::RecvStream) -> anyhow
             send.send(&Message::StepEnd(end)).await?;
             send.finish()?;
         }
+        next = frames.next().await.map_err(|e| anyhow::anyhow!(e))?;
     }
-    Ok(bytes)
+    Ok(Some(bytes))
 }
 
 /// The unencrypted reference: bytes into a TCP socket.

@@ -23,7 +23,6 @@
 
 use bytes::Bytes;
 use tracing::{debug, info, warn};
-use zq_net::FramedRecv;
 use zq_proto::{
     Committed, ErrorKind, ForceAction, ResumeAt, SnapRef, SnapshotInfo, StepDecoder, StepEvent,
     StepHeader, TransferError, Verdict, WireError,
@@ -33,6 +32,7 @@ use zq_store::{DatasetName, SnapshotName, StreamBegin, Writer};
 use super::spool::{Replay, SpoolWriter};
 use super::{authorize, internal, zfs_err, Agreed, Known, LastHold, Receiver, TARGET_WAIT};
 use crate::progress::human_bytes;
+use crate::stripe::StepFrames;
 use crate::to_info;
 
 /// What `prepare` found and did: whether `zfs receive` needs `-F`, and the target's
@@ -52,7 +52,7 @@ impl Receiver {
         resume: Option<ResumeAt>,
         last: LastHold,
         agreed: Agreed,
-        recv: &mut FramedRecv,
+        recv: &mut StepFrames<'_>,
     ) -> Verdict {
         let result = self.step_inner(root, &h, resume, last, agreed, recv).await;
         // Labelled by target only inside the sender's root: a sender cannot make the
@@ -105,7 +105,7 @@ impl Receiver {
         resume: Option<ResumeAt>,
         last: LastHold,
         agreed: Agreed,
-        recv: &mut FramedRecv,
+        recv: &mut StepFrames<'_>,
     ) -> Result<Committed, WireError> {
         let target = authorize(root, &h.target)?;
         let name_err =
@@ -213,7 +213,7 @@ impl Receiver {
         spool: &mut Option<SpoolWriter>,
         mut replay: Option<Replay>,
         digest: zq_proto::StreamDigest,
-        recv: &mut FramedRecv,
+        recv: &mut StepFrames<'_>,
     ) -> Result<Committed, WireError> {
         let started = std::time::Instant::now();
         let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
@@ -599,7 +599,7 @@ struct FirstBytes {
 /// Reads frames until at least a BEGIN record's worth of verified bytes is released (or the
 /// stream is complete). Holds at most two chunks.
 async fn first_bytes(
-    recv: &mut FramedRecv,
+    recv: &mut StepFrames<'_>,
     decoder: &mut StepDecoder,
     spool: &mut Option<SpoolWriter>,
 ) -> Result<FirstBytes, WireError> {
@@ -698,7 +698,7 @@ fn check_begin(h: &StepHeader, first: &[Bytes]) -> Result<StreamBegin, WireError
 /// Writes the first bytes, then the rest of the stream as it is verified; returns its length.
 async fn feed(
     zrecv: &mut Writer,
-    recv: &mut FramedRecv,
+    recv: &mut StepFrames<'_>,
     decoder: &mut StepDecoder,
     first: FirstBytes,
     mut replay: Option<Replay>,
@@ -731,16 +731,19 @@ async fn feed(
 
 /// The next frame's event; verified bytes it releases are copied to the spool.
 async fn next_event(
-    recv: &mut FramedRecv,
+    recv: &mut StepFrames<'_>,
     decoder: &mut StepDecoder,
     spool: &mut Option<SpoolWriter>,
 ) -> Result<StepEvent, WireError> {
     #[cfg(debug_assertions)]
     crate::fault::stall_once(decoder.total()).await;
-    let frame = match recv.next().await {
-        Ok(Some(f)) => f,
-        Ok(None) => return Err(transfer_err(decoder.on_eof().err())),
-        Err(e) => return Err(WireError::new(ErrorKind::Protocol, e.to_string())),
+    let frame = match recv
+        .next()
+        .await
+        .map_err(|e| WireError::new(ErrorKind::Protocol, e))?
+    {
+        Some(f) => f,
+        None => return Err(transfer_err(decoder.on_eof().err())),
     };
     let event = decoder.on_frame(frame).map_err(|e| transfer_err(Some(e)))?;
     if let (StepEvent::Data(d), Some(w)) = (&event, spool.as_mut()) {

@@ -364,6 +364,40 @@ fn a_corrupted_chunk_is_caught_and_the_step_retried() {
     assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
 }
 
+/// The same with the chunks striped over 3 connections: the receiver's refusal reaches the
+/// sender while it writes only to stripe streams, and the retried step completes.
+#[test]
+fn a_corrupted_striped_chunk_is_caught_and_the_step_retried() {
+    let Some(_zfs) = zfs_or_skip("corrupted_striped_chunk") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    src.write("fs", "f", 12 << 20, 4);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+    let daemon = Daemon::start_with_env(
+        &keys,
+        &recv.addr,
+        &ds,
+        &target,
+        &["--every", "1s", "--connections", "3"],
+        // Past the first MiB: a chunk that goes over a stripe stream.
+        &[("ZQ_TEST_CORRUPT_ONCE", "4194304")],
+    );
+    let done = wait_for(Duration::from_secs(30), || {
+        snapshots(&target) == snapshots(&ds)
+    });
+    let log = daemon.log_text();
+    assert!(done, "{log}");
+    assert!(log.contains("fault injection"), "{log}");
+    assert!(log.contains("spreading the step's chunks"), "{log}");
+    assert!(log.contains("failed its BLAKE3 check"), "{log}");
+    assert_eq!(read(&target, "f"), read(&ds, "f"));
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
+}
+
 #[test]
 fn a_receiver_killed_mid_transfer_resumes_from_its_spool() {
     crash_mid_transfer("receiver_killed_mid_transfer", Crash::Receiver);

@@ -6,15 +6,23 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 
-/// With `ZQ_TEST_CORRUPT_ONCE` set, flips one bit of the first chunk after a stream's BEGIN
-/// record that this process sends, after it was hashed: data damaged between `zfs send`
-/// and `zfs receive`, which the receiver must catch.
-pub(crate) fn corrupt_once(chunk: Bytes) -> Bytes {
-    static ON: OnceLock<bool> = OnceLock::new();
+/// With `ZQ_TEST_CORRUPT_ONCE=OFFSET` set, flips one bit of the first chunk this process
+/// sends at or after stream offset OFFSET (`1`: the first after the BEGIN record), after it
+/// was hashed: data damaged between `zfs send` and `zfs receive`, which the receiver must
+/// catch.
+pub(crate) fn corrupt_once(chunk: Bytes, offset: u64) -> Bytes {
+    static FROM: OnceLock<Option<u64>> = OnceLock::new();
     static DONE: AtomicBool = AtomicBool::new(false);
     // The environment is read once, not per chunk.
-    let on = *ON.get_or_init(|| std::env::var_os("ZQ_TEST_CORRUPT_ONCE").is_some());
-    if !on || chunk.is_empty() || DONE.swap(true, Ordering::SeqCst) {
+    let from = *FROM.get_or_init(|| {
+        std::env::var("ZQ_TEST_CORRUPT_ONCE")
+            .ok()
+            .map(|v| v.parse().unwrap_or(1))
+    });
+    if from.is_none_or(|f| offset < f.max(1))
+        || chunk.is_empty()
+        || DONE.swap(true, Ordering::SeqCst)
+    {
         return chunk;
     }
     let mut bytes = chunk.to_vec();

@@ -396,8 +396,9 @@ impl Receiver {
         let stripes = (agreed.version >= 5).then(|| (self.stripes.clone(), peer));
         let reply = match recv.message("a request").await {
             Ok(Message::StripeJoin(j)) if agreed.version >= 5 => {
-                // Read by the step that claims it; nothing is answered here.
-                send.finish()?;
+                // Read by the step that claims it; nothing is answered here (the sender
+                // does not read this side).
+                let _ = send.finish();
                 return match self.stripes.deliver(peer, j, recv) {
                     Ok(()) => Ok(()),
                     Err(e) => {

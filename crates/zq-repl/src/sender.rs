@@ -862,6 +862,9 @@ impl Sender {
         // Once bulk, the chunks may go over several connections (crate::stripe).
         let mut striped: Option<StripeSender> = None;
         let mut stripes_tried = false;
+        // A verdict that came while the chunks went over stripe streams: nothing is written
+        // on the step's own stream then, so a refusal would not surface as a write error.
+        let mut early_verdict = None;
         // A write error means the receiver stopped reading (it refused the step or failed);
         // its verdict, read below, says why.
         let send_result = async {
@@ -885,11 +888,7 @@ impl Sender {
                 let before = encoder.total();
                 let hash = encoder.chunk(&chunk);
                 #[cfg(debug_assertions)]
-                let chunk = if before > 0 {
-                    crate::fault::corrupt_once(chunk)
-                } else {
-                    chunk
-                };
+                let chunk = crate::fault::corrupt_once(chunk, before);
                 if before < BULK_BYTES && encoder.total() >= BULK_BYTES {
                     hold_step();
                     estimate(&watched);
@@ -914,7 +913,18 @@ impl Sender {
                 }
                 let sent = match striped.as_mut() {
                     Some(s) => {
-                        tokio::time::timeout(self.stall_timeout, s.send(hash, payload)).await
+                        let sent = async {
+                            tokio::select! {
+                                r = s.send(hash, payload) => r,
+                                v = recv.message("Verdict") => {
+                                    early_verdict = Some(v);
+                                    Err(ReplError::Protocol(
+                                        "the receiver answered before the end of the step".into(),
+                                    ))
+                                }
+                            }
+                        };
+                        tokio::time::timeout(self.stall_timeout, sent).await
                     }
                     None => {
                         tokio::time::timeout(self.stall_timeout, async {
@@ -961,7 +971,10 @@ impl Sender {
             }
         }
         let _ = send.finish();
-        let verdict = recv.message("Verdict").await;
+        let verdict = match early_verdict {
+            Some(v) => v,
+            None => recv.message("Verdict").await,
+        };
         match (verdict, send_result) {
             (Ok(Message::Verdict(Verdict::Committed(c))), Ok(())) => {
                 // The GUID we expect: the plan's, else the one our own stream created.

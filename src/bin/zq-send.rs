@@ -1240,7 +1240,7 @@ impl Peer {
         let tuning = Tuning {
             idle_timeout: args.idle_timeout,
             keep_alive: Tuning::default().keep_alive.min(args.idle_timeout / 3),
-            ..args.transport.tuning()
+            ..args.transport.tuning().shared_by(args.connections)
         };
         let daemon = args.every.or(args.snapshot_every).is_some();
         if listen && args.connections > 1 {

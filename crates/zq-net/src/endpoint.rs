@@ -102,6 +102,20 @@ impl Tuning {
         }
     }
 
+    /// The settings of each of `connections` parallel connections to one receiver (`zq-send
+    /// --connections`): they share the send window, 1/N each (at least 4 MiB), so that
+    /// together they keep no more in flight than one connection would. Measured on an
+    /// emulated 1 Gbit/s, 50 ms link with a one-BDP tail-drop queue: 4 connections with the
+    /// whole window each overshot it in slow start and moved 821-842 Mbit/s, one
+    /// connection 906, 4 sharing it 915-918 (docs/benchmarks.md).
+    pub fn shared_by(mut self, connections: u8) -> Self {
+        const FLOOR: u64 = 4 * 1024 * 1024;
+        if connections > 1 {
+            self.send_window = (self.send_window / u64::from(connections)).max(FLOOR);
+        }
+        self
+    }
+
     /// Transport settings of a connection whose path MTU discovery searches up to UDP
     /// payloads of `mtu_upper_bound` bytes.
     fn transport(&self, mtu_upper_bound: u16) -> Result<TransportConfig, NetError> {
@@ -917,6 +931,19 @@ mod tests {
             .parse::<Congestion>()
             .unwrap_err()
             .contains("cubic or bbr"));
+    }
+
+    #[test]
+    fn parallel_connections_share_the_send_window() {
+        let wan = Tuning::for_bdp(25_000_000);
+        assert_eq!(wan.clone().shared_by(1).send_window, 100_000_000);
+        assert_eq!(wan.clone().shared_by(4).send_window, 25_000_000);
+        // Never below 4 MiB; the receive windows are the receiver's and stay.
+        let many = wan.shared_by(16);
+        assert_eq!(many.send_window, 6_250_000);
+        assert_eq!(many.stream_window, 50_000_000);
+        let lan = Tuning::for_bdp(125_000).shared_by(16);
+        assert_eq!(lan.send_window, 4 << 20);
     }
 
     #[test]

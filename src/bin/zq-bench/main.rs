@@ -478,7 +478,8 @@ async fn zq_send(
     transport: &zq::TransportArgs,
 ) -> anyhow::Result<Run> {
     let pool = pool(load.data);
-    let client = Client::new(identity, peer, addr, &transport.tuning())?;
+    let tuning = transport.tuning().shared_by(load.connections);
+    let client = Client::new(identity, peer, addr, &tuning)?;
     let conn = client.connect(addr).await?;
     let mut conns = vec![conn.clone()];
     for _ in 1..load.connections {

@@ -6,9 +6,11 @@ const BENCH: &str = env!("CARGO_BIN_EXE_zq-bench");
 
 #[test]
 fn throughput_moves_the_bytes_through_zq_and_tcp_and_reports_both() {
-    for data in ["random", "text"] {
+    // Striped over 3 connections too: the sink merges them and counts one transfer.
+    for (data, connections) in [("random", "1"), ("text", "1"), ("random", "3")] {
         let out = Command::new(BENCH)
             .args(["throughput", "--size", "8MiB", "--data", data])
+            .args(["--connections", connections])
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);

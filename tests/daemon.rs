@@ -330,22 +330,43 @@ fn retention_prunes_old_zq_snapshots_on_both_sides_and_keeps_the_chain() {
 /// the step fails, the daemon retries it, and the replica ends identical to the source.
 #[test]
 fn a_corrupted_chunk_is_caught_and_the_step_retried() {
-    let Some(_zfs) = zfs_or_skip("corrupted_chunk") else {
+    corrupted_chunk("corrupted_chunk", 2 << 20, &[], "1", &[]);
+}
+
+/// The same with the chunks striped over 3 connections: the receiver's refusal reaches the
+/// sender while it writes only to stripe streams, and the retried step completes.
+#[test]
+fn a_corrupted_striped_chunk_is_caught_and_the_step_retried() {
+    corrupted_chunk(
+        "corrupted_striped_chunk",
+        12 << 20,
+        &["--connections", "3"],
+        // Past the first MiB: a chunk that goes over a stripe stream.
+        "4194304",
+        &["spreading the step's chunks"],
+    );
+}
+
+/// A daemon replicating a `size`-byte full stream with the chunk at stream offset
+/// `corrupt_at` damaged once; its log must say each of `logged`.
+fn corrupted_chunk(test: &str, size: usize, extra: &[&str], corrupt_at: &str, logged: &[&str]) {
+    let Some(_zfs) = zfs_or_skip(test) else {
         return;
     };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
     let ds = src.create("fs");
-    src.write("fs", "f", 2 << 20, 3);
+    src.write("fs", "f", size, 3);
     src.snap("fs", "s1");
     let target = dst.ds("fs");
+    let args = [&["--every", "1s"], extra].concat();
     let daemon = Daemon::start_with_env(
         &keys,
         &recv.addr,
         &ds,
         &target,
-        &["--every", "1s"],
-        &[("ZQ_TEST_CORRUPT_ONCE", "1")],
+        &args,
+        &[("ZQ_TEST_CORRUPT_ONCE", corrupt_at)],
     );
     let done = wait_for(Duration::from_secs(30), || {
         snapshots(&target) == snapshots(&ds)
@@ -360,40 +381,9 @@ fn a_corrupted_chunk_is_caught_and_the_step_retried() {
         log.contains("failed its BLAKE3 check"),
         "the receiver caught it: {log}"
     );
-    assert_eq!(read(&target, "f"), read(&ds, "f"));
-    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
-}
-
-/// The same with the chunks striped over 3 connections: the receiver's refusal reaches the
-/// sender while it writes only to stripe streams, and the retried step completes.
-#[test]
-fn a_corrupted_striped_chunk_is_caught_and_the_step_retried() {
-    let Some(_zfs) = zfs_or_skip("corrupted_striped_chunk") else {
-        return;
-    };
-    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
-    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
-    let ds = src.create("fs");
-    src.write("fs", "f", 12 << 20, 4);
-    src.snap("fs", "s1");
-    let target = dst.ds("fs");
-    let daemon = Daemon::start_with_env(
-        &keys,
-        &recv.addr,
-        &ds,
-        &target,
-        &["--every", "1s", "--connections", "3"],
-        // Past the first MiB: a chunk that goes over a stripe stream.
-        &[("ZQ_TEST_CORRUPT_ONCE", "4194304")],
-    );
-    let done = wait_for(Duration::from_secs(30), || {
-        snapshots(&target) == snapshots(&ds)
-    });
-    let log = daemon.log_text();
-    assert!(done, "{log}");
-    assert!(log.contains("fault injection"), "{log}");
-    assert!(log.contains("spreading the step's chunks"), "{log}");
-    assert!(log.contains("failed its BLAKE3 check"), "{log}");
+    for needle in logged {
+        assert!(log.contains(needle), "{needle}: {log}");
+    }
     assert_eq!(read(&target, "f"), read(&ds, "f"));
     assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
 }

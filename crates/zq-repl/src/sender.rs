@@ -14,12 +14,11 @@ use zq_proto::{
 };
 use zq_store::{DatasetName, Zfs};
 
-use crate::stripe::StripeSender;
-
 use crate::error::ReplError;
 use crate::lanes::Slot;
 use crate::plan::{plan, PlanOptions, Step};
 use crate::protect::Protector;
+use crate::stripe::StripeSender;
 use crate::{to_info, DatasetOutcome, DatasetReport};
 
 /// A step that has sent this much is bulk: its stream drops to a lower priority, so that
@@ -862,8 +861,7 @@ impl Sender {
         // Once bulk, the chunks may go over several connections (crate::stripe).
         let mut striped: Option<StripeSender> = None;
         let mut stripes_tried = false;
-        // A verdict that came while the chunks went over stripe streams: nothing is written
-        // on the step's own stream then, so a refusal would not surface as a write error.
+        // A verdict that came while the chunks went over stripe streams (or_verdict).
         let mut early_verdict = None;
         // A write error means the receiver stopped reading (it refused the step or failed);
         // its verdict, read below, says why.
@@ -913,17 +911,7 @@ impl Sender {
                 }
                 let sent = match striped.as_mut() {
                     Some(s) => {
-                        let sent = async {
-                            tokio::select! {
-                                r = s.send(hash, payload) => r,
-                                v = recv.message("Verdict") => {
-                                    early_verdict = Some(v);
-                                    Err(ReplError::Protocol(
-                                        "the receiver answered before the end of the step".into(),
-                                    ))
-                                }
-                            }
-                        };
+                        let sent = or_verdict(s.send(hash, payload), &mut recv, &mut early_verdict);
                         tokio::time::timeout(self.stall_timeout, sent).await
                     }
                     None => {
@@ -940,7 +928,8 @@ impl Sender {
             }
             zsend.wait().await?;
             if let Some(s) = striped.take() {
-                match tokio::time::timeout(self.stall_timeout, s.finish()).await {
+                let finished = or_verdict(s.finish(), &mut recv, &mut early_verdict);
+                match tokio::time::timeout(self.stall_timeout, finished).await {
                     Ok(done) => done?,
                     Err(_) => return Err(ReplError::Stalled(self.stall_timeout)),
                 }
@@ -1031,6 +1020,24 @@ impl Sender {
             // No verdict: the local failure, if any, is the better explanation.
             (Err(_), Err(e)) => Err(e),
             (Err(e), Ok(())) => Err(e.into()),
+        }
+    }
+}
+
+/// Runs `work` (writing a striped step's chunks) unless the receiver's verdict comes first,
+/// which it does only when it refused the step: nothing is written on the step's own stream
+/// meanwhile, so a refusal would not surface as a write error. The verdict is kept in
+/// `early` for the caller to report.
+async fn or_verdict(
+    work: impl std::future::Future<Output = Result<(), ReplError>>,
+    recv: &mut FramedRecv,
+    early: &mut Option<Result<Message, zq_net::StreamError>>,
+) -> Result<(), ReplError> {
+    tokio::select! {
+        r = work => r,
+        v = recv.message("Verdict") => {
+            *early = Some(v);
+            Err(ReplError::Protocol("the receiver answered before the end of the step".into()))
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The receiver's refusals over real QUIC on loopback, without ZFS: its `zfs` program does
 //! not exist, so every refusal below also proves that no `zfs` command was attempted.
 
+mod common;
+
 use std::net::SocketAddr;
 
-use zq_net::{Client, Fingerprint, FramedRecv, FramedSend, Identity, Tuning};
+use common::{pair, Pair};
+use zq_net::{Client, FramedRecv, FramedSend};
 use zq_proto::{
     Capabilities, ErrorKind, ForceAction, Message, RefusalReason, SnapRef, StepHeader, Verdict,
 };
@@ -14,41 +17,6 @@ struct Setup {
     _dir: tempfile::TempDir,
     client: Client,
     addr: SocketAddr,
-}
-
-/// Fresh identities, a receiver endpoint on loopback admitting the sender's key, and a
-/// client with that key pinning the receiver's.
-struct Pair {
-    dir: tempfile::TempDir,
-    endpoint: quinn::Endpoint,
-    client: Client,
-    send_fp: Fingerprint,
-}
-
-fn pair() -> Pair {
-    let dir = tempfile::tempdir().unwrap();
-    let recv_fp = Identity::generate(dir.path(), "zq-recv").unwrap();
-    let send_fp = Identity::generate(dir.path(), "zq-send").unwrap();
-    let endpoint = zq_net::server(
-        Identity::load(dir.path(), "zq-recv").unwrap(),
-        [send_fp],
-        "127.0.0.1:0".parse().unwrap(),
-        &Tuning::default(),
-    )
-    .unwrap();
-    let client = Client::new(
-        Identity::load(dir.path(), "zq-send").unwrap(),
-        recv_fp,
-        endpoint.local_addr().unwrap(),
-        &Tuning::default(),
-    )
-    .unwrap();
-    Pair {
-        dir,
-        endpoint,
-        client,
-        send_fp,
-    }
 }
 
 /// A receiver allowing one sender into `backup/a`, and a client with that sender's key.

@@ -2,10 +2,12 @@
 //! over several connections come back in order, and a sender that breaks the stripe rules
 //! is refused with an error naming what it did.
 
+mod common;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
-use zq_net::{Client, Fingerprint, FramedRecv, FramedSend, Identity, Tuning};
+use zq_net::{Fingerprint, FramedRecv, FramedSend};
 use zq_proto::{Frame, Message, StepAbort, StepEncoder, StripeJoin, Stripes};
 use zq_repl::stripe::{StepFrames, StripeRegistry, StripeSender};
 
@@ -24,16 +26,12 @@ struct Link {
 }
 
 async fn link(n: usize) -> Link {
-    let dir = tempfile::tempdir().unwrap();
-    let recv_fp = Identity::generate(dir.path(), "zq-recv").unwrap();
-    let send_fp = Identity::generate(dir.path(), "zq-send").unwrap();
-    let endpoint = zq_net::server(
-        Identity::load(dir.path(), "zq-recv").unwrap(),
-        [send_fp],
-        "127.0.0.1:0".parse().unwrap(),
-        &Tuning::default(),
-    )
-    .unwrap();
+    let common::Pair {
+        dir,
+        endpoint,
+        client,
+        send_fp,
+    } = common::pair();
     let addr = endpoint.local_addr().unwrap();
     let registry = Arc::new(StripeRegistry::default());
     let (main_tx, mains) = tokio::sync::mpsc::unbounded_channel();
@@ -58,13 +56,6 @@ async fn link(n: usize) -> Link {
             });
         }
     });
-    let client = Client::new(
-        Identity::load(dir.path(), "zq-send").unwrap(),
-        recv_fp,
-        addr,
-        &Tuning::default(),
-    )
-    .unwrap();
     let mut conns = Vec::new();
     for _ in 0..n {
         conns.push(client.connect(addr).await.unwrap());

@@ -189,6 +189,7 @@ struct TransportSpec {
     bdp: Option<Scalar>,
     congestion: Option<String>,
     udp_buffer: Option<Scalar>,
+    address_validation: Option<String>,
 }
 
 /// A receiver: `zq-recv serve` and its flags, on the host(s) named.
@@ -605,6 +606,7 @@ impl Args {
         self.value("bdp", t.bdp.as_ref());
         self.value("congestion", t.congestion.as_ref());
         self.value("udp-buffer", t.udp_buffer.as_ref());
+        self.value("address-validation", t.address_validation.as_ref());
     }
 
     /// The arguments, with `{host}` replaced by `host`.

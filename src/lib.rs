@@ -50,6 +50,11 @@ pub struct TransportArgs {
     /// otherwise capped by net.core.rmem_max/wmem_max, with a warning).
     #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = parse_size)]
     pub udp_buffer: u64,
+    /// Servers (`serve`): when a connecting client must first prove its address with a
+    /// QUIC Retry, one more round trip: auto (only while more than 64 handshakes are in
+    /// progress, e.g. under a flood; reconnects stay 0-RTT) or always.
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    pub address_validation: zq_net::AddressValidation,
 }
 
 impl TransportArgs {
@@ -58,6 +63,7 @@ impl TransportArgs {
         zq_net::Tuning {
             congestion: self.congestion,
             udp_buffer: usize::try_from(self.udp_buffer).unwrap_or(usize::MAX),
+            address_validation: self.address_validation,
             ..zq_net::Tuning::for_bdp(self.bdp)
         }
     }

@@ -108,7 +108,8 @@ impl ServeArgs {
             crate::TransportArgs {
                 bdp,
                 congestion,
-                udp_buffer
+                udp_buffer,
+                address_validation
             }
         );
     }

@@ -474,3 +474,28 @@ fn parallel_connections_are_refused_in_pull_mode() {
         stderr(&out)
     );
 }
+
+/// A receiver that makes every sender prove its address (QUIC Retry) still replicates;
+/// each new connection costs one more round trip.
+#[test]
+fn a_receiver_validating_every_address_replicates() {
+    let Some(_zfs) = zfs_or_skip("address_validation") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start_with_args(
+        &keys,
+        &[(&keys.send_fp, &dst.name)],
+        &["--address-validation", "always"],
+    );
+    let ds = src.create("fs");
+    src.write("fs", "f", 100_000, 31);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+    let out = send(&keys, &recv, &ds, &target, &["--connections", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    src.snap("fs", "s2");
+    let out = send(&keys, &recv, &ds, &target, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(snapshots(&target), snapshots(&ds));
+}

@@ -172,9 +172,10 @@ async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocke
             tracing::info!(%bound, senders = args.allow.len(), "zq-recv ready");
         }
     }
+    let admission = zq_net::Admission::new(tuning.address_validation);
     let serving: Vec<_> = endpoints
         .iter()
-        .map(|e| tokio::spawn(receiver.clone().serve(e.clone())))
+        .map(|e| tokio::spawn(receiver.clone().serve(e.clone(), admission.clone())))
         .collect();
     // For Type=notify units; a no-op elsewhere.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

@@ -462,7 +462,8 @@ fn overlay(file: &mut RunArgs, cli: RunArgs, given: &zq::Given) {
         TransportArgs {
             bdp,
             congestion,
-            udp_buffer
+            udp_buffer,
+            address_validation
         }
     );
 }

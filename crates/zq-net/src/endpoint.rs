@@ -68,6 +68,8 @@ pub struct Tuning {
     pub idle_timeout: Duration,
     /// How long to wait for a receiver to answer a new connection.
     pub connect_timeout: Duration,
+    /// Servers: when a new client must first prove its address ([`crate::admission`]).
+    pub address_validation: crate::AddressValidation,
 }
 
 impl Default for Tuning {
@@ -99,6 +101,7 @@ impl Tuning {
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            address_validation: crate::AddressValidation::Auto,
         }
     }
 
@@ -807,7 +810,11 @@ async fn accept_loop(
     // The port is open to anyone: a scanner's failed handshakes are logged at most every
     // 10 s, with how many went unlogged.
     let refused = Arc::new(Throttle::new(Duration::from_secs(10)));
+    let admission = crate::Admission::new(tuning.address_validation);
     while let Some(incoming) = endpoint.accept().await {
+        let Some((incoming, handshaking)) = admission.admit(incoming) else {
+            continue;
+        };
         let remote = incoming.remote_address();
         let mtu_bound = route_udp_payload(remote)
             .unwrap_or(ETHERNET_UDP_PAYLOAD)
@@ -831,7 +838,9 @@ async fn accept_loop(
         let refused = refused.clone();
         let timeout = tuning.connect_timeout;
         tokio::spawn(async move {
-            match tokio::time::timeout(timeout, connecting).await {
+            let result = tokio::time::timeout(timeout, connecting).await;
+            drop(handshaking);
+            match result {
                 Ok(Ok(conn)) => {
                     tracing::info!(%remote, "the receiver connected");
                     let old = current.lock().ok().and_then(|mut c| c.take());

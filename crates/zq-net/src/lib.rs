@@ -1,12 +1,14 @@
 //! zq's transport: QUIC (quinn) with TLS 1.3 (rustls), self-signed identities pinned by
 //! public-key fingerprint on both sides, and zq frames over QUIC streams.
 
+pub mod admission;
 pub mod endpoint;
 pub mod framed;
 pub mod identity;
 pub mod pin;
 pub mod rate;
 
+pub use admission::{AddressValidation, Admission};
 pub use endpoint::{
     closed_by_tls_alert, peer_fingerprint, resolve, server, server_on, Client, Congestion, Dialed,
     Listener, NetError, Tuning, DEFAULT_BDP,

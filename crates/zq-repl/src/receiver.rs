@@ -208,8 +208,14 @@ impl Receiver {
     /// the resumed session. A Hello is safe to answer twice, and it is the only request
     /// served before the handshake completes: an attacker replaying 0-RTT packets gets no
     /// further.
-    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+    ///
+    /// `admission` decides which new clients must first prove their address (a QUIC
+    /// Retry, see [`zq_net::admission`]).
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, admission: zq_net::Admission) {
         while let Some(incoming) = endpoint.accept().await {
+            let Some((incoming, handshaking)) = admission.admit(incoming) else {
+                continue;
+            };
             let this = self.clone();
             let remote = incoming.remote_address();
             let connecting = match incoming.accept() {
@@ -231,7 +237,7 @@ impl Receiver {
                         }
                     },
                 };
-                this.connection(conn, established, HANDSHAKE_TIMEOUT)
+                this.connection(conn, established, HANDSHAKE_TIMEOUT, Some(handshaking))
                     .instrument(info_span!("conn", %remote))
                     .await
             });
@@ -244,7 +250,7 @@ impl Receiver {
     /// reconnection attempts), so its Hello may come up to [`PULL_HELLO_TIMEOUT`] later.
     pub async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
         let remote = conn.remote_address();
-        self.connection(conn, None, PULL_HELLO_TIMEOUT)
+        self.connection(conn, None, PULL_HELLO_TIMEOUT, None)
             .instrument(info_span!("conn", %remote))
             .await
     }
@@ -254,6 +260,8 @@ impl Receiver {
         conn: quinn::Connection,
         mut established: Option<quinn::ZeroRttAccepted>,
         hello_timeout: std::time::Duration,
+        // Counts this connection's handshake for admission until the TLS handshake ends.
+        handshaking: Option<zq_net::admission::Handshaking>,
     ) {
         // Known before the handshake completes only when the session is resumed.
         if peer_fingerprint(&conn).is_none() && !Self::established(&conn, &mut established).await {
@@ -296,6 +304,7 @@ impl Receiver {
         if !Self::established(&conn, &mut established).await {
             return;
         }
+        drop(handshaking);
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,

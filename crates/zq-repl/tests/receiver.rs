@@ -29,7 +29,7 @@ async fn setup() -> Setup {
     let addr = p.endpoint.local_addr().unwrap();
     let zfs = Zfs::with_capabilities("/nonexistent/zfs", Default::default());
     let receiver = Receiver::new(zfs, policy, Capabilities::current("test-recv"));
-    tokio::spawn(receiver.serve(p.endpoint));
+    tokio::spawn(receiver.serve(p.endpoint, zq_net::Admission::default()));
     Setup {
         _dir: p.dir,
         client: p.client,

@@ -390,12 +390,23 @@ fn corrupted_chunk(test: &str, size: usize, extra: &[&str], corrupt_at: &str, lo
 
 #[test]
 fn a_receiver_killed_mid_transfer_resumes_from_its_spool() {
-    crash_mid_transfer("receiver_killed_mid_transfer", Crash::Receiver);
+    crash_mid_transfer("receiver_killed_mid_transfer", Crash::Receiver, &[]);
+}
+
+/// The same with the step striped over 3 connections: the daemon reconnects all three and
+/// the resumed step is striped again.
+#[test]
+fn a_receiver_killed_mid_striped_transfer_resumes_from_its_spool() {
+    crash_mid_transfer(
+        "receiver_killed_mid_striped_transfer",
+        Crash::Receiver,
+        &["--connections", "3"],
+    );
 }
 
 #[test]
 fn a_sender_killed_mid_transfer_resumes_where_the_receiver_stopped() {
-    crash_mid_transfer("sender_killed_mid_transfer", Crash::Sender);
+    crash_mid_transfer("sender_killed_mid_transfer", Crash::Sender, &[]);
 }
 
 /// Which side a crash test kills.
@@ -407,7 +418,7 @@ enum Crash {
 /// SIGKILL of one side in the middle of a large transfer, once the receiver has spooled
 /// part of it, then a restart: the daemon lists the destination, finds the spooled step
 /// and resumes it, and the replica ends identical (GUIDs and contents).
-fn crash_mid_transfer(test: &str, crash: Crash) {
+fn crash_mid_transfer(test: &str, crash: Crash, extra: &[&str]) {
     let Some(_zfs) = zfs_or_skip(test) else {
         return;
     };
@@ -419,7 +430,7 @@ fn crash_mid_transfer(test: &str, crash: Crash) {
     src.snap("fs", "s1");
     let target = dst.ds("fs");
     // Both ends notice a dead peer within 3 s (the smaller idle timeout applies).
-    let args = ["--every", "1s", "--idle-timeout", "3s"];
+    let args = [&["--every", "1s", "--idle-timeout", "3s"], extra].concat();
     let mut daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
     daemon.await_spooled(&keys, 8 << 20);
     assert!(receiving(&target), "the transfer ended before the crash");
@@ -443,6 +454,10 @@ fn crash_mid_transfer(test: &str, crash: Crash) {
     assert!(done, "not replicated after the crash:\n{log}");
     assert_eq!(read(&target, "big"), read(&ds, "big"));
     assert!(resumed, "the step resumed rather than restarting:\n{log}");
+    if extra.contains(&"--connections") {
+        let striped = log.matches("spreading the step's chunks").count();
+        assert!(striped >= 2, "striped before and after the crash:\n{log}");
+    }
     assert!(
         wait_for(Duration::from_secs(5), || spooled(&keys) == 0),
         "the spool is removed once the step committed"

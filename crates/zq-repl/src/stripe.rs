@@ -103,6 +103,9 @@ impl StripeSender {
                 .ok_or_else(|| ReplError::Protocol(format!("more than {MAX_STRIPES} stripes")))?;
             let (send, _recv) = conn.open_bi().await.map_err(ReplError::connection)?;
             let mut send = FramedSend::new(send);
+            // Bulk, as the step's own stream is by now: on the step's connection the small
+            // steps' streams go first (crate::lanes).
+            send.set_priority(-1);
             send.send(&Message::StripeJoin(StripeJoin { id: set.id, index }))
                 .await?;
             streams.push(send);

@@ -1323,7 +1323,8 @@ impl Peer {
                 } else if self.connections > 1 {
                     tracing::warn!(
                         version = sender.session().version,
-                        "the receiver speaks protocol version {} (< 5): one connection, not {}",
+                        "the receiver speaks protocol version {} (< 5): one connection, not {}, \
+                         with its share of the send window; drop --connections for it",
                         sender.session().version,
                         self.connections
                     );

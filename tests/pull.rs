@@ -59,7 +59,7 @@ fn pull(keys: &Keys, addr: &str, root: &str) -> Killed {
 }
 
 fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
-    let deadline = std::time::Instant::now() + within;
+    let deadline = std::time::Instant::now() + scaled(within);
     while std::time::Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
             return status.code();

@@ -81,6 +81,29 @@ fn can_use_zfs() -> Result<(), String> {
 
 const POOL_DIR: &str = "/var/tmp/zq-test-pools";
 
+/// The size of each test pool's file. Tests that fill a pool ask for its `available`
+/// space instead of assuming this.
+pub const POOL_BYTES: u64 = 1 << 30;
+
+/// How much slower than zfs-fuse on this host the ZFS under test is: the OpenZFS tier runs
+/// in an emulated guest and sets `ZQ_TEST_TIME_SCALE` (e.g. 10). Every time limit a test
+/// waits for ZFS work goes through [`scaled`], so the limits stay and still mean the same.
+pub fn time_scale() -> f64 {
+    static SCALE: OnceLock<f64> = OnceLock::new();
+    *SCALE.get_or_init(|| {
+        std::env::var("ZQ_TEST_TIME_SCALE")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|f| f.is_finite() && *f >= 1.0)
+            .unwrap_or(1.0)
+    })
+}
+
+/// `limit` stretched by [`time_scale`].
+pub fn scaled(limit: Duration) -> Duration {
+    limit.mul_f64(time_scale())
+}
+
 /// Exclusive use of ZFS for one test; declare it first so it is released last.
 pub struct ZfsGuard {
     _lock: std::fs::File,
@@ -129,7 +152,9 @@ impl Pool {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join(format!("{name}.img"));
         let f = std::fs::File::create(&file).unwrap();
-        f.set_len(256 << 20).unwrap();
+        // Sparse, so its size costs nothing. OpenZFS keeps back a slop of at least 128 MiB
+        // of every pool (zfs-fuse far less): 1 GiB leaves ample room on both.
+        f.set_len(POOL_BYTES).unwrap();
         sh("zpool", &["create", &name, file.to_str().unwrap()]);
         Pool { name, file }
     }
@@ -150,9 +175,10 @@ impl Pool {
         ds
     }
 
-    /// Writes `bytes` of pseudo-random content to `file` in `pool/rel` (mounted by zfs).
+    /// Writes `bytes` of pseudo-random content to `file` in `pool/rel`, mounting it first
+    /// if it is not (OpenZFS replicas are received unmounted).
     pub fn write(&self, rel: &str, file: &str, bytes: usize, seed: u64) {
-        let mountpoint = zfs(&["get", "-H", "-o", "value", "mountpoint", &self.ds(rel)]);
+        let mountpoint = mount(&self.ds(rel));
         let mut x = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -164,7 +190,15 @@ impl Pool {
                 x as u8
             })
             .collect();
-        std::fs::write(Path::new(mountpoint.trim()).join(file), data).unwrap();
+        std::fs::write(mountpoint.join(file), data).unwrap();
+    }
+
+    /// The space `pool/rel` can still use, in bytes (`available`).
+    pub fn available(&self, rel: &str) -> u64 {
+        zfs(&["get", "-Hp", "-o", "value", "available", &self.ds(rel)])
+            .trim()
+            .parse()
+            .unwrap()
     }
 
     /// Snapshot `pool/rel@snap`.
@@ -477,7 +511,7 @@ impl Recv {
 
     /// Waits for the process to exit (at most `within`).
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let until = std::time::Instant::now() + within;
+        let until = std::time::Instant::now() + scaled(within);
         while std::time::Instant::now() < until {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Some(status);
@@ -587,10 +621,17 @@ pub fn stderr(o: &Output) -> String {
 /// tests read replicas only after their last receive. (zfs-fuse has no `.zfs/snapshot`,
 /// and hangs mounting a dataset that inherits `atime=off`.)
 pub fn read(dataset: &str, file: &str) -> Vec<u8> {
-    // OpenZFS receives with -u (not mounted); zfs-fuse mounts. Mount if needed.
-    let _ = Command::new("zfs").args(["mount", dataset]).output();
-    let mp = zfs(&["get", "-H", "-o", "value", "mountpoint", dataset]);
-    std::fs::read(Path::new(mp.trim()).join(file)).unwrap()
+    std::fs::read(mount(dataset).join(file)).unwrap()
+}
+
+/// Mounts `dataset` unless it is mounted (OpenZFS receives with -u; zfs-fuse mounts what
+/// it receives) and returns where: the platform says, not the test.
+pub fn mount(dataset: &str) -> PathBuf {
+    let mounted = zfs(&["get", "-H", "-o", "value", "mounted", dataset]);
+    if mounted.trim() != "yes" {
+        zfs(&["mount", dataset]);
+    }
+    PathBuf::from(zfs(&["get", "-H", "-o", "value", "mountpoint", dataset]).trim())
 }
 
 /// A `zq-send run ... --every` daemon with its stderr in a file; stopped on drop.
@@ -660,7 +701,7 @@ impl Daemon {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let deadline = std::time::Instant::now() + within;
+        let deadline = std::time::Instant::now() + scaled(within);
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status.code();
@@ -750,8 +791,9 @@ pub fn wait_for(limit: Duration, cond: impl FnMut() -> bool) -> bool {
 
 /// Polls `cond` every `every` for up to `limit`. Tests that watch a running daemon poll
 /// slowly: on zfs-fuse every listing competes with the replication under test.
+/// `limit` is stretched by [`time_scale`].
 pub fn wait_for_every(limit: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + limit;
+    let deadline = std::time::Instant::now() + scaled(limit);
     while std::time::Instant::now() < deadline {
         if cond() {
             return true;

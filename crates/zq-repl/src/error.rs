@@ -80,14 +80,16 @@ impl ReplError {
     /// zfs-fuse's sporadic I/O errors under load). Refusals (divergence, authorization,
     /// names) are not transient; a full destination is, for as long as the retries last.
     pub fn transient(&self) -> bool {
+        if let ReplError::Store(e) = self {
+            return !e.is_refusal();
+        }
         self.retryable()
             || matches!(
                 self,
-                ReplError::Store(_)
-                    | ReplError::Remote(WireError {
-                        kind: ErrorKind::Zfs | ErrorKind::Internal,
-                        ..
-                    })
+                ReplError::Remote(WireError {
+                    kind: ErrorKind::Zfs | ErrorKind::Internal,
+                    ..
+                })
             )
     }
 

@@ -777,6 +777,8 @@ impl Sender {
                 p.step_started(from_snap.as_ref(), &to_snap);
             }
         };
+        // Never a plaintext stream of an encrypted dataset (known from the listing).
+        self.zfs.check_plaintext(source).await?;
         let mut zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates);
         let watched = self
             .progress

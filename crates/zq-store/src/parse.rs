@@ -44,6 +44,9 @@ pub struct Entry {
     pub guid: u64,
     /// Creation transaction group.
     pub createtxg: u64,
+    /// The `encryption` property (`off`, `aes-256-gcm`, ...) where the listing has it
+    /// (OpenZFS); `None` where ZFS has no encryption (zfs-fuse).
+    pub encryption: Option<String>,
 }
 
 /// A line of `zfs` output could not be understood.
@@ -76,14 +79,25 @@ fn number(line_no: usize, line: &str, field: &str, v: &str) -> Result<u64, Parse
     })
 }
 
-/// Parses `zfs list -Hp -o name,type,guid,createtxg` output (OpenZFS).
+/// Parses `zfs list -Hp -o name,type,guid,createtxg[,encryption]` output (OpenZFS; the
+/// `encryption` column where the release has encryption, 0.8 and later).
 pub fn parse_list(out: &str) -> Result<Vec<Entry>, ParseError> {
     let mut entries = Vec::new();
     for (i, line) in out.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
         let n = i + 1;
         let f: Vec<&str> = line.split('\t').collect();
-        let [name, kind, guid, txg] = f[..] else {
-            return Err(perr(n, line, format!("{} fields, expected 4", f.len())));
+        let (name, kind, guid, txg, encryption) = match f[..] {
+            [name, kind, guid, txg] => (name, kind, guid, txg, None),
+            [name, kind, guid, txg, enc] if !enc.is_empty() => {
+                (name, kind, guid, txg, Some(enc.to_string()))
+            }
+            _ => {
+                return Err(perr(
+                    n,
+                    line,
+                    format!("{} fields, expected 4 or 5", f.len()),
+                ))
+            }
         };
         let kind = Kind::parse(kind).ok_or_else(|| perr(n, line, "unknown type"))?;
         entries.push(Entry {
@@ -91,6 +105,7 @@ pub fn parse_list(out: &str) -> Result<Vec<Entry>, ParseError> {
             kind,
             guid: number(n, line, "guid", guid)?,
             createtxg: number(n, line, "createtxg", txg)?,
+            encryption,
         });
     }
     Ok(entries)
@@ -187,6 +202,7 @@ pub fn parse_get(out: &str) -> Result<Vec<Entry>, ParseError> {
             let p = &by_name[&name];
             match (p.kind, p.guid, p.txg) {
                 (Some(kind), Some(guid), Some(createtxg)) => Ok(Entry {
+                    encryption: None,
                     name,
                     kind,
                     guid,

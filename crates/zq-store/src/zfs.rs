@@ -4,7 +4,9 @@
 //! one implementation would be shaped wrong. The btrfs backend will introduce it, with
 //! this type as its first implementation.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::command::{run, Argv, CommandError, Reader, Writer};
 use crate::name::{DatasetName, NameError, SnapshotName};
@@ -26,6 +28,24 @@ pub enum StoreError {
     /// `zfs` reported a name zq cannot handle (e.g. a dataset name with a space).
     #[error(transparent)]
     Name(#[from] NameError),
+    /// The dataset is encrypted and zq would send it decrypted: a plain `zfs send` of a
+    /// dataset whose key is loaded writes plaintext, which would arrive unencrypted on the
+    /// destination. Refused until zq sends raw (`zfs send -w`) streams. Not transient.
+    #[error(
+        "{dataset} is encrypted (encryption={encryption}); zq does not send raw (zfs send -w) \
+         streams yet and will not replicate it as plaintext: leave it out (--exclude {dataset}) \
+         or replicate it with zfs send -w"
+    )]
+    Encrypted {
+        /// The source dataset.
+        dataset: String,
+        /// Its `encryption` property.
+        encryption: String,
+    },
+    /// zq has not learnt whether the dataset is encrypted (no listing named it), so it does
+    /// not send it: the caller must list or check it first ([`Zfs::check_plaintext`]).
+    #[error("{0}: zq has not checked whether this dataset is encrypted; not sending it (a zq bug: please report it)")]
+    EncryptionUnchecked(String),
 }
 
 impl StoreError {
@@ -35,6 +55,15 @@ impl StoreError {
             StoreError::Command(c) => c.stderr(),
             _ => None,
         }
+    }
+
+    /// Whether zq itself refused the operation (nothing a retry without a human can
+    /// change), as opposed to a `zfs` command that failed.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Encrypted { .. } | StoreError::EncryptionUnchecked(_)
+        )
     }
 }
 
@@ -56,6 +85,8 @@ pub struct DatasetState {
     pub name: DatasetName,
     /// Filesystem or volume.
     pub kind: Kind,
+    /// Its `encryption` property where ZFS has one (OpenZFS); `None` on zfs-fuse.
+    pub encryption: Option<String>,
     /// Snapshots ordered by `createtxg`.
     pub snapshots: Vec<Snapshot>,
 }
@@ -88,6 +119,9 @@ pub struct Capabilities {
     /// `zfs holds` lists the tags of a snapshot's holds. zfs-fuse's needs a Python module
     /// Debian does not ship; there zq can only count holds (`userrefs`).
     pub listable_holds: bool,
+    /// Native encryption (OpenZFS 0.8 and later): listings carry the `encryption`
+    /// property, and an encrypted dataset is never sent as plaintext.
+    pub encryption: bool,
 }
 
 impl Capabilities {
@@ -105,6 +139,7 @@ impl Capabilities {
                 concurrent_mounts: true,
                 cheap_intermediates: true,
                 listable_holds: true,
+                encryption: true,
                 snapshots_changed: v
                     >= Some(Version {
                         major: 2,
@@ -130,6 +165,10 @@ impl Capabilities {
 pub struct Zfs {
     program: PathBuf,
     caps: Capabilities,
+    /// The `encryption` value of every filesystem and volume a listing of this backend (or
+    /// of a clone of it) named last, for [`Zfs::send`]'s refusal of plaintext sends of
+    /// encrypted datasets. Kept fresh by every listing at no extra zfs call.
+    encryption: Arc<Mutex<HashMap<DatasetName, String>>>,
 }
 
 impl Zfs {
@@ -147,7 +186,7 @@ impl Zfs {
                 .is_ok();
         let caps = Capabilities::from_version(version, list_parsable);
         tracing::debug!(?caps, program = %program.display(), "probed zfs");
-        Ok(Zfs { program, caps })
+        Ok(Zfs::with_capabilities(program, caps))
     }
 
     /// Uses `program` with known capabilities (tests, or a probe done elsewhere).
@@ -155,6 +194,7 @@ impl Zfs {
         Zfs {
             program: program.as_ref().to_path_buf(),
             caps,
+            encryption: Arc::default(),
         }
     }
 
@@ -180,16 +220,67 @@ impl Zfs {
         let Some(out) = run_unless_missing(&argv).await? else {
             return Ok(Vec::new());
         };
-        tree_from_entries(self.parse_listing(&out)?, root, recursive)
+        let tree = tree_from_entries(self.parse_listing(&out)?, root, recursive)?;
+        self.remember_encryption(&tree);
+        Ok(tree)
+    }
+
+    fn remember_encryption(&self, datasets: &[DatasetState]) {
+        if !self.caps.encryption {
+            return;
+        }
+        if let Ok(mut known) = self.encryption.lock() {
+            for d in datasets {
+                if let Some(e) = &d.encryption {
+                    known.insert(d.name.clone(), e.clone());
+                }
+            }
+        }
+    }
+
+    /// Refuses `dataset` if it is encrypted: a `zfs send` without `-w` would replicate it
+    /// as plaintext. Uses what the last listing said; asks zfs (`zfs get encryption`)
+    /// about a dataset no listing named yet. Always `Ok` where ZFS has no encryption.
+    pub async fn check_plaintext(&self, dataset: &DatasetName) -> Result<(), StoreError> {
+        if !self.caps.encryption {
+            return Ok(());
+        }
+        let known = self
+            .encryption
+            .lock()
+            .ok()
+            .and_then(|k| k.get(dataset).cloned());
+        let value = match known {
+            Some(v) => v,
+            None => {
+                let argv = self
+                    .zfs()
+                    .args(["get", "-H", "-o", "value", "encryption"])
+                    .arg(dataset.as_str());
+                let v = run(&argv).await?.trim().to_string();
+                if let Ok(mut k) = self.encryption.lock() {
+                    k.insert(dataset.clone(), v.clone());
+                }
+                v
+            }
+        };
+        plaintext_ok(dataset, &value)
     }
 
     /// `zfs list` (OpenZFS) or `zfs get` (zfs-fuse) of names, types, GUIDs and createtxgs
     /// to `depth`, before the dataset arguments.
     fn list_argv(&self, depth: &str) -> Argv {
         if self.caps.list_parsable {
-            self.zfs()
-                .args(["list", "-Hp", "-o", "name,type,guid,createtxg"])
-                .args(["-t", "filesystem,volume,snapshot", depth])
+            let columns = if self.caps.encryption {
+                "name,type,guid,createtxg,encryption"
+            } else {
+                "name,type,guid,createtxg"
+            };
+            self.zfs().args(["list", "-Hp", "-o", columns]).args([
+                "-t",
+                "filesystem,volume,snapshot",
+                depth,
+            ])
         } else {
             self.zfs()
                 .args(["get", "-Hp", "-o", "name,property,value", depth])
@@ -218,10 +309,14 @@ impl Zfs {
             argv = argv.arg(root.as_str());
         }
         let entries = self.parse_listing(&run(&argv).await?)?;
-        roots
+        let trees = roots
             .iter()
             .map(|root| tree_from_entries(entries.clone(), root, false))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        for t in &trees {
+            self.remember_encryption(t);
+        }
+        Ok(trees)
     }
 
     /// The filesystems and volumes at (and with `recursive`, below) `root`, without their
@@ -338,13 +433,27 @@ impl Zfs {
     }
 
     /// Starts `zfs send` of `to`, incremental from `from` (same dataset) if given, with every
-    /// intermediate snapshot (`-I`) if `intermediates`.
+    /// intermediate snapshot (`-I`) if `intermediates`. Refuses an encrypted dataset, or,
+    /// where ZFS has encryption, one whose encryption no listing or
+    /// [`Self::check_plaintext`] has told: such a stream would be plaintext.
     pub fn send(
         &self,
         from: Option<&SnapshotName>,
         to: &SnapshotName,
         intermediates: bool,
     ) -> Result<Reader, StoreError> {
+        if self.caps.encryption {
+            let dataset = to.dataset();
+            let known = self
+                .encryption
+                .lock()
+                .ok()
+                .and_then(|k| k.get(dataset).cloned());
+            match known {
+                Some(v) => plaintext_ok(dataset, &v)?,
+                None => return Err(StoreError::EncryptionUnchecked(dataset.to_string())),
+            }
+        }
         let mut argv = self.zfs().arg("send");
         if let Some(from) = from {
             argv = argv
@@ -577,6 +686,17 @@ impl Zfs {
     }
 }
 
+/// `Ok` if a dataset whose `encryption` is `value` may be sent without `-w`.
+fn plaintext_ok(dataset: &DatasetName, value: &str) -> Result<(), StoreError> {
+    if value == "off" || value == "-" {
+        return Ok(());
+    }
+    Err(StoreError::Encrypted {
+        dataset: dataset.to_string(),
+        encryption: value.to_string(),
+    })
+}
+
 /// Groups a listing into datasets with their snapshots (oldest first), parents before
 /// children. Non-recursive listings keep only `root` itself.
 pub fn tree_from_entries(
@@ -594,6 +714,7 @@ pub fn tree_from_entries(
                     datasets.push(DatasetState {
                         name,
                         kind: e.kind,
+                        encryption: e.encryption,
                         snapshots: Vec::new(),
                     });
                 }
@@ -651,6 +772,7 @@ mod tests {
             kind,
             guid,
             createtxg,
+            encryption: None,
         }
     }
 

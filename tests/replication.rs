@@ -561,3 +561,45 @@ fn an_encrypted_dataset_is_refused_not_replicated_as_plaintext() {
         snapshots(&src.ds("tree/plain"))
     );
 }
+
+/// Regression (issue 16, seen on OpenZFS 2.3.2, which lists a dataset while it is being
+/// received): a run started right after an interrupted initial full transfer, while the
+/// receiver's first `zfs receive` still ran, was refused with "no snapshot in common … use
+/// --force". It must wait for (or retry after) the receive in flight, destroy nothing, and
+/// never invite --force.
+#[test]
+fn a_rerun_during_an_interrupted_full_receive_never_invites_force() {
+    let Some(_zfs) = zfs_or_skip("rerun_during_full_receive") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    src.write("fs", "big", 64 << 20, 41);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+    let mut first = Command::new(SEND)
+        .args(["run", &ds, &recv.addr, &target, "--identity", keys.path()])
+        .args(["--peer", &keys.recv_fp, "--bwlimit", "4MB"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || receiving(&target)),
+        "the first transfer never reached zfs receive"
+    );
+    // Killed as Ctrl-C in a shell or a crash would: no clean end of the step.
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let out = send(&keys, &recv, &ds, &target, &[]);
+    let err = stderr(&out);
+    assert!(
+        !err.contains("--force") && !err.contains("no snapshot in common"),
+        "{err}"
+    );
+    assert!(out.status.success(), "{err}");
+    assert_eq!(snapshots(&target), snapshots(&ds));
+    assert_eq!(read(&target, "big"), read(&ds, "big"));
+}

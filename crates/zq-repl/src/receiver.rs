@@ -516,12 +516,30 @@ impl Receiver {
                 .list(&ds, r.recursive)
                 .await
                 .map_err(|e| WireError::new(ErrorKind::Zfs, e.to_string()))?;
-            datasets.extend(tree.into_iter().map(|d| DatasetSnapshots {
-                name: d.name.to_string(),
-                snapshots: d.snapshots.iter().map(to_info).collect(),
-            }));
+            // A dataset without snapshots that a step is receiving into is a full stream
+            // in flight (OpenZFS lists it while it is received): left out, the sender
+            // plans the full step again, which waits for this one to end, instead of
+            // calling it a destination with nothing in common.
+            datasets.extend(
+                tree.into_iter()
+                    .filter(|d| !(d.snapshots.is_empty() && self.receiving_into(&d.name)))
+                    .map(|d| DatasetSnapshots {
+                        name: d.name.to_string(),
+                        snapshots: d.snapshots.iter().map(to_info).collect(),
+                    }),
+            );
         }
         Ok(ListResponse { datasets })
+    }
+
+    /// Whether a step is receiving into `target` now (it holds the target's lock).
+    fn receiving_into(&self, target: &DatasetName) -> bool {
+        let Ok(targets) = self.targets.lock() else {
+            return false;
+        };
+        targets
+            .get(target)
+            .is_some_and(|lock| lock.try_lock().is_err())
     }
 
     /// Retention of one target's `zq_` snapshots (see [`crate::retention`]). Skipped while a

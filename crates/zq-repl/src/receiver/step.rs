@@ -35,6 +35,9 @@ use crate::progress::human_bytes;
 use crate::stripe::StepFrames;
 use crate::to_info;
 
+/// How long an aborted full receive may take zfs to discard its partial dataset.
+const DISCARD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What `prepare` found and did: whether `zfs receive` needs `-F`, and the target's
 /// snapshots once its destruction (if any) is done.
 struct Prepared {
@@ -126,7 +129,10 @@ impl Receiver {
             .map_err(|_| {
                 WireError::new(
                     ErrorKind::Internal,
-                    format!("{target} has been busy with another step for {TARGET_WAIT:?}"),
+                    format!(
+                        "a receive into {target} is still in progress (another step has held \
+                         it for {TARGET_WAIT:?}); try again once it ends"
+                    ),
                 )
             })?;
         // Under the target's lock: the spool is the target's, too.
@@ -301,6 +307,9 @@ impl Receiver {
             Err(e) => {
                 // zfs receive never saw the end of the stream: it discards what it has.
                 zrecv.abort().await;
+                if h.from.is_none() && !prepared.force {
+                    self.await_discarded(target).await;
+                }
                 return Err(e);
             }
         };
@@ -405,6 +414,27 @@ impl Receiver {
             guid,
             snapshots,
         })
+    }
+
+    /// After an aborted full receive into a new dataset: waits (holding the target's lock,
+    /// up to [`DISCARD_WAIT`]) until zfs has discarded the partial dataset, so that the
+    /// next step into the target finds it new again rather than "already existing".
+    /// OpenZFS discards it before the killed `zfs receive` exits; zfs-fuse's daemon does it
+    /// on its own a moment later.
+    async fn await_discarded(&self, target: &DatasetName) {
+        let until = std::time::Instant::now() + DISCARD_WAIT;
+        loop {
+            match self.lister.list(target).await {
+                Ok(l) if l.is_empty() => return,
+                Ok(_) if std::time::Instant::now() < until => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                _ => {
+                    warn!(%target, "the partial dataset of an aborted full receive is still there");
+                    return;
+                }
+            }
+        }
     }
 
     /// Checks the target's real state against the header and carries out the destruction

@@ -603,3 +603,68 @@ fn a_rerun_during_an_interrupted_full_receive_never_invites_force() {
     assert_eq!(snapshots(&target), snapshots(&ds));
     assert_eq!(read(&target, "big"), read(&ds, "big"));
 }
+
+/// OpenZFS lists a dataset while a full stream is received into it, with no snapshot and
+/// `inconsistent=1`. A receive zq did not start (another tool's, or one left running) must
+/// not be called a destination with nothing in common, nor replaced with --force: zq says a
+/// receive is in progress, and replicates once it has ended. Asked of the platform: where
+/// zfs does not mark such a dataset (zfs-fuse), there is nothing to test.
+#[test]
+fn a_receive_zq_did_not_start_is_waited_for_not_replaced() {
+    let Some(_zfs) = zfs_or_skip("foreign_receive_in_progress") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    src.write("fs", "big", 4 << 20, 43);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+    let stream = Command::new("zfs")
+        .args(["send", &format!("{ds}@s1")])
+        .output()
+        .unwrap()
+        .stdout;
+    let mut foreign = Command::new("zfs")
+        .args(["receive", &target])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut pipe = foreign.stdin.take().unwrap();
+    std::io::Write::write_all(&mut pipe, &stream[..stream.len() / 2]).unwrap();
+    // zfs-fuse has no such property (zfs get fails at once); OpenZFS says 1 once the
+    // dataset exists.
+    let mut unknown = false;
+    let marked = wait_for(Duration::from_secs(10), || {
+        let o = Command::new("zfs")
+            .args(["get", "-H", "-o", "value", "inconsistent", &target])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        unknown = !o.status.success() && !err.contains("dataset does not exist");
+        unknown || String::from_utf8_lossy(&o.stdout).trim() == "1"
+    }) && !unknown;
+    if !marked {
+        eprintln!("not applicable here: this zfs does not mark a dataset being received");
+        drop(pipe);
+        let _ = foreign.kill();
+        let _ = foreign.wait();
+        return;
+    }
+    let out = send(&keys, &recv, &ds, &target, &["--retries", "0"]);
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("a receive into {target} is still in progress")),
+        "{err}"
+    );
+    assert!(!err.contains("--force"), "{err}");
+    // Cut short, the foreign receive discards its dataset; then zq replicates.
+    drop(pipe);
+    let _ = foreign.kill();
+    let _ = foreign.wait();
+    let out = send(&keys, &recv, &ds, &target, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(snapshots(&target), snapshots(&ds));
+}

@@ -679,6 +679,23 @@ impl Zfs {
         }
     }
 
+    /// Whether a `zfs receive` into `dataset` is in progress: OpenZFS lists a dataset
+    /// while a full stream is received into it, and its hidden `inconsistent` property is
+    /// 1 until the receive ends. `false` where zfs has no such property (zfs-fuse), or
+    /// where `dataset` does not exist.
+    pub async fn being_received(&self, dataset: &DatasetName) -> Result<bool, StoreError> {
+        if self.caps.version.is_none() {
+            return Ok(false);
+        }
+        let argv = self
+            .zfs()
+            .args(["get", "-H", "-o", "value", "inconsistent"])
+            .arg(dataset.as_str());
+        Ok(run_unless_missing(&argv)
+            .await?
+            .is_some_and(|v| v.trim() == "1"))
+    }
+
     /// Creates `dataset` and any missing ancestors (`zfs create -p`); no-op if it exists.
     pub async fn create_all(&self, dataset: &DatasetName) -> Result<(), StoreError> {
         run(&self.zfs().args(["create", "-p"]).arg(dataset.as_str())).await?;

@@ -485,6 +485,17 @@ impl Receiver {
                 })
             }
             (None, Some(existing)) => {
+                // A dataset with no snapshot may be a full receive in flight that is not
+                // ours (OpenZFS lists it): never "replace" it, never invite --force.
+                if existing.is_empty() && self.zfs.being_received(target).await.map_err(zfs_err)? {
+                    return Err(WireError::new(
+                        ErrorKind::Internal,
+                        format!(
+                            "a receive into {target} is still in progress (zfs marks it \
+                             inconsistent); try again once it ends"
+                        ),
+                    ));
+                }
                 if h.force != ForceAction::Replace {
                     return Err(with_newest(WireError::new(
                         ErrorKind::TargetExists,

@@ -166,13 +166,14 @@ host = "src"
 source = "SRC/t"
 target = "DST/t"
 recursive = true
-snapshot_every = "1s"
+snapshot_every = "{}"
 status_file = "{}"
 [jobs.filter]
 exclude = ["tmp"]
 [jobs.retention]
 keep_last = 3
 "#,
+        dur("1s"),
         status.display()
     );
     // The whole file is checked, jobs too: the receiver starts from one without them.

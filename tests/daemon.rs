@@ -90,7 +90,13 @@ fn daemon_through_a_receiver_crash(test: &str, children: usize, steady: Duration
         &recv,
         &src.ds("tree"),
         &dst.ds("b/tree"),
-        &["--recursive", "--every", "1s", "--snapshot-every", "1s"],
+        &[
+            "--recursive",
+            "--every",
+            &dur("1s"),
+            "--snapshot-every",
+            &dur("1s"),
+        ],
     );
     // Initial replication, one dataset creation at a time on zfs-fuse.
     let dst_tree = || snapshot_tree(&dst.ds("b/tree"));
@@ -120,7 +126,7 @@ fn daemon_through_a_receiver_crash(test: &str, children: usize, steady: Duration
     );
 
     // Steady state: every dataset within 2 iterations of its source.
-    let (worst, which) = worst_lag(&pairs, steady);
+    let (worst, which) = worst_lag(&pairs, scaled(steady));
     assert!(
         worst <= 2,
         "{which} lagged {worst} snapshots:\n{}",
@@ -226,7 +232,13 @@ fn a_diverged_dataset_is_reported_and_the_others_keep_replicating() {
         &recv,
         &src.ds("tree"),
         &dst.ds("b/tree"),
-        &["--recursive", "--every", "1s", "--snapshot-every", "1s"],
+        &[
+            "--recursive",
+            "--every",
+            &dur("1s"),
+            "--snapshot-every",
+            &dur("1s"),
+        ],
     );
     assert!(
         wait_for(Duration::from_secs(20), || pairs
@@ -241,14 +253,15 @@ fn a_diverged_dataset_is_reported_and_the_others_keep_replicating() {
     let diverged = dst.ds("b/tree/d01");
     dst.write("b/tree/d01", "local-change", 1_000, 7);
     zfs(&["snapshot", &format!("{diverged}@local")]);
-    std::thread::sleep(Duration::from_secs(3));
+    // A snapshot period or three: the daemon's attempts on d01 fail as diverged.
+    std::thread::sleep(scaled(Duration::from_secs(3)));
     let others: Vec<_> = pairs
         .iter()
         .filter(|(_, t)| *t != diverged)
         .cloned()
         .collect();
     let before: Vec<usize> = others.iter().map(|(_, t)| snapshots(t).len()).collect();
-    let (worst, which) = worst_lag(&others, Duration::from_secs(5));
+    let (worst, which) = worst_lag(&others, scaled(Duration::from_secs(5)));
     assert!(worst <= 2, "{which} lagged {worst}:\n{}", daemon.log_text());
     for ((_, t), n) in others.iter().zip(before) {
         assert!(snapshots(t).len() > n, "{t} stopped replicating");
@@ -292,7 +305,13 @@ fn retention_prunes_old_zq_snapshots_on_both_sides_and_keeps_the_chain() {
         &recv,
         &src.ds("tree"),
         &dst.ds("b/tree"),
-        &["--recursive", "--snapshot-every", "1s", "--keep-last", "3"],
+        &[
+            "--recursive",
+            "--snapshot-every",
+            &dur("1s"),
+            "--keep-last",
+            "3",
+        ],
     );
     assert!(wait_for(Duration::from_secs(20), || pairs
         .iter()
@@ -302,8 +321,8 @@ fn retention_prunes_old_zq_snapshots_on_both_sides_and_keeps_the_chain() {
         .map(|(s, _)| snapshots(s)[1].0.clone())
         .collect();
     // Two retention passes (every 5 s at this cadence).
-    std::thread::sleep(Duration::from_secs(12));
-    let (worst, which) = worst_lag(&pairs, Duration::from_secs(2));
+    std::thread::sleep(scaled(Duration::from_secs(12)));
+    let (worst, which) = worst_lag(&pairs, scaled(Duration::from_secs(2)));
     assert!(worst <= 2, "{which} lagged {worst}:\n{}", daemon.log_text());
     assert_eq!(daemon.stop(Duration::from_secs(35)), Some(0));
     for ((s, t), first) in pairs.iter().zip(first_zq) {
@@ -359,7 +378,8 @@ fn corrupted_chunk(test: &str, size: usize, extra: &[&str], corrupt_at: &str, lo
     src.write("fs", "f", size, 3);
     src.snap("fs", "s1");
     let target = dst.ds("fs");
-    let args = [&["--every", "1s"], extra].concat();
+    let every = dur("1s");
+    let args = [&["--every", every.as_str()], extra].concat();
     let daemon = Daemon::start_with_env(
         &keys,
         &recv.addr,
@@ -430,7 +450,8 @@ fn crash_mid_transfer(test: &str, crash: Crash, extra: &[&str]) {
     src.snap("fs", "s1");
     let target = dst.ds("fs");
     // Both ends notice a dead peer within 3 s (the smaller idle timeout applies).
-    let args = [&["--every", "1s", "--idle-timeout", "3s"], extra].concat();
+    let every = dur("1s");
+    let args = [&["--every", every.as_str(), "--idle-timeout", "3s"], extra].concat();
     let mut daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
     daemon.await_spooled(&keys, 8 << 20);
     assert!(receiving(&target), "the transfer ended before the crash");
@@ -483,13 +504,22 @@ fn a_transfer_cut_twice_for_longer_than_the_idle_timeout_resumes_each_time() {
     let target = dst.ds("fs");
     // At 8 MB/s the stream (~40 MB) takes seconds, so both cuts land mid-transfer
     // whatever the receiver had buffered when the first one came.
-    let args = ["--every", "1s", "--idle-timeout", "2s", "--bwlimit", "8MB"];
+    let args = [
+        "--every",
+        &dur("1s"),
+        "--idle-timeout",
+        "2s",
+        "--bwlimit",
+        "8MB",
+    ];
     let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
     let mut at = 8u64 << 20;
     for cut in 0..2 {
         daemon.await_spooled(&keys, at);
         relay.cut(true);
-        std::thread::sleep(Duration::from_secs(4));
+        // Longer than the idle timeout, and than 3 PTOs (quinn's floor for it), which
+        // grow with the round trips of a slow (emulated) guest: scaled.
+        std::thread::sleep(scaled(Duration::from_secs(4)));
         relay.cut(false);
         if cut == 0 {
             // The second cut comes once the resumed step has added to the spool.
@@ -540,12 +570,13 @@ fn a_corrupted_spool_is_refused_and_the_step_sent_afresh() {
     src.write("fs", "big", 64 << 20, 19);
     src.snap("fs", "s1");
     let target = dst.ds("fs");
-    let args = ["--every", "1s", "--idle-timeout", "2s"];
+    let args = ["--every", &dur("1s"), "--idle-timeout", "2s"];
     let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
     daemon.await_spooled(&keys, 8 << 20);
     relay.cut(true);
-    // Both sides give the connection up after 2 s; the receiver keeps its spool.
-    std::thread::sleep(Duration::from_secs(3));
+    // Both sides give the connection up after 2 s (or 3 PTOs, which grow with the round
+    // trips of a slow guest: scaled); the receiver keeps its spool.
+    std::thread::sleep(scaled(Duration::from_secs(3)));
     flip_a_spooled_bit(&keys, 5 << 20);
     std::thread::sleep(Duration::from_secs(1));
     relay.cut(false);
@@ -583,7 +614,7 @@ fn a_receiver_that_stops_reading_is_timed_out_and_the_step_resumes() {
     src.write("fs", "big", 64 << 20, 29);
     src.snap("fs", "s1");
     let target = dst.ds("fs");
-    let args = ["--every", "1s", "--stall-timeout", "3s"];
+    let args = ["--every", &dur("1s"), "--stall-timeout", "3s"];
     let daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
     let mut peak = 0;
     let stalled = wait_for(Duration::from_secs(60), || {
@@ -657,7 +688,7 @@ fn outages_in_the_middle_of_a_transfer_lose_nothing() {
         &relay.addr,
         &ds,
         &target,
-        &["--every", "1s", "--bwlimit", "16MB"],
+        &["--every", &dur("1s"), "--bwlimit", "16MB"],
         &[],
     );
     assert!(
@@ -700,7 +731,7 @@ fn after_a_long_outage_the_daemon_reconnects_in_0rtt_and_catches_up() {
     let relay = Relay::start(&recv.addr);
     let ds = src.create("fs");
     let target = dst.ds("fs");
-    let args = ["--every", "1s", "--snapshot-every", "1s"];
+    let args = ["--every", &dur("1s"), "--snapshot-every", &dur("1s")];
     let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
     assert!(
         wait_for(Duration::from_secs(20), || snapshots(&target).len() >= 2),

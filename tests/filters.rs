@@ -128,7 +128,7 @@ fn a_filtered_daemon_snapshots_and_replicates_only_kept_datasets() {
         &[
             "--recursive",
             "--snapshot-every",
-            "1s",
+            &dur("1s"),
             "--include-regex",
             &format!("{root}(/a|/b)?"),
         ],
@@ -202,7 +202,12 @@ fn only_the_snapshots_the_filter_keeps_are_replicated() {
         &recv,
         &fs,
         &target,
-        &["--snapshot-every", "1s", "--include-snapshots", "hourly_.*"],
+        &[
+            "--snapshot-every",
+            &dur("1s"),
+            "--include-snapshots",
+            "hourly_.*",
+        ],
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--include-snapshots/--exclude-snapshots leave out"));

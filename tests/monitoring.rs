@@ -74,7 +74,7 @@ fn a_daemon_serves_prometheus_metrics() {
         &recv,
         &fs,
         &target,
-        &["--every", "1s", "--metrics-listen", &addr],
+        &["--every", &dur("1s"), "--metrics-listen", &addr],
     );
     let labels = format!("{{source=\"{fs}\",target=\"{target}\"}}");
     let steps = format!("zq_steps_total{labels} ");
@@ -200,7 +200,7 @@ fn status_shows_the_step_in_flight() {
         &recv,
         &fs,
         &dst.ds("fs"),
-        &["--every", "1s", "--bwlimit", "4MB"],
+        &["--every", &dur("1s"), "--bwlimit", "4MB"],
     );
     let table = || zq_status(&[], &daemon.status).1;
     // The status file is written at least once a second: both views while the step runs.

@@ -23,7 +23,7 @@ fn the_cursor_and_the_last_received_snapshot_are_held_and_a_mode_switch_releases
     let ds = src.create("fs");
     let target = dst.ds("fs");
     src.snap("fs", "s1");
-    let args = ["--every", "200ms", "--job", "web"];
+    let args = ["--every", &dur("200ms"), "--job", "web"];
     let daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
     for (i, s) in ["s2", "s3", "s4"].iter().enumerate() {
         src.snap("fs", s);
@@ -72,7 +72,7 @@ fn the_cursor_and_the_last_received_snapshot_are_held_and_a_mode_switch_releases
 
     let args = [
         "--every",
-        "200ms",
+        &dur("200ms"),
         "--job",
         "web",
         "--protection",
@@ -174,7 +174,7 @@ fn destroyed_mid_step(test: &str, mode: Mode) {
     // -i: the first step is s1 alone (a full stream), then s2.
     let args = [
         "--every",
-        "1s",
+        &dur("1s"),
         "--idle-timeout",
         "2s",
         "--newest-only",
@@ -184,7 +184,8 @@ fn destroyed_mid_step(test: &str, mode: Mode) {
     let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
     daemon.await_spooled(&keys, 8 << 20);
     relay.cut(true);
-    std::thread::sleep(Duration::from_secs(3));
+    // Past the 2 s idle timeout (and 3 PTOs, which grow in a slow guest: scaled).
+    std::thread::sleep(scaled(Duration::from_secs(3)));
     let destroyed = std::process::Command::new("zfs")
         .args(["destroy", &format!("{ds}@s1")])
         .output()

@@ -84,7 +84,7 @@ fn a_pulling_receiver_gets_a_serving_daemons_snapshots_and_redials() {
         &keys,
         &source,
         &target,
-        &["--snapshot-every", "1s", "--status-file", status],
+        &["--snapshot-every", &dur("1s"), "--status-file", status],
     );
     // Nobody has dialed in yet: the daemon runs and says it is not connected.
     std::thread::sleep(Duration::from_secs(3));

@@ -104,6 +104,16 @@ pub fn scaled(limit: Duration) -> Duration {
     limit.mul_f64(time_scale())
 }
 
+/// A duration flag's value (`"1s"`, `"200ms"`) stretched by [`time_scale`]: a daemon's
+/// periods and timeouts keep the same proportion to the speed of the ZFS under test.
+pub fn dur(value: &str) -> String {
+    let ms: f64 = match value.strip_suffix("ms") {
+        Some(ms) => ms.parse().unwrap(),
+        None => value.strip_suffix('s').unwrap().parse::<f64>().unwrap() * 1000.0,
+    };
+    format!("{}ms", (ms * time_scale()).round() as u64)
+}
+
 /// Exclusive use of ZFS for one test; declare it first so it is released last.
 pub struct ZfsGuard {
     _lock: std::fs::File,

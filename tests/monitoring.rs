@@ -194,13 +194,15 @@ fn status_shows_the_step_in_flight() {
     let fs = src.create("fs");
     src.write("fs", "big", 16 << 20, 3);
     src.snap("fs", "s1");
-    // 16 MiB at 4 MB/s: about 4 s in flight.
+    // 16 MiB at 4 MB/s: about 4 s in flight, stretched like the time it takes this test
+    // to ask `zq-send status` (an emulated guest needs seconds per call).
+    let bwlimit = ((4_000_000.0 / time_scale()) as u64).to_string();
     let daemon = Daemon::start(
         &keys,
         &recv,
         &fs,
         &dst.ds("fs"),
-        &["--every", &dur("1s"), "--bwlimit", "4MB"],
+        &["--every", &dur("1s"), "--bwlimit", &bwlimit],
     );
     let table = || zq_status(&[], &daemon.status).1;
     // The status file is written at least once a second: both views while the step runs.

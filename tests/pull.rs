@@ -87,7 +87,7 @@ fn a_pulling_receiver_gets_a_serving_daemons_snapshots_and_redials() {
         &["--snapshot-every", &dur("1s"), "--status-file", status],
     );
     // Nobody has dialed in yet: the daemon runs and says it is not connected.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(scaled(Duration::from_secs(3)));
     assert!(snapshots(&source).len() >= 2);
     assert!(!datasets(&dst.name).contains(&target));
     let receiver = pull(&keys, &addr, &dst.name);
@@ -102,7 +102,7 @@ fn a_pulling_receiver_gets_a_serving_daemons_snapshots_and_redials() {
     );
     // The receiver goes away and comes back: it dials again and catches up.
     drop(receiver);
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(scaled(Duration::from_secs(2)));
     let before = snapshots(&target).len();
     let _receiver = pull(&keys, &addr, &dst.name);
     assert!(

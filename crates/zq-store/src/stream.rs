@@ -132,6 +132,25 @@ mod tests {
         assert_eq!(b.compound, compound);
     }
 
+    // Captured on OpenZFS 2.3.2 by tests/fixtures/capture (GUIDs in send-guids.out).
+    const O1: u64 = 14576262304944577222;
+    const O2: u64 = 2427830275231608639;
+
+    #[rstest]
+    #[case::full(&include_bytes!("../tests/fixtures/openzfs-2.3/send-full.zs")[..], O1, None, "zqcap/home@s1", false)]
+    #[case::incremental(&include_bytes!("../tests/fixtures/openzfs-2.3/send-i.zs")[..], O2, Some(O1), "zqcap/home@s2", false)]
+    // OpenZFS's -I s1..zq_… (three snapshots) is a compound stream too.
+    #[case::intermediates(&include_bytes!("../tests/fixtures/openzfs-2.3/send-I.zs")[..], 0, None, "zqcap/home@zq_2026-11-21T10:00:00.000Z", true)]
+    fn captured_openzfs_streams(
+        #[case] stream: &[u8],
+        #[case] to: u64,
+        #[case] from: Option<u64>,
+        #[case] name: &str,
+        #[case] compound: bool,
+    ) {
+        captured_zfs_fuse_streams(stream, to, from, name, compound);
+    }
+
     /// A BEGIN record as OpenZFS 2.x writes it: feature flags in `drr_versioninfo`
     /// (LARGE_BLOCKS | EMBED_DATA | LZ4 | SA_SPILL here), optionally big-endian.
     fn openzfs_begin(big_endian: bool, versioninfo: u64) -> Vec<u8> {

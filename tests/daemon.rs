@@ -283,7 +283,10 @@ fn a_diverged_dataset_is_reported_and_the_others_keep_replicating() {
         } else {
             assert!(error.is_null(), "{d}");
             // A few of the daemon's (scaled) periods.
-            assert!(d["lag_seconds"].as_f64().unwrap() < 5.0 * time_scale(), "{d}");
+            assert!(
+                d["lag_seconds"].as_f64().unwrap() < 5.0 * time_scale(),
+                "{d}"
+            );
         }
     }
     assert_eq!(daemon.stop(Duration::from_secs(35)), Some(0));

@@ -516,35 +516,35 @@ impl Receiver {
                 .list(&ds, r.recursive)
                 .await
                 .map_err(|e| WireError::new(ErrorKind::Zfs, e.to_string()))?;
-            for d in tree {
-                // A dataset without snapshots may be a full stream in flight (OpenZFS
-                // lists it while it is received): one of our steps, or a receive zfs
-                // marks inconsistent. Left out, the sender plans the full step again,
-                // which waits for ours to end or is told a receive is in progress,
-                // instead of calling it a destination with nothing in common.
-                if d.snapshots.is_empty() && self.in_flight(&d.name).await? {
-                    continue;
-                }
-                datasets.push(DatasetSnapshots {
-                    name: d.name.to_string(),
-                    snapshots: d.snapshots.iter().map(to_info).collect(),
-                });
-            }
+            // A dataset without snapshots may be a full stream in flight (OpenZFS lists it
+            // while it is received): one of our steps, or a receive zfs marks
+            // inconsistent (one zfs get for all such datasets of the tree). Left out, the
+            // sender plans the full step again, which waits for ours to end or is told a
+            // receive is in progress, instead of calling it a destination with nothing in
+            // common.
+            let empty: Vec<DatasetName> = tree
+                .iter()
+                .filter(|d| d.snapshots.is_empty())
+                .map(|d| d.name.clone())
+                .collect();
+            let foreign = self
+                .zfs
+                .being_received_of(&empty)
+                .await
+                .map_err(|e| WireError::new(ErrorKind::Zfs, e.to_string()))?;
+            datasets.extend(
+                tree.into_iter()
+                    .filter(|d| {
+                        !(d.snapshots.is_empty()
+                            && (self.receiving_into(&d.name) || foreign.contains(&d.name)))
+                    })
+                    .map(|d| DatasetSnapshots {
+                        name: d.name.to_string(),
+                        snapshots: d.snapshots.iter().map(to_info).collect(),
+                    }),
+            );
         }
         Ok(ListResponse { datasets })
-    }
-
-    /// Whether a receive into `target` is under way: one of this receiver's steps, or
-    /// another `zfs receive` (asked of zfs: one call, made only for datasets that have no
-    /// snapshot).
-    async fn in_flight(&self, target: &DatasetName) -> Result<bool, WireError> {
-        if self.receiving_into(target) {
-            return Ok(true);
-        }
-        self.zfs
-            .being_received(target)
-            .await
-            .map_err(|e| WireError::new(ErrorKind::Zfs, e.to_string()))
     }
 
     /// Whether a step is receiving into `target` now (it holds the target's lock).

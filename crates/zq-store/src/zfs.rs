@@ -684,16 +684,33 @@ impl Zfs {
     /// 1 until the receive ends. `false` where zfs has no such property (zfs-fuse), or
     /// where `dataset` does not exist.
     pub async fn being_received(&self, dataset: &DatasetName) -> Result<bool, StoreError> {
-        if self.caps.version.is_none() {
-            return Ok(false);
+        Ok(!self
+            .being_received_of(std::slice::from_ref(dataset))
+            .await?
+            .is_empty())
+    }
+
+    /// [`Self::being_received`] of several datasets with one `zfs get`: those of
+    /// `datasets` that a `zfs receive` is writing.
+    pub async fn being_received_of(
+        &self,
+        datasets: &[DatasetName],
+    ) -> Result<Vec<DatasetName>, StoreError> {
+        if self.caps.version.is_none() || datasets.is_empty() {
+            return Ok(Vec::new());
         }
         let argv = self
             .zfs()
-            .args(["get", "-H", "-o", "value", "inconsistent"])
-            .arg(dataset.as_str());
-        Ok(run_unless_missing(&argv)
-            .await?
-            .is_some_and(|v| v.trim() == "1"))
+            .args(["get", "-H", "-o", "name,value", "inconsistent"])
+            .args(datasets.iter().map(|d| d.as_str()));
+        let Some(out) = run_unless_missing(&argv).await? else {
+            return Ok(Vec::new());
+        };
+        parse_property_values(&out)?
+            .into_iter()
+            .filter(|(_, v)| v == "1")
+            .map(|(n, _)| Ok(DatasetName::parse(&n)?))
+            .collect()
     }
 
     /// Creates `dataset` and any missing ancestors (`zfs create -p`); no-op if it exists.

@@ -651,9 +651,18 @@ pub fn read(dataset: &str, file: &str) -> Vec<u8> {
 /// Mounts `dataset` unless it is mounted (OpenZFS receives with -u; zfs-fuse mounts what
 /// it receives) and returns where: the platform says, not the test.
 pub fn mount(dataset: &str) -> PathBuf {
-    let mounted = zfs(&["get", "-H", "-o", "value", "mounted", dataset]);
-    if mounted.trim() != "yes" {
-        zfs(&["mount", dataset]);
+    let mounted = || zfs(&["get", "-H", "-o", "value", "mounted", dataset]).trim() == "yes";
+    if !mounted() {
+        let out = Command::new("zfs")
+            .args(["mount", dataset])
+            .output()
+            .unwrap();
+        // zfs-fuse mounts what it receives by itself, a moment later: "busy" meanwhile.
+        assert!(
+            out.status.success() || wait_for(Duration::from_secs(10), mounted),
+            "cannot mount {dataset}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     PathBuf::from(zfs(&["get", "-H", "-o", "value", "mountpoint", dataset]).trim())
 }

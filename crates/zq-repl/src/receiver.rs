@@ -527,11 +527,16 @@ impl Receiver {
                 .filter(|d| d.snapshots.is_empty())
                 .map(|d| d.name.clone())
                 .collect();
+            // A zfs that cannot tell (an older release without the property) must not
+            // fail the listing: those datasets are listed as they are.
             let foreign = self
                 .zfs
                 .being_received_of(&empty)
                 .await
-                .map_err(|e| WireError::new(ErrorKind::Zfs, e.to_string()))?;
+                .unwrap_or_else(|e| {
+                    debug!(error = %e, "cannot ask zfs which datasets are being received");
+                    Vec::new()
+                });
             datasets.extend(
                 tree.into_iter()
                     .filter(|d| {

@@ -487,7 +487,8 @@ impl Receiver {
             (None, Some(existing)) => {
                 // A dataset with no snapshot may be a full receive in flight that is not
                 // ours (OpenZFS lists it): never "replace" it, never invite --force.
-                if existing.is_empty() && self.zfs.being_received(target).await.map_err(zfs_err)? {
+                // (A zfs that cannot tell counts as "not being received".)
+                if existing.is_empty() && self.zfs.being_received(target).await.unwrap_or(false) {
                     return Err(WireError::new(
                         ErrorKind::Internal,
                         format!(

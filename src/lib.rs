@@ -31,6 +31,7 @@ macro_rules! overlay {
 }
 
 pub mod config;
+pub mod exit;
 pub mod serve;
 pub mod status;
 
@@ -106,22 +107,6 @@ pub fn clap_message(e: &clap::Error) -> String {
 /// A size on the command line: `4MiB`, `64G`, `12.5MB`, `1000`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     parse_size::parse_size(s).map_err(|e| format!("{s:?}: {e} (e.g. 4MiB, 64G, 12.5MB)"))
-}
-
-/// Exit codes, documented in `docs/operations.md`. Scripts and systemd act on these.
-pub mod exit {
-    /// Everything asked for was done.
-    pub const OK: u8 = 0;
-    /// A failure that retrying may fix (zfs error, connection lost mid-step, ...).
-    pub const FAILURE: u8 = 1;
-    /// Bad command line or configuration (clap also uses 2).
-    pub const USAGE: u8 = 2;
-    /// The destination diverged or exists without a common snapshot: needs `--force`.
-    pub const DIVERGED: u8 = 3;
-    /// Could not connect, or the peer's key / our key / protocol version was refused.
-    pub const CONNECT: u8 = 4;
-    /// The receiver refused a target outside this sender's root.
-    pub const NOT_AUTHORIZED: u8 = 5;
 }
 
 /// How logs are written to stderr.
@@ -213,14 +198,11 @@ pub fn block_on(log_json: bool, main: impl std::future::Future<Output = ExitCode
             .worker_threads(n)
             .enable_all()
             .build(),
-        Err(e) => return fail(exit::USAGE, &anyhow::anyhow!(e)),
+        Err(e) => return fail(&exit::usage(anyhow::anyhow!(e))),
     };
     match rt {
         Ok(rt) => rt.block_on(main),
-        Err(e) => fail(
-            exit::FAILURE,
-            &anyhow::Error::new(e).context("starting the runtime"),
-        ),
+        Err(e) => fail(&anyhow::Error::new(e).context("starting the runtime")),
     }
 }
 
@@ -292,7 +274,7 @@ impl IdentityCommand {
                 out!("{fp}");
                 ExitCode::SUCCESS
             }
-            Err((e, what)) => fail(exit::USAGE, &anyhow::Error::new(e).context(what)),
+            Err((e, what)) => fail(&anyhow::Error::new(e).context(what)),
         }
     }
 }
@@ -314,10 +296,9 @@ pub fn report(err: &anyhow::Error) {
     eprintln!("error: {err:#}");
 }
 
-/// Prints `err` with its causes and returns `code`.
-pub fn fail(code: u8, err: &anyhow::Error) -> ExitCode {
-    report(err);
-    ExitCode::from(code)
+/// Prints `err` with its causes and returns its exit code ([`exit::code`]).
+pub fn fail(err: &anyhow::Error) -> ExitCode {
+    exit::fail(err)
 }
 
 #[cfg(test)]

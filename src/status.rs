@@ -9,7 +9,7 @@ use anyhow::Context;
 use zq_repl::daemon::tracked::{epoch_seconds, Status};
 use zq_store::DatasetName;
 
-use crate::{exit, fail};
+use crate::fail;
 
 /// Where daemons write status files by default: systemd's `RuntimeDirectory` when set,
 /// otherwise `/run/zq`.
@@ -30,14 +30,14 @@ pub fn default_file(source: &DatasetName, target: &DatasetName) -> PathBuf {
 pub fn show(paths: &[PathBuf], json: bool) -> ExitCode {
     let statuses = match load(paths) {
         Ok(s) => s,
-        Err(e) => return fail(exit::FAILURE, &e),
+        Err(e) => return fail(&e),
     };
     let now = epoch_seconds(SystemTime::now());
     for s in statuses {
         if json {
             match serde_json::to_string(&s) {
                 Ok(line) => crate::out!("{line}"),
-                Err(e) => return fail(exit::FAILURE, &e.into()),
+                Err(e) => return fail(&e.into()),
             }
         } else {
             print!("{}", table(&s, now));

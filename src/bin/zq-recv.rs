@@ -4,11 +4,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use zq::exit::{self, UsageExt};
+use zq::fail;
 use zq::serve::{ServeArgs, ServeOnly, DEFAULT_LISTEN};
-use zq::{exit, fail};
-use zq_net::Identity;
+use zq_net::{HostPort, Identity};
 use zq_proto::Capabilities;
 use zq_repl::receiver::spool::{SpoolConfig, Spools};
+use zq_repl::retry::Backoff;
 use zq_repl::{Policy, Receiver};
 use zq_store::Zfs;
 
@@ -39,8 +41,8 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct PullArgs {
-    /// The sender's address (where `zq-send serve` listens), host:port.
-    addr: String,
+    /// The sender's address (where `zq-send serve` listens), HOST:PORT.
+    addr: HostPort,
     /// The sender's fingerprint (`zq-send fingerprint`); it must have an --allow root.
     #[arg(long, value_name = "FINGERPRINT")]
     peer: zq_net::Fingerprint,
@@ -62,30 +64,34 @@ fn main() -> ExitCode {
                 .map(zq::Given::new)
                 .unwrap_or_default();
             let PullArgs { addr, peer, serve } = *args;
-            let mut serve = match from_config(serve, &given) {
+            let mut serve = match from_config(serve, &given).usage() {
                 Ok(a) => a,
-                Err(e) => return fail(exit::USAGE, &e),
+                Err(e) => return fail(&e),
             };
             // A config file's receiver listens where its host's address says; pulling,
             // it listens nowhere. Only --listen on the command line is a mistake.
             if !given.has("listen") {
                 serve.listen = None;
             }
-            zq::block_on(cli.log.json(), pull(addr, peer, serve))
+            zq::block_on(cli.log.json(), async {
+                exit::done(pull(addr, peer, serve).await)
+            })
         }
         Command::Serve(args) => {
             let given = matches
                 .subcommand_matches("serve")
                 .map(zq::Given::new)
                 .unwrap_or_default();
-            let args = match from_config(*args, &given) {
+            let args = match from_config(*args, &given).usage() {
                 Ok(a) => a,
-                Err(e) => return fail(exit::USAGE, &e),
+                Err(e) => return fail(&e),
             };
             // Before any thread exists: reading LISTEN_FDS also removes it from the
             // environment, so `zfs` children do not see it.
             let inherited = activation_sockets();
-            zq::block_on(cli.log.json(), serve(args, inherited))
+            zq::block_on(cli.log.json(), async {
+                exit::done(serve(args, inherited).await)
+            })
         }
     }
 }
@@ -127,29 +133,23 @@ fn activation_sockets() -> anyhow::Result<Vec<std::net::UdpSocket>> {
         .collect()
 }
 
-async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocket>>) -> ExitCode {
-    let inherited = match inherited {
-        Ok(s) => s,
-        Err(e) => return fail(exit::USAGE, &e),
-    };
+async fn serve(
+    args: ServeArgs,
+    inherited: anyhow::Result<Vec<std::net::UdpSocket>>,
+) -> anyhow::Result<()> {
+    let inherited = inherited.usage()?;
     if let (Some(listen), false) = (args.listen, inherited.is_empty()) {
-        return fail(
-            exit::USAGE,
-            &anyhow::anyhow!(
-                "--listen {listen} given, but systemd passed {} socket(s) (LISTEN_FDS): \
-                 set the address in the .socket unit's ListenDatagram= and drop --listen",
-                inherited.len()
-            ),
-        );
+        return Err(exit::usage(anyhow::anyhow!(
+            "--listen {listen} given, but systemd passed {} socket(s) (LISTEN_FDS): \
+             set the address in the .socket unit's ListenDatagram= and drop --listen",
+            inherited.len()
+        )));
     }
     let Prepared {
         identity,
         fingerprints,
         receiver,
-    } = match prepare(&args).await {
-        Ok(p) => p,
-        Err((code, e)) => return fail(code, &e),
-    };
+    } = prepare(&args).await?;
     let tuning = args.transport.tuning();
     let endpoints = if inherited.is_empty() {
         let listen = args
@@ -162,10 +162,7 @@ async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocke
             .map(|s| zq_net::server_on(identity.clone(), fingerprints.clone(), s, &tuning))
             .collect()
     };
-    let endpoints = match endpoints {
-        Ok(e) => e,
-        Err(e) => return fail(exit::USAGE, &anyhow::Error::new(e)),
-    };
+    let endpoints = endpoints.usage()?;
     for endpoint in &endpoints {
         if let Ok(bound) = endpoint.local_addr() {
             zq::out!("listening on {bound}");
@@ -190,7 +187,7 @@ async fn serve(args: ServeArgs, inherited: anyhow::Result<Vec<std::net::UdpSocke
     }
     // Last-received holds go out in batches: let the last ones happen.
     receiver.flush_holds().await;
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 /// What serving and pulling share: the key, the senders allowed, the receiving engine
@@ -201,8 +198,8 @@ struct Prepared {
     receiver: std::sync::Arc<Receiver>,
 }
 
-async fn prepare(args: &ServeArgs) -> Result<Prepared, (u8, anyhow::Error)> {
-    let usage = |e: anyhow::Error| (exit::USAGE, e);
+async fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
+    let usage = exit::usage;
     let mut policy = Policy::default();
     for (fp, root) in &args.allow {
         policy
@@ -218,11 +215,8 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, (u8, anyhow::Error)> {
             "no --allow: no sender could connect"
         )));
     }
-    let identity = Identity::load(identity_dir, ROLE)
-        .map_err(|e| usage(anyhow::Error::new(e).context("loading identity")))?;
-    let zfs = Zfs::probe(&args.zfs)
-        .await
-        .map_err(|e| (exit::FAILURE, anyhow::Error::new(e).context("probing zfs")))?;
+    let identity = Identity::load(identity_dir, ROLE).context("loading identity")?;
+    let zfs = Zfs::probe(&args.zfs).await.context("probing zfs")?;
     // Bound before anything else runs, so a taken port is a usage error at once.
     let metrics_listener = zq::bind_metrics(args.metrics_listen).await.map_err(usage)?;
     let caps = Capabilities::current(format!("zq-recv {}", env!("CARGO_PKG_VERSION")));
@@ -252,42 +246,28 @@ async fn prepare(args: &ServeArgs) -> Result<Prepared, (u8, anyhow::Error)> {
 }
 
 /// `zq-recv pull`: dials the sender and serves each connection until it ends, then dials
-/// again (after 1 s, doubling up to 30 s while attempts fail or end at once).
-async fn pull(addr: String, peer: zq_net::Fingerprint, args: ServeArgs) -> ExitCode {
+/// again (after 1 s, doubling up to 30 s with jitter while attempts fail or end at once).
+async fn pull(addr: HostPort, peer: zq_net::Fingerprint, args: ServeArgs) -> anyhow::Result<()> {
     use std::time::{Duration, Instant};
     if let Some(listen) = args.listen {
-        return fail(
-            exit::USAGE,
-            &anyhow::anyhow!("--listen {listen}: pull dials the sender and listens on nothing"),
-        );
+        return Err(exit::usage(anyhow::anyhow!(
+            "--listen {listen}: pull dials the sender and listens on nothing"
+        )));
     }
     if !args.allow.iter().any(|(fp, _)| *fp == peer) {
-        return fail(
-            exit::USAGE,
-            &anyhow::anyhow!(
-                "--peer {peer} has no --allow root: add --allow {peer}=ROOT (where it may write)"
-            ),
-        );
+        return Err(exit::usage(anyhow::anyhow!(
+            "--peer {peer} has no --allow root: add --allow {peer}=ROOT (where it may write)"
+        )));
     }
     let Prepared {
         identity, receiver, ..
-    } = match prepare(&args).await {
-        Ok(p) => p,
-        Err((code, e)) => return fail(code, &e),
-    };
-    let target = match zq_net::resolve(&addr).await {
-        Ok(a) => a,
-        Err(e) => return fail(exit::USAGE, &anyhow::Error::new(e)),
-    };
-    let client = match zq_net::Client::new(identity, peer, target, &args.transport.tuning()) {
-        Ok(c) => c,
-        Err(e) => return fail(exit::USAGE, &anyhow::Error::new(e)),
-    };
+    } = prepare(&args).await?;
+    let target = addr.resolve().await.usage()?;
+    let client = zq_net::Client::new(identity, peer, target, &args.transport.tuning()).usage()?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!(sender = %addr, "zq-recv pulling");
-    const FIRST: Duration = Duration::from_secs(1);
     const CAP: Duration = Duration::from_secs(30);
-    let mut delay = FIRST;
+    let mut backoff = Backoff::new(Duration::from_secs(1), CAP);
     let stop = zq::shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -307,17 +287,16 @@ async fn pull(addr: String, peer: zq_net::Fingerprint, args: ServeArgs) -> ExitC
         }
         // A connection that lasted was not a failure: dial again soon.
         if started.elapsed() > CAP {
-            delay = FIRST;
+            backoff.succeeded();
         }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(backoff.failed()) => {}
             _ = &mut stop => break,
         }
-        delay = (delay * 2).min(CAP);
     }
     tracing::info!("shutting down");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     client.shutdown().await;
     receiver.flush_holds().await;
-    ExitCode::SUCCESS
+    Ok(())
 }

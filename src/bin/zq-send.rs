@@ -1,6 +1,5 @@
 //! `zq-send`: replicates local ZFS datasets to a `zq-recv` over one QUIC connection.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,11 +7,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use zq::{exit, fail, TransportArgs};
-use zq_net::{Client, Fingerprint, Identity, Tuning};
-use zq_proto::Capabilities;
+use std::io::IsTerminal;
+use zq::exit::{self, UsageExt};
+use zq::TransportArgs;
+use zq_net::{Fingerprint, HostPort, Identity, Tuning};
+use zq_repl::progress::Progress;
 use zq_repl::protect::{Modes, Protection, Protector, Tags};
-use zq_repl::{DaemonOptions, DatasetOutcome, DatasetReport, Job, PlanOptions, ReplError, Sender};
+use zq_repl::{
+    ConnectConfig, Connector, DaemonOptions, DatasetOutcome, Job, PlanOptions, SenderConfig,
+};
 use zq_store::{DatasetName, Zfs};
 
 const ROLE: &str = "zq-send";
@@ -139,7 +142,7 @@ struct RunArgs {
     source: Option<DatasetName>,
     /// Receiver address, host:port (e.g. backup.example:7446 or [::1]:7446).
     #[arg(required_unless_present = "config")]
-    addr: Option<String>,
+    addr: Option<HostPort>,
     /// Target dataset on the receiver, inside the root the receiver allows for us.
     #[arg(required_unless_present = "config")]
     target: Option<DatasetName>,
@@ -282,7 +285,8 @@ struct RunArgs {
     stall_timeout: Duration,
     /// One-shot: run the job again this many times while datasets fail with errors that
     /// may pass (a lost connection, a zfs command that failed on either side), waiting
-    /// --retry-delay, then twice as long each time. Refusals are never retried.
+    /// --retry-delay, then twice as long each time up to a minute (with jitter). Refusals
+    /// are never retried.
     #[arg(long, value_name = "N", default_value_t = 2)]
     retries: u32,
     /// One-shot: the wait before the first retry (see --retries).
@@ -368,7 +372,9 @@ fn main() -> ExitCode {
             )
         }
         Command::Status(args) => zq::status::show(&args.paths, args.json),
-        Command::Abstractions(cmd) => zq::block_on(cli.log.json(), abstractions(cmd)),
+        Command::Abstractions(cmd) => zq::block_on(cli.log.json(), async {
+            exit::done(abstractions(cmd).await)
+        }),
     }
 }
 
@@ -394,7 +400,7 @@ fn start(
         .unwrap_or_default();
     match jobs(args, &given, action) {
         Ok(jobs) => zq::block_on(log_json, run_all(jobs, action)),
-        Err(e) => fail(exit::USAGE, &e),
+        Err(e) => zq::fail(&exit::usage(e)),
     }
 }
 
@@ -535,7 +541,7 @@ struct Run {
     /// The config file's name of the job (for logs).
     name: Option<String>,
     source: DatasetName,
-    addr: String,
+    addr: HostPort,
     target: DatasetName,
     identity: PathBuf,
     peer: Fingerprint,
@@ -594,6 +600,101 @@ impl Run {
             peer: args.peer.ok_or_else(|| need("--peer"))?,
             args,
         })
+    }
+
+    /// What to replicate.
+    fn job(&self) -> anyhow::Result<Job> {
+        let exclude = self
+            .exclude
+            .iter()
+            .map(|e| exclude_name(&self.source, e))
+            .collect::<Result<_, _>>()
+            .map_err(|e| exit::usage(anyhow::anyhow!("--exclude {e}")))?;
+        Ok(Job {
+            source: self.source.clone(),
+            target: self.target.clone(),
+            recursive: self.recursive,
+            filter: zq_repl::filter::DatasetFilter {
+                exclude,
+                exclude_regex: self.exclude_regex.clone(),
+                include_regex: self.include_regex.clone(),
+                exclude_property: self.exclude_property.clone(),
+                skip_parent: self.skip_parent,
+            },
+            snapshots: self.snapshot_filter(),
+            options: PlanOptions {
+                newest_only: self.newest_only,
+                force: self.force,
+                // Chosen by the sender from the zfs capabilities.
+                chain_up_to: 0,
+            },
+        })
+    }
+
+    fn snapshot_filter(&self) -> zq_repl::filter::SnapshotFilter {
+        zq_repl::filter::SnapshotFilter {
+            include: self.include_snapshots.clone(),
+            exclude: self.exclude_snapshots.clone(),
+        }
+    }
+
+    /// How each connection's sender sends: protection, compression, limits.
+    fn sender_config(
+        &self,
+        zfs: &Zfs,
+        progress: Option<Arc<Progress>>,
+    ) -> anyhow::Result<SenderConfig> {
+        let job_name = self
+            .job
+            .clone()
+            .unwrap_or_else(|| zq_repl::protect::default_job(&self.peer.to_string(), &self.target));
+        let tags = Tags::new(&job_name)
+            .map_err(|e| exit::usage(anyhow::anyhow!("--job {job_name:?}: {e}")))?;
+        let protector = Protector::new(
+            zfs.clone(),
+            Modes {
+                initial: self.protection_initial.unwrap_or(self.protection),
+                incremental: self.protection_incremental.unwrap_or(self.protection),
+            },
+            tags,
+        );
+        tracing::info!(job = %job_name, initial = %protector.modes.initial, incremental = %protector.modes.incremental, "protection");
+        Ok(SenderConfig {
+            protector: Some(Arc::new(protector)),
+            stall_timeout: self.stall_timeout,
+            compression: self.compress,
+            bwlimit: self.bwlimit.filter(|&b| b > 0).map(zq_net::RateLimit::new),
+            intermediates: self.snapshot_filter().is_empty(),
+            progress,
+            estimates: Arc::new(tokio::sync::Semaphore::new(usize::from(
+                self.max_size_estimates,
+            ))),
+        })
+    }
+
+    /// Where the receiver is and how to reach it.
+    fn connect_config(
+        &self,
+        identity: Identity,
+        sender: SenderConfig,
+        action: Action,
+    ) -> ConnectConfig {
+        ConnectConfig {
+            identity,
+            peer: self.peer,
+            addr: self.addr.clone(),
+            listen: matches!(action, Action::Serve),
+            daemon: self.every.or(self.snapshot_every).is_some(),
+            tuning: Tuning {
+                idle_timeout: self.idle_timeout,
+                keep_alive: Tuning::default().keep_alive.min(self.idle_timeout / 3),
+                ..self.transport.tuning()
+            },
+            connections: self.connections,
+            protocol_version: self.protocol_version,
+            software: format!("{ROLE} {}", env!("CARGO_PKG_VERSION")),
+            sender,
+        }
     }
 
     /// Retention on each side: the flags', and a daemon that makes its own snapshots keeps
@@ -682,7 +783,7 @@ fn retention_text(r: &zq_repl::retention::Retention) -> String {
 fn check_config(args: &CheckConfigArgs) -> ExitCode {
     match check_config_inner(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(exit::USAGE, &e),
+        Err(e) => zq::fail(&exit::usage(e)),
     }
 }
 
@@ -784,7 +885,15 @@ async fn run_all(jobs: Vec<Run>, action: Action) -> ExitCode {
             Some(name) => tracing::info_span!("job", name = %name),
             None => tracing::Span::none(),
         };
-        set.spawn(run(job, action).instrument(span));
+        set.spawn(
+            async move {
+                run(job, action).await.unwrap_or_else(|e| {
+                    zq::report(&e);
+                    exit::code(&e)
+                })
+            }
+            .instrument(span),
+        );
     }
     let mut code = exit::OK;
     while let Some(done) = set.join_next().await {
@@ -793,125 +902,67 @@ async fn run_all(jobs: Vec<Run>, action: Action) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn failed(code: u8, err: &anyhow::Error) -> u8 {
-    zq::report(err);
-    code
-}
-
-async fn run(args: Run, action: Action) -> u8 {
+/// Runs one job; the exit code of what it did, or the error that stopped it.
+async fn run(args: Run, action: Action) -> anyhow::Result<u8> {
     let metrics_listen = match action {
         Action::Replicate | Action::Serve => args.metrics_listen,
         Action::Prune { .. } => None,
     };
     // Bound before anything else runs, so a taken port is a usage error at once.
-    let metrics_listener = match zq::bind_metrics(metrics_listen).await {
-        Ok(l) => l,
-        Err(e) => return failed(exit::USAGE, &e),
+    let metrics_listener = zq::bind_metrics(metrics_listen).await.usage()?;
+    let identity = Identity::load(&args.identity, ROLE).context("loading identity")?;
+    let zfs = Zfs::probe(&args.zfs).await.context("probing zfs")?;
+    let job = args.job()?;
+    let daemon = args.every.or(args.snapshot_every);
+    let progress = match (daemon, action) {
+        (Some(_), _) => Some(Arc::new(Progress::default())),
+        (None, Action::Prune { .. }) => None,
+        (None, _) => (!args.no_progress && std::io::stderr().is_terminal())
+            .then(|| Arc::new(Progress::default())),
     };
-    let identity = match Identity::load(&args.identity, ROLE) {
-        Ok(i) => i,
-        Err(e) => {
-            return failed(
-                exit::USAGE,
-                &anyhow::Error::new(e).context("loading identity"),
+    let sender = args.sender_config(&zfs, progress.clone())?;
+    let connector =
+        Arc::new(Connector::new(args.connect_config(identity, sender, action), zfs.clone()).await?);
+    if let Some(bound) = connector.listening_on() {
+        zq::out!("listening on {bound}");
+    }
+    let code = match (action, daemon) {
+        (Action::Prune { dry_run }, _) => prune(&args, &job, &connector, dry_run).await,
+        (_, Some(every)) => {
+            daemon_run(
+                &args,
+                every,
+                job,
+                connector.clone(),
+                metrics_listener,
+                progress,
             )
+            .await
         }
+        (_, None) => once(&args, &job, &connector, progress).await,
     };
-    let zfs = match Zfs::probe(&args.zfs).await {
-        Ok(z) => z,
-        Err(e) => return failed(exit::FAILURE, &anyhow::Error::new(e).context("probing zfs")),
-    };
-    let mut caps = Capabilities::current(format!("zq-send {}", env!("CARGO_PKG_VERSION")));
-    if let Some(v) = args.protocol_version {
-        caps.min_version = v;
-        caps.max_version = v;
-    }
-    if args.compress == zq_proto::Compression::None {
-        caps.compression = vec!["none".into()];
-    }
-    let job_name = args
-        .job
-        .clone()
-        .unwrap_or_else(|| zq_repl::protect::default_job(&args.peer.to_string(), &args.target));
-    let protector = match Tags::new(&job_name) {
-        Ok(tags) => Arc::new(Protector::new(
-            zfs.clone(),
-            Modes {
-                initial: args.protection_initial.unwrap_or(args.protection),
-                incremental: args.protection_incremental.unwrap_or(args.protection),
-            },
-            tags,
-        )),
-        Err(e) => return failed(exit::USAGE, &anyhow::anyhow!(e).context("--job")),
-    };
-    tracing::info!(job = %job_name, initial = %protector.modes.initial, incremental = %protector.modes.incremental, "protection");
-    let listen = matches!(action, Action::Serve);
-    let peer = match Peer::new(&args, identity, caps, protector, listen).await {
-        Ok(p) => Arc::new(p),
-        Err(e) => return failed(exit::CONNECT, &e),
-    };
-    let mut exclude = Vec::new();
-    for e in &args.exclude {
-        match exclude_name(&args.source, e) {
-            Ok(d) => exclude.push(d),
-            Err(e) => return failed(exit::USAGE, &anyhow::anyhow!(e).context("--exclude")),
-        }
-    }
-    let job = Job {
-        source: args.source.clone(),
-        target: args.target.clone(),
-        recursive: args.recursive,
-        filter: zq_repl::filter::DatasetFilter {
-            exclude,
-            exclude_regex: args.exclude_regex.clone(),
-            include_regex: args.include_regex.clone(),
-            exclude_property: args.exclude_property.clone(),
-            skip_parent: args.skip_parent,
-        },
-        snapshots: zq_repl::filter::SnapshotFilter {
-            include: args.include_snapshots.clone(),
-            exclude: args.exclude_snapshots.clone(),
-        },
-        options: PlanOptions {
-            newest_only: args.newest_only,
-            force: args.force,
-            // Chosen by the sender from the zfs capabilities.
-            chain_up_to: 0,
-        },
-    };
-    let code = match (action, args.every.or(args.snapshot_every)) {
-        (Action::Prune { dry_run }, _) => prune(&args, job, zfs, &peer, dry_run).await,
-        (Action::Replicate | Action::Serve, Some(every)) => {
-            daemon(&args, every, job, zfs, peer.clone(), metrics_listener).await
-        }
-        (Action::Replicate | Action::Serve, None) => once(&args, job, zfs, &peer).await,
-    };
-    // Cursor moves go out in batches: let the last ones happen before exiting.
-    peer.protector.flush().await;
-    peer.shutdown().await;
+    connector.shutdown().await;
     code
 }
 
 /// `zq-send abstractions list|release-stale`.
-async fn abstractions(cmd: AbstractionsCommand) -> ExitCode {
+async fn abstractions(cmd: AbstractionsCommand) -> anyhow::Result<()> {
     let (args, release) = match &cmd {
         AbstractionsCommand::List(a) => (a, None),
         AbstractionsCommand::ReleaseStale { args, all } => (args, Some(*all)),
     };
-    let tags = match args.job.as_deref().map(Tags::new).transpose() {
-        Ok(t) => t,
-        Err(e) => return fail(exit::USAGE, &anyhow::anyhow!(e).context("--job")),
-    };
-    let zfs = match Zfs::probe(&args.zfs).await {
-        Ok(z) => z,
-        Err(e) => return fail(exit::FAILURE, &anyhow::Error::new(e).context("probing zfs")),
-    };
+    let tags = args
+        .job
+        .as_deref()
+        .map(Tags::new)
+        .transpose()
+        .map_err(|e| exit::usage(anyhow::anyhow!("--job: {e}")))?;
+    let zfs = Zfs::probe(&args.zfs).await.context("probing zfs")?;
     let found = match (release, &tags) {
         (Some(_), None) => {
-            return fail(
-                exit::USAGE,
-                &anyhow::anyhow!("release-stale needs --job: it releases one job's holds"),
-            )
+            return Err(exit::usage(anyhow::anyhow!(
+                "release-stale needs --job: it releases one job's holds"
+            )))
         }
         (Some(all), Some(tags)) => {
             zq_repl::protect::release_stale(&zfs, &args.dataset, args.recursive, tags, all).await
@@ -919,11 +970,7 @@ async fn abstractions(cmd: AbstractionsCommand) -> ExitCode {
         (None, tags) => {
             zq_repl::protect::abstractions(&zfs, &args.dataset, args.recursive, tags.as_ref()).await
         }
-    };
-    let found = match found {
-        Ok(f) => f,
-        Err(e) => return fail(exit::FAILURE, &anyhow::Error::new(e)),
-    };
+    }?;
     let verb = if release.is_some() { "released " } else { "" };
     for a in &found {
         match &a.tag {
@@ -935,36 +982,23 @@ async fn abstractions(cmd: AbstractionsCommand) -> ExitCode {
             ),
         }
     }
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 /// `zq-send prune`: one retention pass on both sides, each snapshot destroyed (or, with
 /// `dry_run`, that would be) on a line of its own.
-async fn prune(args: &Run, job: Job, zfs: Zfs, peer: &Peer, dry_run: bool) -> u8 {
+async fn prune(args: &Run, job: &Job, connector: &Connector, dry_run: bool) -> anyhow::Result<u8> {
     let retention = args.retention();
     if retention.is_off() {
-        return failed(
-            exit::USAGE,
-            &anyhow::anyhow!(
-                "no retention to apply: give --keep-last or --keep-grid (or --target-keep-*), \
-                 or --snapshot-every for its default (the last {DEFAULT_KEEP_LAST})"
-            ),
-        );
+        return Err(exit::usage(anyhow::anyhow!(
+            "no retention to apply: give --keep-last or --keep-grid (or --target-keep-*), \
+             or --snapshot-every for its default (the last {DEFAULT_KEEP_LAST})"
+        )));
     }
-    let sender = match peer.connect(zfs.clone()).await {
-        Ok(s) => s,
-        Err(e) => return failed(exit::CONNECT, &e),
-    };
-    let pruned = match zq_repl::daemon::prune_once(&sender, &zfs, &job, &retention, dry_run).await {
-        Ok(p) => p,
-        Err(e) => {
-            let code = code_for(&e);
-            return failed(
-                code,
-                &anyhow::Error::new(e).context(format!("pruning {}", args.source)),
-            );
-        }
-    };
+    let sender = connector.connect().await?;
+    let pruned = zq_repl::daemon::prune_once(&sender, connector.zfs(), job, &retention, dry_run)
+        .await
+        .with_context(|| format!("pruning {}", args.source))?;
     let verb = if dry_run {
         "would destroy"
     } else {
@@ -1008,110 +1042,29 @@ async fn prune(args: &Run, job: Job, zfs: Zfs, peer: &Peer, dry_run: bool) -> u8
             }
         }
     }
-    if !dry_run {
-        peer.protector.flush().await;
-    }
-    code
+    Ok(code)
 }
 
-/// Replicates once and reports each dataset, with a progress line on a terminal; returns
-/// the exit code. Datasets that failed with a transient error get up to --retries more runs
-/// of the whole job (which skips what is up to date).
-async fn once(args: &Run, job: Job, zfs: Zfs, peer: &Peer) -> u8 {
-    use std::io::IsTerminal;
-    let progress = (!args.no_progress && std::io::stderr().is_terminal())
-        .then(|| Arc::new(zq_repl::progress::Progress::default()));
-    let ticker = progress.clone().map(|p| tokio::spawn(show_progress(p)));
-    let code = once_inner(args, job, zfs, peer, progress).await;
+/// Replicates once (with --retries) and reports each dataset, with a progress line on a
+/// terminal; returns the exit code.
+async fn once(
+    args: &Run,
+    job: &Job,
+    connector: &Connector,
+    progress: Option<Arc<Progress>>,
+) -> anyhow::Result<u8> {
+    let ticker = progress.map(|p| tokio::spawn(show_progress(p)));
+    let retries = zq_repl::oneshot::Retries {
+        retries: args.retries,
+        delay: args.retry_delay,
+    };
+    let reports = zq_repl::oneshot::replicate(connector, job, retries).await;
     if let Some(t) = ticker {
         t.abort();
         eprint!("\r\x1b[K");
     }
-    code
-}
-
-/// Redraws the progress line of the step in flight twice a second, once it has run for a
-/// second (small steps never show one).
-async fn show_progress(p: Arc<zq_repl::progress::Progress>) {
-    let mut shown = false;
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = std::time::Instant::now();
-        match p.now() {
-            Some(f) if now.duration_since(f.started) >= Duration::from_secs(1) => {
-                eprint!("\r\x1b[K{}", f.line(now));
-                shown = true;
-            }
-            _ if shown => {
-                eprint!("\r\x1b[K");
-                shown = false;
-            }
-            _ => {}
-        }
-    }
-}
-
-async fn once_inner(
-    args: &Run,
-    job: Job,
-    zfs: Zfs,
-    peer: &Peer,
-    progress: Option<Arc<zq_repl::progress::Progress>>,
-) -> u8 {
-    let mut sender = match peer.connect(zfs.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            zq::report(&e);
-            return exit::CONNECT;
-        }
-    };
-    sender.set_progress(progress.clone());
-    let mut reports: Vec<DatasetReport> = Vec::new();
-    let mut delay = args.retry_delay;
-    for attempt in 0..=args.retries {
-        if attempt > 0 {
-            tokio::time::sleep(delay).await;
-            delay = delay.saturating_mul(2);
-            if !sender.is_connected() {
-                sender = match peer.connect(zfs.clone()).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        zq::report(&e);
-                        return exit::CONNECT;
-                    }
-                };
-                sender.set_progress(progress.clone());
-            }
-        }
-        let run = match sender.replicate(&job).await {
-            Ok(r) => r,
-            Err(e) if e.transient() && attempt < args.retries => {
-                tracing::warn!(error = %zq::chain(&e), attempt = attempt + 1, retries = args.retries, "the job failed; running it again");
-                continue;
-            }
-            Err(e) => {
-                let code = code_for(&e);
-                zq::report(&anyhow::Error::new(e).context(format!("replicating {}", args.source)));
-                return code;
-            }
-        };
-        reports = merge_attempts(reports, run);
-        let transient: Vec<_> = reports
-            .iter()
-            .filter_map(|r| match &r.outcome {
-                DatasetOutcome::Failed(e) if e.transient() => Some(r.source.to_string()),
-                _ => None,
-            })
-            .collect();
-        if transient.is_empty() {
-            break;
-        }
-        if attempt < args.retries {
-            tracing::warn!(datasets = %transient.join(","), attempt = attempt + 1, retries = args.retries, ?delay, "datasets failed with errors that may pass; running the job again");
-        }
-    }
     let mut code = exit::OK;
-    for r in &reports {
+    for r in &reports? {
         match &r.outcome {
             DatasetOutcome::UpToDate => zq::out!("{} -> {}: up to date", r.source, r.target),
             DatasetOutcome::Sent {
@@ -1133,22 +1086,43 @@ async fn once_inner(
             }
             DatasetOutcome::Failed(e) => {
                 eprintln!("error: {} -> {}: {}", r.source, r.target, zq::chain(e));
-                code = code.max(code_for(e));
+                code = code.max(exit::repl_code(e));
             }
         }
     }
-    code
+    Ok(code)
+}
+
+/// Redraws the progress line of the step in flight twice a second, once it has run for a
+/// second (small steps never show one).
+async fn show_progress(p: Arc<Progress>) {
+    let mut shown = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = std::time::Instant::now();
+        match p.now() {
+            Some(f) if now.duration_since(f.started) >= Duration::from_secs(1) => {
+                eprint!("\r\x1b[K{}", f.line(now));
+                shown = true;
+            }
+            _ if shown => {
+                eprint!("\r\x1b[K");
+                shown = false;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Runs as a daemon until SIGTERM/SIGINT; returns the exit code (0 on a signal).
-async fn daemon(
+async fn daemon_run(
     args: &Run,
     every: Duration,
     job: Job,
-    zfs: Zfs,
-    peer: Arc<Peer>,
+    connector: Arc<Connector>,
     metrics_listener: Option<tokio::net::TcpListener>,
-) -> u8 {
+    progress: Option<Arc<Progress>>,
+) -> anyhow::Result<u8> {
     let metrics = metrics_listener.map(|listener| {
         let metrics = Arc::new(zq_repl::metrics::DaemonMetrics::default());
         let m = metrics.clone();
@@ -1166,19 +1140,15 @@ async fn daemon(
                 .clone()
                 .unwrap_or_else(|| zq::status::default_file(&job.source, &job.target)),
         ),
-        receiver: args.addr.clone(),
+        receiver: args.addr.to_string(),
         metrics,
-        progress: peer.progress.clone(),
+        progress,
     };
     tracing::info!(
-        source = %job.source, target = %job.target, every = ?opts.every,
-        snapshot_every = ?opts.snapshot_every, max_steps = opts.max_steps, "daemon starting"
+        source = %job.source, target = %job.target, every = %humantime::format_duration(opts.every),
+        snapshot_every = %opts.snapshot_every.map_or("off".into(), |d| humantime::format_duration(d).to_string()),
+        max_steps = opts.max_steps, "daemon starting"
     );
-    let connect_zfs = zfs.clone();
-    let connect: zq_repl::daemon::Connect = Box::new(move || {
-        let (peer, zfs) = (peer.clone(), connect_zfs.clone());
-        Box::pin(async move { peer.connect(zfs).await.map_err(|e| format!("{e:#}")) })
-    });
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         zq::shutdown_signal().await;
@@ -1189,230 +1159,6 @@ async fn daemon(
     // Type=notify units (zq-send@.service): running; the daemon reaches the receiver on
     // its own, so readiness does not wait for it. A no-op elsewhere.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    zq_repl::daemon::run(job, opts, zfs, connect, stopped).await;
-    exit::OK
-}
-
-/// How the sender reaches its receiver.
-enum Link {
-    /// It dials: one client endpoint reused for every (re)connection, so TLS sessions can
-    /// be resumed.
-    Dial { client: Client, addr: SocketAddr },
-    /// Pull mode (`zq-send serve`): the receiver dials in. A daemon waits for it up to
-    /// `wait` per attempt (then counts a failed attempt and tries again); a one-shot run
-    /// waits as long as it takes.
-    Listen {
-        listener: zq_net::Listener,
-        wait: Option<Duration>,
-    },
-}
-
-/// The receiver.
-struct Peer {
-    link: Link,
-    name: String,
-    ours: Fingerprint,
-    caps: Capabilities,
-    protector: Arc<Protector>,
-    stall_timeout: Duration,
-    compress: zq_proto::Compression,
-    /// One limit for every connection this process makes.
-    bwlimit: Option<zq_net::RateLimit>,
-    /// `zfs send -I` allowed (no snapshot filter).
-    intermediates: bool,
-    /// A daemon's steps in flight, for its status.
-    progress: Option<Arc<zq_repl::progress::Progress>>,
-    /// One cap on size estimations for all of this job's connections.
-    estimates: Arc<tokio::sync::Semaphore>,
-    /// Connections per sender: bulk steps stripe their chunks over them.
-    connections: u8,
-}
-
-impl Peer {
-    async fn new(
-        args: &Run,
-        identity: Identity,
-        caps: Capabilities,
-        protector: Arc<Protector>,
-        listen: bool,
-    ) -> anyhow::Result<Self> {
-        let addr = zq_net::resolve(&args.addr).await?;
-        let ours = identity.fingerprint;
-        let tuning = Tuning {
-            idle_timeout: args.idle_timeout,
-            keep_alive: Tuning::default().keep_alive.min(args.idle_timeout / 3),
-            ..args.transport.tuning().shared_by(args.connections)
-        };
-        let daemon = args.every.or(args.snapshot_every).is_some();
-        if listen && args.connections > 1 {
-            anyhow::bail!(
-                "--connections {} needs zq-send to dial the receiver; in pull mode (serve) \
-                 the receiver makes the one connection",
-                args.connections
-            );
-        }
-        let (link, name) = if listen {
-            let listener = zq_net::Listener::bind(identity, args.peer, addr, &tuning)?;
-            let bound = listener.local_addr();
-            zq::out!("listening on {bound}");
-            tracing::info!(%bound, receiver = %args.peer.short(), "waiting for the receiver to connect (pull mode)");
-            let link = Link::Listen {
-                listener,
-                // Short enough that the daemon writes its status and sees SIGTERM.
-                wait: daemon.then_some(Duration::from_secs(2)),
-            };
-            (link, format!("(pull) {}", args.peer.short()))
-        } else {
-            let client = Client::new(identity, args.peer, addr, &tuning)?;
-            (Link::Dial { client, addr }, args.addr.clone())
-        };
-        Ok(Peer {
-            link,
-            name,
-            ours,
-            caps,
-            protector,
-            stall_timeout: args.stall_timeout,
-            compress: args.compress,
-            bwlimit: args.bwlimit.filter(|&b| b > 0).map(zq_net::RateLimit::new),
-            intermediates: args.include_snapshots.is_empty() && args.exclude_snapshots.is_empty(),
-            progress: args
-                .every
-                .or(args.snapshot_every)
-                .map(|_| Arc::new(zq_repl::progress::Progress::default())),
-            estimates: Arc::new(tokio::sync::Semaphore::new(usize::from(
-                args.max_size_estimates,
-            ))),
-            connections: args.connections,
-        })
-    }
-
-    /// Connects (or, in pull mode, takes the receiver's connection) and runs the handshake.
-    async fn connect(&self, zfs: Zfs) -> anyhow::Result<Sender> {
-        let dialed = match &self.link {
-            Link::Dial { client, addr } => client
-                .dial(*addr)
-                .await
-                .with_context(|| format!("connecting to receiver {}", self.name))?,
-            Link::Listen { listener, wait } => listener
-                .next(*wait)
-                .await
-                .with_context(|| {
-                    format!(
-                        "the receiver {} has not connected to {} yet",
-                        self.name,
-                        listener.local_addr()
-                    )
-                })?
-                .into(),
-        };
-        let conn = dialed.conn.clone();
-        match Sender::handshake(dialed, zfs.clone(), &self.caps).await {
-            Ok(mut sender) => {
-                sender.protect(self.protector.clone());
-                sender.set_stall_timeout(self.stall_timeout);
-                sender.set_compression(self.compress);
-                sender.set_bwlimit(self.bwlimit.clone());
-                sender.set_intermediates(self.intermediates);
-                sender.set_size_estimates(self.estimates.clone());
-                if self.progress.is_some() {
-                    sender.set_progress(self.progress.clone());
-                }
-                if self.connections > 1 && sender.session().version >= 5 {
-                    sender.set_stripe_connections(self.stripe_connections(&zfs).await);
-                } else if self.connections > 1 {
-                    tracing::warn!(
-                        version = sender.session().version,
-                        "the receiver speaks protocol version {} (< 5): one connection, not {}, \
-                         with its share of the send window; drop --connections for it",
-                        sender.session().version,
-                        self.connections
-                    );
-                }
-                Ok(sender)
-            }
-            Err(_) if zq_net::closed_by_tls_alert(&conn) => anyhow::bail!(
-                "receiver {} refused this sender's key {}: on the receiver, allow it with \
-                 --allow {}=ROOT",
-                self.name,
-                self.ours,
-                self.ours
-            ),
-            Err(e) => {
-                Err(anyhow::Error::new(e).context(format!("handshake with receiver {}", self.name)))
-            }
-        }
-    }
-}
-
-impl Peer {
-    /// `--connections N`: N-1 more handshaken connections to the receiver, dialed at once.
-    /// One that fails is left out (with a warning): the step's own connection carries on.
-    async fn stripe_connections(&self, zfs: &Zfs) -> Vec<quinn::Connection> {
-        let Link::Dial { client, addr } = &self.link else {
-            return Vec::new();
-        };
-        let mut dials = tokio::task::JoinSet::new();
-        for _ in 1..self.connections {
-            let (client, addr, zfs, caps) = (client.clone(), *addr, zfs.clone(), self.caps.clone());
-            dials.spawn(async move {
-                let dialed = client.dial(addr).await?;
-                Ok::<_, anyhow::Error>(
-                    Sender::handshake(dialed, zfs, &caps)
-                        .await?
-                        .into_connection(),
-                )
-            });
-        }
-        let mut conns = Vec::new();
-        while let Some(r) = dials.join_next().await {
-            match r {
-                Ok(Ok(conn)) => conns.push(conn),
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot open a parallel connection"),
-                Err(e) => tracing::warn!(error = %e, "cannot open a parallel connection"),
-            }
-        }
-        conns
-    }
-
-    /// Closes the endpoint so the receiver learns of it at once.
-    async fn shutdown(&self) {
-        match &self.link {
-            Link::Dial { client, .. } => client.shutdown().await,
-            Link::Listen { listener, .. } => listener.shutdown().await,
-        }
-    }
-}
-
-/// A dataset's outcome over several runs of the job: the latest, except that a dataset
-/// that was sent and then found up to date keeps the report of what was sent.
-fn merge_attempts(before: Vec<DatasetReport>, latest: Vec<DatasetReport>) -> Vec<DatasetReport> {
-    let mut before: Vec<Option<DatasetReport>> = before.into_iter().map(Some).collect();
-    latest
-        .into_iter()
-        .map(|r| {
-            let earlier = before
-                .iter_mut()
-                .find(|b| b.as_ref().is_some_and(|b| b.source == r.source))
-                .and_then(Option::take);
-            match (earlier, &r.outcome) {
-                (Some(e), DatasetOutcome::UpToDate)
-                    if matches!(e.outcome, DatasetOutcome::Sent { .. }) =>
-                {
-                    e
-                }
-                _ => r,
-            }
-        })
-        .collect()
-}
-
-fn code_for(e: &ReplError) -> u8 {
-    if e.needs_force() {
-        exit::DIVERGED
-    } else if e.not_authorized() {
-        exit::NOT_AUTHORIZED
-    } else {
-        exit::FAILURE
-    }
+    zq_repl::daemon::run(job, opts, connector, stopped).await;
+    Ok(exit::OK)
 }

@@ -1,6 +1,7 @@
 //! zq's transport: QUIC (quinn) with TLS 1.3 (rustls), self-signed identities pinned by
 //! public-key fingerprint on both sides, and zq frames over QUIC streams.
 
+pub mod address;
 pub mod admission;
 pub mod endpoint;
 pub mod framed;
@@ -8,6 +9,7 @@ pub mod identity;
 pub mod pin;
 pub mod rate;
 
+pub use address::HostPort;
 pub use admission::{AddressValidation, Admission};
 pub use endpoint::{
     closed_by_tls_alert, peer_fingerprint, resolve, server, server_on, Client, Congestion, Dialed,

@@ -3,7 +3,7 @@
 //! `Welcome`, or `Refused` with the reason. Pure functions; the net layer moves the frames.
 
 use crate::limits::{MAGIC, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
-use crate::message::{Hello, Refusal, RefusalReason, Welcome};
+use crate::message::{Hello, Refusal, RefusalReason, Welcome, COMPRESSION_NONE, COMPRESSION_ZSTD};
 use crate::transfer::StreamDigest;
 
 /// What one side can do, in order of preference.
@@ -29,7 +29,7 @@ impl Capabilities {
         Capabilities {
             min_version: PROTOCOL_VERSION_MIN,
             max_version: PROTOCOL_VERSION_MAX,
-            compression: vec!["zstd".into(), "none".into()],
+            compression: vec![COMPRESSION_ZSTD.into(), COMPRESSION_NONE.into()],
             checksums: StreamDigest::NAMES.map(String::from).to_vec(),
             resume: vec![crate::message::RESUME_SPOOL.into()],
             software: software.into(),
@@ -88,8 +88,8 @@ impl Capabilities {
                 ),
             ));
         };
-        let compression =
-            first_common(&hello.compression, &self.compression).unwrap_or_else(|| "none".into());
+        let compression = first_common(&hello.compression, &self.compression)
+            .unwrap_or_else(|| COMPRESSION_NONE.into());
         let resume = hello
             .resume
             .iter()
@@ -119,7 +119,7 @@ impl Capabilities {
                 w.checksum
             )));
         }
-        if w.compression != "none" && !self.compression.contains(&w.compression) {
+        if w.compression != COMPRESSION_NONE && !self.compression.contains(&w.compression) {
             return Err(HandshakeError::BadWelcome(format!(
                 "receiver chose compression {:?} that we did not offer",
                 w.compression
@@ -159,6 +159,11 @@ impl Session {
     /// against our offer, which holds only names [`StreamDigest`] knows.
     pub fn stream_digest(&self) -> StreamDigest {
         StreamDigest::from_checksum(&self.checksum).unwrap_or(StreamDigest::Flat)
+    }
+
+    /// Whether the sender may compress chunks with zstd in this session.
+    pub fn zstd(&self) -> bool {
+        self.compression == COMPRESSION_ZSTD
     }
 }
 

@@ -59,6 +59,12 @@ pub enum Message {
     StripeChunk(u64),
 }
 
+/// The compression name of chunks sent as they are: always understood.
+pub const COMPRESSION_NONE: &str = "none";
+
+/// The compression name of zstd-compressed chunks.
+pub const COMPRESSION_ZSTD: &str = "zstd";
+
 /// The resume kind in which the receiver spools a large step's verified bytes and the
 /// sender continues from where they end (see `docs/protocol.md`).
 pub const RESUME_SPOOL: &str = "spool";

@@ -20,9 +20,7 @@
 //! target does not exist yet waits for the parent's first step.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,8 +30,11 @@ use tracing::{debug, info, warn};
 use zq_proto::SnapshotInfo;
 use zq_store::{DatasetName, Zfs};
 
+use crate::connector::Connector;
+use crate::error::chain;
 use crate::lanes::{Lanes, Slot};
 use crate::retention::{prunable_by, remote_may_exceed, Policy, RemoteCount, Retention, ZQ_PREFIX};
+use crate::retry::{pseudo_random, Backoff};
 use crate::sender::{Job, Listing, Sender};
 use crate::{to_info, DatasetOutcome, ReplError};
 
@@ -74,54 +75,6 @@ pub struct DaemonOptions {
     pub progress: Option<Arc<crate::progress::Progress>>,
 }
 
-/// Opens a connection and runs the handshake; called again after a failure.
-pub type Connect =
-    Box<dyn Fn() -> Pin<Box<dyn Future<Output = Result<Sender, String>> + Send>> + Send + Sync>;
-
-/// Exponential backoff between reconnection attempts, capped, with jitter.
-#[derive(Debug)]
-struct Backoff {
-    failures: u32,
-    next_try: Instant,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const CAP: Duration = Duration::from_secs(10);
-
-    fn new() -> Self {
-        Backoff {
-            failures: 0,
-            next_try: Instant::now(),
-        }
-    }
-
-    fn failed(&mut self) -> Duration {
-        let base = Self::FIRST
-            .saturating_mul(1 << self.failures.min(10))
-            .min(Self::CAP);
-        self.failures += 1;
-        // Up to 25% jitter so a fleet does not reconnect in lockstep.
-        let delay = base + pseudo_random(base / 4);
-        self.next_try = Instant::now() + delay;
-        delay
-    }
-
-    fn succeeded(&mut self) {
-        self.failures = 0;
-    }
-}
-
-/// A pseudo-random duration in `0..max` (enough for jitter; not for anything else).
-fn pseudo_random(max: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let max = max.as_nanos().max(1) as u64;
-    Duration::from_nanos(u64::from(nanos).wrapping_mul(2654435761) % max)
-}
-
 /// The name of a snapshot created now: `zq_2026-11-22T02:26:42.123Z`.
 pub fn snapshot_name(now: SystemTime) -> String {
     format!("zq_{}", humantime::format_rfc3339_millis(now))
@@ -132,10 +85,10 @@ pub fn snapshot_name(now: SystemTime) -> String {
 pub async fn run(
     job: Job,
     opts: DaemonOptions,
-    zfs: Zfs,
-    connect: Connect,
+    connector: Arc<Connector>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let zfs = connector.zfs().clone();
     let (made_tx, mut made) = mpsc::unbounded_channel();
     // The datasets the filter keeps, from the latest listing (for the snapshot loop).
     let (included_tx, included_rx) = watch::channel(None::<Vec<DatasetName>>);
@@ -190,7 +143,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(opts.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sender: Option<Arc<Sender>> = None;
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::reconnect();
     let mut state = State {
         included: Some(included_tx),
         ..State::default()
@@ -231,11 +184,11 @@ pub async fn run(
         }
         let s = match &sender {
             Some(s) => s.clone(),
-            None if Instant::now() < backoff.next_try => {
+            None if Instant::now() < backoff.next_try() => {
                 state.write_status(&opts, false);
                 continue;
             }
-            None => match connect().await {
+            None => match connector.connect().await {
                 Ok(s) => {
                     info!("connected to the receiver");
                     backoff.succeeded();
@@ -246,7 +199,7 @@ pub async fn run(
                 }
                 Err(e) => {
                     let delay = backoff.failed();
-                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the receiver");
+                    warn!(error = %chain(&e), retry_in = %humantime::format_duration(delay), "cannot reach the receiver");
                     state.write_status(&opts, false);
                     continue;
                 }
@@ -1101,17 +1054,6 @@ fn receiver_ahead(outcome: &DatasetOutcome, src: &[SnapshotInfo]) -> Option<Snap
     src.iter().find(|s| s.guid == newest.guid).cloned()
 }
 
-fn chain(e: &ReplError) -> String {
-    let mut s = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// The wall clock in whole UTC seconds, as zfs stores `snapshots_changed`.
 fn unix_secs() -> u64 {
     SystemTime::now()
@@ -1164,22 +1106,5 @@ mod tests {
         assert!(receiver_ahead(&refused(Diverged, None), &src).is_none());
         assert!(receiver_ahead(&refused(BaseMissing, Some(2)), &src).is_none());
         assert!(receiver_ahead(&DatasetOutcome::UpToDate, &src).is_none());
-    }
-
-    #[test]
-    fn backoff_grows_to_a_cap() {
-        let mut b = Backoff::new();
-        let first = b.failed();
-        assert!(first >= Backoff::FIRST && first <= Backoff::FIRST * 5 / 4);
-        let mut last = first;
-        for _ in 0..20 {
-            last = b.failed();
-        }
-        assert!(
-            last >= Backoff::CAP && last <= Backoff::CAP * 5 / 4,
-            "{last:?}"
-        );
-        b.succeeded();
-        assert!(b.failed() <= Backoff::FIRST * 5 / 4);
     }
 }

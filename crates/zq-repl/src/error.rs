@@ -136,3 +136,15 @@ impl ReplError {
         )
     }
 }
+
+/// `err` and its causes, joined by `: ` (what `{:#}` does for anyhow errors).
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}

@@ -1,6 +1,7 @@
 //! Replication: planning (pure functions over snapshot lists) and the sender and receiver
 //! engines that carry out the plan over one QUIC connection.
 
+pub mod connector;
 pub mod daemon;
 pub mod error;
 #[cfg(debug_assertions)]
@@ -9,23 +10,26 @@ pub mod filter;
 pub mod holds;
 pub mod lanes;
 pub mod metrics;
+pub mod oneshot;
 pub mod plan;
 pub mod progress;
 pub mod protect;
 pub mod receiver;
 pub mod retention;
+pub mod retry;
 pub mod sender;
 pub mod stripe;
 
 #[cfg(test)]
 mod testutil;
 
+pub use connector::{ConnectConfig, ConnectError, Connector};
 pub use daemon::DaemonOptions;
 pub use error::ReplError;
 pub use lanes::{Lanes, Slot};
 pub use plan::{plan, Plan, PlanError, PlanOptions, Step};
 pub use receiver::{Policy, Receiver};
-pub use sender::{Job, Listing, Sender};
+pub use sender::{Job, Listing, Sender, SenderConfig};
 
 use zq_store::DatasetName;
 

@@ -290,7 +290,7 @@ impl Receiver {
             Ok(w) => Agreed {
                 version: w.version,
                 spooling: w.resume.iter().any(|r| r == zq_proto::RESUME_SPOOL),
-                zstd: w.compression == "zstd",
+                zstd: w.compression == zq_proto::COMPRESSION_ZSTD,
                 digest: zq_proto::StreamDigest::from_checksum(&w.checksum)
                     .unwrap_or(zq_proto::StreamDigest::Flat),
             },

@@ -2,7 +2,8 @@
 //! QUIC stream per step carrying `zfs send` output to the receiver.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tracing::{info, info_span, warn, Instrument};
@@ -109,37 +110,82 @@ impl Listing {
     }
 }
 
+/// How a sender sends: given at the handshake ([`Sender::handshake`]) and the same for
+/// every connection of a job (quinn's `TransportConfig` habit: one struct at construction,
+/// not setters called in order).
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Holds and cursors ([`crate::protect`]); none: guarantee_nothing without a cursor.
+    pub protector: Option<Arc<Protector>>,
+    /// A step whose data the receiver accepts none of for this long while the connection
+    /// stays alive (a hung receiver or `zfs receive`) is abandoned, to be retried and
+    /// resumed from the receiver's spool. QUIC's flow control bounds what waits meanwhile.
+    pub stall_timeout: Duration,
+    /// How chunks are compressed. zstd is offered in the handshake only when this is not
+    /// [`Compression::None`] ([`SenderConfig::capabilities`]), and used where agreed.
+    pub compression: Compression,
+    /// All steps' data together stays under this rate (clones of one limit, given to
+    /// several senders, limit them together).
+    pub bwlimit: Option<zq_net::RateLimit>,
+    /// `false` under a snapshot filter: never `zfs send -I`, which would carry the
+    /// snapshots the filter leaves out, but a chain of `-i` steps between kept ones.
+    pub intermediates: bool,
+    /// Where each step in flight is reported (a terminal's progress line, a daemon's
+    /// status), with zfs's size estimate once a step turns bulk where zfs can give one.
+    pub progress: Option<Arc<crate::progress::Progress>>,
+    /// Caps the size estimations (`zfs send -nvP`, or a property where zfs cannot
+    /// estimate) running at once, across connections and jobs. Estimates only feed
+    /// progress and status; a step never waits for one.
+    pub estimates: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            protector: None,
+            stall_timeout: STALL_TIMEOUT,
+            compression: Compression::None,
+            bwlimit: None,
+            intermediates: true,
+            progress: None,
+            estimates: Arc::new(tokio::sync::Semaphore::new(DEFAULT_SIZE_ESTIMATES)),
+        }
+    }
+}
+
+impl SenderConfig {
+    /// What this sender offers in its Hello: the current protocol (or only `version`),
+    /// zstd only if it would use it.
+    pub fn capabilities(&self, software: String, version: Option<u16>) -> Capabilities {
+        let mut caps = Capabilities::current(software);
+        if let Some(v) = version {
+            caps.min_version = v;
+            caps.max_version = v;
+        }
+        if self.compression == Compression::None {
+            caps.compression = vec![zq_proto::COMPRESSION_NONE.into()];
+        }
+        caps
+    }
+}
+
 /// A connected, handshaken sender.
 #[derive(Debug)]
 pub struct Sender {
     conn: quinn::Connection,
     zfs: Zfs,
     session: Session,
-    /// Holds and cursors ([`crate::protect`]); none until [`Sender::protect`].
-    protector: Option<std::sync::Arc<Protector>>,
-    /// A step whose data the receiver does not accept for this long is abandoned.
-    stall_timeout: std::time::Duration,
-    /// How chunks are compressed where the session agreed on zstd.
-    compression: Compression,
-    /// All steps' data together stays under this rate.
-    bwlimit: Option<zq_net::RateLimit>,
-    /// Where the step in flight is reported, with zfs's size estimate, if anyone watches.
-    progress: Option<std::sync::Arc<crate::progress::Progress>>,
-    /// Caps the size estimations running at once (`concurrency.size_estimates`).
-    estimates: std::sync::Arc<tokio::sync::Semaphore>,
-    /// False when a snapshot filter leaves snapshots out: no `-I` steps, which would carry
-    /// them; chains of `-i` steps between the kept ones instead.
-    intermediates: bool,
+    config: SenderConfig,
     /// More connections to the same receiver, over which bulk steps spread their chunks
     /// with this one ([`crate::stripe`]).
     stripes: Vec<quinn::Connection>,
 }
 
-/// [`Sender::set_size_estimates`]'s default: zrepl's `concurrency.size_estimates`.
+/// [`SenderConfig::estimates`]' default: zrepl's `concurrency.size_estimates`.
 pub const DEFAULT_SIZE_ESTIMATES: usize = 4;
 
-/// [`Sender::set_stall_timeout`]'s default.
-pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// [`SenderConfig::stall_timeout`]'s default.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Sender {
     /// Runs the handshake on a fresh connection. On a resumed connection ([`Dialed`] in
@@ -151,6 +197,7 @@ impl Sender {
         dialed: impl Into<Dialed>,
         zfs: Zfs,
         caps: &Capabilities,
+        config: SenderConfig,
     ) -> Result<Self, ReplError> {
         let mut dialed = dialed.into();
         let early = dialed.is_early();
@@ -166,13 +213,7 @@ impl Sender {
             conn: dialed.conn,
             zfs,
             session,
-            protector: None,
-            stall_timeout: STALL_TIMEOUT,
-            compression: Compression::None,
-            intermediates: true,
-            bwlimit: None,
-            progress: None,
-            estimates: std::sync::Arc::new(tokio::sync::Semaphore::new(DEFAULT_SIZE_ESTIMATES)),
+            config,
             stripes: Vec::new(),
         })
     }
@@ -181,11 +222,12 @@ impl Sender {
     /// ([`crate::stripe`]; protocol version 5, else unused). Each must be a handshaken
     /// connection to the same receiver under the same key (another [`Sender`]'s, see
     /// [`Sender::into_connection`]). One that closes is left out of later steps.
-    pub fn set_stripe_connections(&mut self, conns: Vec<quinn::Connection>) {
+    pub fn with_stripes(mut self, conns: Vec<quinn::Connection>) -> Self {
         self.stripes = conns;
+        self
     }
 
-    /// The connection, handshaken, for [`Sender::set_stripe_connections`].
+    /// The connection, handshaken, for [`Sender::with_stripes`].
     pub fn into_connection(self) -> quinn::Connection {
         self.conn
     }
@@ -217,51 +259,6 @@ impl Sender {
             "spreading the step's chunks over parallel connections"
         );
         Ok(Some(StripeSender::open(&conns, set).await?))
-    }
-
-    /// Abandons a step (and lets it be retried, resuming from the receiver's spool) when
-    /// the receiver accepts none of its data for `timeout` while the connection stays
-    /// alive: a hung receiver or `zfs receive`. QUIC's flow control bounds what waits
-    /// meanwhile (the stream's send window).
-    pub fn set_stall_timeout(&mut self, timeout: std::time::Duration) {
-        self.stall_timeout = timeout;
-    }
-
-    /// Compresses steps' chunks with zstd as `mode` says, where the receiver agreed to
-    /// zstd in the handshake (offer it with [`zq_proto::Capabilities`]); default none.
-    pub fn set_compression(&mut self, mode: Compression) {
-        self.compression = mode;
-    }
-
-    /// Keeps the data of all steps under `limit` (shared: clones of one limit, given to
-    /// several senders, limit them together).
-    pub fn set_bwlimit(&mut self, limit: Option<zq_net::RateLimit>) {
-        self.bwlimit = limit;
-    }
-
-    /// `false` under a snapshot filter: never `zfs send -I`, which would carry the
-    /// snapshots the filter leaves out, but a chain of `-i` steps between kept ones.
-    pub fn set_intermediates(&mut self, allowed: bool) {
-        self.intermediates = allowed;
-    }
-
-    /// Reports each step in flight to `progress` (a terminal's progress line, a daemon's
-    /// status), asking zfs for its size estimate once a step turns bulk, where zfs can give
-    /// one (a `zfs send -nvP` beside it).
-    pub fn set_progress(&mut self, progress: Option<std::sync::Arc<crate::progress::Progress>>) {
-        self.progress = progress;
-    }
-
-    /// Shares a cap on the size estimations (`zfs send -nvP`, or a property where zfs
-    /// cannot estimate) that run at once, across connections and jobs (default: 4 per
-    /// sender). Estimates only feed progress and status; a step never waits for one.
-    pub fn set_size_estimates(&mut self, cap: std::sync::Arc<tokio::sync::Semaphore>) {
-        self.estimates = cap;
-    }
-
-    /// Protects this job's steps with holds and cursors ([`crate::protect`]).
-    pub fn protect(&mut self, protector: std::sync::Arc<Protector>) {
-        self.protector = Some(protector);
     }
 
     /// The Hello/Welcome exchange on a new stream, within [`WELCOME_TIMEOUT`]: a receiver
@@ -393,7 +390,7 @@ impl Sender {
         let resumed_dest;
         let mut dest = dest;
         let resume = resume_token.and_then(|t| Some((t, resumable_step(t, source, dest)?)));
-        if let Some(p) = &self.protector {
+        if let Some(p) = &self.config.protector {
             self.tidy(p, src, source, dest, resume.as_ref().map(|(_, s)| s))
                 .await;
         }
@@ -621,7 +618,7 @@ impl Sender {
     /// How many new snapshots to send as a chain of `-i` steps rather than one `-I` step
     /// (see [`PlanOptions::chain_up_to`]).
     fn chain_up_to(&self) -> usize {
-        if !self.intermediates {
+        if !self.config.intermediates {
             usize::MAX
         } else if self.zfs.capabilities().cheap_intermediates {
             0
@@ -733,8 +730,8 @@ impl Sender {
                 intermediates,
             } => (Some(from), to, *intermediates),
         };
-        let mode = if self.session.compression == "zstd" {
-            self.compression
+        let mode = if self.session.zstd() {
+            self.config.compression
         } else {
             Compression::None
         };
@@ -754,9 +751,9 @@ impl Sender {
             intermediates,
             force,
             compression: if compressor.is_active() {
-                "zstd".into()
+                zq_proto::COMPRESSION_ZSTD.into()
             } else {
-                "none".into()
+                zq_proto::COMPRESSION_NONE.into()
             },
         };
         let to_snap = source.snapshot(&to.name)?;
@@ -765,11 +762,12 @@ impl Sender {
         let mut encoder = StepEncoder::with_digest(self.session.stream_digest());
         let mut created = None;
         // Hold moves wait for a moment without steps (crate::holds).
-        let _running = self.protector.as_ref().map(|p| p.step());
+        let _running = self.config.protector.as_ref().map(|p| p.step());
         // A resumable (bulk) step's snapshots are held while it runs, from the moment it
         // becomes one (crate::protect).
         let hold_step = || {
             if let Some(p) = self
+                .config
                 .protector
                 .as_ref()
                 .filter(|p| p.holds_steps(from.is_some()))
@@ -781,6 +779,7 @@ impl Sender {
         self.zfs.check_plaintext(source).await?;
         let mut zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates);
         let watched = self
+            .config
             .progress
             .as_ref()
             .map(|p| (p.clone(), p.start(to_snap.to_string())));
@@ -789,7 +788,7 @@ impl Sender {
         let estimate = |watched: &Option<(std::sync::Arc<crate::progress::Progress>, u64)>| {
             if let Some((p, id)) = watched.clone() {
                 let (zfs, from, to) = (self.zfs.clone(), from_snap.clone(), to_snap.clone());
-                let cap = self.estimates.clone();
+                let cap = self.config.estimates.clone();
                 tokio::spawn(async move {
                     let Ok(_permit) = cap.acquire_owned().await else {
                         return;
@@ -835,7 +834,7 @@ impl Sender {
         }
         let resumed = encoder.total();
         let first = if self.session.version >= 3 {
-            let (last_tag, hold_last) = match &self.protector {
+            let (last_tag, hold_last) = match &self.config.protector {
                 Some(p) => (p.tags.last(), p.modes.of(from.is_some()).cursor()),
                 None => (String::new(), false),
             };
@@ -900,11 +899,11 @@ impl Sender {
                     p.add(*id, chunk.len() as u64);
                 }
                 if compressor.is_active() {
-                    compressor.set_link_rate(link_rate(&self.conn, self.bwlimit.as_ref()));
+                    compressor.set_link_rate(link_rate(&self.conn, self.config.bwlimit.as_ref()));
                 }
                 let payload = compress_chunk(&mut compressor, chunk).await?;
                 wire_bytes += payload.wire_len() as u64;
-                if let Some(limit) = &self.bwlimit {
+                if let Some(limit) = &self.config.bwlimit {
                     limit.take(payload.wire_len()).await;
                 }
                 if !stripes_tried && encoder.total() >= BULK_BYTES {
@@ -914,10 +913,10 @@ impl Sender {
                 let sent = match striped.as_mut() {
                     Some(s) => {
                         let sent = or_verdict(s.send(hash, payload), &mut recv, &mut early_verdict);
-                        tokio::time::timeout(self.stall_timeout, sent).await
+                        tokio::time::timeout(self.config.stall_timeout, sent).await
                     }
                     None => {
-                        tokio::time::timeout(self.stall_timeout, async {
+                        tokio::time::timeout(self.config.stall_timeout, async {
                             Ok(send.send_payload(&hash, payload).await?)
                         })
                         .await
@@ -925,15 +924,15 @@ impl Sender {
                 };
                 match sent {
                     Ok(sent) => sent?,
-                    Err(_) => return Err(ReplError::Stalled(self.stall_timeout)),
+                    Err(_) => return Err(ReplError::Stalled(self.config.stall_timeout)),
                 }
             }
             zsend.wait().await?;
             if let Some(s) = striped.take() {
                 let finished = or_verdict(s.finish(), &mut recv, &mut early_verdict);
-                match tokio::time::timeout(self.stall_timeout, finished).await {
+                match tokio::time::timeout(self.config.stall_timeout, finished).await {
                     Ok(done) => done?,
-                    Err(_) => return Err(ReplError::Stalled(self.stall_timeout)),
+                    Err(_) => return Err(ReplError::Stalled(self.config.stall_timeout)),
                 }
             }
             Ok::<(), ReplError>(())
@@ -979,7 +978,7 @@ impl Sender {
                         c.guid, to.name
                     )));
                 }
-                if let Some(p) = &self.protector {
+                if let Some(p) = &self.config.protector {
                     p.step_committed(from_snap.as_ref(), &to_snap);
                 }
                 let bytes = encoder.total() - resumed;

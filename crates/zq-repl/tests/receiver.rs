@@ -282,7 +282,7 @@ async fn a_reconnect_costs_one_round_trip() {
         let start = std::time::Instant::now();
         let dialed = setup.client.dial(relay).await.unwrap();
         assert_eq!(dialed.is_early(), round > 0, "round {round}");
-        let sender = zq_repl::Sender::handshake(dialed, zfs(), &caps)
+        let sender = zq_repl::Sender::handshake(dialed, zfs(), &caps, Default::default())
             .await
             .unwrap();
         let took = start.elapsed();
@@ -326,9 +326,14 @@ async fn a_receiver_that_never_answers_the_hello_is_given_up_on() {
     let dialed = client.dial(addr).await.unwrap();
     let start = std::time::Instant::now();
     let zfs = Zfs::with_capabilities("/nonexistent/zfs", Default::default());
-    let err = zq_repl::Sender::handshake(dialed, zfs, &Capabilities::current("test-send"))
-        .await
-        .unwrap_err();
+    let err = zq_repl::Sender::handshake(
+        dialed,
+        zfs,
+        &Capabilities::current("test-send"),
+        Default::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("no Welcome within 10s"), "{err}");
     assert!(start.elapsed() >= std::time::Duration::from_secs(9));
 }

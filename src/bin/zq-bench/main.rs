@@ -186,12 +186,7 @@ impl Run {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let main = async move {
-        match run(cli.command).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => zq::fail(zq::exit::FAILURE, &e),
-        }
-    };
+    let main = async move { zq::exit::done(run(cli.command).await) };
     zq::block_on(false, main)
 }
 

@@ -117,7 +117,9 @@ impl Receiver {
         if let Some(f) = &h.from {
             target.snapshot(&f.name).map_err(name_err)?;
         }
-        if h.compression != "none" && !(h.compression == "zstd" && agreed.zstd) {
+        if h.compression != zq_proto::COMPRESSION_NONE
+            && !(h.compression == zq_proto::COMPRESSION_ZSTD && agreed.zstd)
+        {
             return Err(WireError::new(
                 ErrorKind::Protocol,
                 format!("compression {:?} was not negotiated", h.compression),
@@ -235,7 +237,7 @@ impl Receiver {
                 && h.from.as_ref().is_some_and(|f| k.base_is_newest(f.guid))
         });
         // The header's compression was checked against the session's in step_inner.
-        let decoder = if h.compression == "zstd" {
+        let decoder = if h.compression == zq_proto::COMPRESSION_ZSTD {
             StepDecoder::with_zstd().map_err(|e| internal(format!("zstd: {e}")))?
         } else {
             StepDecoder::new()

@@ -2,12 +2,14 @@
 //! whole fleet — its hosts, the replication jobs each source host runs, and the receivers
 //! with the senders they allow. See `docs/examples/` and docs/operations.md, "Config file".
 //!
-//! A job's keys are the long flags of `zq-send run` (snake_case), some grouped in tables
-//! (`filter`, `protection`, `retention`, `concurrency`, `transport`). The binaries turn a
-//! job into the command line it stands for and parse that with the same clap definitions
-//! as real flags, so a value means the same in a file and on the command line and is
-//! checked by the same code; flags and environment variables given to the binary then
-//! override the file (precedence: defaults < file < env < flags).
+//! A job's keys are the options of `zq-send run` ([`crate::run::RunArgs`], by field name),
+//! some in tables (`filter`, `protection`, `retention`, `concurrency`, `transport`), and
+//! a receiver's those of `zq-recv serve`: they are read by the same definitions as the
+//! flags ([`crate::options`]), so a value means the same in a file and on the command
+//! line and an option is declared once. Flags and environment variables given to the
+//! binary override the file key by key (precedence: defaults < file < env < flags). The
+//! file's own keys (hosts, a job's `name`, `host`, `receiver` and `listen`, a receiver's
+//! `host` and `allow`) are resolved here.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
+use toml::{Table, Value};
+
+use crate::run::{Run, RunOnly};
+use crate::serve::{ServeArgs, ServeOnly};
 
 /// Larger files are refused before reading: a fleet of a thousand jobs fits in 1 MiB.
 const MAX_FILE: u64 = 1 << 20;
@@ -27,7 +33,9 @@ pub const HOST_PLACEHOLDER: &str = "{host}";
 /// most this, so a fleet restarted at once does not snapshot and connect in lockstep.
 const MAX_DEFAULT_JITTER: Duration = Duration::from_secs(60);
 
-/// The file as written. Every table refuses keys it does not know.
+/// The file as written. Its own keys are checked here (with line and column); the keys of
+/// jobs and receivers are options, checked against the options' definitions
+/// ([`crate::options`]).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -36,14 +44,11 @@ struct File {
     hosts: BTreeMap<String, HostSpec>,
     /// Keys every job inherits unless it sets them itself (tables merge key by key).
     #[serde(default)]
-    defaults: JobSpec,
-    /// Parsed here only to refuse unknown keys with their line; a job is read with
-    /// [defaults] merged under it (`Config::job_spec`).
+    defaults: Table,
     #[serde(default)]
-    #[allow(dead_code)]
-    jobs: Vec<JobSpec>,
+    jobs: Vec<Table>,
     #[serde(default)]
-    receivers: Vec<ReceiverSpec>,
+    receivers: Vec<Table>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -53,6 +58,42 @@ struct HostSpec {
     address: Option<String>,
     /// The fingerprint of this host's identity (`zq-send fingerprint` / `zq-recv fingerprint`).
     fingerprint: Option<String>,
+}
+
+/// The keys of [`JobKeys`].
+const JOB_KEYS: &[&str] = &["name", "host", "receiver", "listen"];
+
+/// The keys of a job that are the file's, not `zq-send run`'s options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobKeys {
+    /// The job's name: what `--job` selects, and the name of its holds (zq_<name>).
+    name: Option<String>,
+    /// The source host(s) that run this job.
+    host: Option<Hosts>,
+    /// A name from [hosts] (its address, and its fingerprint as the default `peer`) or
+    /// host:port.
+    receiver: Option<String>,
+    /// Pull mode (`zq-send serve`): where to listen for the receiver instead of dialing it.
+    listen: Option<String>,
+}
+
+/// The keys of a receiver that are the file's, not `zq-recv serve`'s options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiverKeys {
+    host: Option<Hosts>,
+    /// The senders allowed and the dataset each may write inside.
+    #[serde(default)]
+    allow: Vec<AllowSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowSpec {
+    /// A name from [hosts] (its fingerprint) or a fingerprint.
+    sender: String,
+    root: String,
 }
 
 /// One host name or several.
@@ -72,152 +113,16 @@ impl Hosts {
     }
 }
 
-/// A value handed to a flag as written: sizes and counts may be numbers or strings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged, expecting = "a string or a number")]
-enum Scalar {
-    Int(i64),
-    Float(f64),
-    Str(String),
-}
-
-impl std::fmt::Display for Scalar {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Scalar::Int(i) => write!(f, "{i}"),
-            Scalar::Float(x) => write!(f, "{x}"),
-            Scalar::Str(s) => f.write_str(s),
-        }
-    }
-}
-
-/// A replication job: `zq-send run SOURCE RECEIVER TARGET` and its flags.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JobSpec {
-    /// The job's name: what `--job` selects, and the name of its holds (zq_<name>).
-    name: Option<String>,
-    /// The source host(s) that run this job.
-    host: Option<Hosts>,
-    source: Option<String>,
-    /// A name from [hosts] (its address, and its fingerprint as the default `peer`) or
-    /// host:port.
-    receiver: Option<String>,
-    /// The receiver's fingerprint.
-    peer: Option<String>,
-    /// Pull mode (`zq-send serve`): where to listen for the receiver instead of dialing it.
-    listen: Option<String>,
-    target: Option<String>,
-    identity: Option<String>,
-    recursive: Option<bool>,
-    every: Option<String>,
-    snapshot_every: Option<String>,
-    jitter: Option<String>,
-    newest_only: Option<bool>,
-    force: Option<bool>,
-    zfs: Option<String>,
-    status_file: Option<String>,
-    metrics_listen: Option<String>,
-    idle_timeout: Option<String>,
-    stall_timeout: Option<String>,
-    retries: Option<Scalar>,
-    retry_delay: Option<String>,
-    compress: Option<String>,
-    bwlimit: Option<Scalar>,
-    connections: Option<Scalar>,
-    no_progress: Option<bool>,
-    #[serde(default)]
-    filter: FilterSpec,
-    #[serde(default)]
-    protection: ProtectionSpec,
-    #[serde(default)]
-    retention: RetentionSpec,
-    #[serde(default)]
-    concurrency: ConcurrencySpec,
-    #[serde(default)]
-    transport: TransportSpec,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FilterSpec {
-    #[serde(default)]
-    exclude: Vec<String>,
-    #[serde(default)]
-    exclude_regex: Vec<String>,
-    #[serde(default)]
-    include_regex: Vec<String>,
-    exclude_property: Option<String>,
-    skip_parent: Option<bool>,
-    #[serde(default)]
-    include_snapshots: Vec<String>,
-    #[serde(default)]
-    exclude_snapshots: Vec<String>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ProtectionSpec {
-    /// `--protection`.
-    mode: Option<String>,
-    initial: Option<String>,
-    incremental: Option<String>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RetentionSpec {
-    keep_last: Option<Scalar>,
-    /// `--keep-grid`, e.g. "1h=all,24h=hourly,30d=daily".
-    grid: Option<String>,
-    target_keep_last: Option<Scalar>,
-    target_grid: Option<String>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConcurrencySpec {
-    /// `--max-steps`: replication steps in flight at once.
-    steps: Option<Scalar>,
-    /// `--max-size-estimates`: size estimations running at once.
-    size_estimates: Option<Scalar>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TransportSpec {
-    bdp: Option<Scalar>,
-    congestion: Option<String>,
-    udp_buffer: Option<Scalar>,
-    address_validation: Option<String>,
-}
-
-/// A receiver: `zq-recv serve` and its flags, on the host(s) named.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReceiverSpec {
-    host: Option<Hosts>,
-    listen: Option<String>,
-    identity: Option<String>,
-    zfs: Option<String>,
-    spool_dir: Option<String>,
-    spool_from: Option<Scalar>,
-    spool_max: Option<Scalar>,
-    no_spool: Option<bool>,
-    metrics_listen: Option<String>,
-    /// The senders allowed and the dataset each may write inside.
-    #[serde(default)]
-    allow: Vec<AllowSpec>,
-    #[serde(default)]
-    transport: TransportSpec,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AllowSpec {
-    /// A name from [hosts] (its fingerprint) or a fingerprint.
-    sender: String,
-    root: String,
+/// Splits `entry` into the file's own keys (`T`) and the options.
+fn split<T: serde::de::DeserializeOwned>(
+    entry: &Table,
+    own: &[&str],
+) -> anyhow::Result<(T, Table)> {
+    let (mine, options): (Table, Table) = entry
+        .clone()
+        .into_iter()
+        .partition(|(k, _)| own.contains(&k.as_str()));
+    Ok((Value::Table(mine).try_into()?, options))
 }
 
 /// A loaded configuration file.
@@ -225,33 +130,94 @@ struct AllowSpec {
 pub struct Config {
     path: PathBuf,
     file: File,
-    /// The jobs as written, for merging [defaults] under each key by key.
-    raw_jobs: Vec<toml::Table>,
-    raw_defaults: toml::Table,
 }
 
-/// A job of the file, resolved for one host.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A job of the file, resolved for one host: its options, under [defaults], with `{host}`
+/// replaced and its receiver looked up.
+#[derive(Debug, Clone)]
 pub struct Job {
     pub name: String,
     pub host: String,
-    /// The arguments of `zq-send run` this job stands for.
-    pub args: Vec<String>,
     /// Its `listen` address, which `zq-send serve` takes instead of the receiver's.
     pub listen: Option<String>,
+    /// The options, as keys of `zq-send run` ([`crate::run::options`]).
+    pub entry: Table,
+    /// "config file F: job N on host H", for messages.
+    label: String,
 }
 
 /// A receiver of the file, resolved for one host.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Receiver {
     pub host: String,
-    /// The arguments of `zq-recv serve` it stands for.
-    pub args: Vec<String>,
+    /// The options, as keys of `zq-recv serve` ([`crate::serve::options`]).
+    pub entry: Table,
+    label: String,
+}
+
+impl Job {
+    /// The job as `zq-send run` runs it, under what the command line or the environment
+    /// gave (`given`: the subcommand's matches), in pull mode listening on `listen`.
+    pub fn run(&self, given: Option<&clap::ArgMatches>, pull: bool) -> anyhow::Result<Run> {
+        let options = crate::run::options();
+        let mut entry = self.entry.clone();
+        if let Some(m) = given {
+            options.overlay(&mut entry, m);
+        }
+        if pull {
+            // ADDR is where to listen; the receiver (its fingerprint) stays pinned.
+            let listen = self.listen.clone().with_context(|| {
+                format!(
+                    "{}: no `listen` address for zq-send serve (pull mode)",
+                    self.label
+                )
+            })?;
+            entry.insert("addr".into(), Value::String(listen));
+        }
+        let parsed: RunOnly = options
+            .parse(&entry)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.label))?;
+        let mut run = Run::new(parsed.args).with_context(|| self.label.clone())?;
+        run.name = Some(self.name.clone());
+        Ok(run)
+    }
+
+    /// The `zq-send run` command line the job stands for.
+    pub fn command_line(&self) -> anyhow::Result<String> {
+        let argv = crate::run::options()
+            .argv(&self.entry)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.label))?;
+        Ok(shell_words(&argv))
+    }
+}
+
+impl Receiver {
+    /// The receiver as `zq-recv serve` runs it, under what the command line or the
+    /// environment gave (`given`: the subcommand's matches).
+    pub fn serve(&self, given: Option<&clap::ArgMatches>) -> anyhow::Result<ServeArgs> {
+        let options = crate::serve::options();
+        let mut entry = self.entry.clone();
+        if let Some(m) = given {
+            options.overlay(&mut entry, m);
+        }
+        let parsed: ServeOnly = options
+            .parse(&entry)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.label))?;
+        Ok(parsed.args)
+    }
+
+    /// The `zq-recv serve` command line the receiver stands for.
+    pub fn command_line(&self) -> anyhow::Result<String> {
+        let argv = crate::serve::options()
+            .argv(&self.entry)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.label))?;
+        Ok(shell_words(&argv))
+    }
 }
 
 impl Config {
-    /// Reads and checks the file's structure (unknown keys, wrong types; with line and
-    /// column). Values are checked when a job is parsed as flags.
+    /// Reads and checks the file: its structure, and every job and receiver for every
+    /// host, as the options they stand for.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = read_bounded(path)?;
         Self::parse(path, &text)
@@ -261,27 +227,9 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> anyhow::Result<Config> {
         let file: File =
             toml::from_str(text).with_context(|| format!("config file {}", path.display()))?;
-        let mut table: toml::Table =
-            toml::from_str(text).with_context(|| format!("config file {}", path.display()))?;
-        let raw_defaults = match table.remove("defaults") {
-            Some(toml::Value::Table(t)) => t,
-            _ => toml::Table::new(),
-        };
-        let raw_jobs = match table.remove("jobs") {
-            Some(toml::Value::Array(jobs)) => jobs
-                .into_iter()
-                .filter_map(|j| match j {
-                    toml::Value::Table(t) => Some(t),
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
         let config = Config {
             path: path.to_owned(),
             file,
-            raw_jobs,
-            raw_defaults,
         };
         config.check()?;
         Ok(config)
@@ -291,16 +239,17 @@ impl Config {
         &self.path
     }
 
-    /// Checks what spans entries: every job complete, names unique per host, [defaults]
-    /// without per-job keys, receivers' senders resolvable.
+    /// Checks what spans entries: every job complete and valid, names unique per host,
+    /// [defaults] without per-job keys, receivers valid and one per host.
     fn check(&self) -> anyhow::Result<()> {
-        let d = &self.file.defaults;
-        for (key, set) in [
-            ("name", d.name.is_some()),
-            ("source", d.source.is_some()),
-            ("target", d.target.is_some()),
-        ] {
-            if set {
+        let at = || format!("config file {}: [defaults]", self.path.display());
+        let (_, defaults): (JobKeys, Table) =
+            split(&self.file.defaults, JOB_KEYS).with_context(at)?;
+        crate::run::options()
+            .check(&defaults)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+        for key in ["name", "source", "target"] {
+            if self.file.defaults.contains_key(key) {
                 bail!(
                     "config file {}: [defaults] sets `{key}`, which each job must set itself",
                     self.path.display()
@@ -308,95 +257,181 @@ impl Config {
             }
         }
         let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
-        for i in 0..self.raw_jobs.len() {
-            let job = self.job_spec(i)?;
-            if job.host.as_ref().is_none_or(|h| h.list().is_empty()) {
-                bail!(
-                    "{}: no `host`: name the source host(s) that run it (or set it in [defaults])",
-                    self.job_label(i, &job)
-                );
-            }
-            let name = job.name.clone().unwrap_or_default();
-            for host in job.host.as_ref().map(Hosts::list).unwrap_or_default() {
-                if let Some(first) = seen.insert((host.clone(), name.clone()), i) {
+        for i in 0..self.file.jobs.len() {
+            for job in self.job(i)? {
+                if let Some(first) = seen.insert((job.host.clone(), job.name.clone()), i) {
                     bail!(
-                        "config file {}: jobs {} and {} are both named {name:?} on host {host:?}: \
+                        "config file {}: jobs {} and {} are both named {:?} on host {:?}: \
                          a job's name must be unique on its host (it names its holds)",
                         self.path.display(),
                         first + 1,
-                        i + 1
+                        i + 1,
+                        job.name,
+                        job.host
                     );
                 }
-            }
-            for host in job.host.as_ref().map(Hosts::list).unwrap_or_default() {
-                self.job_args(&job, &host)
-                    .with_context(|| self.job_label(i, &job))?;
+                job.run(None, false)?;
+                if job.listen.is_some() {
+                    job.run(None, true)?;
+                }
             }
         }
         let mut receiver_hosts = BTreeMap::new();
-        for (i, r) in self.file.receivers.iter().enumerate() {
-            let hosts = r.host.as_ref().map(Hosts::list).unwrap_or_default();
-            if hosts.is_empty() {
-                bail!(
-                    "config file {}: receivers[{}] has no `host`: name the host(s) that run it",
-                    self.path.display(),
-                    i + 1
-                );
-            }
-            for host in hosts {
-                if let Some(first) = receiver_hosts.insert(host.clone(), i) {
+        for i in 0..self.file.receivers.len() {
+            for r in self.receiver(i)? {
+                if let Some(first) = receiver_hosts.insert(r.host.clone(), i) {
                     bail!(
-                        "config file {}: receivers {} and {} both run on host {host:?}: one \
+                        "config file {}: receivers {} and {} both run on host {:?}: one \
                          zq-recv per host serves all its senders (list them in one `allow`)",
                         self.path.display(),
                         first + 1,
-                        i + 1
+                        i + 1,
+                        r.host
                     );
                 }
-                self.receiver_args(r, &host).with_context(|| {
-                    format!(
-                        "config file {}: receivers[{}] on host {host:?}",
-                        self.path.display(),
-                        i + 1
-                    )
-                })?;
+                r.serve(None)?;
             }
         }
         Ok(())
     }
 
-    fn job_label(&self, i: usize, job: &JobSpec) -> String {
-        match &job.name {
+    /// Job `i` (from 0), with [defaults] merged under it, for each of its hosts.
+    fn job(&self, i: usize) -> anyhow::Result<Vec<Job>> {
+        let mut merged = self.file.defaults.clone();
+        merge(&mut merged, &self.file.jobs[i]);
+        let (keys, mut options): (JobKeys, Table) = split(&merged, JOB_KEYS)
+            .with_context(|| format!("config file {}: jobs[{}]", self.path.display(), i + 1))?;
+        let label = match &keys.name {
             Some(n) => format!("config file {}: job {n:?}", self.path.display()),
             None => format!("config file {}: jobs[{}]", self.path.display(), i + 1),
+        };
+        crate::run::options()
+            .check(&options)
+            .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+        let hosts = keys.host.as_ref().map(Hosts::list).unwrap_or_default();
+        if hosts.is_empty() {
+            bail!(
+                "{label}: no `host`: name the source host(s) that run it (or set it in [defaults])"
+            );
         }
+        let need = |v: Option<&String>, key: &str| {
+            v.cloned()
+                .with_context(|| format!("{label}: `{key}` is not set (nor in [defaults])"))
+        };
+        let name = need(keys.name.as_ref(), "name")?;
+        for key in ["source", "target", "identity"] {
+            if !options.contains_key(key) {
+                bail!("{label}: `{key}` is not set (nor in [defaults])");
+            }
+        }
+        let receiver = need(keys.receiver.as_ref(), "receiver")?;
+        let (address, peer) = match self.file.hosts.get(&receiver) {
+            Some(h) => (
+                h.address.clone().with_context(|| {
+                    format!("{label}: receiver {receiver:?} is in [hosts] but has no `address`")
+                })?,
+                h.fingerprint.clone(),
+            ),
+            None => (receiver.clone(), None),
+        };
+        if !options.contains_key("peer") {
+            let peer = peer.with_context(|| {
+                format!(
+                    "{label}: no `peer` (the receiver's fingerprint): set it, or `fingerprint` \
+                     in [hosts.{receiver}]"
+                )
+            })?;
+            options.insert("peer".into(), Value::String(peer));
+        }
+        options.insert("addr".into(), Value::String(address));
+        options.insert("job".into(), Value::String(name.clone()));
+        if !options.contains_key("jitter") {
+            if let Some(jitter) = default_jitter(&options) {
+                options.insert("jitter".into(), Value::String(jitter));
+            }
+        }
+        Ok(hosts
+            .into_iter()
+            .map(|host| Job {
+                name: name.clone(),
+                listen: keys
+                    .listen
+                    .as_ref()
+                    .map(|l| l.replace(HOST_PLACEHOLDER, &host)),
+                entry: for_host(&options, &host),
+                label: format!("{label} on host {host:?}"),
+                host,
+            })
+            .collect())
     }
 
-    /// Job `i` with [defaults] merged under it.
-    fn job_spec(&self, i: usize) -> anyhow::Result<JobSpec> {
-        let mut merged = self.raw_defaults.clone();
-        merge(&mut merged, &self.raw_jobs[i]);
-        toml::Value::Table(merged)
-            .try_into()
-            .with_context(|| format!("config file {}: jobs[{}]", self.path.display(), i + 1))
+    /// Receiver `i` (from 0), for each of its hosts.
+    fn receiver(&self, i: usize) -> anyhow::Result<Vec<Receiver>> {
+        let at = format!("config file {}: receivers[{}]", self.path.display(), i + 1);
+        let (keys, mut options): (ReceiverKeys, Table) =
+            split(&self.file.receivers[i], &["host", "allow"]).with_context(|| at.clone())?;
+        crate::serve::options()
+            .check(&options)
+            .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        let hosts = keys.host.as_ref().map(Hosts::list).unwrap_or_default();
+        if hosts.is_empty() {
+            bail!("{at} has no `host`: name the host(s) that run it");
+        }
+        if !options.contains_key("identity") {
+            bail!("{at}: `identity` is not set (the directory of the receiver's key)");
+        }
+        if keys.allow.is_empty() {
+            bail!(
+                "{at}: `allow` lists no sender: add {{ sender = HOST or FINGERPRINT, root = DATASET }}"
+            );
+        }
+        let mut allow = Vec::new();
+        for a in &keys.allow {
+            let fingerprint = match self.file.hosts.get(&a.sender) {
+                Some(h) => h.fingerprint.clone().with_context(|| {
+                    format!(
+                        "{at}: allowed sender {:?} is in [hosts] but has no `fingerprint`",
+                        a.sender
+                    )
+                })?,
+                None => a.sender.clone(),
+            };
+            allow.push(Value::String(format!("{fingerprint}={}", a.root)));
+        }
+        options.insert("allow".into(), Value::Array(allow));
+        Ok(hosts
+            .into_iter()
+            .map(|host| {
+                let mut entry = for_host(&options, &host);
+                if !entry.contains_key("listen") {
+                    // A receiver named in [hosts] listens on the port its address gives.
+                    if let Some((_, port)) = self
+                        .file
+                        .hosts
+                        .get(&host)
+                        .and_then(|h| h.address.as_deref())
+                        .and_then(|addr| addr.rsplit_once(':'))
+                    {
+                        entry.insert("listen".into(), Value::String(format!("[::]:{port}")));
+                    }
+                }
+                Receiver {
+                    entry,
+                    label: format!(
+                        "config file {}: receiver on host {host:?}",
+                        self.path.display()
+                    ),
+                    host,
+                }
+            })
+            .collect())
     }
 
     /// Every job, for every host that runs it, in file order.
     pub fn jobs(&self) -> anyhow::Result<Vec<Job>> {
         let mut out = Vec::new();
-        for i in 0..self.raw_jobs.len() {
-            let spec = self.job_spec(i)?;
-            for host in spec.host.as_ref().map(Hosts::list).unwrap_or_default() {
-                out.push(Job {
-                    name: spec.name.clone().unwrap_or_default(),
-                    args: self.job_args(&spec, &host)?,
-                    listen: spec
-                        .listen
-                        .as_ref()
-                        .map(|l| l.replace(HOST_PLACEHOLDER, &host)),
-                    host,
-                });
-            }
+        for i in 0..self.file.jobs.len() {
+            out.extend(self.job(i)?);
         }
         Ok(out)
     }
@@ -413,13 +448,8 @@ impl Config {
     /// Every receiver, for every host that runs it.
     pub fn receivers(&self) -> anyhow::Result<Vec<Receiver>> {
         let mut out = Vec::new();
-        for r in &self.file.receivers {
-            for host in r.host.as_ref().map(Hosts::list).unwrap_or_default() {
-                out.push(Receiver {
-                    args: self.receiver_args(r, &host)?,
-                    host,
-                });
-            }
+        for i in 0..self.file.receivers.len() {
+            out.extend(self.receiver(i)?);
         }
         Ok(out)
     }
@@ -441,181 +471,31 @@ impl Config {
         names.dedup();
         Ok(names)
     }
+}
 
-    fn named_host(&self, name: &str) -> Option<&HostSpec> {
-        self.file.hosts.get(name)
-    }
-
-    /// `zq-send run` arguments of `job` on `host`.
-    fn job_args(&self, job: &JobSpec, host: &str) -> anyhow::Result<Vec<String>> {
-        let need = |v: &Option<String>, key: &str| {
-            v.clone()
-                .with_context(|| format!("`{key}` is not set (nor in [defaults])"))
-        };
-        let name = need(&job.name, "name")?;
-        let source = need(&job.source, "source")?;
-        let target = need(&job.target, "target")?;
-        let receiver = need(&job.receiver, "receiver")?;
-        let identity = need(&job.identity, "identity")?;
-        let (address, peer) = match self.named_host(&receiver) {
-            Some(h) => (
-                h.address.clone().with_context(|| {
-                    format!("receiver {receiver:?} is in [hosts] but has no `address`")
-                })?,
-                job.peer.clone().or_else(|| h.fingerprint.clone()),
-            ),
-            None => (receiver.clone(), job.peer.clone()),
-        };
-        let peer = peer.with_context(|| {
-            format!(
-                "no `peer` (the receiver's fingerprint): set it, or `fingerprint` in \
-                 [hosts.{receiver}]"
-            )
-        })?;
-        let mut a = Args::default();
-        a.positional([source, address, target]);
-        a.value("identity", Some(&identity));
-        a.value("peer", Some(&peer));
-        a.value("job", Some(&name));
-        a.flag("recursive", job.recursive);
-        a.value("every", job.every.as_ref());
-        a.value("snapshot-every", job.snapshot_every.as_ref());
-        let jitter = job.jitter.clone().or_else(|| default_jitter(job));
-        a.value("jitter", jitter.as_ref());
-        a.flag("newest-only", job.newest_only);
-        a.flag("force", job.force);
-        a.value("zfs", job.zfs.as_ref());
-        a.value("status-file", job.status_file.as_ref());
-        a.value("metrics-listen", job.metrics_listen.as_ref());
-        a.value("idle-timeout", job.idle_timeout.as_ref());
-        a.value("stall-timeout", job.stall_timeout.as_ref());
-        a.value("retries", job.retries.as_ref());
-        a.value("retry-delay", job.retry_delay.as_ref());
-        a.value("compress", job.compress.as_ref());
-        a.value("bwlimit", job.bwlimit.as_ref());
-        a.value("connections", job.connections.as_ref());
-        a.flag("no-progress", job.no_progress);
-        let f = &job.filter;
-        a.values("exclude", &f.exclude);
-        a.values("exclude-regex", &f.exclude_regex);
-        a.values("include-regex", &f.include_regex);
-        a.value("exclude-property", f.exclude_property.as_ref());
-        a.flag("skip-parent", f.skip_parent);
-        a.values("include-snapshots", &f.include_snapshots);
-        a.values("exclude-snapshots", &f.exclude_snapshots);
-        a.value("protection", job.protection.mode.as_ref());
-        a.value("protection-initial", job.protection.initial.as_ref());
-        a.value(
-            "protection-incremental",
-            job.protection.incremental.as_ref(),
-        );
-        a.value("keep-last", job.retention.keep_last.as_ref());
-        a.value("keep-grid", job.retention.grid.as_ref());
-        a.value("target-keep-last", job.retention.target_keep_last.as_ref());
-        a.value("target-keep-grid", job.retention.target_grid.as_ref());
-        a.value("max-steps", job.concurrency.steps.as_ref());
-        a.value(
-            "max-size-estimates",
-            job.concurrency.size_estimates.as_ref(),
-        );
-        a.transport(&job.transport);
-        Ok(a.finish(host))
-    }
-
-    /// `zq-recv serve` arguments of `r` on `host`.
-    fn receiver_args(&self, r: &ReceiverSpec, host: &str) -> anyhow::Result<Vec<String>> {
-        let identity = r
-            .identity
-            .clone()
-            .context("`identity` is not set (the directory of the receiver's key)")?;
-        if r.allow.is_empty() {
-            bail!(
-                "`allow` lists no sender: add {{ sender = HOST or FINGERPRINT, root = DATASET }}"
-            );
+/// `options` with `{host}` replaced by `host` in every string.
+fn for_host(options: &Table, host: &str) -> Table {
+    fn replace(v: &Value, host: &str) -> Value {
+        match v {
+            Value::String(s) => Value::String(s.replace(HOST_PLACEHOLDER, host)),
+            Value::Array(a) => Value::Array(a.iter().map(|v| replace(v, host)).collect()),
+            Value::Table(t) => Value::Table(for_host(t, host)),
+            other => other.clone(),
         }
-        let mut a = Args::default();
-        let listen = r.listen.clone().or_else(|| {
-            // A receiver named in [hosts] listens on the port its address gives.
-            self.named_host(host)
-                .and_then(|h| h.address.as_deref())
-                .and_then(|addr| addr.rsplit_once(':'))
-                .map(|(_, port)| format!("[::]:{port}"))
-        });
-        a.value("listen", listen.as_ref());
-        a.value("identity", Some(&identity));
-        a.value("zfs", r.zfs.as_ref());
-        a.value("spool-dir", r.spool_dir.as_ref());
-        a.value("spool-from", r.spool_from.as_ref());
-        a.value("spool-max", r.spool_max.as_ref());
-        a.flag("no-spool", r.no_spool);
-        a.value("metrics-listen", r.metrics_listen.as_ref());
-        for allow in &r.allow {
-            let fingerprint = match self.named_host(&allow.sender) {
-                Some(h) => h.fingerprint.clone().with_context(|| {
-                    format!(
-                        "allowed sender {:?} is in [hosts] but has no `fingerprint`",
-                        allow.sender
-                    )
-                })?,
-                None => allow.sender.clone(),
-            };
-            a.value("allow", Some(&format!("{fingerprint}={}", allow.root)));
-        }
-        a.transport(&r.transport);
-        Ok(a.finish(host))
     }
+    options
+        .iter()
+        .map(|(k, v)| (k.clone(), replace(v, host)))
+        .collect()
 }
 
 /// A daemon job's default jitter: its period, at most [`MAX_DEFAULT_JITTER`].
-fn default_jitter(job: &JobSpec) -> Option<String> {
-    let period = job.every.as_ref().or(job.snapshot_every.as_ref())?;
+fn default_jitter(options: &Table) -> Option<String> {
+    let period = ["every", "snapshot_every"]
+        .iter()
+        .find_map(|k| options.get(*k).and_then(Value::as_str))?;
     let period = humantime::parse_duration(period).ok()?;
     Some(humantime::format_duration(period.min(MAX_DEFAULT_JITTER)).to_string())
-}
-
-/// Command-line arguments being built from a file's entry.
-#[derive(Default)]
-struct Args(Vec<String>);
-
-impl Args {
-    fn positional(&mut self, values: [String; 3]) {
-        self.0.extend(values);
-    }
-
-    fn value(&mut self, flag: &str, value: Option<&impl std::fmt::Display>) {
-        if let Some(v) = value {
-            self.0.push(format!("--{flag}"));
-            self.0.push(v.to_string());
-        }
-    }
-
-    fn values(&mut self, flag: &str, values: &[String]) {
-        for v in values {
-            self.value(flag, Some(v));
-        }
-    }
-
-    /// A switch: set when true (false is the default of every switch).
-    fn flag(&mut self, flag: &str, on: Option<bool>) {
-        if on == Some(true) {
-            self.0.push(format!("--{flag}"));
-        }
-    }
-
-    fn transport(&mut self, t: &TransportSpec) {
-        self.value("bdp", t.bdp.as_ref());
-        self.value("congestion", t.congestion.as_ref());
-        self.value("udp-buffer", t.udp_buffer.as_ref());
-        self.value("address-validation", t.address_validation.as_ref());
-    }
-
-    /// The arguments, with `{host}` replaced by `host`.
-    fn finish(self, host: &str) -> Vec<String> {
-        self.0
-            .into_iter()
-            .map(|a| a.replace(HOST_PLACEHOLDER, host))
-            .collect()
-    }
 }
 
 /// Merges `over` into `base`: tables key by key (recursively), anything else replaced.
@@ -680,8 +560,9 @@ pub fn shell_words(args: &[String]) -> String {
 mod tests {
     use super::*;
 
-    const FP_SEND: &str = "zq1-aaaa";
-    const FP_RECV: &str = "zq1-bbbb";
+    const FP_SEND: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
+    const FP_RECV: &str = "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
+    const FP_OTHER: &str = "c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3";
 
     fn parse(text: &str) -> anyhow::Result<Config> {
         Config::parse(Path::new("test.toml"), text)
@@ -719,13 +600,14 @@ name = "vm"
 host = "db2"
 source = "tank/vm"
 target = "backup/db2/vm"
+recursive = true
 every = "10s"
 jitter = "0s"
 
 [[receivers]]
 host = "backup"
 identity = "/etc/zq"
-allow = [{{ sender = "db1", root = "backup/db1" }}, {{ sender = "zq1-cccc", root = "backup/db2" }}]
+allow = [{{ sender = "db1", root = "backup/db1" }}, {{ sender = "{FP_OTHER}", root = "backup/db2" }}]
 "#
         )
     }
@@ -736,30 +618,36 @@ allow = [{{ sender = "db1", root = "backup/db1" }}, {{ sender = "zq1-cccc", root
         let db1 = c.jobs_for("db1").unwrap();
         assert_eq!(db1.len(), 1);
         assert_eq!(
-            db1[0].args.join(" "),
+            db1[0].command_line().unwrap(),
             format!(
-                "tank/home backup.example:7446 backup/db1/home --identity /etc/zq --peer {FP_RECV} \
-                 --job home --recursive --every 1s --jitter 1s --exclude cache \
-                 --exclude-property zq:replicate=off --keep-last 50"
+                "tank/home backup.example:7446 backup/db1/home --identity /etc/zq \
+                 --peer {FP_RECV} --recursive --job home --exclude cache \
+                 --exclude-property zq:replicate=off --every 1s --jitter 1s --keep-last 50"
             )
         );
+        let run = db1[0].run(None, false).unwrap();
+        assert_eq!(run.target.as_str(), "backup/db1/home");
+        assert_eq!(run.retention.keep_last, Some(50));
+        assert_eq!(run.name.as_deref(), Some("home"));
         let db2 = c.jobs_for("db2.example.net").unwrap();
         assert_eq!(
             db2.iter().map(|j| j.name.as_str()).collect::<Vec<_>>(),
             ["home", "vm"]
         );
-        assert!(db2[0].args.contains(&"backup/db2/home".to_owned()));
         // Its own jitter wins over the default; its own period over [defaults].
-        assert!(db2[1].args.join(" ").contains("--every 10s --jitter 0s"));
+        let vm = db2[1].run(None, false).unwrap();
+        assert_eq!(vm.every, Some(Duration::from_secs(10)));
+        assert_eq!(vm.jitter, Duration::ZERO);
         assert!(c.jobs_for("web1").unwrap().is_empty());
         let r = c.receiver_for("backup").unwrap().unwrap();
         assert_eq!(
-            r.args.join(" "),
+            r.command_line().unwrap(),
             format!(
                 "--listen [::]:7446 --identity /etc/zq --allow {FP_SEND}=backup/db1 \
-                 --allow zq1-cccc=backup/db2"
+                 --allow {FP_OTHER}=backup/db2"
             )
         );
+        assert_eq!(r.serve(None).unwrap().allow.len(), 2);
         assert!(c.receiver_for("db1").unwrap().is_none());
         assert_eq!(c.host_names().unwrap(), ["backup", "db1", "db2"]);
     }
@@ -768,12 +656,23 @@ allow = [{{ sender = "db1", root = "backup/db1" }}, {{ sender = "zq1-cccc", root
     fn unknown_keys_are_refused_with_their_place() {
         let e = parse("[[jobs]]\nname = \"a\"\nevry = \"1s\"\n").unwrap_err();
         let msg = format!("{e:#}");
-        assert!(msg.contains("unknown field `evry`"), "{msg}");
-        assert!(msg.contains("line 3"), "{msg}");
-        let e = parse("[defaults.filter]\nexclude_regexp = []\n").unwrap_err();
-        assert!(format!("{e:#}").contains("exclude_regexp"));
+        assert!(
+            msg.contains("job \"a\": unknown key `evry` (did you mean `every`?)"),
+            "{msg}"
+        );
+        let e =
+            parse("[defaults.filter]\nexclude_regexp = []\n[[jobs]]\nname = \"a\"\n").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("did you mean `filter.exclude_regex`"),
+            "{e:#}"
+        );
         let e = parse("[[jobs]]\nrecursive = \"yes\"\n").unwrap_err();
-        assert!(format!("{e:#}").contains("invalid type"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("`recursive`: expected true or false"),
+            "{e:#}"
+        );
+        let e = parse("[hosts.a]\nadress = \"x:1\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("line 2"), "{e:#}");
     }
 
     #[test]
@@ -788,11 +687,10 @@ allow = [{{ sender = "db1", root = "backup/db1" }}, {{ sender = "zq1-cccc", root
         assert!(format!("{e:#}").contains("`receiver` is not set"), "{e:#}");
         let e = parse(&job("receiver = \"b:1\"\n")).unwrap_err();
         assert!(format!("{e:#}").contains("no `peer`"), "{e:#}");
-        let twice = format!(
-            "{}{}",
-            job("receiver = \"b:1\"\npeer = \"x\"\n"),
-            job("receiver = \"b:1\"\npeer = \"x\"\n")
-        );
+        let e = parse(&job(&format!("receiver = \"b\"\npeer = \"{FP_RECV}\"\n"))).unwrap_err();
+        assert!(format!("{e:#}").contains("expected HOST:PORT"), "{e:#}");
+        let peer = format!("receiver = \"b:1\"\npeer = \"{FP_RECV}\"\n");
+        let twice = format!("{}{}", job(&peer), job(&peer));
         let e = parse(&twice).unwrap_err();
         assert!(format!("{e:#}").contains("both named \"a\""), "{e:#}");
         let e = parse("[defaults]\nsource = \"t\"\n").unwrap_err();

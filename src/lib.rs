@@ -16,28 +16,18 @@ macro_rules! out {
     }};
 }
 
-/// `overlay!(given, into, from, Type { field, … })`: moves each field of `from` (arguments
-/// parsed from the command line) into `into` (a config file's) where `given` says the
-/// command line or the environment set it. `from` is destructured without `..`: a field
-/// left out of the list does not compile, so no flag is silently ignored under --config.
-#[macro_export]
-macro_rules! overlay {
-    ($given:expr, $into:expr, $from:expr, $ty:path { $($field:ident),* $(,)? }) => {{
-        let $ty { $($field),* } = $from;
-        $(if $given.has(stringify!($field)) {
-            $into.$field = $field;
-        })*
-    }};
-}
-
 pub mod config;
 pub mod exit;
+pub mod options;
+pub mod run;
 pub mod serve;
 pub mod status;
 
 /// Transport flags shared by both binaries: what the QUIC windows and socket buffers are
 /// sized for. Both ends should say the same (each side's receive window limits the other).
 #[derive(clap::Args, Debug, Clone)]
+#[group(id = "transport")]
+#[command(next_help_heading = "Network")]
 pub struct TransportArgs {
     /// Bandwidth-delay product of the path to size the QUIC windows for: link rate times
     /// round-trip time (1 Gbit/s x 50 ms = 6.25MB; the default covers 1 Gbit/s at
@@ -100,8 +90,12 @@ impl Given {
 /// where the usage of the command line would mislead.
 pub fn clap_message(e: &clap::Error) -> String {
     let text = e.render().to_string();
-    let first = text.lines().next().unwrap_or_default();
-    first.trim_start_matches("error: ").to_owned()
+    let message: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    message.join(" ").trim_start_matches("error: ").to_owned()
 }
 
 /// A size on the command line: `4MiB`, `64G`, `12.5MB`, `1000`.

@@ -1,5 +1,6 @@
 //! `zq-recv serve`'s arguments, here so that `zq-send check-config` can check a config
-//! file's receivers with the same definitions.
+//! file's receivers with the same definitions. A receiver of a config file is read by
+//! them too ([`options`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -75,50 +76,20 @@ pub fn parse_allow(s: &str) -> Result<(Fingerprint, DatasetName), String> {
 /// The port zq-recv listens on unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "[::]:7446";
 
-impl ServeArgs {
-    /// Copies into `self` (a config file's receiver) the arguments the command line or the
-    /// environment gave (`given`). The destructuring lists every field: a new flag does
-    /// not compile until it is listed here.
-    pub fn overlay(&mut self, cli: ServeArgs, given: &crate::Given) {
-        let cli_transport = cli.transport.clone();
-        // `transport` itself is no argument (never given): its flags follow.
-        overlay!(
-            given,
-            self,
-            cli,
-            ServeArgs {
-                config,
-                host,
-                listen,
-                identity,
-                allow,
-                zfs,
-                spool_dir,
-                spool_from,
-                spool_max,
-                no_spool,
-                metrics_listen,
-                transport,
-            }
-        );
-        overlay!(
-            given,
-            self.transport,
-            cli_transport,
-            crate::TransportArgs {
-                bdp,
-                congestion,
-                udp_buffer,
-                address_validation
-            }
-        );
-    }
-}
-
 /// `serve`'s arguments alone, to parse a config file's receiver as the flags it stands for.
 #[derive(clap::Parser, Debug)]
 #[command(name = "zq-recv serve", no_binary_name = true)]
 pub struct ServeOnly {
     #[command(flatten)]
     pub args: ServeArgs,
+}
+
+/// The keys of a config file's receiver and how they parse (`transport` is a table;
+/// `allow` is resolved by [`crate::config`]).
+pub fn options() -> crate::options::Options {
+    crate::options::Options::new(
+        <ServeOnly as clap::CommandFactory>::command(),
+        &["transport"],
+        &["config", "host"],
+    )
 }

@@ -66,12 +66,12 @@ fn check_config_shows_one_host_and_names_what_is_wrong() {
         (
             "snapshot_every = \"1s\"",
             "snapshot_every = \"1x\"",
-            "job \"pg\" on host \"db1\": invalid value '1x' for '--snapshot-every",
+            "job \"pg\" on host \"db1\": `snapshot_every`: invalid value '1x' for '--snapshot-every",
         ),
         (
             "recursive = true",
             "recursve = true",
-            "unknown field `recursve`",
+            "unknown key `recursve` (did you mean `recursive`?)",
         ),
         (
             "name = \"sanoid\"",
@@ -86,12 +86,12 @@ fn check_config_shows_one_host_and_names_what_is_wrong() {
         (
             "skip_parent = true",
             "skip_parent = \"yes\"",
-            "invalid type: string \"yes\", expected a boolean",
+            "`filter.skip_parent`: expected true or false, not string",
         ),
         (
             "{ sender = \"db3\", root = \"backup/db3\" }",
             "{ sender = \"db4\", root = \"backup/db3\" }",
-            "receiver on host \"backup-a\": invalid value 'db4=backup/db3' for '--allow",
+            "receiver on host \"backup-a\": `allow`: invalid value 'db4=backup/db3' for '--allow",
         ),
     ] {
         assert!(text.contains(from), "{from}");

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use zq::exit::{self, UsageExt};
 use zq::fail;
-use zq::serve::{ServeArgs, ServeOnly, DEFAULT_LISTEN};
+use zq::serve::{ServeArgs, DEFAULT_LISTEN};
 use zq_net::{HostPort, Identity};
 use zq_proto::Capabilities;
 use zq_repl::receiver::spool::{SpoolConfig, Spools};
@@ -59,18 +59,15 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Identity(cmd) => cmd.run(ROLE),
         Command::Pull(args) => {
-            let given = matches
-                .subcommand_matches("pull")
-                .map(zq::Given::new)
-                .unwrap_or_default();
+            let given = matches.subcommand_matches("pull");
             let PullArgs { addr, peer, serve } = *args;
-            let mut serve = match from_config(serve, &given).usage() {
+            let mut serve = match from_config(serve, given).usage() {
                 Ok(a) => a,
                 Err(e) => return fail(&e),
             };
             // A config file's receiver listens where its host's address says; pulling,
             // it listens nowhere. Only --listen on the command line is a mistake.
-            if !given.has("listen") {
+            if !given.map(zq::Given::new).unwrap_or_default().has("listen") {
                 serve.listen = None;
             }
             zq::block_on(cli.log.json(), async {
@@ -78,11 +75,8 @@ fn main() -> ExitCode {
             })
         }
         Command::Serve(args) => {
-            let given = matches
-                .subcommand_matches("serve")
-                .map(zq::Given::new)
-                .unwrap_or_default();
-            let args = match from_config(*args, &given).usage() {
+            let given = matches.subcommand_matches("serve");
+            let args = match from_config(*args, given).usage() {
                 Ok(a) => a,
                 Err(e) => return fail(&e),
             };
@@ -98,7 +92,7 @@ fn main() -> ExitCode {
 
 /// With --config, the file's receiver for this host under the flags and environment
 /// given; otherwise the command line's.
-fn from_config(cli: ServeArgs, given: &zq::Given) -> anyhow::Result<ServeArgs> {
+fn from_config(cli: ServeArgs, given: Option<&clap::ArgMatches>) -> anyhow::Result<ServeArgs> {
     let Some(path) = cli.config.clone() else {
         return Ok(cli);
     };
@@ -111,12 +105,7 @@ fn from_config(cli: ServeArgs, given: &zq::Given) -> anyhow::Result<ServeArgs> {
             config.host_names()?.join(", ")
         );
     };
-    let mut args = ServeOnly::try_parse_from(&receiver.args)
-        .map_err(|e| anyhow::anyhow!("{}", zq::clap_message(&e)))
-        .with_context(|| format!("config file {}: receiver of host {host:?}", path.display()))?
-        .args;
-    args.overlay(cli, given);
-    Ok(args)
+    receiver.serve(given)
 }
 
 /// The UDP sockets systemd passed (socket activation: `LISTEN_FDS`, `LISTEN_PID`), if any.

@@ -41,10 +41,23 @@ pub struct TransportArgs {
     /// otherwise capped by net.core.rmem_max/wmem_max, with a warning).
     #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = parse_size)]
     pub udp_buffer: u64,
-    /// Servers (`serve`): when a connecting client must first prove its address with a
-    /// QUIC Retry, one more round trip: auto (only while more than 64 handshakes are in
-    /// progress, e.g. under a flood; reconnects stay 0-RTT) or always.
-    #[arg(long, value_name = "WHEN", default_value = "auto")]
+}
+
+/// How a program that accepts connections (`zq-recv serve`, `zq-send serve` in pull mode)
+/// treats new ones. In a config file: `[receivers.transport] address_validation`.
+#[derive(clap::Args, Debug, Clone)]
+#[group(skip)]
+pub struct AdmissionArgs {
+    /// When a connecting client must first prove its address with a QUIC Retry, one more
+    /// round trip: auto (only while more than 64 handshakes are in progress, e.g. under a
+    /// flood; reconnects stay 0-RTT) or always.
+    #[arg(
+        long,
+        value_name = "WHEN",
+        default_value = "auto",
+        group = "transport",
+        help_heading = "Network"
+    )]
     pub address_validation: zq_net::AddressValidation,
 }
 
@@ -54,7 +67,6 @@ impl TransportArgs {
         zq_net::Tuning {
             congestion: self.congestion,
             udp_buffer: usize::try_from(self.udp_buffer).unwrap_or(usize::MAX),
-            address_validation: self.address_validation,
             ..zq_net::Tuning::for_bdp(self.bdp)
         }
     }
@@ -239,13 +251,15 @@ pub async fn shutdown_signal() {
 /// The identity subcommands both binaries share.
 #[derive(clap::Subcommand, Debug)]
 pub enum IdentityCommand {
-    /// Create this program's identity (certificate and 0600 key) in DIR and print its
-    /// fingerprint. Refuses to overwrite an existing identity.
+    /// Create this program's identity in DIR and print its fingerprint
+    ///
+    /// Creates the certificate and its 0600 key in DIR and prints the fingerprint to pin
+    /// on the other side. Refuses to overwrite an existing identity.
     Keygen {
         /// Directory for the identity files (created with mode 0700).
         dir: PathBuf,
     },
-    /// Print the fingerprint of this program's existing identity in DIR.
+    /// Print the fingerprint of this program's identity in DIR
     Fingerprint {
         /// Directory holding the identity.
         dir: PathBuf,

@@ -488,22 +488,24 @@ impl Run {
         })
     }
 
-    /// Where the receiver is and how to reach it; `listen`: pull mode.
+    /// Where the receiver is and how to reach it; `pull`: pull mode, admitting
+    /// connections as it says.
     pub fn connect_config(
         &self,
         identity: Identity,
         sender: SenderConfig,
-        listen: bool,
+        pull: Option<zq_net::AddressValidation>,
     ) -> ConnectConfig {
         ConnectConfig {
             identity,
             peer: self.peer,
             addr: self.addr.clone(),
-            listen,
+            listen: pull.is_some(),
             daemon: self.daemon_every().is_some(),
             tuning: Tuning {
                 idle_timeout: self.idle_timeout,
                 keep_alive: Tuning::default().keep_alive.min(self.idle_timeout / 3),
+                address_validation: pull.unwrap_or_default(),
                 ..self.transport.tuning()
             },
             connections: self.connections,

@@ -61,6 +61,18 @@ pub struct ServeArgs {
     pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub transport: crate::TransportArgs,
+    #[command(flatten)]
+    pub admission: crate::AdmissionArgs,
+}
+
+impl ServeArgs {
+    /// The transport settings of its endpoints.
+    pub fn tuning(&self) -> zq_net::Tuning {
+        zq_net::Tuning {
+            address_validation: self.admission.address_validation,
+            ..self.transport.tuning()
+        }
+    }
 }
 
 /// `--allow FINGERPRINT=ROOT`.

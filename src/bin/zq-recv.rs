@@ -30,10 +30,12 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Identity(zq::IdentityCommand),
-    /// Accept senders and receive their streams until SIGTERM/SIGINT.
+    /// Accept senders and receive their streams until SIGTERM/SIGINT
     Serve(Box<ServeArgs>),
-    /// Pull mode: dial the `zq-send serve` at ADDR (a sender whose key is --peer) and
-    /// receive what it sends, redialing whenever the connection ends, until SIGTERM/SIGINT.
+    /// Pull mode: dial a `zq-send serve` at ADDR and receive what it sends
+    ///
+    /// Dials the `zq-send serve` at ADDR (a sender whose key is --peer) and receives what
+    /// it sends, redialing whenever the connection ends, until SIGTERM/SIGINT.
     /// For a backup server behind NAT or a firewall: only outgoing UDP is needed. The
     /// sender still needs an --allow root, as with serve.
     Pull(Box<PullArgs>),
@@ -51,7 +53,12 @@ struct PullArgs {
 }
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    // Pull dials out: how a listener admits connections does not apply to it.
+    let matches = Cli::command()
+        .mut_subcommand("pull", |c| {
+            c.mut_arg("address_validation", |a| a.hide(true))
+        })
+        .get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -139,7 +146,7 @@ async fn serve(
         fingerprints,
         receiver,
     } = prepare(&args).await?;
-    let tuning = args.transport.tuning();
+    let tuning = args.tuning();
     let endpoints = if inherited.is_empty() {
         let listen = args
             .listen

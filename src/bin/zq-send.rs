@@ -32,28 +32,39 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Identity(zq::IdentityCommand),
-    /// Replicate SOURCE to TARGET on the receiver at ADDR, once (or as a daemon).
+    /// Replicate SOURCE to TARGET on the receiver at ADDR, once or as a daemon
     Run(Box<RunArgs>),
-    /// Show each running daemon's datasets: last replicated snapshot, its age (replication
-    /// lag), snapshots not sent yet, last error. Reads the daemons' status files.
+    /// Show running daemons' datasets: lag, backlog, last error
+    ///
+    /// Shows each running daemon's datasets: last replicated snapshot, its age
+    /// (replication lag), snapshots not sent yet, last error. Reads the daemons' status
+    /// files; with --warn-lag/--crit-lag, a monitoring check.
     Status(StatusArgs),
-    /// Show or clean up the holds zq placed on source snapshots (step holds, cursors).
+    /// Show or release the holds zq placed on source snapshots
+    ///
+    /// Shows or cleans up the holds zq placed on source snapshots (step holds, cursors).
     #[command(subcommand)]
     Abstractions(AbstractionsCommand),
-    /// Pull mode: replicate SOURCE to TARGET like `run`, but listen on ADDR and let the
-    /// receiver (--peer, running `zq-recv pull`) connect: for a backup server behind NAT
-    /// or a firewall. Data still flow from here; the receiver's --allow roots still apply.
+    /// Pull mode: like run, but let the receiver connect to ADDR
+    ///
+    /// Replicates SOURCE to TARGET like `run`, but listens on ADDR and lets the receiver
+    /// (--peer, running `zq-recv pull`) connect: for a backup server behind NAT or a
+    /// firewall. Data still flow from here; the receiver's --allow roots still apply.
     /// Takes run's arguments (ADDR is where to listen; port 0 picks one, printed as
     /// `listening on ADDR`).
-    Serve(Box<RunArgs>),
-    /// Apply a job's retention once on both sides, without replicating: what a daemon's
-    /// retention pass would do (--keep-last, --keep-grid, --target-keep-*; a daemon with
-    /// --snapshot-every keeps the last 100 by default). With --dry-run, destroy nothing and
-    /// print what would go. Takes run's arguments (or --config and --job).
+    Serve(Box<PullModeArgs>),
+    /// Apply a job's retention once on both sides, without replicating
+    ///
+    /// What a daemon's retention pass would do (--keep-last, --keep-grid,
+    /// --target-keep-*; a daemon with --snapshot-every keeps the last 100 by default).
+    /// With --dry-run, destroy nothing and print what would go. Takes run's arguments (or
+    /// --config and --job).
     Prune(Box<PruneArgs>),
-    /// Check a config file (every job and receiver of every host in it) and print what
-    /// this host would run: its jobs as `zq-send run` commands, its receiver as `zq-recv
-    /// serve`. Exit 0 when valid, 2 otherwise.
+    /// Check a config file and show what this host would run
+    ///
+    /// Checks every job and receiver of every host in the file and prints what this host
+    /// would run: its jobs as `zq-send run` commands, its receiver as `zq-recv serve`.
+    /// Exit 0 when valid, 2 otherwise.
     CheckConfig(CheckConfigArgs),
 }
 
@@ -139,7 +150,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Identity(cmd) => cmd.run(ROLE),
         Command::Run(args) => start(&matches, "run", *args, Action::Replicate, cli.log.json()),
-        Command::Serve(args) => start(&matches, "serve", *args, Action::Serve, cli.log.json()),
+        Command::Serve(args) => {
+            let action = Action::Serve(args.admission.address_validation);
+            start(&matches, "serve", args.run, action, cli.log.json())
+        }
         Command::Prune(args) => {
             let action = Action::Prune {
                 dry_run: args.dry_run,
@@ -223,7 +237,7 @@ fn jobs(
         }
     }
     jobs.iter()
-        .map(|job| job.run(given, matches!(action, Action::Serve)).usage())
+        .map(|job| job.run(given, matches!(action, Action::Serve(_))).usage())
         .collect()
 }
 
@@ -283,10 +297,29 @@ fn check_config(args: &CheckConfigArgs) -> anyhow::Result<()> {
 enum Action {
     Replicate,
     /// Replicate in pull mode: listen on ADDR for the receiver.
-    Serve,
+    Serve(zq_net::AddressValidation),
     Prune {
         dry_run: bool,
     },
+}
+
+impl Action {
+    /// Pull mode, and how it admits connections.
+    fn pull(self) -> Option<zq_net::AddressValidation> {
+        match self {
+            Action::Serve(admission) => Some(admission),
+            Action::Replicate | Action::Prune { .. } => None,
+        }
+    }
+}
+
+/// `serve`'s arguments: `run`'s, and how the listener admits connections.
+#[derive(Args, Debug)]
+struct PullModeArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    admission: zq::AdmissionArgs,
 }
 
 /// Runs the jobs side by side; the exit code is the worst of theirs.
@@ -321,7 +354,7 @@ async fn run_all(jobs: Vec<Run>, action: Action) -> ExitCode {
 /// Runs one job; the exit code of what it did, or the error that stopped it.
 async fn run(args: Run, action: Action) -> anyhow::Result<u8> {
     let metrics_listen = match action {
-        Action::Replicate | Action::Serve => args.metrics_listen,
+        Action::Replicate | Action::Serve(_) => args.metrics_listen,
         Action::Prune { .. } => None,
     };
     // Bound before anything else runs, so a taken port is a usage error at once.
@@ -339,7 +372,7 @@ async fn run(args: Run, action: Action) -> anyhow::Result<u8> {
     let sender = args.sender_config(&zfs, progress.clone())?;
     let connector = Arc::new(
         Connector::new(
-            args.connect_config(identity, sender, matches!(action, Action::Serve)),
+            args.connect_config(identity, sender, action.pull()),
             zfs.clone(),
         )
         .await?,

@@ -31,14 +31,18 @@ const POOL: usize = 16 * 1024 * 1024;
 #[derive(Parser, Debug)]
 #[command(name = "zq-bench", version)]
 struct Cli {
+    #[command(flatten)]
+    log: zq::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Move --size bytes through zq, a TCP pipe and (with --ssh) an SSH pipe on this host
-    /// and print rate, CPU per GB on each side, peak memory and the ratios.
+    /// Compare zq's data path with TCP and SSH pipes on this host
+    ///
+    /// Moves --size bytes through zq, a TCP pipe and (with --ssh) an SSH pipe on this
+    /// host and prints rate, CPU per GB on each side, peak memory and the ratios.
     Throughput {
         #[command(flatten)]
         load: Load,
@@ -49,8 +53,10 @@ enum Command {
         #[command(flatten)]
         transport: zq::TransportArgs,
     },
-    /// Receive and discard what `link` (or `throughput`) sends; prints `listening on ADDR`,
-    /// then one `sink …` line per connection with its CPU time and peak memory.
+    /// Receive and discard what `link` (or `throughput`) sends
+    ///
+    /// Prints `listening on ADDR`, then one `sink …` line per connection with its CPU time
+    /// and peak memory.
     Sink {
         /// UDP address to listen on (TCP with --tcp).
         #[arg(long, default_value = "[::]:7447", value_name = "ADDR")]
@@ -70,8 +76,9 @@ enum Command {
         #[command(flatten)]
         transport: zq::TransportArgs,
     },
-    /// Emulate a WAN link between two TUN devices (for kernels without netem): rate, RTT
-    /// and loss, each direction; runs until killed. See benches/wan.
+    /// Emulate a WAN link between two TUN devices (for kernels without netem)
+    ///
+    /// Rate, RTT and loss, each direction; runs until killed. See benches/wan.
     Relay {
         /// One end's TUN device, NAME or NAME@NETNS (`ip -n NETNS tuntap add NAME mode tun`).
         #[arg(long, value_name = "DEVICE")]
@@ -92,7 +99,7 @@ enum Command {
         #[arg(long, value_parser = zq::parse_size)]
         queue: Option<u64>,
     },
-    /// Send --size bytes to a `zq-bench sink` on another host through zq's data path.
+    /// Send --size bytes to a `zq-bench sink` on another host through zq's data path
     Link {
         /// The sink's address (a `zq-bench sink`, or one with --tcp for --tcp).
         #[arg(long, value_name = "HOST:PORT", required_unless_present = "ssh")]
@@ -186,8 +193,9 @@ impl Run {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.log.json();
     let main = async move { zq::exit::done(run(cli.command).await) };
-    zq::block_on(false, main)
+    zq::block_on(json, main)
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {

@@ -33,7 +33,7 @@ pub fn show(paths: &[PathBuf], json: bool) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let now = epoch_seconds(SystemTime::now());
-    for s in statuses {
+    for (_, s) in statuses {
         if json {
             match serde_json::to_string(&s) {
                 Ok(line) => crate::out!("{line}"),
@@ -46,9 +46,37 @@ pub fn show(paths: &[PathBuf], json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `zq-send status --remove-stopped`: removes the status files of daemons that stopped
+/// (a retired job's), printing each; running daemons' files stay.
+pub fn remove_stopped(paths: &[PathBuf]) -> anyhow::Result<()> {
+    let now = epoch_seconds(SystemTime::now());
+    let mut removed = 0;
+    for (file, s) in load(paths)? {
+        let Some(stopped) = s.stopped_at else {
+            continue;
+        };
+        std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+        removed += 1;
+        crate::out!(
+            "removed {} (its daemon stopped {} ago)",
+            file.display(),
+            ago(now - stopped)
+        );
+    }
+    if removed == 0 {
+        crate::out!("no stopped daemon's status file: every daemon found is running");
+    }
+    Ok(())
+}
+
+/// `secs` as a duration for people, to the second.
+fn ago(secs: f64) -> String {
+    humantime::format_duration(Duration::from_secs(secs.max(0.0) as u64)).to_string()
+}
+
 /// The status files in `paths` (the default directory when empty), parsed; an error when
 /// there are none or one cannot be read.
-fn load(paths: &[PathBuf]) -> anyhow::Result<Vec<Status>> {
+fn load(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, Status)>> {
     let paths = if paths.is_empty() {
         vec![default_dir()]
     } else {
@@ -67,12 +95,13 @@ fn load(paths: &[PathBuf]) -> anyhow::Result<Vec<Status>> {
         anyhow::bail!("no status files in {where_}: is a zq-send daemon running?");
     }
     files
-        .iter()
+        .into_iter()
         .map(|file| {
             let bytes =
-                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-            serde_json::from_slice::<Status>(&bytes)
-                .with_context(|| format!("{} is not a zq status file", file.display()))
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let status = serde_json::from_slice::<Status>(&bytes)
+                .with_context(|| format!("{} is not a zq status file", file.display()))?;
+            Ok((file, status))
         })
         .collect()
 }
@@ -127,7 +156,17 @@ pub fn assess(s: &Status, now: f64, limits: &Limits) -> Vec<Finding> {
     let age = (now - s.written_at).max(0.0);
     let mut found = Vec::new();
     let mut say = |level, what: String| found.push(Finding { level, what });
-    if !s.connected {
+    if let Some(stopped) = s.stopped_at {
+        say(
+            Level::Warning,
+            format!(
+                "the daemon replicating to {} stopped {} ago (a retired job? \
+                 `zq-send status --remove-stopped` removes its status)",
+                s.receiver,
+                ago(now - stopped)
+            ),
+        );
+    } else if !s.connected {
         say(
             Level::Warning,
             format!("not connected to receiver {}", s.receiver),
@@ -190,10 +229,10 @@ pub fn monitor(paths: &[PathBuf], limits: &Limits) -> ExitCode {
     let now = epoch_seconds(SystemTime::now());
     let found: Vec<Finding> = statuses
         .iter()
-        .flat_map(|s| assess(s, now, limits))
+        .flat_map(|(_, s)| assess(s, now, limits))
         .collect();
     let worst = found.iter().map(|f| f.level).max().unwrap_or(Level::Ok);
-    let datasets: usize = statuses.iter().map(|s| s.datasets.len()).sum();
+    let datasets: usize = statuses.iter().map(|(_, s)| s.datasets.len()).sum();
     let summary = match found.iter().find(|f| f.level == worst) {
         Some(f) if found.len() > 1 => format!("{} (and {} more)", f.what, found.len() - 1),
         Some(f) => f.what.clone(),
@@ -229,14 +268,14 @@ fn status_files(p: &Path) -> anyhow::Result<Vec<PathBuf>> {
 /// A human table of one daemon's status; `now` in seconds since the epoch.
 fn table(s: &Status, now: f64) -> String {
     let age = (now - s.written_at).max(0.0);
+    let state = match (s.stopped_at, s.connected) {
+        (Some(stopped), _) => format!("STOPPED {} ago", ago(now - stopped)),
+        (None, true) => "connected".to_owned(),
+        (None, false) => "NOT CONNECTED".to_owned(),
+    };
     let mut out = format!(
-        "receiver {} ({}), status written {age:.1} s ago\n",
-        s.receiver,
-        if s.connected {
-            "connected"
-        } else {
-            "NOT CONNECTED"
-        }
+        "receiver {} ({state}), status written {age:.1} s ago\n",
+        s.receiver
     );
     out.push_str(&format!(
         "  {:<40} {:<40} {:>9} {:>6} {:>9}  {}\n",
@@ -283,6 +322,7 @@ mod tests {
             written_at: 100.0,
             receiver: "r:7446".into(),
             connected: false,
+            stopped_at: None,
             datasets: vec![DatasetStatus {
                 source: "tank/a".into(),
                 target: "b/a".into(),
@@ -321,6 +361,7 @@ mod tests {
             written_at,
             receiver: "r:7446".into(),
             connected: true,
+            stopped_at: None,
             datasets: vec![DatasetStatus {
                 source: "tank/a".into(),
                 target: "b/a".into(),
@@ -370,9 +411,42 @@ mod tests {
         let found = assess(&down, 100.0, &limits);
         assert_eq!(found[0].level, Level::Warning);
         assert!(found[0].what.contains("not connected to receiver r:7446"));
+        // A stopped daemon says so, once, instead of "not connected".
+        down.stopped_at = Some(40.0);
+        let found = assess(&down, 100.0, &limits);
+        assert_eq!(found.len(), 1);
+        assert!(
+            found[0].what.contains("stopped 1m ago"),
+            "{}",
+            found[0].what
+        );
+        assert!(table(&down, 100.0).contains("(STOPPED 1m ago)"));
         // Without limits only failures and connections count.
         assert!(assess(&status(0.0, None, None), 1e9, &Limits::default()).is_empty());
         assert!(Level::Unknown > Level::Critical && Level::Critical > Level::Warning);
+    }
+
+    #[test]
+    fn remove_stopped_takes_only_stopped_daemons_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, s: &Status| {
+            std::fs::write(dir.path().join(name), serde_json::to_vec(s).unwrap()).unwrap()
+        };
+        let running = status(100.0, Some(1.0), None);
+        let mut stopped = running.clone();
+        stopped.connected = false;
+        stopped.stopped_at = Some(100.0);
+        write("running.json", &running);
+        write("retired.json", &stopped);
+        remove_stopped(&[dir.path().to_owned()]).unwrap();
+        assert!(dir.path().join("running.json").exists());
+        assert!(!dir.path().join("retired.json").exists());
+        // A status file of an older zq (no stopped_at) still reads.
+        let old = r#"{"written_at":1.0,"receiver":"r:1","connected":true,"datasets":[]}"#;
+        assert!(serde_json::from_str::<Status>(old)
+            .unwrap()
+            .stopped_at
+            .is_none());
     }
 
     #[test]

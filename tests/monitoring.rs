@@ -152,7 +152,20 @@ fn a_daemon_serves_prometheus_metrics() {
     let (code, said) = status(&["--warn-lag", "1ms", "--crit-lag", "2ms"]);
     assert_eq!(code, Some(2), "{said}");
     assert!(said.starts_with("ZQ CRITICAL - "), "{said}");
-    drop(daemon);
+    // A stopped daemon's file says so (it said "connected" before), and a retired job's
+    // file is removed by a command.
+    let file = daemon.status.clone();
+    assert_eq!(daemon.stop(Duration::from_secs(30)), Some(0));
+    let (code, said) = zq_status(&[], &file);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("(STOPPED "), "{said}");
+    let (code, said) = zq_status(&["--warn-lag", "1h"], &file);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("stopped"), "{said}");
+    let (code, said) = zq_status(&["--remove-stopped"], file.parent().unwrap());
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.starts_with("removed "), "{said}");
+    assert!(!file.exists());
     let (code, said) = zq_status(&["--crit-lag", "1h"], &keys.dir.path().join("none"));
     assert_eq!(code, Some(3));
     assert!(said.starts_with("ZQ UNKNOWN - no status files"), "{said}");

@@ -129,6 +129,10 @@ struct StatusArgs {
     /// Print the status files' JSON (one document per line) instead of a table.
     #[arg(long, conflicts_with_all = ["warn_lag", "crit_lag"])]
     json: bool,
+    /// Remove the status files of daemons that stopped (a retired job's; a stopped
+    /// daemon's file says so), printing each. Running daemons' files stay.
+    #[arg(long, conflicts_with_all = ["json", "warn_lag", "crit_lag"])]
+    remove_stopped: bool,
     /// Monitoring: WARNING (exit 1) when a dataset's newest replicated snapshot is older
     /// than this, or a dataset is failing, or a daemon is not connected. Either limit
     /// prints one summary line and one line per finding instead of the table, as
@@ -169,6 +173,9 @@ fn main() -> ExitCode {
                     crit: args.crit_lag,
                 },
             )
+        }
+        Command::Status(args) if args.remove_stopped => {
+            exit::done(zq::status::remove_stopped(&args.paths))
         }
         Command::Status(args) => zq::status::show(&args.paths, args.json),
         Command::Abstractions(cmd) => zq::block_on(cli.log.json(), async {

@@ -246,8 +246,9 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(30), finish).await;
         // Whatever is left is aborted: its zfs processes are killed (kill on drop).
         steps.shutdown().await;
-        state.write_status(&opts, false);
     }
+    // `zq-send status` then says stopped, not connected (`--remove-stopped` removes it).
+    state.write_stopped(&opts);
     for t in [snapshots, retention].into_iter().flatten() {
         t.abort();
     }
@@ -971,6 +972,16 @@ impl State {
 
     /// Writes the status file, if any; a failure is logged, never fatal.
     fn write_status(&mut self, opts: &DaemonOptions, connected: bool) {
+        self.write_status_at(opts, connected, None);
+    }
+
+    /// The last status of a daemon that stops: not connected, and when it stopped.
+    fn write_stopped(&mut self, opts: &DaemonOptions) {
+        let now = tracked::epoch_seconds(SystemTime::now());
+        self.write_status_at(opts, false, Some(now));
+    }
+
+    fn write_status_at(&mut self, opts: &DaemonOptions, connected: bool, stopped_at: Option<f64>) {
         if opts.status_file.is_none() && opts.metrics.is_none() {
             return;
         }
@@ -998,6 +1009,7 @@ impl State {
             written_at: tracked::epoch_seconds(now),
             receiver: opts.receiver.clone(),
             connected,
+            stopped_at,
             datasets: self
                 .datasets
                 .iter()

@@ -259,6 +259,10 @@ pub struct Status {
     pub receiver: String,
     /// Whether the connection is up.
     pub connected: bool,
+    /// When the daemon stopped (seconds since the Unix epoch); absent while it runs. A
+    /// daemon killed without a chance to write it leaves its last status, which ages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<f64>,
     /// Per dataset, parents first.
     pub datasets: Vec<DatasetStatus>,
 }

@@ -260,7 +260,7 @@ pub async fn run(
 fn disconnected(backoff: &mut Backoff, conn: &watch::Sender<Option<Arc<Sender>>>) {
     let delay = backoff.failed();
     warn!(
-        retry_in_ms = delay.as_millis() as u64,
+        retry_in = %humantime::format_duration(delay),
         "connection lost; reconnecting"
     );
     let _ = conn.send(None);
@@ -905,7 +905,7 @@ impl State {
     fn record(&mut self, src: &DatasetName, done: Done) -> bool {
         let failure = match done {
             Done::New(new, Ok((committed, bytes))) => {
-                debug!(dataset = %src, snapshot = ?new.last(), bytes, "replicated");
+                debug!(dataset = %src, snapshot = new.last().map_or("", String::as_str), bytes, "replicated");
                 if let Some(t) = self.datasets.get_mut(src) {
                     t.sent_new(&new, committed.guid, &committed.snapshots);
                     t.counts.steps += 1;
@@ -922,7 +922,7 @@ impl State {
                     ..
                 },
             ) => {
-                debug!(dataset = %src, snapshot = ?newest.as_ref().map(|n| &n.name), bytes, resumed, "replicated");
+                debug!(dataset = %src, snapshot = newest.as_ref().map_or("", |n| n.name.as_str()), bytes, resumed, "replicated");
                 if let Some(t) = self.datasets.get_mut(src) {
                     t.caught_up(newest);
                     t.counts.steps += steps as u64;

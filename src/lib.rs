@@ -1,6 +1,10 @@
 //! Shared plumbing of the `zq-send` and `zq-recv` binaries: logging, exit codes and the
 //! identity subcommands. The engines live in the `zq-*` crates; this stays thin.
 
+#![forbid(unsafe_code)]
+// Data from a peer or from zfs must not panic the process (tests may unwrap).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -86,7 +86,8 @@ pub fn parse_allow(s: &str) -> Result<(Fingerprint, DatasetName), String> {
 }
 
 /// The port zq-recv listens on unless told otherwise.
-pub const DEFAULT_LISTEN: &str = "[::]:7446";
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 7446);
 
 /// `serve`'s arguments alone, to parse a config file's receiver as the flags it stands for.
 #[derive(clap::Parser, Debug)]

@@ -1,5 +1,9 @@
 //! `zq-recv`: receives ZFS snapshots from pinned `zq-send` peers over QUIC.
 
+#![forbid(unsafe_code)]
+// Data from a peer or from zfs must not panic the process (tests may unwrap).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -148,9 +152,7 @@ async fn serve(
     } = prepare(&args).await?;
     let tuning = args.tuning();
     let endpoints = if inherited.is_empty() {
-        let listen = args
-            .listen
-            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("literal address"));
+        let listen = args.listen.unwrap_or(DEFAULT_LISTEN);
         zq_net::server(identity, fingerprints, listen, &tuning).map(|e| vec![e])
     } else {
         inherited

@@ -1,5 +1,9 @@
 //! `zq-send`: replicates local ZFS datasets to a `zq-recv` over one QUIC connection.
 
+#![forbid(unsafe_code)]
+// Data from a peer or from zfs must not panic the process (tests may unwrap).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;

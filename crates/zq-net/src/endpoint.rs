@@ -422,10 +422,10 @@ impl Client {
         let config = quinn::ClientConfig::new(Arc::new(quic));
         // Checked here so that connecting later cannot fail on it.
         tuning.transport(ETHERNET_UDP_PAYLOAD)?;
-        let bind: SocketAddr = if family_of.is_ipv6() {
-            "[::]:0".parse().expect("literal address")
+        let bind = if family_of.is_ipv6() {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
         } else {
-            "0.0.0.0:0".parse().expect("literal address")
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
         };
         let socket = bind_udp(bind, tuning)?;
         let runtime = quinn::default_runtime()
@@ -986,6 +986,7 @@ mod tests {
         };
         let socket = bind_udp("127.0.0.1:0".parse().unwrap(), &tuning).unwrap();
         let got = set_buffers(&socket, 8 << 20);
+        // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } == 0 {
             assert!(got.recv >= 8 << 20 && got.send >= 8 << 20, "{got:?}");
         } else {

@@ -1,6 +1,9 @@
 //! zq's transport: QUIC (quinn) with TLS 1.3 (rustls), self-signed identities pinned by
 //! public-key fingerprint on both sides, and zq frames over QUIC streams.
 
+// Data from a peer or from zfs must not panic the process (tests may unwrap).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod address;
 pub mod admission;
 pub mod endpoint;

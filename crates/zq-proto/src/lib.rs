@@ -6,6 +6,10 @@
 //! request (a snapshot listing or one replication step). Every stream is a sequence of
 //! [`Frame`]s; see `docs/protocol.md` for the byte layout and the rules.
 
+#![forbid(unsafe_code)]
+// Data from a peer or from zfs must not panic the process (tests may unwrap).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod codec;
 pub mod handshake;
 pub mod limits;

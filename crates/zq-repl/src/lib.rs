@@ -1,6 +1,10 @@
 //! Replication: planning (pure functions over snapshot lists) and the sender and receiver
 //! engines that carry out the plan over one QUIC connection.
 
+#![forbid(unsafe_code)]
+// Data from a peer or from zfs must not panic the process (tests may unwrap).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod connector;
 pub mod daemon;
 pub mod error;

@@ -5,7 +5,7 @@
 //! snapshot whose GUID exists on the source. Destruction on the destination is planned only
 //! with the user's `--force`, and the receiver re-checks its own state before acting on it.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use zq_proto::{ForceAction, SnapRef, SnapshotInfo};
 
@@ -152,8 +152,21 @@ pub fn plan(
     let Some(dest) = dest else {
         return Ok(initial(ForceAction::None));
     };
-    let source_guids: HashSet<u64> = source.iter().map(|s| s.guid).collect();
-    let Some(base_pos) = dest.iter().rposition(|s| source_guids.contains(&s.guid)) else {
+    // Each source GUID's position (the first, were a GUID listed twice).
+    let source_pos: HashMap<u64, usize> = source
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(i, s)| (s.guid, i))
+        .collect();
+    // The newest destination snapshot the source has, and the source's copy of it (same
+    // GUID; the name may differ).
+    let common = dest
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, s)| source_pos.get(&s.guid).map(|&j| (i, j)));
+    let Some((base_pos, src_pos)) = common else {
         if opts.force {
             return Ok(initial(ForceAction::Replace));
         }
@@ -179,11 +192,6 @@ pub fn plan(
             guid: base.guid,
         });
     }
-    // The source's copy of the base (same GUID; the name may differ).
-    let src_pos = source
-        .iter()
-        .position(|s| s.guid == base.guid)
-        .expect("base GUID was found in the source set");
     if src_pos == source.len() - 1 {
         let note = (newer > 0).then(|| {
             format!(

@@ -942,11 +942,11 @@ impl Sender {
             // The step failed while its chunks were striped: reset every stripe stream.
             s.abort().await;
         }
-        if let Err(ReplError::Stalled(_)) = &send_result {
+        if let Err(stalled @ ReplError::Stalled(_)) = send_result {
             // Nothing more will get through, a verdict neither: drop the stream.
             send.reset();
             recv.stop();
-            return Err(send_result.unwrap_err());
+            return Err(stalled);
         }
         match &send_result {
             Ok(()) => {

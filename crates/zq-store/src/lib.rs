@@ -2,6 +2,10 @@
 //! names validated by ZFS's rules before they reach a command line, and `zfs` output parsed
 //! by pure functions tested on captured OpenZFS and zfs-fuse output.
 
+#![forbid(unsafe_code)]
+// Data from a peer or from zfs must not panic the process (tests may unwrap).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod command;
 pub mod name;
 pub mod parse;

@@ -7,6 +7,9 @@
 //! `ssh … 'cat >/dev/null'`. The sink runs as a child process so that each side's CPU time
 //! and memory are its own. `sink` + `link` measure the same to a real remote host.
 
+// Data from a peer or from zfs must not panic the process (tests may unwrap).
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
@@ -436,8 +439,9 @@ fn chunks(pool: &Bytes, size: u64) -> impl Iterator<Item = Bytes> + '_ {
 /// CPU seconds (user + system) and peak RSS (KiB) of this process, or of its waited-for
 /// children.
 fn usage(who: libc::c_int) -> (f64, u64) {
-    // SAFETY: getrusage writes one rusage into the zeroed struct we own.
+    // SAFETY: rusage is plain integers and timevals, for which all zeroes is a value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into the struct we own and lend it.
     if unsafe { libc::getrusage(who, &mut ru) } != 0 {
         return (0.0, 0);
     }

@@ -28,7 +28,7 @@ pub struct ConnectConfig {
     pub addr: HostPort,
     /// Pull mode (`zq-send serve`): listen on `addr` and let the receiver dial in.
     pub listen: bool,
-    /// A daemon: in pull mode, each attempt waits [`PULL_WAIT`] for the receiver, not
+    /// A daemon: in pull mode, each attempt waits 2 s (`PULL_WAIT`) for the receiver, not
     /// forever.
     pub daemon: bool,
     /// QUIC windows, congestion control, socket buffers, idle timeout.

@@ -70,7 +70,7 @@ pub struct DaemonOptions {
     pub receiver: String,
     /// Where scrapes of `--metrics-listen` read the status and the connection.
     pub metrics: Option<Arc<crate::metrics::DaemonMetrics>>,
-    /// The steps in flight, as the senders report them ([`Sender::set_progress`]), for the
+    /// The steps in flight, as the senders report them ([`crate::SenderConfig::progress`]), for the
     /// status.
     pub progress: Option<Arc<crate::progress::Progress>>,
 }

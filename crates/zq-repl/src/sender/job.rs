@@ -1,0 +1,374 @@
+//! A job and its orchestration: one batched listing of both sides, a plan per dataset,
+//! steps parents first; and the daemon's `send_new` on top of a known cursor.
+
+use std::collections::HashMap;
+
+use tracing::{info, info_span, warn, Instrument};
+use zq_proto::{Committed, ResumeToken};
+use zq_store::{DatasetName, Zfs};
+
+use crate::error::ReplError;
+use crate::lanes::Slot;
+use crate::plan::{plan, PlanOptions, Step};
+use crate::protect::Protector;
+use crate::{to_info, DatasetOutcome, DatasetReport};
+
+use super::session::Sender;
+use super::step::{resumable_step, StepDone};
+
+/// Where `zfs send -I` is slow, backlogs up to this many snapshots go as a chain of `-i`
+/// steps. On zfs-fuse a `-i` step costs about one `-I` of a dataset with 10–15 snapshots
+/// (~50 ms, mostly `zfs receive`, against ~4 ms per snapshot of the dataset for `-I`);
+/// longer backlogs are rare (after an outage) and go as one `-I`.
+pub const CHAIN_UP_TO: usize = 16;
+
+/// One replication job: a source dataset (tree) and where it goes.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Source dataset.
+    pub source: DatasetName,
+    /// Target dataset on the receiver.
+    pub target: DatasetName,
+    /// Also replicate every descendant, parents first.
+    pub recursive: bool,
+    /// Planning options (`-i` vs `-I`, `--force`).
+    pub options: PlanOptions,
+    /// Which of the datasets a recursive job replicates.
+    pub filter: crate::filter::DatasetFilter,
+    /// Which snapshots of each dataset are replicated. When it leaves any out, steps never
+    /// use `zfs send -I` (which carries every snapshot in between) but chains of `-i`.
+    pub snapshots: crate::filter::SnapshotFilter,
+}
+
+impl Job {
+    /// The snapshots of a dataset (oldest first) this job replicates, in wire form.
+    pub fn kept_snapshots(&self, snapshots: &[zq_store::Snapshot]) -> Vec<zq_proto::SnapshotInfo> {
+        snapshots
+            .iter()
+            .filter(|s| self.snapshots.keeps(&s.name))
+            .map(to_info)
+            .collect()
+    }
+
+    /// The items of `all` (source datasets, by `name`) this job replicates: all of them
+    /// without a filter; reads the filter's property with one `zfs get` if it has one.
+    pub async fn select<T>(
+        &self,
+        zfs: &Zfs,
+        all: Vec<T>,
+        name: impl Fn(&T) -> &DatasetName,
+    ) -> Result<Vec<T>, zq_store::StoreError> {
+        if self.filter.is_empty() {
+            return Ok(all);
+        }
+        let by_property = match &self.filter.exclude_property {
+            Some(p) => self.filter.excluded_by_property(
+                &zfs.property_values(&self.source, self.recursive, &p.name)
+                    .await?,
+            ),
+            None => Default::default(),
+        };
+        Ok(all
+            .into_iter()
+            .filter(|t| self.filter.keeps(&self.source, name(t), &by_property))
+            .collect())
+    }
+}
+
+impl Sender {
+    /// Replicates `job`: lists both sides once, plans each dataset, runs the steps
+    /// (parents before children). One dataset's failure does not stop its siblings, but a
+    /// dataset whose parent failed is skipped.
+    pub async fn replicate(&self, job: &Job) -> Result<Vec<DatasetReport>, ReplError> {
+        // Both listings at once: one local zfs call and one round trip.
+        let (sources, dest) = tokio::join!(
+            self.zfs.list(&job.source, job.recursive),
+            self.list_remote(&job.target, job.recursive)
+        );
+        let sources = sources?;
+        if sources.is_empty() {
+            return Err(ReplError::SourceMissing(job.source.to_string()));
+        }
+        let sources = job.select(&self.zfs, sources, |s| &s.name).await?;
+        if sources.is_empty() {
+            return Err(ReplError::AllExcluded(job.source.to_string()));
+        }
+        let listing = dest?;
+        let dest: HashMap<&str, &[zq_proto::SnapshotInfo]> = listing
+            .datasets
+            .iter()
+            .map(|d| (d.name.as_str(), d.snapshots.as_slice()))
+            .collect();
+        let mut reports: Vec<DatasetReport> = Vec::new();
+        for src in &sources {
+            let target = src.name.rebase(&job.source, &job.target)?;
+            let parent_failed = reports.iter().any(|r| {
+                matches!(r.outcome, DatasetOutcome::Failed(_)) && src.name.is_within(&r.source)
+            });
+            let outcome = if parent_failed {
+                DatasetOutcome::Failed(ReplError::Skipped("its parent failed".into()))
+            } else {
+                let dest_snaps = dest.get(target.as_str()).copied();
+                let span = info_span!("dataset", source = %src.name, target = %target);
+                let snapshots = job.kept_snapshots(&src.snapshots);
+                self.replicate_dataset(
+                    &src.name,
+                    &snapshots,
+                    &target,
+                    dest_snaps,
+                    listing.token(&target),
+                    job.options,
+                    &mut Slot::unlimited(),
+                )
+                .instrument(span)
+                .await
+            };
+            reports.push(DatasetReport {
+                source: src.name.clone(),
+                target,
+                outcome,
+            });
+        }
+        Ok(reports)
+    }
+
+    /// Brings one dataset up to date given what the destination holds: its snapshot list,
+    /// `None` if it does not exist, or in steady state just the cursor (the snapshot the
+    /// receiver last committed). The receiver re-checks the base, so a stale cursor gives
+    /// a `Diverged`/`BaseMissing` error and the caller lists again. With `resume` (the
+    /// receiver's token for the target, from its listing), the interrupted step continues
+    /// first if it is still the way forward: its base is the destination's newest snapshot
+    /// and its `to` still exists here. Otherwise the plan's first step replaces it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn replicate_dataset(
+        &self,
+        src: &DatasetName,
+        source: &[zq_proto::SnapshotInfo],
+        target: &DatasetName,
+        dest: Option<&[zq_proto::SnapshotInfo]>,
+        resume_token: Option<&ResumeToken>,
+        options: PlanOptions,
+        slot: &mut Slot,
+    ) -> DatasetOutcome {
+        let options = PlanOptions {
+            chain_up_to: self.chain_up_to(),
+            ..options
+        };
+        let (mut steps, mut bytes, mut resumed, mut last) = (0, 0, 0, None);
+        let resumed_dest;
+        let mut dest = dest;
+        let resume = resume_token.and_then(|t| Some((t, resumable_step(t, source, dest)?)));
+        if let Some(p) = &self.config.protector {
+            self.tidy(p, src, source, dest, resume.as_ref().map(|(_, s)| s))
+                .await;
+        }
+        if let Some((token, step)) = resume {
+            match self
+                .run_step(
+                    src,
+                    target,
+                    &step,
+                    zq_proto::ForceAction::None,
+                    slot,
+                    Some(token),
+                )
+                .await
+            {
+                Ok(done) => {
+                    steps += 1;
+                    bytes += done.bytes;
+                    resumed += done.resumed;
+                    resumed_dest = done.committed.snapshots.clone();
+                    dest = Some(&resumed_dest);
+                    last = Some(done.committed);
+                }
+                Err(e) => {
+                    warn!(error = %e, "resumed step failed");
+                    return DatasetOutcome::Failed(e);
+                }
+            }
+        } else if let Some(t) = resume_token {
+            info!(to = %t.to.name, offset = t.offset, "the receiver's spooled step is no longer the way forward; it will be replaced");
+        }
+        let plan = match plan(source, dest, options) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "refusing to replicate");
+                return DatasetOutcome::Failed(e.into());
+            }
+        };
+        if let Some(note) = &plan.note {
+            info!("{note}");
+        }
+        if plan.steps.is_empty() && last.is_none() {
+            info!("up to date");
+            return DatasetOutcome::UpToDate;
+        }
+        let mut force = plan.force.clone();
+        for step in &plan.steps {
+            match self.run_step(src, target, step, force, slot, None).await {
+                Ok(done) => {
+                    steps += 1;
+                    bytes += done.bytes;
+                    last = Some(done.committed);
+                }
+                Err(e) => {
+                    warn!(error = %e, "step failed");
+                    return DatasetOutcome::Failed(e);
+                }
+            }
+            // Destruction, if any, was done before the first step.
+            force = zq_proto::ForceAction::None;
+        }
+        // Exit 0 means the destination holds every snapshot it was asked to: check the
+        // receiver's own listing after the last step rather than trusting the plan.
+        let held = last.map(|c| c.snapshots).unwrap_or_default();
+        let missing: Vec<String> = plan
+            .expected(source)
+            .into_iter()
+            .filter(|s| !held.iter().any(|h| h.guid == s.guid))
+            .map(|s| format!("@{}", s.name))
+            .collect();
+        if !missing.is_empty() {
+            return DatasetOutcome::Failed(ReplError::Protocol(format!(
+                "every step was committed, but the destination lacks {}",
+                missing.join(", ")
+            )));
+        }
+        let newest = held
+            .iter()
+            .rev()
+            .find(|h| source.iter().any(|s| s.guid == h.guid))
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        DatasetOutcome::Sent {
+            steps,
+            bytes,
+            resumed,
+            newest,
+            committed: held.len(),
+        }
+    }
+
+    /// Releases the job's holds on `src` that are no longer needed ([`Protector::tidy`]):
+    /// the cursor stays on the destination's newest snapshot, step holds on a step still
+    /// to be resumed. A failure is logged; the next planned step tries again.
+    pub(super) async fn tidy(
+        &self,
+        p: &Protector,
+        src: &DatasetName,
+        source: &[zq_proto::SnapshotInfo],
+        dest: Option<&[zq_proto::SnapshotInfo]>,
+        resuming: Option<&Step>,
+    ) {
+        let snap = |name: &str| src.snapshot(name).ok();
+        let cursor = dest
+            .and_then(|d| d.last())
+            .and_then(|n| source.iter().find(|s| s.guid == n.guid))
+            .and_then(|s| snap(&s.name));
+        let keep: Vec<_> = match resuming {
+            Some(Step::Incremental { from, to, .. }) => [snap(&from.name), snap(&to.name)]
+                .into_iter()
+                .flatten()
+                .collect(),
+            Some(Step::Full { to }) => snap(&to.name).into_iter().collect(),
+            None => Vec::new(),
+        };
+        let snapshots: Vec<_> = source.iter().filter_map(|s| snap(&s.name)).collect();
+        if let Err(e) = p.tidy(src, &snapshots, cursor.as_ref(), &keep).await {
+            warn!(error = %e, "cannot release holds no longer needed");
+        }
+    }
+
+    /// How many new snapshots to send as a chain of `-i` steps rather than one `-I` step
+    /// (see [`PlanOptions::chain_up_to`]).
+    pub(super) fn chain_up_to(&self) -> usize {
+        if !self.config.intermediates {
+            usize::MAX
+        } else if self.zfs.capabilities().cheap_intermediates {
+            0
+        } else {
+            CHAIN_UP_TO
+        }
+    }
+
+    /// Sends the snapshots the daemon just created (`new`, oldest first, GUIDs unknown) on
+    /// top of `from`, the snapshot the receiver last committed, without listing either side:
+    /// `-i` for one snapshot, and for several one `-I` step or, where `-I` is slow, a chain
+    /// of `-i` steps (unless `newest_only`). Returns the receiver's last commit, whose `guid`
+    /// is the newest snapshot's, and the bytes sent. A chain that fails part-way has
+    /// committed its first steps; the receiver's refusal of the stale cursor then says so.
+    /// Needs protocol version 2 (the receiver resolves the GUID); check [`Self::session`].
+    pub async fn send_new(
+        &self,
+        source: &DatasetName,
+        target: &DatasetName,
+        from: &zq_proto::SnapshotInfo,
+        new: &[String],
+        newest_only: bool,
+        slot: &mut Slot,
+    ) -> Result<(Committed, u64), ReplError> {
+        let Some(newest) = new.last() else {
+            return Err(ReplError::Protocol("nothing new to send".into()));
+        };
+        if self.session.version < 2 {
+            return Err(ReplError::Protocol(format!(
+                "the receiver speaks protocol version {}; sending a snapshot by name needs 2",
+                self.session.version
+            )));
+        }
+        let by_name = |name: &String| zq_proto::SnapshotInfo {
+            name: name.clone(),
+            guid: 0,
+            createtxg: 0,
+        };
+        if new.len() == 1 || newest_only || new.len() > self.chain_up_to() {
+            let step = Step::Incremental {
+                from: from.clone(),
+                to: by_name(newest),
+                intermediates: new.len() > 1 && !newest_only,
+            };
+            return self
+                .run_step(
+                    source,
+                    target,
+                    &step,
+                    zq_proto::ForceAction::None,
+                    slot,
+                    None,
+                )
+                .await
+                .map(|d| (d.committed, d.bytes));
+        }
+        let (mut from, mut bytes, mut last) = (from.clone(), 0, None);
+        for name in new {
+            let step = Step::Incremental {
+                from,
+                to: by_name(name),
+                intermediates: false,
+            };
+            let StepDone {
+                committed,
+                bytes: n,
+                ..
+            } = self
+                .run_step(
+                    source,
+                    target,
+                    &step,
+                    zq_proto::ForceAction::None,
+                    slot,
+                    None,
+                )
+                .await?;
+            from = zq_proto::SnapshotInfo {
+                guid: committed.guid,
+                ..by_name(name)
+            };
+            bytes += n;
+            last = Some(committed);
+        }
+        let last = last.ok_or_else(|| ReplError::Protocol("nothing new to send".into()))?;
+        Ok((last, bytes))
+    }
+}

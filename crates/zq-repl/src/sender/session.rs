@@ -1,0 +1,345 @@
+//! A sender's session: the connection, the handshake with its configuration, the stripe
+//! connections, and the requests that are not steps (listings, retention).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::info;
+use zq_net::{Dialed, FramedRecv, FramedSend};
+use zq_proto::{
+    Capabilities, Compression, ListRequest, ListRoot, Message, ResumeToken, Session, Stripes,
+    RESUME_SPOOL,
+};
+use zq_store::{DatasetName, Zfs};
+
+use crate::error::ReplError;
+use crate::protect::Protector;
+use crate::stripe::StripeSender;
+
+/// How long the sender waits for the receiver's answer to its Hello (the receiver gives a
+/// new connection as long to send one).
+const WELCOME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The receiver's answer to a listing.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    /// Existing datasets under the requested root, parents first, with their snapshots.
+    pub datasets: Vec<zq_proto::DatasetSnapshots>,
+    /// Steps the receiver can resume under the root.
+    pub resumable: Vec<ResumeToken>,
+}
+
+impl Listing {
+    /// The resume token of `target`, if any.
+    pub fn token(&self, target: &DatasetName) -> Option<&ResumeToken> {
+        self.resumable.iter().find(|t| t.dataset == target.as_str())
+    }
+}
+
+/// How a sender sends: given at the handshake ([`Sender::handshake`]) and the same for
+/// every connection of a job (quinn's `TransportConfig` habit: one struct at construction,
+/// not setters called in order).
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Holds and cursors ([`crate::protect`]); none: guarantee_nothing without a cursor.
+    pub protector: Option<Arc<Protector>>,
+    /// A step whose data the receiver accepts none of for this long while the connection
+    /// stays alive (a hung receiver or `zfs receive`) is abandoned, to be retried and
+    /// resumed from the receiver's spool. QUIC's flow control bounds what waits meanwhile.
+    pub stall_timeout: Duration,
+    /// How chunks are compressed. zstd is offered in the handshake only when this is not
+    /// [`Compression::None`] ([`SenderConfig::capabilities`]), and used where agreed.
+    pub compression: Compression,
+    /// All steps' data together stays under this rate (clones of one limit, given to
+    /// several senders, limit them together).
+    pub bwlimit: Option<zq_net::RateLimit>,
+    /// `false` under a snapshot filter: never `zfs send -I`, which would carry the
+    /// snapshots the filter leaves out, but a chain of `-i` steps between kept ones.
+    pub intermediates: bool,
+    /// Where each step in flight is reported (a terminal's progress line, a daemon's
+    /// status), with zfs's size estimate once a step turns bulk where zfs can give one.
+    pub progress: Option<Arc<crate::progress::Progress>>,
+    /// Caps the size estimations (`zfs send -nvP`, or a property where zfs cannot
+    /// estimate) running at once, across connections and jobs. Estimates only feed
+    /// progress and status; a step never waits for one.
+    pub estimates: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            protector: None,
+            stall_timeout: STALL_TIMEOUT,
+            compression: Compression::None,
+            bwlimit: None,
+            intermediates: true,
+            progress: None,
+            estimates: Arc::new(tokio::sync::Semaphore::new(DEFAULT_SIZE_ESTIMATES)),
+        }
+    }
+}
+
+impl SenderConfig {
+    /// What this sender offers in its Hello: the current protocol (or only `version`),
+    /// zstd only if it would use it.
+    pub fn capabilities(&self, software: String, version: Option<u16>) -> Capabilities {
+        let mut caps = Capabilities::current(software);
+        if let Some(v) = version {
+            caps.min_version = v;
+            caps.max_version = v;
+        }
+        if self.compression == Compression::None {
+            caps.compression = vec![zq_proto::COMPRESSION_NONE.into()];
+        }
+        caps
+    }
+}
+
+/// A connected, handshaken sender.
+#[derive(Debug)]
+pub struct Sender {
+    pub(super) conn: quinn::Connection,
+    pub(super) zfs: Zfs,
+    pub(super) session: Session,
+    pub(super) config: SenderConfig,
+    /// More connections to the same receiver, over which bulk steps spread their chunks
+    /// with this one ([`crate::stripe`]).
+    pub(super) stripes: Vec<quinn::Connection>,
+}
+
+/// [`SenderConfig::estimates`]' default: zrepl's `concurrency.size_estimates`.
+pub const DEFAULT_SIZE_ESTIMATES: usize = 4;
+
+/// [`SenderConfig::stall_timeout`]'s default.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Sender {
+    /// Runs the handshake on a fresh connection. On a resumed connection ([`Dialed`] in
+    /// 0-RTT) the Hello goes out at once and the receiver answers before the TLS handshake
+    /// completes, so a reconnect costs one round trip; if the receiver rejects the 0-RTT
+    /// data, the Hello is sent again. Steps are only ever sent once the handshake is
+    /// complete: they must not be replayable.
+    pub async fn handshake(
+        dialed: impl Into<Dialed>,
+        zfs: Zfs,
+        caps: &Capabilities,
+        config: SenderConfig,
+    ) -> Result<Self, ReplError> {
+        let mut dialed = dialed.into();
+        let early = dialed.is_early();
+        let first = Self::hello(&dialed.conn, caps).await;
+        let accepted = dialed.established().await?;
+        let session = if accepted {
+            first?
+        } else {
+            Self::hello(&dialed.conn, caps).await?
+        };
+        info!(version = session.version, peer = %session.peer_software, early = early && accepted, "handshake complete");
+        Ok(Sender {
+            conn: dialed.conn,
+            zfs,
+            session,
+            config,
+            stripes: Vec::new(),
+        })
+    }
+
+    /// Spreads bulk steps' chunks over these connections as well as this sender's own
+    /// ([`crate::stripe`]; protocol version 5, else unused). Each must be a handshaken
+    /// connection to the same receiver under the same key (another [`Sender`]'s, see
+    /// [`Sender::into_connection`]). One that closes is left out of later steps.
+    pub fn with_stripes(mut self, conns: Vec<quinn::Connection>) -> Self {
+        self.stripes = conns;
+        self
+    }
+
+    /// The connection, handshaken, for [`Sender::with_stripes`].
+    pub fn into_connection(self) -> quinn::Connection {
+        self.conn
+    }
+
+    /// Says [`Stripes`] on a bulk step's stream and opens the set, when this sender has
+    /// stripe connections open and the receiver speaks version 5.
+    pub(super) async fn open_stripes(
+        &self,
+        send: &mut FramedSend,
+    ) -> Result<Option<StripeSender>, ReplError> {
+        if self.session.version < 5 || self.stripes.is_empty() {
+            return Ok(None);
+        }
+        let mut conns = vec![self.conn.clone()];
+        conns.extend(
+            self.stripes
+                .iter()
+                .filter(|c| c.close_reason().is_none())
+                .cloned(),
+        );
+        conns.truncate(zq_proto::limits::MAX_STRIPES);
+        if conns.len() < 2 {
+            return Ok(None);
+        }
+        let set = Stripes {
+            id: crate::stripe::new_id(),
+            count: conns.len() as u8,
+        };
+        send.send(&Message::Stripes(set)).await?;
+        info!(
+            connections = set.count,
+            "spreading the step's chunks over parallel connections"
+        );
+        Ok(Some(StripeSender::open(&conns, set).await?))
+    }
+
+    /// The Hello/Welcome exchange on a new stream, within [`WELCOME_TIMEOUT`]: a receiver
+    /// that keeps the connection alive but never answers must not hang the sender.
+    pub(super) async fn hello(
+        conn: &quinn::Connection,
+        caps: &Capabilities,
+    ) -> Result<Session, ReplError> {
+        tokio::time::timeout(WELCOME_TIMEOUT, Self::exchange_hello(conn, caps))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ReplError::Connection(format!(
+                    "the receiver sent no Welcome within {WELCOME_TIMEOUT:?}"
+                )))
+            })
+    }
+
+    pub(super) async fn exchange_hello(
+        conn: &quinn::Connection,
+        caps: &Capabilities,
+    ) -> Result<Session, ReplError> {
+        let (send, recv) = conn.open_bi().await.map_err(ReplError::connection)?;
+        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+        send.send(&Message::Hello(caps.hello())).await?;
+        send.finish()?;
+        match recv.message("Welcome").await? {
+            Message::Welcome(w) => Ok(caps.check_welcome(&w)?),
+            Message::Refused(r) => Err(zq_proto::HandshakeError::Refused(r).into()),
+            other => Err(zq_proto::HandshakeError::Unexpected {
+                expected: "Welcome",
+                got: other.name(),
+            }
+            .into()),
+        }
+    }
+
+    /// Whether the connection is still open (a step's error may be its own, not the
+    /// connection's).
+    pub fn is_connected(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
+    /// The QUIC connection (for its statistics).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// What the handshake agreed on.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Lists `target` (and descendants) on the receiver in one request, with the steps it
+    /// can resume there (if the session agreed on spooling).
+    pub async fn list_remote(
+        &self,
+        target: &DatasetName,
+        recursive: bool,
+    ) -> Result<Listing, ReplError> {
+        let (send, recv) = self.conn.open_bi().await.map_err(ReplError::connection)?;
+        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+        send.send(&Message::ListRequest(ListRequest {
+            roots: vec![ListRoot {
+                dataset: target.to_string(),
+                recursive,
+            }],
+        }))
+        .await?;
+        send.finish()?;
+        let datasets = match recv.message("ListResponse").await? {
+            Message::ListResponse(r) => r.datasets,
+            Message::Error(e) => return Err(ReplError::Remote(e)),
+            other => {
+                return Err(ReplError::Protocol(format!(
+                    "expected ListResponse, receiver sent {}",
+                    other.name()
+                )))
+            }
+        };
+        let resumable = if self.spooling() {
+            match recv.message("Resumable").await? {
+                Message::Resumable(r) => r.tokens,
+                other => {
+                    return Err(ReplError::Protocol(format!(
+                        "expected Resumable, receiver sent {}",
+                        other.name()
+                    )))
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        Ok(Listing {
+            datasets,
+            resumable,
+        })
+    }
+
+    /// Whether the receiver spools large steps so that they can resume.
+    pub(super) fn spooling(&self) -> bool {
+        self.session.resume.iter().any(|r| r == RESUME_SPOOL)
+    }
+
+    /// Asks the receiver to prune `target`'s `zq_` snapshots by `policy` (see
+    /// [`crate::retention`]), or with `dry_run` only to say what would go; returns the
+    /// names it destroyed (would destroy). Receivers before protocol version 4 know only
+    /// a count: a grid or a dry run is [`ReplError::Unsupported`] there.
+    pub async fn prune_remote(
+        &self,
+        target: &DatasetName,
+        policy: &crate::retention::Policy,
+        base_guid: u64,
+        dry_run: bool,
+    ) -> Result<zq_proto::Pruned, ReplError> {
+        let keep_last = policy
+            .keep_last
+            .map(|k| u32::try_from(k).unwrap_or(u32::MAX));
+        let request = if self.session.version >= 4 {
+            Message::PruneBy(zq_proto::PruneBy {
+                dataset: target.to_string(),
+                keep_last,
+                grid: policy.grid.as_ref().map(ToString::to_string),
+                base_guid,
+                dry_run,
+            })
+        } else {
+            match (keep_last, &policy.grid, dry_run) {
+                (Some(keep_last), None, false) => Message::Prune(zq_proto::PruneRequest {
+                    dataset: target.to_string(),
+                    keep_last,
+                    base_guid,
+                }),
+                _ => {
+                    return Err(ReplError::Unsupported(format!(
+                        "the receiver speaks protocol version {}: retention by time grid and \
+                         dry runs need version 4 (upgrade zq-recv)",
+                        self.session.version
+                    )))
+                }
+            }
+        };
+        let (send, recv) = self.conn.open_bi().await.map_err(ReplError::connection)?;
+        let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
+        send.send(&request).await?;
+        send.finish()?;
+        match recv.message("Pruned").await? {
+            Message::Pruned(p) => Ok(p),
+            Message::Error(e) => Err(ReplError::Remote(e)),
+            other => Err(ReplError::Protocol(format!(
+                "expected Pruned, receiver sent {}",
+                other.name()
+            ))),
+        }
+    }
+}

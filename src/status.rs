@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use zq_repl::daemon::tracked::{epoch_seconds, Status};
+use zq_repl::status::{epoch_seconds, Status};
 use zq_store::DatasetName;
 
 use crate::fail;
@@ -314,7 +314,7 @@ fn table(s: &Status, now: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zq_repl::daemon::tracked::DatasetStatus;
+    use zq_repl::status::DatasetStatus;
 
     #[test]
     fn table_ages_the_lag_with_the_file() {
@@ -335,7 +335,7 @@ mod tests {
                 steps: 7,
                 failures: 1,
                 bytes: 1 << 30,
-                sending: Some(zq_repl::daemon::tracked::Sending {
+                sending: Some(zq_repl::status::Sending {
                     snapshot: "zq_y".into(),
                     bytes: 3 << 30,
                     estimate: Some(4 << 30),

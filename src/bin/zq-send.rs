@@ -462,7 +462,7 @@ async fn prune(args: &Run, job: &Job, connector: &Connector, dry_run: bool) -> a
         )));
     }
     let sender = connector.connect().await?;
-    let pruned = zq_repl::daemon::prune_once(&sender, connector.zfs(), job, &retention, dry_run)
+    let pruned = zq_repl::prune::prune_once(&sender, connector.zfs(), job, &retention, dry_run)
         .await
         .with_context(|| format!("pruning {}", args.source))?;
     let verb = if dry_run {

@@ -19,8 +19,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::daemon::tracked::Status;
-use crate::Sender;
+use crate::sender::Sender;
+use crate::status::Status;
 
 /// Longest request head read from a scraper.
 pub const MAX_REQUEST: usize = 8192;
@@ -264,7 +264,7 @@ impl ReceiverMetrics {
 }
 
 fn datasets(e: &mut Exposition, status: &Status) {
-    type Get = fn(&crate::daemon::tracked::DatasetStatus) -> Option<f64>;
+    type Get = fn(&crate::status::DatasetStatus) -> Option<f64>;
     let families: [(&str, &str, &str, Get); 8] = [
         (
             "zq_replication_lag_seconds",

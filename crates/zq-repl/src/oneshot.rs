@@ -9,9 +9,10 @@ use zq_store::DatasetName;
 
 use crate::connector::{ConnectError, Connector};
 use crate::error::chain;
+use crate::error::ReplError;
+use crate::report::{DatasetOutcome, DatasetReport};
 use crate::retry::Backoff;
 use crate::sender::Job;
-use crate::{DatasetOutcome, DatasetReport, ReplError};
 
 /// How often a one-shot run tries again.
 #[derive(Debug, Clone, Copy)]

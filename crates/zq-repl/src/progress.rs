@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The steps in flight, shared between a [`crate::Sender`] and whatever displays them.
+/// The steps in flight, shared between a [`crate::sender::Sender`] and whatever displays them.
 #[derive(Debug, Default)]
 pub struct Progress {
     state: Mutex<State>,

@@ -11,7 +11,7 @@ use zq_proto::{
 };
 use zq_store::{DatasetName, Zfs};
 
-use crate::to_info;
+use crate::report::to_info;
 
 mod lister;
 pub mod spool;

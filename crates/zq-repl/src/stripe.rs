@@ -32,7 +32,7 @@ use zq_net::{Fingerprint, FramedRecv, FramedSend};
 use zq_proto::limits::MAX_STRIPES;
 use zq_proto::{Frame, Message, Payload, StripeJoin, Stripes};
 
-use crate::ReplError;
+use crate::error::ReplError;
 
 /// Chunks the receiver holds per stripe stream while it waits for an earlier one.
 pub const STRIPE_WINDOW: usize = 2;

@@ -8,11 +8,12 @@
 //! made. The receiver still checks the base, so a stale cursor costs one refused step, after
 //! which the dataset is listed again.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use serde::Serialize;
 use zq_proto::SnapshotInfo;
 use zq_store::DatasetName;
+
+use crate::status::DatasetStatus;
 
 /// One source dataset the daemon replicates.
 #[derive(Debug, Clone)]
@@ -200,78 +201,6 @@ impl Tracked {
 /// `zfs snapshot`), if it is one.
 pub fn created_at(name: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339(name.strip_prefix(crate::retention::ZQ_PREFIX)?).ok()
-}
-
-/// One dataset in `zq-send status`.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct DatasetStatus {
-    /// Source dataset.
-    pub source: String,
-    /// Target dataset.
-    pub target: String,
-    /// Newest snapshot the receiver committed, if known.
-    pub replicated: Option<String>,
-    /// How old that snapshot is (replication lag), in seconds.
-    pub lag_seconds: Option<f64>,
-    /// Snapshots zq created that are not replicated yet.
-    pub unsent: usize,
-    /// The last error, while the dataset is failing.
-    pub error: Option<String>,
-    /// Interrupted steps this daemon resumed from the receiver's spool.
-    #[serde(default)]
-    pub resumes: u64,
-    /// Stream bytes those resumes did not send again.
-    #[serde(default)]
-    pub resumed_bytes: u64,
-    /// Steps the receiver committed, since this daemon started.
-    #[serde(default)]
-    pub steps: u64,
-    /// Failed attempts, since this daemon started.
-    #[serde(default)]
-    pub failures: u64,
-    /// Stream bytes of the committed steps, since this daemon started.
-    #[serde(default)]
-    pub bytes: u64,
-    /// The step in flight, if one has run for a second or more.
-    #[serde(default)]
-    pub sending: Option<Sending>,
-}
-
-/// A step in flight, in `zq-send status`.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct Sending {
-    /// The snapshot it ends with (after `@`).
-    pub snapshot: String,
-    /// Stream bytes sent so far.
-    pub bytes: u64,
-    /// zfs's estimate of the stream's size, for bulk steps where zfs gives one.
-    pub estimate: Option<u64>,
-    /// How long it has been running, in seconds.
-    pub seconds: f64,
-}
-
-/// The whole daemon's status, written on every tick and as steps end (at most once a second).
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct Status {
-    /// When it was written (seconds since the Unix epoch).
-    pub written_at: f64,
-    /// Receiver address.
-    pub receiver: String,
-    /// Whether the connection is up.
-    pub connected: bool,
-    /// When the daemon stopped (seconds since the Unix epoch); absent while it runs. A
-    /// daemon killed without a chance to write it leaves its last status, which ages.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stopped_at: Option<f64>,
-    /// Per dataset, parents first.
-    pub datasets: Vec<DatasetStatus>,
-}
-
-/// Seconds since the epoch, for status files.
-pub fn epoch_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs_f64()
 }
 
 #[cfg(test)]

@@ -32,8 +32,8 @@ use zq_store::{DatasetName, SnapshotName, StreamBegin, Writer};
 use super::spool::{Replay, SpoolWriter};
 use super::{authorize, internal, zfs_err, Agreed, Known, LastHold, Receiver, TARGET_WAIT};
 use crate::progress::human_bytes;
+use crate::report::to_info;
 use crate::stripe::StepFrames;
-use crate::to_info;
 
 /// How long an aborted full receive may take zfs to discard its partial dataset.
 const DISCARD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);

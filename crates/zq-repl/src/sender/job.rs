@@ -11,7 +11,7 @@ use crate::error::ReplError;
 use crate::lanes::Slot;
 use crate::plan::{plan, PlanOptions, Step};
 use crate::protect::Protector;
-use crate::{to_info, DatasetOutcome, DatasetReport};
+use crate::report::{to_info, DatasetOutcome, DatasetReport};
 
 use super::session::Sender;
 use super::step::{resumable_step, StepDone};

@@ -4,6 +4,7 @@
 //!
 //! - [`tuning`]: windows, congestion control and buffers from a path's BDP;
 //! - [`socket`]: the UDP socket, its buffers and the route's datagram size;
+//! - [`gso`]: quinn's socket, with GSO batches under the kernel's 64 KiB;
 //! - [`client`]: the sender's side, dialing a pinned receiver;
 //! - [`server`]: servers and the pull-mode listener, admitting pinned peers.
 
@@ -15,6 +16,7 @@ use rustls_pki_types::CertificateDer;
 use crate::identity::Fingerprint;
 
 pub mod client;
+pub mod gso;
 pub mod server;
 pub mod socket;
 pub mod tuning;

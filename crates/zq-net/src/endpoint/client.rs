@@ -61,7 +61,7 @@ impl Client {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| NetError::Config("no async runtime for quinn".into()))?;
         let endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+            super::gso::endpoint(quinn::EndpointConfig::default(), None, socket, runtime)
                 .map_err(|source| NetError::Bind { addr: bind, source })?;
         Ok(Client {
             endpoint,

@@ -91,7 +91,7 @@ pub(super) fn server_parts(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let endpoint = quinn::Endpoint::new(endpoint_config, Some(config.clone()), socket, runtime)
+    let endpoint = super::gso::endpoint(endpoint_config, Some(config.clone()), socket, runtime)
         .map_err(bind_err)?;
     Ok((endpoint, config))
 }

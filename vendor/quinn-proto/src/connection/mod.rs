@@ -466,12 +466,7 @@ impl Connection {
         assert!(max_datagrams != 0);
         let max_datagrams = match self.config.enable_segmentation_offload {
             false => 1,
-            // zq: a GSO batch is one UDP send, which the kernel caps at 64 KiB; above it,
-            // sendmsg fails with EMSGSIZE, which quinn-udp drops silently (it expects that
-            // only from MTU probes). With jumbo datagrams, send fewer per batch.
-            true => max_datagrams
-                .min(MAX_GSO_BATCH_BYTES / usize::from(self.path.current_mtu()))
-                .max(1),
+            true => max_datagrams,
         };
 
         let mut num_datagrams = 0;
@@ -4230,7 +4225,3 @@ mod tests {
         }
     }
 }
-
-/// zq: largest UDP payload one GSO send may carry (65535 bytes of IPv4 packet minus its
-/// 20-byte IP and 8-byte UDP headers).
-const MAX_GSO_BATCH_BYTES: usize = 65_507;

@@ -473,6 +473,52 @@ impl Config {
     }
 }
 
+/// The jobs `zq-send run --config PATH` runs: those of the file for `cli`'s host (only
+/// `--job`'s, if the command line gave it), each under the flags and environment `given`
+/// (in pull mode, listening on its `listen`).
+pub fn runs(
+    path: &Path,
+    cli: &crate::run::RunArgs,
+    given: Option<&clap::ArgMatches>,
+    pull: bool,
+) -> anyhow::Result<Vec<Run>> {
+    let given_ids = given.map(crate::Given::new).unwrap_or_default();
+    let config = Config::load(path)?;
+    let host = cli.host.clone().unwrap_or_else(this_host);
+    let mut jobs = config.jobs_for(&host)?;
+    if jobs.is_empty() {
+        bail!(
+            "config file {} has no job for host {host:?} (hosts named in it: {}); set --host",
+            path.display(),
+            config.host_names()?.join(", ")
+        );
+    }
+    if let (true, Some(only)) = (given_ids.has("job"), &cli.job) {
+        jobs.retain(|j| &j.name == only);
+        if jobs.is_empty() {
+            bail!(
+                "config file {} has no job {only:?} for host {host:?}",
+                path.display()
+            );
+        }
+    }
+    if jobs.len() > 1 {
+        for (id, flag) in [
+            ("metrics_listen", "--metrics-listen"),
+            ("status_file", "--status-file"),
+        ] {
+            if given_ids.has(id) {
+                bail!(
+                    "{flag} would be the same for the {} jobs of host {host:?}: set it per job \
+                     in the config file, or run one job with --job",
+                    jobs.len()
+                );
+            }
+        }
+    }
+    jobs.iter().map(|job| job.run(given, pull)).collect()
+}
+
 /// `options` with `{host}` replaced by `host` in every string.
 fn for_host(options: &Table, host: &str) -> Table {
     fn replace(v: &Value, host: &str) -> Value {
@@ -709,6 +755,43 @@ allow = [{{ sender = "db1", root = "backup/db1" }}, {{ sender = "{FP_OTHER}", ro
         )
         .unwrap_err();
         assert!(format!("{e:#}").contains("has no `fingerprint`"), "{e:#}");
+    }
+
+    #[test]
+    fn runs_are_a_hosts_jobs_under_the_command_line() {
+        use clap::{CommandFactory, FromArgMatches};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zq.toml");
+        std::fs::write(&path, fleet()).unwrap();
+        let cli = |args: &[&str]| {
+            let mut argv = vec!["--config", path.to_str().unwrap()];
+            argv.extend(args);
+            let m = crate::run::RunOnly::command()
+                .try_get_matches_from(argv)
+                .unwrap();
+            let args = crate::run::RunOnly::from_arg_matches(&m).unwrap().args;
+            (args, m)
+        };
+        let (args, m) = cli(&["--host", "db2", "--max-steps", "9"]);
+        let both = runs(&path, &args, Some(&m), false).unwrap();
+        assert_eq!(both.len(), 2);
+        assert!(both.iter().all(|r| r.concurrency.steps == 9));
+        let (args, m) = cli(&["--host", "db2", "--job", "vm"]);
+        let one = runs(&path, &args, Some(&m), false).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].name.as_deref(), Some("vm"));
+        for (argv, says) in [
+            (&["--host", "db2", "--job", "x"][..], "has no job \"x\""),
+            (&["--host", "web"], "no job for host \"web\""),
+            (&["--host", "db2", "--status-file", "/s"], "set it per job"),
+        ] {
+            let (args, m) = cli(argv);
+            let e = runs(&path, &args, Some(&m), false).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{e:#}");
+        }
+        let (args, m) = cli(&["--host", "db1"]);
+        let e = runs(&path, &args, Some(&m), true).unwrap_err();
+        assert!(format!("{e:#}").contains("no `listen` address"), "{e:#}");
     }
 
     #[test]

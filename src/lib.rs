@@ -24,6 +24,7 @@ pub mod config;
 pub mod exit;
 pub mod options;
 pub mod run;
+pub mod send;
 pub mod serve;
 pub mod status;
 
@@ -231,6 +232,26 @@ pub fn runtime_threads(env: Option<&str>, cores: usize) -> Result<usize, String>
             )),
         },
     }
+}
+
+/// Tells systemd (Type=notify units) the service is ready, and returns a flag that turns
+/// true on SIGTERM or SIGINT, when systemd is told it is stopping. A no-op for systemd
+/// elsewhere. The three programs' services all start and stop this way.
+pub fn ready_until_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("signal received, stopping");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        let _ = stop.send(true);
+    });
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    stopped
+}
+
+/// Resolves once `stop` (from [`ready_until_signal`]) turns true.
+pub async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Resolves on SIGTERM or SIGINT.

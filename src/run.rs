@@ -14,7 +14,7 @@ use zq_repl::filter::{DatasetFilter, PropertyMatch, SnapshotFilter};
 use zq_repl::progress::Progress;
 use zq_repl::protect::{Modes, Protection, Protector, Tags};
 use zq_repl::retention::{Grid, Policy, Retention};
-use zq_repl::{ConnectConfig, DaemonOptions, Job, PlanOptions, SenderConfig};
+use zq_repl::{ConnectConfig, Connector, DaemonOptions, Job, PlanOptions, SenderConfig};
 use zq_store::{DatasetName, Zfs};
 
 use crate::exit;
@@ -513,6 +513,20 @@ impl Run {
             software: format!("zq-send {}", env!("CARGO_PKG_VERSION")),
             sender,
         }
+    }
+
+    /// Loads the identity, probes zfs and sets up the connection layer (nothing is
+    /// connected yet); `pull`: pull mode, `progress`: where steps report.
+    pub async fn connector(
+        &self,
+        pull: Option<zq_net::AddressValidation>,
+        progress: Option<Arc<Progress>>,
+    ) -> anyhow::Result<Connector> {
+        use anyhow::Context;
+        let identity = Identity::load(&self.identity, "zq-send").context("loading identity")?;
+        let zfs = Zfs::probe(&self.zfs).await.context("probing zfs")?;
+        let sender = self.sender_config(&zfs, progress)?;
+        Ok(Connector::new(self.connect_config(identity, sender, pull), zfs).await?)
     }
 
     /// How its daemon runs (`every`: [`Run::daemon_every`]).

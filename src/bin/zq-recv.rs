@@ -172,11 +172,7 @@ async fn serve(
         .iter()
         .map(|e| tokio::spawn(receiver.clone().serve(e.clone(), admission.clone())))
         .collect();
-    // For Type=notify units; a no-op elsewhere.
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    zq::shutdown_signal().await;
-    tracing::info!("shutting down");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    zq::stopped(zq::ready_until_signal()).await;
     for endpoint in &endpoints {
         endpoint.close(0u32.into(), b"receiver shutting down");
     }
@@ -262,11 +258,10 @@ async fn pull(addr: HostPort, peer: zq_net::Fingerprint, args: ServeArgs) -> any
     } = prepare(&args).await?;
     let target = addr.resolve().await.usage()?;
     let client = zq_net::Client::new(identity, peer, target, &args.transport.tuning()).usage()?;
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let stop = zq::stopped(zq::ready_until_signal());
     tracing::info!(sender = %addr, "zq-recv pulling");
     const CAP: Duration = Duration::from_secs(30);
     let mut backoff = Backoff::new(Duration::from_secs(1), CAP);
-    let stop = zq::shutdown_signal();
     tokio::pin!(stop);
     loop {
         let started = Instant::now();
@@ -292,8 +287,6 @@ async fn pull(addr: HostPort, peer: zq_net::Fingerprint, args: ServeArgs) -> any
             _ = &mut stop => break,
         }
     }
-    tracing::info!("shutting down");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     client.shutdown().await;
     receiver.flush_holds().await;
     Ok(())

@@ -6,18 +6,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use std::io::IsTerminal;
 use zq::exit::{self, UsageExt};
 use zq::run::{Run, RunArgs};
-use zq_net::Identity;
-use zq_repl::progress::Progress;
+use zq::send::{run_all, Action};
 use zq_repl::protect::Tags;
-use zq_repl::{Connector, DaemonOptions, DatasetOutcome, Job};
 use zq_store::{DatasetName, Zfs};
 
 const ROLE: &str = "zq-send";
@@ -204,52 +200,16 @@ fn start(
 }
 
 /// The jobs to run: the command line's, or with --config those of the file for this host
-/// (only --job's, if given), each under the flags and environment `given`.
+/// ([`zq::config::runs`]).
 fn jobs(
     cli: RunArgs,
     given: Option<&clap::ArgMatches>,
     action: Action,
 ) -> anyhow::Result<Vec<Run>> {
-    let Some(path) = cli.config.clone() else {
-        return Ok(vec![Run::new(cli)?]);
-    };
-    let given_ids = given.map(zq::Given::new).unwrap_or_default();
-    let config = zq::config::Config::load(&path).usage()?;
-    let host = cli.host.clone().unwrap_or_else(zq::config::this_host);
-    let mut jobs = config.jobs_for(&host).usage()?;
-    if jobs.is_empty() {
-        return Err(exit::usage(anyhow::anyhow!(
-            "config file {} has no job for host {host:?} (hosts named in it: {}); set --host",
-            path.display(),
-            config.host_names()?.join(", ")
-        )));
+    match cli.config.clone() {
+        None => Ok(vec![Run::new(cli)?]),
+        Some(path) => zq::config::runs(&path, &cli, given, action.pull().is_some()).usage(),
     }
-    if let (true, Some(only)) = (given_ids.has("job"), &cli.job) {
-        jobs.retain(|j| &j.name == only);
-        if jobs.is_empty() {
-            return Err(exit::usage(anyhow::anyhow!(
-                "config file {} has no job {only:?} for host {host:?}",
-                path.display()
-            )));
-        }
-    }
-    if jobs.len() > 1 {
-        for (id, flag) in [
-            ("metrics_listen", "--metrics-listen"),
-            ("status_file", "--status-file"),
-        ] {
-            if given_ids.has(id) {
-                return Err(exit::usage(anyhow::anyhow!(
-                    "{flag} would be the same for the {} jobs of host {host:?}: set it per job \
-                     in the config file, or run one job with --job",
-                    jobs.len()
-                )));
-            }
-        }
-    }
-    jobs.iter()
-        .map(|job| job.run(given, matches!(action, Action::Serve(_))).usage())
-        .collect()
 }
 
 /// `zq-send check-config`: every job and receiver of the file parsed as the options they
@@ -303,27 +263,6 @@ fn check_config(args: &CheckConfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What to do with a job.
-#[derive(Debug, Clone, Copy)]
-enum Action {
-    Replicate,
-    /// Replicate in pull mode: listen on ADDR for the receiver.
-    Serve(zq_net::AddressValidation),
-    Prune {
-        dry_run: bool,
-    },
-}
-
-impl Action {
-    /// Pull mode, and how it admits connections.
-    fn pull(self) -> Option<zq_net::AddressValidation> {
-        match self {
-            Action::Serve(admission) => Some(admission),
-            Action::Replicate | Action::Prune { .. } => None,
-        }
-    }
-}
-
 /// `serve`'s arguments: `run`'s, and how the listener admits connections.
 #[derive(Args, Debug)]
 struct PullModeArgs {
@@ -331,83 +270,6 @@ struct PullModeArgs {
     run: RunArgs,
     #[command(flatten)]
     admission: zq::AdmissionArgs,
-}
-
-/// Runs the jobs side by side; the exit code is the worst of theirs.
-async fn run_all(jobs: Vec<Run>, action: Action) -> ExitCode {
-    use tracing::Instrument;
-    let mut set = tokio::task::JoinSet::new();
-    let several = jobs.len() > 1;
-    for mut job in jobs {
-        // One progress line per terminal.
-        job.args.no_progress |= several;
-        let span = match &job.name {
-            Some(name) => tracing::info_span!("job", name = %name),
-            None => tracing::Span::none(),
-        };
-        set.spawn(
-            async move {
-                run(job, action).await.unwrap_or_else(|e| {
-                    zq::report(&e);
-                    exit::code(&e)
-                })
-            }
-            .instrument(span),
-        );
-    }
-    let mut code = exit::OK;
-    while let Some(done) = set.join_next().await {
-        code = code.max(done.unwrap_or(exit::FAILURE));
-    }
-    ExitCode::from(code)
-}
-
-/// Runs one job; the exit code of what it did, or the error that stopped it.
-async fn run(args: Run, action: Action) -> anyhow::Result<u8> {
-    let metrics_listen = match action {
-        Action::Replicate | Action::Serve(_) => args.metrics_listen,
-        Action::Prune { .. } => None,
-    };
-    // Bound before anything else runs, so a taken port is a usage error at once.
-    let metrics_listener = zq::bind_metrics(metrics_listen).await.usage()?;
-    let identity = Identity::load(&args.identity, ROLE).context("loading identity")?;
-    let zfs = Zfs::probe(&args.zfs).await.context("probing zfs")?;
-    let job = args.job()?;
-    let daemon = args.daemon_every();
-    let progress = match (daemon, action) {
-        (Some(_), _) => Some(Arc::new(Progress::default())),
-        (None, Action::Prune { .. }) => None,
-        (None, _) => (!args.no_progress && std::io::stderr().is_terminal())
-            .then(|| Arc::new(Progress::default())),
-    };
-    let sender = args.sender_config(&zfs, progress.clone())?;
-    let connector = Arc::new(
-        Connector::new(
-            args.connect_config(identity, sender, action.pull()),
-            zfs.clone(),
-        )
-        .await?,
-    );
-    if let Some(bound) = connector.listening_on() {
-        zq::out!("listening on {bound}");
-    }
-    let code = match (action, daemon) {
-        (Action::Prune { dry_run }, _) => prune(&args, &job, &connector, dry_run).await,
-        (_, Some(every)) => {
-            daemon_run(
-                &args,
-                every,
-                job,
-                connector.clone(),
-                metrics_listener,
-                progress,
-            )
-            .await
-        }
-        (_, None) => once(&args, &job, &connector, progress).await,
-    };
-    connector.shutdown().await;
-    code
 }
 
 /// `zq-send abstractions list|release-stale`.
@@ -448,172 +310,4 @@ async fn abstractions(cmd: AbstractionsCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// `zq-send prune`: one retention pass on both sides, each snapshot destroyed (or, with
-/// `dry_run`, that would be) on a line of its own.
-async fn prune(args: &Run, job: &Job, connector: &Connector, dry_run: bool) -> anyhow::Result<u8> {
-    let retention = args.retention();
-    if retention.is_off() {
-        return Err(exit::usage(anyhow::anyhow!(
-            "no retention to apply: give --keep-last or --keep-grid (or --target-keep-*), \
-             or --snapshot-every for its default (the last {})",
-            zq::run::DEFAULT_KEEP_LAST
-        )));
-    }
-    let sender = connector.connect().await?;
-    let pruned = zq_repl::prune::prune_once(&sender, connector.zfs(), job, &retention, dry_run)
-        .await
-        .with_context(|| format!("pruning {}", args.source))?;
-    let verb = if dry_run {
-        "would destroy"
-    } else {
-        "destroyed"
-    };
-    zq::out!(
-        "retention: source {}; target {}",
-        retention.source,
-        retention.target
-    );
-    let mut code = exit::OK;
-    for p in &pruned {
-        if let Some(why) = p.skipped {
-            zq::out!("{} -> {}: nothing pruned: {why}", p.source, p.target);
-            continue;
-        }
-        for name in &p.source_snapshots {
-            zq::out!("{verb} {}@{name}", p.source);
-        }
-        match &p.target_snapshots {
-            Ok(names) => {
-                for name in names {
-                    zq::out!("{verb} {}@{name} (on the receiver)", p.target);
-                }
-                zq::out!(
-                    "{} -> {}: {verb} {} here, {} on the receiver",
-                    p.source,
-                    p.target,
-                    p.source_snapshots.len(),
-                    names.len()
-                );
-            }
-            Err(e) => {
-                eprintln!(
-                    "error: {} -> {}: retention on the receiver: {}",
-                    p.source,
-                    p.target,
-                    zq::chain(e)
-                );
-                code = code.max(exit::FAILURE);
-            }
-        }
-    }
-    Ok(code)
-}
-
-/// Replicates once (with --retries) and reports each dataset, with a progress line on a
-/// terminal; returns the exit code.
-async fn once(
-    args: &Run,
-    job: &Job,
-    connector: &Connector,
-    progress: Option<Arc<Progress>>,
-) -> anyhow::Result<u8> {
-    let ticker = progress.map(|p| tokio::spawn(show_progress(p)));
-    let retries = zq_repl::oneshot::Retries {
-        retries: args.retries,
-        delay: args.retry_delay,
-    };
-    let reports = zq_repl::oneshot::replicate(connector, job, retries).await;
-    if let Some(t) = ticker {
-        t.abort();
-        eprint!("\r\x1b[K");
-    }
-    let mut code = exit::OK;
-    for r in &reports? {
-        match &r.outcome {
-            DatasetOutcome::UpToDate => zq::out!("{} -> {}: up to date", r.source, r.target),
-            DatasetOutcome::Sent {
-                steps,
-                bytes,
-                resumed,
-                newest,
-                committed,
-            } => {
-                let resumed = if *resumed > 0 {
-                    format!(" (resumed: {resumed} bytes were already on the receiver)")
-                } else {
-                    String::new()
-                };
-                zq::out!(
-                    "{} -> {}: sent {steps} step(s), {bytes} bytes{resumed}; destination now at @{newest} ({committed} snapshots)",
-                    r.source, r.target
-                )
-            }
-            DatasetOutcome::Failed(e) => {
-                eprintln!("error: {} -> {}: {}", r.source, r.target, zq::chain(e));
-                code = code.max(exit::repl_code(e));
-            }
-        }
-    }
-    Ok(code)
-}
-
-/// Redraws the progress line of the step in flight twice a second, once it has run for a
-/// second (small steps never show one).
-async fn show_progress(p: Arc<Progress>) {
-    let mut shown = false;
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = std::time::Instant::now();
-        match p.now() {
-            Some(f) if now.duration_since(f.started) >= Duration::from_secs(1) => {
-                eprint!("\r\x1b[K{}", f.line(now));
-                shown = true;
-            }
-            _ if shown => {
-                eprint!("\r\x1b[K");
-                shown = false;
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Runs as a daemon until SIGTERM/SIGINT; returns the exit code (0 on a signal).
-async fn daemon_run(
-    args: &Run,
-    every: Duration,
-    job: Job,
-    connector: Arc<Connector>,
-    metrics_listener: Option<tokio::net::TcpListener>,
-    progress: Option<Arc<Progress>>,
-) -> anyhow::Result<u8> {
-    let metrics = metrics_listener.map(|listener| {
-        let metrics = Arc::new(zq_repl::metrics::DaemonMetrics::default());
-        let m = metrics.clone();
-        zq::serve_metrics(listener, move || m.render());
-        metrics
-    });
-    let opts = DaemonOptions {
-        metrics,
-        ..args.daemon_options(every, progress)
-    };
-    tracing::info!(
-        source = %job.source, target = %job.target, every = %humantime::format_duration(opts.every),
-        snapshot_every = %opts.snapshot_every.map_or("off".into(), |d| humantime::format_duration(d).to_string()),
-        max_steps = opts.max_steps, "daemon starting"
-    );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        zq::shutdown_signal().await;
-        tracing::info!("signal received, stopping");
-        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-        let _ = stop.send(true);
-    });
-    // Type=notify units (zq-send@.service): running; the daemon reaches the receiver on
-    // its own, so readiness does not wait for it. A no-op elsewhere.
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    zq_repl::daemon::run(job, opts, connector, stopped).await;
-    Ok(exit::OK)
 }

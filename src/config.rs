@@ -19,6 +19,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 use toml::{Table, Value};
 
+use crate::options::Options;
 use crate::run::{Run, RunOnly};
 use crate::serve::{ServeArgs, ServeOnly};
 
@@ -159,11 +160,7 @@ impl Job {
     /// The job as `zq-send run` runs it, under what the command line or the environment
     /// gave (`given`: the subcommand's matches), in pull mode listening on `listen`.
     pub fn run(&self, given: Option<&clap::ArgMatches>, pull: bool) -> anyhow::Result<Run> {
-        let options = crate::run::options();
         let mut entry = self.entry.clone();
-        if let Some(m) = given {
-            options.overlay(&mut entry, m);
-        }
         if pull {
             // ADDR is where to listen; the receiver (its fingerprint) stays pinned.
             let listen = self.listen.clone().with_context(|| {
@@ -174,9 +171,7 @@ impl Job {
             })?;
             entry.insert("addr".into(), Value::String(listen));
         }
-        let parsed: RunOnly = options
-            .parse(&entry)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.label))?;
+        let parsed: RunOnly = parse(&crate::run::options(), entry, given, &self.label)?;
         let mut run = Run::new(parsed.args).with_context(|| self.label.clone())?;
         run.name = Some(self.name.clone());
         Ok(run)
@@ -184,10 +179,7 @@ impl Job {
 
     /// The `zq-send run` command line the job stands for.
     pub fn command_line(&self) -> anyhow::Result<String> {
-        let argv = crate::run::options()
-            .argv(&self.entry)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.label))?;
-        Ok(shell_words(&argv))
+        command_line(&crate::run::options(), &self.entry, &self.label)
     }
 }
 
@@ -196,23 +188,37 @@ impl Receiver {
     /// environment gave (`given`: the subcommand's matches).
     pub fn serve(&self, given: Option<&clap::ArgMatches>) -> anyhow::Result<ServeArgs> {
         let options = crate::serve::options();
-        let mut entry = self.entry.clone();
-        if let Some(m) = given {
-            options.overlay(&mut entry, m);
-        }
-        let parsed: ServeOnly = options
-            .parse(&entry)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.label))?;
+        let parsed: ServeOnly = parse(&options, self.entry.clone(), given, &self.label)?;
         Ok(parsed.args)
     }
 
     /// The `zq-recv serve` command line the receiver stands for.
     pub fn command_line(&self) -> anyhow::Result<String> {
-        let argv = crate::serve::options()
-            .argv(&self.entry)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.label))?;
-        Ok(shell_words(&argv))
+        command_line(&crate::serve::options(), &self.entry, &self.label)
     }
+}
+
+/// `entry` under what `given` set, parsed by `options`; an error names `label`.
+fn parse<T: clap::FromArgMatches>(
+    options: &Options,
+    mut entry: Table,
+    given: Option<&clap::ArgMatches>,
+    label: &str,
+) -> anyhow::Result<T> {
+    if let Some(m) = given {
+        options.overlay(&mut entry, m);
+    }
+    options
+        .parse(&entry)
+        .map_err(|e| anyhow::anyhow!("{label}: {e}"))
+}
+
+/// The command line `entry` stands for, shell-quoted.
+fn command_line(options: &Options, entry: &Table, label: &str) -> anyhow::Result<String> {
+    let argv = options
+        .argv(entry)
+        .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+    Ok(shell_words(&argv))
 }
 
 impl Config {

@@ -313,16 +313,7 @@ impl IdentityCommand {
 }
 
 /// `err` and its causes, joined by `: ` (what `{:#}` does for anyhow errors).
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
-}
+pub use zq_repl::error::chain;
 
 /// Prints `err` with its causes on stderr.
 pub fn report(err: &anyhow::Error) {

@@ -157,7 +157,7 @@ async fn prune(args: &Run, job: &Job, connector: &Connector, dry_run: bool) -> a
                     p.target,
                     crate::chain(e)
                 );
-                code = code.max(exit::FAILURE);
+                code = code.max(exit::repl_code(e));
             }
         }
     }

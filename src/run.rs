@@ -523,6 +523,7 @@ impl Run {
         progress: Option<Arc<Progress>>,
     ) -> anyhow::Result<Connector> {
         use anyhow::Context;
+        zq_repl::connector::check_connections(self.connections, pull.is_some())?;
         let identity = Identity::load(&self.identity, "zq-send").context("loading identity")?;
         let zfs = Zfs::probe(&self.zfs).await.context("probing zfs")?;
         let sender = self.sender_config(&zfs, progress)?;

@@ -474,12 +474,35 @@ fn parallel_connections_are_refused_in_pull_mode() {
         ])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    // A usage error, found before zfs or the network are touched.
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("--connections 2 needs zq-send to dial the receiver"),
         "{}",
         stderr(&out)
     );
+}
+
+/// Reported by a new user: an address without a port failed as a connection (exit 4)
+/// after a resolution error; it is a usage error naming HOST:PORT.
+#[test]
+fn an_address_without_a_port_is_a_usage_error() {
+    let keys = Keys::new();
+    let out = Command::new(SEND)
+        .args([
+            "run",
+            "pool/fs",
+            "backup.example",
+            "backup/fs",
+            "--identity",
+        ])
+        .arg(keys.path())
+        .args(["--peer", &keys.recv_fp])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("has no port"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("HOST:PORT"), "{}", stderr(&out));
 }
 
 /// A receiver that makes every sender prove its address (QUIC Retry) still replicates;

@@ -116,6 +116,18 @@ impl ConnectError {
     }
 }
 
+/// Whether `connections` per sender can be made: in pull mode the receiver makes the one
+/// connection. [`Connector::new`] checks it; callers can before loading anything.
+pub fn check_connections(connections: u8, listen: bool) -> Result<(), ConnectError> {
+    if listen && connections > 1 {
+        return Err(ConnectError::Invalid(format!(
+            "--connections {connections} needs zq-send to dial the receiver; in pull mode \
+             (serve) the receiver makes the one connection"
+        )));
+    }
+    Ok(())
+}
+
 /// How the sender reaches its receiver.
 #[derive(Debug)]
 enum Link {
@@ -151,13 +163,7 @@ impl Connector {
             true => format!("(pull) {}", config.peer.short()),
             false => config.addr.to_string(),
         };
-        if config.listen && config.connections > 1 {
-            return Err(ConnectError::Invalid(format!(
-                "--connections {} needs zq-send to dial the receiver; in pull mode (serve) the \
-                 receiver makes the one connection",
-                config.connections
-            )));
-        }
+        check_connections(config.connections, config.listen)?;
         let addr = config
             .addr
             .resolve()

@@ -174,9 +174,13 @@ impl Options {
                     }
                 }
                 (None, Some(long)) => {
+                    // `--long=-x`: a value that starts with `-` is not taken for a flag.
                     let words = values
                         .into_iter()
-                        .flat_map(|v| [format!("--{long}"), v])
+                        .flat_map(|v| match v.starts_with('-') {
+                            true => vec![format!("--{long}={v}")],
+                            false => vec![format!("--{long}"), v],
+                        })
                         .collect();
                     flags.push((order, words));
                 }
@@ -196,11 +200,13 @@ impl Options {
         }
         positional.sort_by_key(|(i, _)| *i);
         flags.sort_by_key(|(order, _)| *order);
-        Ok(positional
-            .into_iter()
-            .chain(flags)
-            .flat_map(|(_, words)| words)
-            .collect())
+        let flags = flags.into_iter().flat_map(|(_, words)| words);
+        let positional: Vec<String> = positional.into_iter().flat_map(|(_, v)| v).collect();
+        // Positionals after `--` if one could pass for a flag (ZFS names cannot).
+        Ok(match positional.iter().any(|p| p.starts_with('-')) {
+            true => flags.chain(["--".to_owned()]).chain(positional).collect(),
+            false => positional.into_iter().chain(flags).collect(),
+        })
     }
 
     /// Parses `entry` as the command line it stands for into `T`. A clap error names the
@@ -370,6 +376,20 @@ mod tests {
         // Defaults come from the same definitions.
         let d: Demo = o.parse(&Table::new()).unwrap();
         assert_eq!((d.zfs.as_str(), d.limits.steps), ("zfs", 4));
+    }
+
+    #[test]
+    fn values_that_look_like_flags_stay_values() {
+        let entry = table("source = \"-s\"\nexclude = [\"-x\", \"y\"]\nzfs = \"--help\"\n");
+        let o = options();
+        assert_eq!(
+            o.argv(&entry).unwrap().join(" "),
+            "--zfs=--help --exclude=-x --exclude y -- -s"
+        );
+        let d: Demo = o.parse(&entry).unwrap();
+        assert_eq!(d.source.as_deref(), Some("-s"));
+        assert_eq!(d.exclude, ["-x", "y"]);
+        assert_eq!(d.zfs, "--help");
     }
 
     #[test]

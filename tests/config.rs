@@ -137,12 +137,14 @@ allow = [{{ sender = "{{host}}" , root = "{dst}" }}]
     )
 }
 
-/// The receiver of `file` for host "vault".
+/// The receiver of `file` for host "vault", named by ZQ_HOST as a unit's environment
+/// would. Regression: on 4f8ee5d ZQ_HOST made every receiver entry fail ("the following
+/// required arguments were not provided:"), since parsing the entry read it again.
 fn config_recv(file: &Path) -> Recv {
     let mut cmd = Command::new(RECV);
     cmd.args(["serve", "--config"])
         .arg(file)
-        .args(["--host", "vault"]);
+        .env("ZQ_HOST", "vault");
     Recv::spawn_command(cmd)
 }
 

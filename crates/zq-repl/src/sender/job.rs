@@ -322,30 +322,20 @@ impl Sender {
             guid: 0,
             createtxg: 0,
         };
-        if new.len() == 1 || newest_only || new.len() > self.chain_up_to() {
-            let step = Step::Incremental {
-                from: from.clone(),
-                to: by_name(newest),
-                intermediates: new.len() > 1 && !newest_only,
-            };
-            return self
-                .run_step(
-                    source,
-                    target,
-                    &step,
-                    zq_proto::ForceAction::None,
-                    slot,
-                    None,
-                )
-                .await
-                .map(|d| (d.committed, d.bytes));
-        }
+        // One step (all of `new` with -I, or only the newest with -i), or a chain of -i
+        // steps, each from the snapshot the one before committed.
+        let one = new.len() == 1 || newest_only || new.len() > self.chain_up_to();
+        let steps: Vec<&String> = match one {
+            true => vec![newest],
+            false => new.iter().collect(),
+        };
+        let intermediates = one && new.len() > 1 && !newest_only;
         let (mut from, mut bytes, mut last) = (from.clone(), 0, None);
-        for name in new {
+        for name in steps {
             let step = Step::Incremental {
                 from,
                 to: by_name(name),
-                intermediates: false,
+                intermediates,
             };
             let StepDone {
                 committed,

@@ -46,7 +46,9 @@ impl std::str::FromStr for HostPort {
                 port: addr.port(),
             });
         }
-        let Some((host, port)) = s.rsplit_once(':') else {
+        // `[::1]`: a bracketed address, no port.
+        let bracketed_only = s.starts_with('[') && s.ends_with(']');
+        let Some((host, port)) = s.rsplit_once(':').filter(|_| !bracketed_only) else {
             return Err(format!("{s:?} has no port: {expected}"));
         };
         if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
@@ -93,6 +95,7 @@ mod tests {
         for (bad, says) in [
             ("backup.example", "has no port"),
             ("127.0.0.1", "has no port"),
+            ("[::1]", "has no port"),
             ("::1:7446", "in brackets"),
             (":7446", "no valid host"),
             ("backup:port", "not a port number"),

@@ -16,5 +16,5 @@ pub mod zfs;
 pub use command::{CommandError, Reader, Writer};
 pub use name::{DatasetName, NameError, SnapshotName};
 pub use parse::{Kind, Version};
-pub use stream::{parse_begin, BeginError, StreamBegin};
+pub use stream::{first_snapshot, parse_begin, BeginError, FirstSnapshot, StreamBegin};
 pub use zfs::{Capabilities, DatasetState, Snapshot, StoreError, Zfs};

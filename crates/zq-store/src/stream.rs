@@ -19,8 +19,33 @@
 //! | 48 | `drr_fromguid: u64` (0 for a full stream) |
 //! | 56 | `drr_toname: [u8; 256]` (NUL-terminated `pool/fs@snap`) |
 
-/// Length of the BEGIN record, the first bytes of every stream.
+/// Length of the BEGIN record, the first bytes of every stream (and of every record).
 pub const BEGIN_RECORD_LEN: usize = 312;
+
+/// The most bytes [`first_snapshot`] waits for: a compound stream's header carries an
+/// nvlist (empty for OpenZFS's `-I`, a few KiB per snapshot with properties) before the
+/// first snapshot's BEGIN record.
+pub const MAX_COMPOUND_HEADER: usize = 16 << 20;
+
+/// Stream feature flags zq looks at (`DMU_BACKUP_FEATURE_*` in OpenZFS's `zfs_ioctl.h`),
+/// as [`StreamBegin::features`] holds them.
+pub mod feature {
+    /// `zfs send -e`: small blocks embedded in block pointers.
+    pub const EMBED_DATA: u64 = 1 << 16;
+    /// LZ4-compressed blocks (with `-c`, `-e` or `-w`).
+    pub const LZ4: u64 = 1 << 17;
+    /// `zfs send -L`: blocks larger than 128 KiB.
+    pub const LARGE_BLOCKS: u64 = 1 << 19;
+    /// `zfs send -t`: a resumed stream.
+    pub const RESUMING: u64 = 1 << 20;
+    /// `zfs send -c`: blocks as compressed on disk.
+    pub const COMPRESSED: u64 = 1 << 22;
+    /// `zfs send -w` of an encrypted dataset: blocks as encrypted on disk, no key needed to
+    /// receive them.
+    pub const RAW: u64 = 1 << 24;
+    /// zstd-compressed blocks (with `-c` or `-w`).
+    pub const ZSTD: u64 = 1 << 25;
+}
 
 /// `DMU_BACKUP_MAGIC`.
 const MAGIC: u64 = 0x2_F5BA_CBAC;
@@ -37,7 +62,66 @@ pub struct StreamBegin {
     /// A compound stream (`zfs send -I` or `-R`), whose first record describes the package
     /// (no GUIDs; the name of the last snapshot) rather than one snapshot.
     pub compound: bool,
+    /// Feature flags ([`feature`]); a compound stream's first record carries few of them,
+    /// its snapshots' records ([`first_snapshot`]) the rest.
+    pub features: u64,
+    /// Bytes of payload after the record (a compound stream's nvlist, a raw stream's keys).
+    pub payload_len: u32,
 }
+
+impl StreamBegin {
+    /// A raw send of an encrypted dataset: the blocks stay encrypted, and receiving them
+    /// needs no key.
+    pub fn is_raw(&self) -> bool {
+        self.features & feature::RAW != 0
+    }
+}
+
+/// What the first bytes of a stream say about its first snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstSnapshot {
+    /// The BEGIN record of the stream's first snapshot: the stream's own, or in a compound
+    /// stream the first substream's.
+    Begin(StreamBegin),
+    /// That record ends this many bytes into the stream: read that much first.
+    NeedBytes(usize),
+}
+
+/// Finds the BEGIN record of the first snapshot a stream carries: its first record, or in
+/// a compound stream (header record, nvlist payload, END record, then one substream per
+/// snapshot) the first substream's. OpenZFS writes the feature flags that matter (raw,
+/// compressed) only there.
+pub fn first_snapshot(bytes: &[u8]) -> Result<FirstSnapshot, BeginError> {
+    if bytes.len() < BEGIN_RECORD_LEN {
+        return Ok(FirstSnapshot::NeedBytes(BEGIN_RECORD_LEN));
+    }
+    let outer = parse_begin(bytes)?;
+    if !outer.compound {
+        return Ok(FirstSnapshot::Begin(outer));
+    }
+    let end_at = BEGIN_RECORD_LEN + outer.payload_len as usize;
+    let begin_at = end_at + BEGIN_RECORD_LEN;
+    let need = begin_at + BEGIN_RECORD_LEN;
+    if need > MAX_COMPOUND_HEADER {
+        return Err(BeginError::HeaderTooLarge(need));
+    }
+    if bytes.len() < need {
+        return Ok(FirstSnapshot::NeedBytes(need));
+    }
+    let big_endian = u64_at(bytes, 8, false) != MAGIC;
+    let end = u32_at(bytes, end_at, big_endian);
+    if end != DRR_END {
+        return Err(BeginError::NoEnd(end));
+    }
+    let inner = parse_begin(&bytes[begin_at..])?;
+    if inner.compound {
+        return Err(BeginError::Nested);
+    }
+    Ok(FirstSnapshot::Begin(inner))
+}
+
+/// `DRR_END`, the record type that closes a compound stream's header.
+const DRR_END: u32 = 5;
 
 /// The bytes are not the start of a `zfs send` stream zq can use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +135,19 @@ pub enum BeginError {
     /// The first record is not a BEGIN record.
     #[error("a zfs send stream must start with a BEGIN record, not record type {0}")]
     NotBegin(u32),
+    /// A compound stream's header does not end with an END record.
+    #[error(
+        "a compound zfs send stream's header must end with an END record, not record type {0}"
+    )]
+    NoEnd(u32),
+    /// A compound stream's first substream is itself compound.
+    #[error("a compound zfs send stream nested in another")]
+    Nested,
+    /// A compound stream's header is larger than zq reads before the first snapshot.
+    #[error(
+        "a compound zfs send stream's header of {0} bytes (zq reads at most {MAX_COMPOUND_HEADER})"
+    )]
+    HeaderTooLarge(usize),
 }
 
 /// Parses the BEGIN record at the start of `bytes` (which may hold more of the stream).
@@ -77,6 +174,9 @@ pub fn parse_begin(bytes: &[u8]) -> Result<StreamBegin, BeginError> {
         from_guid: (from != 0).then_some(from),
         to_name: String::from_utf8_lossy(name).into_owned(),
         compound: versioninfo & 0x3 == 2,
+        // DMU_GET_FEATUREFLAGS: 56 bits above the header type.
+        features: (versioninfo >> 2) & ((1 << 56) - 1),
+        payload_len: u32_at(rec, 4, big_endian),
     })
 }
 
@@ -183,6 +283,70 @@ mod tests {
         assert!(parse_begin(&openzfs_begin(big_endian, 2)).unwrap().compound);
     }
 
+    // Captured on OpenZFS 2.3 by tests/fixtures/capture: raw sends of an encrypted dataset
+    // (GUIDs in send-raw-guids.out) and a -c -L -e incremental.
+    const R1: u64 = 5931166119328526990;
+    const R2: u64 = 9865761113061733775;
+
+    #[test]
+    fn raw_streams_say_so_in_their_first_snapshot() {
+        let full = include_bytes!("../tests/fixtures/openzfs-2.3/send-raw-full.zs");
+        let FirstSnapshot::Begin(b) = first_snapshot(full).unwrap() else {
+            panic!("a whole stream is enough")
+        };
+        assert!(b.is_raw() && b.features & feature::COMPRESSED != 0);
+        assert_eq!((b.to_guid, b.from_guid), (R1, None));
+        assert!(b.payload_len > 0, "a raw stream carries its keys' nvlist");
+
+        // -I: the outer record is the package's and says nothing of raw; the first
+        // substream (after the header's nvlist and END record) does.
+        let compound = include_bytes!("../tests/fixtures/openzfs-2.3/send-raw-I.zs");
+        let outer = parse_begin(compound).unwrap();
+        assert!(outer.compound && !outer.is_raw());
+        let need = match first_snapshot(&compound[..BEGIN_RECORD_LEN]).unwrap() {
+            FirstSnapshot::NeedBytes(n) => n,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(need, 3 * BEGIN_RECORD_LEN + outer.payload_len as usize);
+        assert_eq!(
+            first_snapshot(&compound[..need - 1]).unwrap(),
+            FirstSnapshot::NeedBytes(need)
+        );
+        let FirstSnapshot::Begin(first) = first_snapshot(&compound[..need]).unwrap() else {
+            panic!("enough bytes")
+        };
+        assert!(first.is_raw());
+        assert_eq!((first.to_guid, first.from_guid), (R2, Some(R1)));
+
+        let cle = include_bytes!("../tests/fixtures/openzfs-2.3/send-cLe-i.zs");
+        let b = parse_begin(cle).unwrap();
+        assert!(!b.is_raw());
+        assert_ne!(b.features & feature::COMPRESSED, 0);
+        assert_ne!(b.features & feature::EMBED_DATA, 0);
+        // A plain stream has none of these.
+        let plain = include_bytes!("../tests/fixtures/openzfs-2.3/send-i.zs");
+        let p = parse_begin(plain).unwrap();
+        assert_eq!(
+            p.features & (feature::COMPRESSED | feature::EMBED_DATA | feature::RAW),
+            0
+        );
+    }
+
+    #[test]
+    fn a_compound_header_must_end_and_be_bounded() {
+        let compound = include_bytes!("../tests/fixtures/openzfs-2.3/send-raw-I.zs");
+        let mut no_end = compound.to_vec();
+        let end_at = BEGIN_RECORD_LEN + parse_begin(compound).unwrap().payload_len as usize;
+        no_end[end_at] = 3;
+        assert_eq!(first_snapshot(&no_end), Err(BeginError::NoEnd(3)));
+        let mut huge = compound.to_vec();
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            first_snapshot(&huge),
+            Err(BeginError::HeaderTooLarge(_))
+        ));
+    }
+
     #[test]
     fn rejects_what_is_not_a_stream() {
         let good = include_bytes!("../tests/fixtures/zfs-fuse-send-i.zs");
@@ -199,6 +363,20 @@ mod tests {
         #[test]
         fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = parse_begin(&bytes);
+            let _ = first_snapshot(&bytes);
+        }
+
+        #[test]
+        fn a_compound_header_never_panics(
+            payload_len in any::<u32>(),
+            tail in proptest::collection::vec(any::<u8>(), 0..1200),
+        ) {
+            let mut s = include_bytes!("../tests/fixtures/openzfs-2.3/send-raw-I.zs")
+                [..BEGIN_RECORD_LEN]
+                .to_vec();
+            s[4..8].copy_from_slice(&payload_len.to_le_bytes());
+            s.extend(tail);
+            let _ = first_snapshot(&s);
         }
     }
 }

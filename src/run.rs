@@ -1,6 +1,6 @@
 //! `zq-send run`'s options and the job they describe. The same structs are filled from the
 //! command line by clap and from a config file's job through [`crate::options`] (the
-//! groups `filter`, `protection`, `retention`, `concurrency` and `transport` are its
+//! groups `filter`, `protection`, `retention`, `concurrency`, `transport` and `send` are its
 //! tables), so an option is declared once, here. [`Run`] is a checked job, and turns its
 //! options into the engine's configuration in one place each ([`Run::job`],
 //! [`Run::sender_config`], [`Run::connect_config`], [`Run::daemon_options`]).
@@ -30,6 +30,7 @@ pub const TABLES: &[&str] = &[
     "retention",
     "concurrency",
     "transport",
+    "send",
 ];
 
 /// Options of the command line only: `--config` and `--host` choose the file's jobs, and
@@ -173,6 +174,8 @@ pub struct RunArgs {
         help_heading = "Network"
     )]
     pub compress: zq_proto::Compression,
+    #[command(flatten)]
+    pub send: SendArgs,
     /// Keep the replication data of all datasets together under SIZE per second (e.g.
     /// 50MB, 10MiB), measured after compression. Default (or 0): no limit.
     #[arg(long, value_name = "SIZE", value_parser = crate::parse_size, env = "ZQ_BWLIMIT", help_heading = "Network")]
@@ -205,6 +208,60 @@ pub struct RunArgs {
     /// than a second: bytes, rate and, where zfs estimates the size, the time left).
     #[arg(long, help_heading = "One-shot runs")]
     pub no_progress: bool,
+}
+
+/// Which `zfs send` options steps use (`[jobs.send]`). Each goes only where the local zfs
+/// and both pools can (the receiver says what its pool has, protocol version 6); on
+/// zfs-fuse every stream is plain.
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "send")]
+pub struct SendArgs {
+    /// How encrypted datasets go: raw (zfs send -w: blocks stay encrypted, the receiving
+    /// host needs no key and never sees plaintext) or decrypt (plain zfs send: the
+    /// receiver gets plaintext, encrypted only if it receives under an encrypted dataset
+    /// whose key it has; a replica made so cannot take raw incrementals later).
+    #[arg(
+        long,
+        value_name = "raw|decrypt",
+        default_value = "raw",
+        help_heading = "ZFS send"
+    )]
+    pub encrypted: zq_repl::sendflags::Encrypted,
+    /// Compressed blocks as they are on disk (zfs send -c): no decompression for the
+    /// stream, wire bytes close to the on-disk size. on or off.
+    #[arg(long = "send-compressed", value_name = "on|off", default_value = "on",
+          value_parser = parse_on_off, action = clap::ArgAction::Set, help_heading = "ZFS send")]
+    pub compressed: bool,
+    /// Blocks over 128 KiB as they are (zfs send -L), not split. on or off.
+    #[arg(long = "send-large-blocks", value_name = "on|off", default_value = "on",
+          value_parser = parse_on_off, action = clap::ArgAction::Set, help_heading = "ZFS send")]
+    pub large_blocks: bool,
+    /// Small blocks embedded in their block pointers stay so (zfs send -e); never into an
+    /// encrypted destination, which cannot receive them. on or off.
+    #[arg(long = "send-embedded", value_name = "on|off", default_value = "on",
+          value_parser = parse_on_off, action = clap::ArgAction::Set, help_heading = "ZFS send")]
+    pub embedded: bool,
+}
+
+impl SendArgs {
+    /// The engine's [`zq_repl::sendflags::SendPolicy`].
+    pub fn policy(&self) -> zq_repl::sendflags::SendPolicy {
+        zq_repl::sendflags::SendPolicy {
+            encrypted: self.encrypted,
+            compressed: self.compressed,
+            large_blocks: self.large_blocks,
+            embedded: self.embedded,
+        }
+    }
+}
+
+/// `on`/`off` (also `true`/`false`, `yes`/`no`: a config file may say either).
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        other => Err(format!("{other:?} is not on or off")),
+    }
 }
 
 /// Which datasets and snapshots a job replicates (`[jobs.filter]`).
@@ -485,6 +542,7 @@ impl Run {
             estimates: Arc::new(tokio::sync::Semaphore::new(usize::from(
                 self.concurrency.size_estimates,
             ))),
+            send: self.send.policy(),
         })
     }
 

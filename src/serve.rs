@@ -36,6 +36,12 @@ pub struct ServeArgs {
     /// per sender).
     #[arg(long, value_name = "FINGERPRINT=ROOT", required_unless_present = "config", value_parser = parse_allow)]
     pub allow: Vec<(Fingerprint, DatasetName)>,
+    /// Take only raw sends of encrypted datasets (zfs send -w): any other stream is
+    /// refused before zfs receive sees a byte, so this host never receives plaintext and
+    /// never holds a key of what it receives (a backup host). Senders learn it from
+    /// their listings and do not send the rest.
+    #[arg(long)]
+    pub require_encrypted: bool,
     /// The zfs program to run.
     #[arg(long, default_value = "zfs", value_name = "PATH", env = "ZQ_ZFS")]
     pub zfs: PathBuf,

@@ -195,6 +195,7 @@ struct Prepared {
 async fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
     let usage = exit::usage;
     let mut policy = Policy::default();
+    policy.require_raw(args.require_encrypted);
     for (fp, root) in &args.allow {
         policy
             .allow(*fp, root.clone())

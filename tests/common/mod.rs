@@ -164,6 +164,11 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(tag: &str) -> Pool {
+        Pool::with_options(tag, &[])
+    }
+
+    /// A pool made with `zpool create OPTIONS` (e.g. `-o feature@encryption=disabled`).
+    pub fn with_options(tag: &str, options: &[&str]) -> Pool {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "zqt{}x{}{tag}",
@@ -177,7 +182,10 @@ impl Pool {
         // Sparse, so its size costs nothing. OpenZFS keeps back a slop of at least 128 MiB
         // of every pool (zfs-fuse far less): 1 GiB leaves ample room on both.
         f.set_len(POOL_BYTES).unwrap();
-        sh("zpool", &["create", &name, file.to_str().unwrap()]);
+        let mut args = vec!["create"];
+        args.extend(options);
+        args.extend([name.as_str(), file.to_str().unwrap()]);
+        sh("zpool", &args);
         Pool { name, file }
     }
 

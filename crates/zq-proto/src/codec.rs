@@ -726,6 +726,18 @@ mod tests {
             (any::<u64>(), 0..MAX_STRIPES as u8)
                 .prop_map(|(id, index)| Message::StripeJoin(StripeJoin { id, index })),
             any::<u64>().prop_map(Message::StripeChunk),
+            (
+                proptest::collection::vec("[a-z_]{1,20}", 0..5),
+                any::<bool>(),
+                proptest::collection::vec(arb_name(), 0..3)
+            )
+                .prop_map(|(features, require_raw, encrypted)| Message::Destination(
+                    Destination {
+                        features,
+                        require_raw,
+                        encrypted
+                    }
+                )),
         ]
     }
 
@@ -754,10 +766,11 @@ mod tests {
                 Message::Stripes(_) => 15,
                 Message::StripeJoin(_) => 16,
                 Message::StripeChunk(_) => 17,
+                Message::Destination(_) => 18,
             }
         }
         let mut runner = proptest::test_runner::TestRunner::deterministic();
-        let mut seen = [false; 18];
+        let mut seen = [false; 19];
         for _ in 0..2000 {
             let m = arb_message().new_tree(&mut runner).unwrap().current();
             seen[kind(&m)] = true;

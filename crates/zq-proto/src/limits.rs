@@ -10,7 +10,9 @@ pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// Version 4: `PruneBy` (retention by a time grid as well as by count, and dry runs).
 /// Version 5: `Stripes`, `StripeJoin`, `StripeChunk` (a bulk step's chunks spread over
 /// parallel connections).
-pub const PROTOCOL_VERSION_MAX: u16 = 5;
+/// Version 6: `Destination` ends every listing (the destination's pool features, encrypted
+/// datasets, and whether it takes only raw streams).
+pub const PROTOCOL_VERSION_MAX: u16 = 6;
 
 /// First four bytes of every `Hello`: "ZQ" and two bytes of zeros, so a stray client of
 /// another protocol is told apart from a zq peer of another version.
@@ -41,6 +43,9 @@ pub const MAX_GRID_LEN: usize = 1024;
 pub const MAX_CAPABILITIES: usize = 32;
 /// See [`MAX_CAPABILITIES`].
 pub const MAX_CAPABILITY_LEN: usize = 64;
+
+/// Most pool feature names in a `Destination` (OpenZFS 2.3 has 45).
+pub const MAX_POOL_FEATURES: usize = 256;
 
 /// Longest user-hold tag a sender may ask the receiver to place (ZFS allows 255 bytes).
 pub const MAX_TAG_LEN: usize = 128;

@@ -57,6 +57,10 @@ pub enum Message {
     /// Sender → receiver, from version 5, on a stripe stream: the next frame is data chunk
     /// number `.0` of the striped part of the step (counted from 0).
     StripeChunk(u64),
+    /// Receiver → sender, from version 6, the last answer to a [`ListRequest`] (after
+    /// [`ListResponse`] and any [`Resumable`]): what the destination can receive, so that
+    /// the sender picks `zfs send` options from facts.
+    Destination(Destination),
 }
 
 /// The compression name of chunks sent as they are: always understood.
@@ -91,6 +95,7 @@ impl Message {
             Message::Stripes(_) => "Stripes",
             Message::StripeJoin(_) => "StripeJoin",
             Message::StripeChunk(_) => "StripeChunk",
+            Message::Destination(_) => "Destination",
         }
     }
 
@@ -162,6 +167,20 @@ impl Message {
                 Ok(())
             }
             Message::StepEnd(_) | Message::StripeChunk(_) => Ok(()),
+            Message::Destination(d) => {
+                check_count("Destination.features", d.features.len(), MAX_POOL_FEATURES)?;
+                for f in &d.features {
+                    check_len("Destination.features", f.len(), MAX_CAPABILITY_LEN)?;
+                }
+                check_count(
+                    "Destination.encrypted",
+                    d.encrypted.len(),
+                    MAX_LIST_DATASETS,
+                )?;
+                d.encrypted
+                    .iter()
+                    .try_for_each(|n| check_name("Destination.encrypted", n))
+            }
             Message::Stripes(s) => check_stripe("Stripes.count", usize::from(s.count)),
             Message::StripeJoin(j) => check_stripe("StripeJoin.index", usize::from(j.index) + 1),
             Message::StepAbort(a) => check_text("StepAbort.reason", &a.reason),
@@ -439,6 +458,23 @@ pub struct StepStart {
     pub hold_last: bool,
     /// The step continues the receiver's spooled one (only with [`RESUME_SPOOL`]).
     pub resume: Option<ResumeAt>,
+}
+
+/// What the destination of a listing can receive (version 6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Destination {
+    /// The feature flags enabled (or active) on the pool of every listed root, by name
+    /// without `feature@` (`encryption`, `lz4_compress`, `large_blocks` …): a stream needing
+    /// one the pool lacks cannot be received. Empty where pools have none (zfs-fuse).
+    pub features: Vec<String>,
+    /// The receiver accepts only raw sends of encrypted datasets (`zq-recv
+    /// --require-encrypted`); it refuses any other stream.
+    pub require_raw: bool,
+    /// The listed datasets that are encrypted, and for a requested root that does not
+    /// exist, its nearest existing ancestor if that is encrypted: what a new target would
+    /// inherit. A non-raw stream received there is encrypted by the receiver (or, without
+    /// its key, refused).
+    pub encrypted: Vec<String>,
 }
 
 /// Where a resumed step's data continue.

@@ -48,6 +48,10 @@ pub enum ReplError {
     /// The receiver is too old for what was asked (it speaks an older protocol version).
     #[error("{0}")]
     Unsupported(String),
+    /// No `zfs send` options fit the job's choices and the destination (e.g. an encrypted
+    /// dataset, raw by default, to a pool without the encryption feature). Not transient.
+    #[error("not sent: {0}")]
+    SendRefused(#[from] crate::sendflags::Refused),
     /// The receiver stopped reading a step's data (it, or its `zfs receive`, hangs) while
     /// the connection stayed alive.
     #[error("the receiver accepted none of the step's data for {0:?}; step abandoned")]

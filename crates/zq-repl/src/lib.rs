@@ -24,6 +24,7 @@ pub mod report;
 pub mod retention;
 pub mod retry;
 pub mod sender;
+pub mod sendflags;
 pub mod status;
 pub mod stripe;
 

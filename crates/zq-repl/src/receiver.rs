@@ -29,9 +29,16 @@ pub const PULL_HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     roots: HashMap<Fingerprint, DatasetName>,
+    require_raw: bool,
 }
 
 impl Policy {
+    /// Accept only raw sends of encrypted datasets (`zq-recv --require-encrypted`): this
+    /// host never receives plaintext, and never holds a key of what it receives.
+    pub fn require_raw(&mut self, on: bool) {
+        self.require_raw = on;
+    }
+
     /// Adds `fingerprint` with its root; a key may have only one root.
     pub fn allow(&mut self, fingerprint: Fingerprint, root: DatasetName) -> Result<(), String> {
         if let Some(old) = self.roots.get(&fingerprint) {
@@ -52,6 +59,11 @@ impl Policy {
     pub fn root(&self, fingerprint: &Fingerprint) -> Option<&DatasetName> {
         self.roots.get(fingerprint)
     }
+}
+
+/// Whether an `encryption` property value means encrypted.
+pub(crate) fn is_encrypted(value: &str) -> bool {
+    value != "off" && value != "-"
 }
 
 /// Checks that `name` is a valid dataset inside `root`.
@@ -419,18 +431,31 @@ impl Receiver {
             Ok(Message::ListRequest(r)) => {
                 let roots = r.roots.clone();
                 match self.list(root, r).await {
-                    Ok(l) if agreed.spooling => {
-                        let mut tokens = Vec::new();
-                        for r in &roots {
-                            // Authorized by the listing.
-                            if let Ok(ds) = DatasetName::parse(&r.dataset) {
-                                tokens.extend(self.spools.tokens_under(&ds, r.recursive).await);
+                    Ok((l, encrypted)) => {
+                        let l_names: Vec<String> =
+                            l.datasets.iter().map(|d| d.name.clone()).collect();
+                        let mut last = Message::ListResponse(l);
+                        if agreed.spooling {
+                            let mut tokens = Vec::new();
+                            for r in &roots {
+                                // Authorized by the listing.
+                                if let Ok(ds) = DatasetName::parse(&r.dataset) {
+                                    tokens
+                                        .extend(self.spools.tokens_under(&ds, r.recursive).await);
+                                }
                             }
+                            send.send(&last).await?;
+                            last = Message::Resumable(zq_proto::Resumable { tokens });
                         }
-                        send.send(&Message::ListResponse(l)).await?;
-                        Message::Resumable(zq_proto::Resumable { tokens })
+                        if agreed.version >= 6 {
+                            send.send(&last).await?;
+                            last = match self.destination(&roots, &l_names, encrypted).await {
+                                Ok(d) => Message::Destination(d),
+                                Err(e) => Message::Error(e),
+                            };
+                        }
+                        last
                     }
-                    Ok(l) => Message::ListResponse(l),
                     Err(e) => Message::Error(e),
                 }
             }
@@ -503,12 +528,14 @@ impl Receiver {
         Ok(())
     }
 
+    /// The listing, and the names of the listed datasets that are encrypted.
     async fn list(
         &self,
         root: &DatasetName,
         req: zq_proto::ListRequest,
-    ) -> Result<ListResponse, WireError> {
+    ) -> Result<(ListResponse, Vec<DatasetName>), WireError> {
         let mut datasets = Vec::new();
+        let mut encrypted = Vec::new();
         for r in req.roots {
             let ds = authorize(root, &r.dataset)?;
             let tree = self
@@ -537,6 +564,11 @@ impl Receiver {
                     debug!(error = %e, "cannot ask zfs which datasets are being received");
                     Vec::new()
                 });
+            encrypted.extend(
+                tree.iter()
+                    .filter(|d| d.encryption.as_deref().is_some_and(is_encrypted))
+                    .map(|d| d.name.clone()),
+            );
             datasets.extend(
                 tree.into_iter()
                     .filter(|d| {
@@ -549,7 +581,45 @@ impl Receiver {
                     }),
             );
         }
-        Ok(ListResponse { datasets })
+        Ok((ListResponse { datasets }, encrypted))
+    }
+
+    /// What the destination of a listing of `roots` (authorized by it) can receive: the
+    /// features of their pools (those all of them have), the encrypted datasets (and the
+    /// encrypted nearest ancestor of a root that does not exist), and this receiver's rule
+    /// on raw streams. Features are read at most once a minute per pool.
+    async fn destination(
+        &self,
+        roots: &[zq_proto::ListRoot],
+        listed: &[String],
+        mut encrypted: Vec<DatasetName>,
+    ) -> Result<zq_proto::Destination, WireError> {
+        let zfs_err = |e: zq_store::StoreError| WireError::new(ErrorKind::Zfs, e.to_string());
+        let mut features: Option<std::collections::BTreeSet<String>> = None;
+        for r in roots {
+            let ds = DatasetName::parse(&r.dataset)
+                .map_err(|e| WireError::new(ErrorKind::InvalidName, e.to_string()))?;
+            let f = self.zfs.pool_features(ds.pool()).await.map_err(zfs_err)?;
+            features = Some(match features {
+                None => f.enabled,
+                Some(had) => had.intersection(&f.enabled).cloned().collect(),
+            });
+            // A root that exists was listed with its encryption: no zfs call for it.
+            if !listed.contains(&r.dataset) {
+                if let Some((at, enc, _)) =
+                    self.zfs.inherited_encryption(&ds).await.map_err(zfs_err)?
+                {
+                    if is_encrypted(&enc) && !encrypted.contains(&at) {
+                        encrypted.push(at);
+                    }
+                }
+            }
+        }
+        Ok(zq_proto::Destination {
+            features: features.unwrap_or_default().into_iter().collect(),
+            require_raw: self.policy.require_raw,
+            encrypted: encrypted.iter().map(ToString::to_string).collect(),
+        })
     }
 
     /// Whether a step is receiving into `target` now (it holds the target's lock).

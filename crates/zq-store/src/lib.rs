@@ -17,4 +17,4 @@ pub use command::{CommandError, Reader, Writer};
 pub use name::{DatasetName, NameError, SnapshotName};
 pub use parse::{Kind, Version};
 pub use stream::{first_snapshot, parse_begin, BeginError, FirstSnapshot, StreamBegin};
-pub use zfs::{Capabilities, DatasetState, Snapshot, StoreError, Zfs};
+pub use zfs::{Capabilities, DatasetState, PoolFeatures, SendFlags, Snapshot, StoreError, Zfs};

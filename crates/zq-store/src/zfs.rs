@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::command::{run, Argv, CommandError, Reader, Writer};
 use crate::name::{DatasetName, NameError, SnapshotName};
@@ -28,13 +29,15 @@ pub enum StoreError {
     /// `zfs` reported a name zq cannot handle (e.g. a dataset name with a space).
     #[error(transparent)]
     Name(#[from] NameError),
-    /// The dataset is encrypted and zq would send it decrypted: a plain `zfs send` of a
-    /// dataset whose key is loaded writes plaintext, which would arrive unencrypted on the
-    /// destination. Refused until zq sends raw (`zfs send -w`) streams. Not transient.
+    /// The dataset is encrypted and the send is not raw: a plain `zfs send` of a dataset
+    /// whose key is loaded writes plaintext, which would arrive unencrypted on the
+    /// destination. zq sends encrypted datasets raw ([`SendFlags::raw`]) unless the job
+    /// allows decrypting them ([`SendFlags::decrypt`]). Not transient.
     #[error(
-        "{dataset} is encrypted (encryption={encryption}); zq does not send raw (zfs send -w) \
-         streams yet and will not replicate it as plaintext: leave it out (--exclude {dataset}) \
-         or replicate it with zfs send -w"
+        "{dataset} is encrypted (encryption={encryption}) and this send is not raw (zfs send \
+         -w): it would arrive on the destination as plaintext, so zq does not send it. Send it \
+         raw (the default where the destination pool has the encryption feature), or allow \
+         plaintext with --encrypted decrypt"
     )]
     Encrypted {
         /// The source dataset.
@@ -43,7 +46,7 @@ pub enum StoreError {
         encryption: String,
     },
     /// zq has not learnt whether the dataset is encrypted (no listing named it), so it does
-    /// not send it: the caller must list or check it first ([`Zfs::check_plaintext`]).
+    /// not send it: the caller must list or ask it first ([`Zfs::encryption`]).
     #[error("{0}: zq has not checked whether this dataset is encrypted; not sending it (a zq bug: please report it)")]
     EncryptionUnchecked(String),
 }
@@ -120,8 +123,12 @@ pub struct Capabilities {
     /// Debian does not ship; there zq can only count holds (`userrefs`).
     pub listable_holds: bool,
     /// Native encryption (OpenZFS 0.8 and later): listings carry the `encryption`
-    /// property, and an encrypted dataset is never sent as plaintext.
+    /// property, an encrypted dataset is never sent as plaintext by accident, and
+    /// `zfs send -w` (raw) exists.
     pub encryption: bool,
+    /// `zfs send -c -L -e` (compressed blocks as on disk, large blocks, embedded data) and
+    /// pool feature flags (`zpool get feature@…`): OpenZFS 0.7 and later.
+    pub send_features: bool,
 }
 
 impl Capabilities {
@@ -140,6 +147,7 @@ impl Capabilities {
                 cheap_intermediates: true,
                 listable_holds: true,
                 encryption: true,
+                send_features: true,
                 snapshots_changed: v
                     >= Some(Version {
                         major: 2,
@@ -169,7 +177,94 @@ pub struct Zfs {
     /// of a clone of it) named last, for [`Zfs::send`]'s refusal of plaintext sends of
     /// encrypted datasets. Kept fresh by every listing at no extra zfs call.
     encryption: Arc<Mutex<HashMap<DatasetName, String>>>,
+    /// Each pool's features as last read, and when ([`Zfs::pool_features`]).
+    features: Arc<Mutex<HashMap<String, (Instant, PoolFeatures)>>>,
 }
+
+/// `zfs send` options beyond the snapshots. Each needs [`Capabilities::send_features`]
+/// (raw also [`Capabilities::encryption`]); the receiving pool must have the matching
+/// features, which the sender checks ([`PoolFeatures`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SendFlags {
+    /// `-w`: blocks as they are on disk. An encrypted dataset's stay encrypted: the
+    /// receiving host needs no key and never sees plaintext. Implies the three below.
+    pub raw: bool,
+    /// `-c`: compressed blocks as they are on disk, not decompressed for the stream.
+    pub compressed: bool,
+    /// `-L`: blocks larger than 128 KiB as they are, not split.
+    pub large_blocks: bool,
+    /// `-e`: blocks small enough to live in their block pointer stay there. Such a stream
+    /// cannot be received into an encrypted dataset.
+    pub embedded: bool,
+    /// The job allows a plain send of an encrypted dataset, which decrypts it (without
+    /// `raw`). Not a `zfs send` option: without it [`Zfs::send`] refuses such a send.
+    pub decrypt: bool,
+}
+
+impl SendFlags {
+    /// The `zfs send` options, e.g. `["-w"]` or `["-c", "-L", "-e"]`.
+    pub fn args(&self) -> Vec<&'static str> {
+        if self.raw {
+            return vec!["-w"];
+        }
+        [
+            (self.compressed, "-c"),
+            (self.large_blocks, "-L"),
+            (self.embedded, "-e"),
+        ]
+        .into_iter()
+        .filter_map(|(on, a)| on.then_some(a))
+        .collect()
+    }
+}
+
+impl std::fmt::Display for SendFlags {
+    /// `-w`, `-c -L -e`, or `plain`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let args = self.args();
+        if args.is_empty() {
+            f.write_str("plain")
+        } else {
+            f.write_str(&args.join(" "))
+        }
+    }
+}
+
+/// A pool's feature flags (`zpool get all`, the `feature@…` properties).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PoolFeatures {
+    /// Features enabled or active: what the pool can receive.
+    pub enabled: std::collections::BTreeSet<String>,
+    /// Features in use: what the pool's streams may carry.
+    pub active: std::collections::BTreeSet<String>,
+}
+
+impl PoolFeatures {
+    /// From `zpool get -H -o name,property,value all POOL` output.
+    pub fn parse(out: &str) -> Self {
+        let mut f = PoolFeatures::default();
+        for line in out.lines() {
+            let mut cols = line.split('\t');
+            let (Some(_), Some(prop), Some(value)) = (cols.next(), cols.next(), cols.next()) else {
+                continue;
+            };
+            let Some(name) = prop.strip_prefix("feature@") else {
+                continue;
+            };
+            if value == "active" {
+                f.active.insert(name.to_string());
+            }
+            if value == "active" || value == "enabled" {
+                f.enabled.insert(name.to_string());
+            }
+        }
+        f
+    }
+}
+
+/// How long [`Zfs::pool_features`] trusts what it read: features change only by `zpool
+/// upgrade` or `zpool set feature@…=enabled`, and become active as they are used.
+const FEATURES_TTL: Duration = Duration::from_secs(60);
 
 impl Zfs {
     /// Probes `program` (normally `zfs`) once for its capabilities.
@@ -195,6 +290,7 @@ impl Zfs {
             program: program.as_ref().to_path_buf(),
             caps,
             encryption: Arc::default(),
+            features: Arc::default(),
         }
     }
 
@@ -238,33 +334,24 @@ impl Zfs {
         }
     }
 
-    /// Refuses `dataset` if it is encrypted: a `zfs send` without `-w` would replicate it
-    /// as plaintext. Uses what the last listing said; asks zfs (`zfs get encryption`)
-    /// about a dataset no listing named yet. Always `Ok` where ZFS has no encryption.
-    pub async fn check_plaintext(&self, dataset: &DatasetName) -> Result<(), StoreError> {
+    /// The `encryption` property of `dataset`: what the last listing said, else asked of
+    /// zfs (`zfs get encryption`, remembered). `None` where ZFS has no encryption.
+    pub async fn encryption(&self, dataset: &DatasetName) -> Result<Option<String>, StoreError> {
         if !self.caps.encryption {
-            return Ok(());
+            return Ok(None);
         }
-        let known = self
-            .encryption
-            .lock()
-            .ok()
-            .and_then(|k| k.get(dataset).cloned());
-        let value = match known {
-            Some(v) => v,
-            None => {
-                let argv = self
-                    .zfs()
-                    .args(["get", "-H", "-o", "value", "encryption"])
-                    .arg(dataset.as_str());
-                let v = run(&argv).await?.trim().to_string();
-                if let Ok(mut k) = self.encryption.lock() {
-                    k.insert(dataset.clone(), v.clone());
-                }
-                v
-            }
-        };
-        plaintext_ok(dataset, &value)
+        if let Some(v) = self.known_encryption(dataset) {
+            return Ok(Some(v));
+        }
+        let argv = self
+            .zfs()
+            .args(["get", "-H", "-o", "value", "encryption"])
+            .arg(dataset.as_str());
+        let v = run(&argv).await?.trim().to_string();
+        if let Ok(mut k) = self.encryption.lock() {
+            k.insert(dataset.clone(), v.clone());
+        }
+        Ok(Some(v))
     }
 
     /// `zfs list` (OpenZFS) or `zfs get` (zfs-fuse) of names, types, GUIDs and createtxgs
@@ -433,34 +520,118 @@ impl Zfs {
     }
 
     /// Starts `zfs send` of `to`, incremental from `from` (same dataset) if given, with every
-    /// intermediate snapshot (`-I`) if `intermediates`. Refuses an encrypted dataset, or,
-    /// where ZFS has encryption, one whose encryption no listing or
-    /// [`Self::check_plaintext`] has told: such a stream would be plaintext.
+    /// intermediate snapshot (`-I`) if `intermediates`, with `flags`. Refuses to send an
+    /// encrypted dataset without `flags.raw` unless `flags.decrypt`, and, where ZFS has
+    /// encryption, a dataset whose encryption no listing or [`Self::encryption`] has
+    /// told: such a stream could be plaintext.
     pub fn send(
         &self,
         from: Option<&SnapshotName>,
         to: &SnapshotName,
         intermediates: bool,
+        flags: SendFlags,
     ) -> Result<Reader, StoreError> {
-        if self.caps.encryption {
+        if self.caps.encryption && !flags.raw && !flags.decrypt {
             let dataset = to.dataset();
-            let known = self
-                .encryption
-                .lock()
-                .ok()
-                .and_then(|k| k.get(dataset).cloned());
-            match known {
+            match self.known_encryption(dataset) {
                 Some(v) => plaintext_ok(dataset, &v)?,
                 None => return Err(StoreError::EncryptionUnchecked(dataset.to_string())),
             }
         }
-        let mut argv = self.zfs().arg("send");
+        Ok(Reader::spawn(&self.send_argv(
+            &["send"],
+            from,
+            to,
+            intermediates,
+            flags,
+        ))?)
+    }
+
+    fn send_argv(
+        &self,
+        send: &[&str],
+        from: Option<&SnapshotName>,
+        to: &SnapshotName,
+        intermediates: bool,
+        flags: SendFlags,
+    ) -> Argv {
+        let mut argv = self.zfs().args(send).args(flags.args());
         if let Some(from) = from {
             argv = argv
                 .arg(if intermediates { "-I" } else { "-i" })
                 .arg(from.to_string());
         }
-        Ok(Reader::spawn(&argv.arg(to.to_string()))?)
+        argv.arg(to.to_string())
+    }
+
+    /// The `encryption` property of `dataset` as the last listing said (`None` if no
+    /// listing named it, or where ZFS has no encryption).
+    pub fn known_encryption(&self, dataset: &DatasetName) -> Option<String> {
+        self.encryption
+            .lock()
+            .ok()
+            .and_then(|k| k.get(dataset).cloned())
+    }
+
+    /// The feature flags of `pool` (read at most once a minute), or none where pools have
+    /// no feature flags (zfs-fuse, pool version 23).
+    pub async fn pool_features(&self, pool: &str) -> Result<PoolFeatures, StoreError> {
+        if !self.caps.send_features {
+            return Ok(PoolFeatures::default());
+        }
+        if let Some((at, f)) = self.features.lock().ok().and_then(|c| c.get(pool).cloned()) {
+            if at.elapsed() < FEATURES_TTL {
+                return Ok(f);
+            }
+        }
+        let argv = Argv::new(self.zpool_program())
+            .args(["get", "-H", "-o", "name,property,value", "all"])
+            .arg(pool);
+        let f = PoolFeatures::parse(&run(&argv).await?);
+        if let Ok(mut c) = self.features.lock() {
+            c.insert(pool.to_string(), (Instant::now(), f.clone()));
+        }
+        Ok(f)
+    }
+
+    /// `zpool`, beside the `zfs` this backend runs when that is a path.
+    fn zpool_program(&self) -> PathBuf {
+        match self.program.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join("zpool"),
+            _ => PathBuf::from("zpool"),
+        }
+    }
+
+    /// The `encryption` and `keystatus` of `dataset`, or of its nearest existing ancestor
+    /// if it does not exist (what a dataset created there inherits); `None` where ZFS has
+    /// no encryption or nothing of the pool exists.
+    pub async fn inherited_encryption(
+        &self,
+        dataset: &DatasetName,
+    ) -> Result<Option<(DatasetName, String, String)>, StoreError> {
+        if !self.caps.encryption {
+            return Ok(None);
+        }
+        let mut at = Some(dataset.clone());
+        while let Some(ds) = at {
+            let argv = self
+                .zfs()
+                .args(["get", "-H", "-o", "property,value", "encryption,keystatus"])
+                .arg(ds.as_str());
+            if let Some(out) = run_unless_missing(&argv).await? {
+                let values = parse_property_values(&out)?;
+                let get = |p: &str| {
+                    values
+                        .iter()
+                        .find(|(k, _)| k == p)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_else(|| "-".into())
+                };
+                return Ok(Some((ds.clone(), get("encryption"), get("keystatus"))));
+            }
+            at = ds.parent();
+        }
+        Ok(None)
     }
 
     /// The size `zfs send` would produce for this step: `zfs send -nvP` where zfs can
@@ -472,6 +643,7 @@ impl Zfs {
         from: Option<&SnapshotName>,
         to: &SnapshotName,
         intermediates: bool,
+        flags: SendFlags,
     ) -> Result<Option<u64>, StoreError> {
         if !self.caps.send_estimate {
             if from.is_some() {
@@ -483,27 +655,29 @@ impl Zfs {
                 .arg(to.to_string());
             return Ok(Some(parse_number_value(&run(&argv).await?, "referenced")?));
         }
-        let mut argv = self.zfs().args(["send", "-nvP"]);
-        if let Some(from) = from {
-            argv = argv
-                .arg(if intermediates { "-I" } else { "-i" })
-                .arg(from.to_string());
-        }
-        Ok(crate::parse::parse_send_estimate(
-            &run(&argv.arg(to.to_string())).await?,
-        ))
+        // With the step's own options: compressed sizes with -c or -w.
+        let argv = self.send_argv(&["send", "-nvP"], from, to, intermediates, flags);
+        Ok(crate::parse::parse_send_estimate(&run(&argv).await?))
     }
 
     /// Starts `zfs receive` into `target`. `force` adds `-F` (only after the caller rolled
-    /// back or cleared the target with the user's `--force`).
-    pub fn receive(&self, target: &DatasetName, force: bool) -> Result<Writer, StoreError> {
-        let argv = self
+    /// back or cleared the target with the user's `--force`); `set` adds `-o PROP=VALUE`
+    /// for each pair (properties of a dataset the stream creates).
+    pub fn receive(
+        &self,
+        target: &DatasetName,
+        force: bool,
+        set: &[(String, String)],
+    ) -> Result<Writer, StoreError> {
+        let mut argv = self
             .zfs()
             .arg("receive")
             .arg_if(self.caps.recv_no_mount, "-u")
-            .arg_if(force, "-F")
-            .arg(target.as_str());
-        Ok(Writer::spawn(&argv)?)
+            .arg_if(force, "-F");
+        for (p, v) in set {
+            argv = argv.arg("-o").arg(format!("{p}={v}"));
+        }
+        Ok(Writer::spawn(&argv.arg(target.as_str()))?)
     }
 
     /// `zfs rollback -r snap`: destroys every snapshot newer than `snap`.
@@ -857,6 +1031,46 @@ mod tests {
         let err =
             tree_from_entries(vec![e("t/a b", Kind::Filesystem, 1, 1)], &root, true).unwrap_err();
         assert!(err.to_string().contains("t/a b"), "{err}");
+    }
+
+    #[test]
+    fn pool_features_from_zpool_get() {
+        let out = include_str!("../tests/fixtures/openzfs-2.3/pool-features.out");
+        let f = PoolFeatures::parse(out);
+        for name in [
+            "encryption",
+            "lz4_compress",
+            "large_blocks",
+            "embedded_data",
+        ] {
+            assert!(f.enabled.contains(name), "{name}");
+        }
+        assert!(f.active.contains("lz4_compress"));
+        assert!(!f.active.contains("large_blocks"), "enabled, not in use");
+        assert!(!f.enabled.contains("size"), "only feature@ properties");
+        // zfs-fuse (pool version 23): no feature properties at all.
+        assert_eq!(
+            PoolFeatures::parse("p\tversion\t23\t-\n"),
+            PoolFeatures::default()
+        );
+    }
+
+    #[test]
+    fn send_options() {
+        let raw = SendFlags {
+            raw: true,
+            compressed: true,
+            ..Default::default()
+        };
+        assert_eq!(raw.args(), ["-w"]);
+        let all = SendFlags {
+            compressed: true,
+            large_blocks: true,
+            embedded: true,
+            ..Default::default()
+        };
+        assert_eq!(all.to_string(), "-c -L -e");
+        assert_eq!(SendFlags::default().to_string(), "plain");
     }
 
     #[test]

@@ -247,7 +247,7 @@ impl Receiver {
         let (prepared, first, zrecv, spawned_force) = if h.force == ForceAction::None {
             // Nothing is destroyed on this path, so everything runs at once.
             let guess = self.plain_force(h);
-            let early = self.zfs.receive(target, guess).map_err(zfs_err)?;
+            let early = self.zfs.receive(target, guess, &[]).map_err(zfs_err)?;
             let both = tokio::try_join!(
                 async {
                     let p = match &trusted {
@@ -261,10 +261,7 @@ impl Receiver {
                     p
                 },
                 async {
-                    let f = match replay.as_mut() {
-                        Some(r) => replay_first(r, &mut decoder),
-                        None => first_bytes(recv, &mut decoder, spool).await,
-                    };
+                    let f = first_bytes(recv, &mut decoder, spool, replay.as_mut()).await;
                     first_at = ms(started);
                     f
                 }
@@ -278,17 +275,21 @@ impl Receiver {
             }
         } else {
             let p = self.prepare(root, target, h, last_tag).await?;
-            let first = match replay.as_mut() {
-                Some(r) => replay_first(r, &mut decoder)?,
-                None => first_bytes(recv, &mut decoder, spool).await?,
-            };
-            let zrecv = self.zfs.receive(target, p.force).map_err(zfs_err)?;
+            let first = first_bytes(recv, &mut decoder, spool, replay.as_mut()).await?;
+            let zrecv = self.zfs.receive(target, p.force, &[]).map_err(zfs_err)?;
             let force = p.force;
             (p, first, zrecv, force)
         };
         let ready = ms(started);
-        let begin = match check_begin(h, &first.data) {
-            Ok(b) => b,
+        let checked = match check_begin(h, &first.data) {
+            Ok((begin, snapshot)) => self
+                .check_encryption(target, h, &snapshot)
+                .await
+                .map(|set| (begin, set)),
+            Err(e) => Err(e),
+        };
+        let (begin, set) = match checked {
+            Ok(c) => c,
             Err(e) => {
                 zrecv.abort().await;
                 return Err(e);
@@ -297,11 +298,13 @@ impl Receiver {
         if let Some(w) = spool.as_mut() {
             w.set_to_guid(begin.to_guid);
         }
-        let mut zrecv = if spawned_force == prepared.force {
+        let mut zrecv = if spawned_force == prepared.force && set.is_empty() {
             zrecv
         } else {
             zrecv.abort().await;
-            self.zfs.receive(target, prepared.force).map_err(zfs_err)?
+            self.zfs
+                .receive(target, prepared.force, &set)
+                .map_err(zfs_err)?
         };
         let fed_from = std::time::Instant::now();
         let total = match feed(&mut zrecv, recv, &mut decoder, first, replay, spool).await {
@@ -364,6 +367,52 @@ impl Receiver {
             held_last: false,
         });
         Ok(committed)
+    }
+
+    /// This receiver's rule on raw streams (`--require-encrypted`), and the properties a
+    /// full stream needs to be received at all: a stream that is not raw, into a new
+    /// dataset whose parent is encrypted with a key this host does not have, would inherit
+    /// that encryption and fail ("inherited key must be loaded"). It is received with
+    /// `encryption=off` instead, as its source is (or, with the sender's `--encrypted
+    /// decrypt`, as its sender chose); where the key is loaded, the new dataset inherits
+    /// the encryption.
+    async fn check_encryption(
+        &self,
+        target: &DatasetName,
+        h: &StepHeader,
+        snapshot: &StreamBegin,
+    ) -> Result<Vec<(String, String)>, WireError> {
+        if snapshot.is_raw() {
+            return Ok(Vec::new());
+        }
+        if self.policy.require_raw {
+            return Err(WireError::new(
+                ErrorKind::NotAuthorized,
+                format!(
+                    "this receiver takes only raw sends of encrypted datasets (zq-recv \
+                     --require-encrypted), and the stream for {target} is not one: its source \
+                     is not encrypted, or was sent decrypted. Nothing was received; leave the \
+                     dataset out of the job, or encrypt it at the source"
+                ),
+            ));
+        }
+        if h.from.is_some() {
+            return Ok(Vec::new());
+        }
+        match self
+            .zfs
+            .inherited_encryption(target)
+            .await
+            .map_err(zfs_err)?
+        {
+            Some((at, enc, keystatus))
+                if at != *target && super::is_encrypted(&enc) && keystatus != "available" =>
+            {
+                info!(parent = %at, "the parent's key is not loaded: receiving the unencrypted stream with encryption=off");
+                Ok(vec![("encryption".into(), "off".into())])
+            }
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Removes the sender's last-received hold from `snaps` before `--force` destroys them.
@@ -640,19 +689,50 @@ struct FirstBytes {
     complete: Option<u64>,
 }
 
-/// Reads frames until at least a BEGIN record's worth of verified bytes is released (or the
-/// stream is complete). Holds at most two chunks.
+/// Reads the stream until its first snapshot's BEGIN record is released (or the stream is
+/// complete): the first record, or in a compound stream (`zfs send -I`) the first
+/// substream's, which carries the feature flags ([`zq_store::first_snapshot`]). A resumed
+/// step's bytes come from its spool first (`replay`). Holds at most two chunks, or a
+/// compound stream's header (bounded by [`zq_store::stream::MAX_COMPOUND_HEADER`]).
 async fn first_bytes(
     recv: &mut StepFrames<'_>,
     decoder: &mut StepDecoder,
     spool: &mut Option<SpoolWriter>,
+    mut replay: Option<&mut Replay>,
 ) -> Result<FirstBytes, WireError> {
     let mut first = FirstBytes {
         data: Vec::new(),
         complete: None,
     };
-    let mut have = 0;
-    while have < zq_store::stream::BEGIN_RECORD_LEN {
+    let (mut have, mut need) = (0, zq_store::stream::BEGIN_RECORD_LEN);
+    loop {
+        if have >= need {
+            match first_snapshot(&first.data, need)? {
+                zq_store::FirstSnapshot::Begin(_) => break,
+                zq_store::FirstSnapshot::NeedBytes(n) if n > have => need = n,
+                zq_store::FirstSnapshot::NeedBytes(_) => {
+                    return Err(internal(
+                        "the first snapshot's BEGIN record is beyond itself",
+                    ))
+                }
+            }
+            continue;
+        }
+        if let Some(d) = replay
+            .as_deref_mut()
+            .map(|r| replay_next(r, decoder))
+            .transpose()?
+        {
+            match d {
+                Some(d) => {
+                    have += d.len();
+                    first.data.push(d);
+                    continue;
+                }
+                // The spool is replayed: the rest comes from the sender.
+                None => replay = None,
+            }
+        }
         match next_event(recv, decoder, spool).await? {
             StepEvent::Nothing => {}
             StepEvent::Data(d) => {
@@ -669,14 +749,15 @@ async fn first_bytes(
     Ok(first)
 }
 
-/// A resumed step's first bytes, from its spool: at least a BEGIN record (the spool holds
-/// more than that, or it would not exist).
-fn replay_first(replay: &mut Replay, decoder: &mut StepDecoder) -> Result<FirstBytes, WireError> {
-    let data: Vec<Bytes> = replay_next(replay, decoder)?.into_iter().collect();
-    Ok(FirstBytes {
-        data,
-        complete: None,
-    })
+/// [`zq_store::first_snapshot`] of the first `len` bytes of `data`.
+fn first_snapshot(data: &[Bytes], len: usize) -> Result<zq_store::FirstSnapshot, WireError> {
+    let head: Vec<u8> = data
+        .iter()
+        .flat_map(|b| b.iter().copied())
+        .take(len)
+        .collect();
+    zq_store::first_snapshot(&head)
+        .map_err(|e| WireError::new(ErrorKind::Protocol, format!("step data: {e}")))
 }
 
 /// The next piece of a resumed step's spooled prefix, accounted for in the stream hash.
@@ -693,9 +774,12 @@ fn replay_next(replay: &mut Replay, decoder: &mut StepDecoder) -> Result<Option<
 /// Checks the stream's BEGIN record against the header: the base it needs must be the
 /// header's `from`, and the snapshot it creates must be the header's `to`, unless the header
 /// left that GUID to the stream (0, protocol v2). A step with intermediates is a compound
-/// stream (`zfs send -I`) whose first record carries no GUIDs; it is checked by listing the
-/// target after the receive instead.
-fn check_begin(h: &StepHeader, first: &[Bytes]) -> Result<StreamBegin, WireError> {
+/// stream (`zfs send -I`) whose first record carries no GUIDs: its first substream must
+/// start at the header's `from`, and the last snapshot is checked by listing the target
+/// after the receive. Returns the stream's first record and its first snapshot's (the same
+/// record unless the stream is compound).
+fn check_begin(h: &StepHeader, first: &[Bytes]) -> Result<(StreamBegin, StreamBegin), WireError> {
+    let have = first.iter().map(Bytes::len).sum();
     let head: Vec<u8> = first
         .iter()
         .flat_map(|b| b.iter().copied())
@@ -703,19 +787,27 @@ fn check_begin(h: &StepHeader, first: &[Bytes]) -> Result<StreamBegin, WireError
         .collect();
     let begin = zq_store::parse_begin(&head)
         .map_err(|e| WireError::new(ErrorKind::Protocol, format!("step data: {e}")))?;
+    let snapshot = match first_snapshot(first, have)? {
+        zq_store::FirstSnapshot::Begin(b) => b,
+        zq_store::FirstSnapshot::NeedBytes(_) => {
+            return Err(WireError::new(
+                ErrorKind::Protocol,
+                format!(
+                    "step data: the stream ended after {have} bytes, before its first snapshot"
+                ),
+            ))
+        }
+    };
     let mismatch = |what: String| {
         Err(WireError::new(
             ErrorKind::GuidMismatch,
             format!("the stream does not match its header: {what}; nothing was received"),
         ))
     };
-    if begin.compound {
-        if !h.intermediates {
-            return mismatch("a compound stream for a single-snapshot step".into());
-        }
-        return Ok(begin);
+    if begin.compound && !h.intermediates {
+        return mismatch("a compound stream for a single-snapshot step".into());
     }
-    match (&h.from, begin.from_guid) {
+    match (&h.from, snapshot.from_guid) {
         (None, None) => {}
         (Some(f), Some(g)) if f.guid == g => {}
         (from, got) => {
@@ -736,7 +828,7 @@ fn check_begin(h: &StepHeader, first: &[Bytes]) -> Result<StreamBegin, WireError
             h.to.name, h.to.guid, begin.to_name, begin.to_guid
         ));
     }
-    Ok(begin)
+    Ok((begin, snapshot))
 }
 
 /// Writes the first bytes, then the rest of the stream as it is verified; returns its length.
@@ -883,6 +975,7 @@ mod tests {
         assert_eq!(
             check_begin(&header(Some(S1), S2, false), &begin)
                 .unwrap()
+                .0
                 .to_guid,
             S2
         );
@@ -898,9 +991,9 @@ mod tests {
     #[test]
     fn the_stream_must_match_its_header() {
         let ok = |h: StepHeader| check_begin(&h, &split(100));
-        assert_eq!(ok(header(Some(S1), S2, false)).unwrap().to_guid, S2);
+        assert_eq!(ok(header(Some(S1), S2, false)).unwrap().0.to_guid, S2);
         // GUID left to the stream (v2).
-        assert_eq!(ok(header(Some(S1), 0, false)).unwrap().to_guid, S2);
+        assert_eq!(ok(header(Some(S1), 0, false)).unwrap().0.to_guid, S2);
         // -I: only the base can be checked here.
         assert!(ok(header(Some(S1), 99, true)).is_ok());
         for bad in [
@@ -914,6 +1007,13 @@ mod tests {
         // zfs send -I: a compound stream, accepted only for a step with intermediates.
         let compound = [Bytes::from_static(COMPOUND)];
         assert!(check_begin(&header(Some(S1), 0, true), &compound).is_ok());
+        // Its first substream must start at the header's base.
+        let e = check_begin(&header(Some(7), 0, true), &compound).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::GuidMismatch, "{}", e.message);
+        // Cut before the first substream's BEGIN record: not enough to check.
+        let cut = [Bytes::from_static(&COMPOUND[..700])];
+        let e = check_begin(&header(Some(S1), 0, true), &cut).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Protocol, "{}", e.message);
         let e = check_begin(&header(Some(S1), S2, false), &compound).unwrap_err();
         assert_eq!(e.kind, ErrorKind::GuidMismatch);
         let e =

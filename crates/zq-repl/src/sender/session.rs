@@ -1,7 +1,7 @@
 //! A sender's session: the connection, the handshake with its configuration, the stripe
 //! connections, and the requests that are not steps (listings, retention).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tracing::info;
@@ -14,6 +14,7 @@ use zq_store::{DatasetName, Zfs};
 
 use crate::error::ReplError;
 use crate::protect::Protector;
+use crate::sendflags::{DestinationFacts, SendPolicy};
 use crate::stripe::StripeSender;
 
 /// How long the sender waits for the receiver's answer to its Hello (the receiver gives a
@@ -27,6 +28,8 @@ pub struct Listing {
     pub datasets: Vec<zq_proto::DatasetSnapshots>,
     /// Steps the receiver can resume under the root.
     pub resumable: Vec<ResumeToken>,
+    /// What the destination can receive; `None` from a receiver before protocol 6.
+    pub destination: Option<Arc<DestinationFacts>>,
 }
 
 impl Listing {
@@ -63,6 +66,8 @@ pub struct SenderConfig {
     /// estimate) running at once, across connections and jobs. Estimates only feed
     /// progress and status; a step never waits for one.
     pub estimates: Arc<tokio::sync::Semaphore>,
+    /// Which `zfs send` options steps may use ([`crate::sendflags`]).
+    pub send: SendPolicy,
 }
 
 impl Default for SenderConfig {
@@ -75,6 +80,7 @@ impl Default for SenderConfig {
             intermediates: true,
             progress: None,
             estimates: Arc::new(tokio::sync::Semaphore::new(DEFAULT_SIZE_ESTIMATES)),
+            send: SendPolicy::default(),
         }
     }
 }
@@ -105,6 +111,9 @@ pub struct Sender {
     /// More connections to the same receiver, over which bulk steps spread their chunks
     /// with this one ([`crate::stripe`]).
     pub(super) stripes: Vec<quinn::Connection>,
+    /// What the destination said it can receive, by the root it was listed for (the
+    /// latest listing of each).
+    pub(super) destinations: Mutex<Vec<(DatasetName, Arc<DestinationFacts>)>>,
 }
 
 /// [`SenderConfig::estimates`]' default: zrepl's `concurrency.size_estimates`.
@@ -141,6 +150,7 @@ impl Sender {
             session,
             config,
             stripes: Vec::new(),
+            destinations: Mutex::default(),
         })
     }
 
@@ -280,10 +290,72 @@ impl Sender {
         } else {
             Vec::new()
         };
+        let destination = if self.session.version >= 6 {
+            match recv.message("Destination").await? {
+                Message::Destination(d) => {
+                    let facts = Arc::new(DestinationFacts::new(d, &datasets));
+                    if let Ok(mut known) = self.destinations.lock() {
+                        known.retain(|(root, _)| root != target);
+                        known.push((target.clone(), facts.clone()));
+                    }
+                    Some(facts)
+                }
+                Message::Error(e) => return Err(ReplError::Remote(e)),
+                other => {
+                    return Err(ReplError::Protocol(format!(
+                        "expected Destination, receiver sent {}",
+                        other.name()
+                    )))
+                }
+            }
+        } else {
+            None
+        };
         Ok(Listing {
             datasets,
             resumable,
+            destination,
         })
+    }
+
+    /// The `zfs send` options of a step from `source` into `target`
+    /// ([`crate::sendflags::choose`]), from the destination's latest listing under a root
+    /// that holds `target` (listing it first if there is none, from protocol version 6).
+    pub(super) async fn send_flags(
+        &self,
+        source: &DatasetName,
+        target: &DatasetName,
+    ) -> Result<zq_store::SendFlags, ReplError> {
+        let known = |s: &Self| {
+            s.destinations.lock().ok().and_then(|k| {
+                k.iter()
+                    .filter(|(root, _)| target.is_within(root))
+                    .max_by_key(|(root, _)| root.depth())
+                    .map(|(_, f)| f.clone())
+            })
+        };
+        let mut dest = known(self);
+        if dest.is_none() && self.session.version >= 6 {
+            dest = self.list_remote(target, false).await?.destination;
+        }
+        let encrypted = self
+            .zfs
+            .encryption(source)
+            .await?
+            .is_some_and(|e| crate::receiver::is_encrypted(&e));
+        let features = self.zfs.pool_features(source.pool()).await?;
+        let caps = self.zfs.capabilities();
+        let side = crate::sendflags::Source {
+            encrypted,
+            features: &features,
+            capable: caps.send_features,
+        };
+        Ok(crate::sendflags::choose(
+            &self.config.send,
+            side,
+            dest.as_deref(),
+            target,
+        )?)
     }
 
     /// Whether the receiver spools large steps so that they can resume.

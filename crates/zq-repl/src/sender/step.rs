@@ -98,9 +98,12 @@ impl Sender {
                 p.step_started(from_snap.as_ref(), &to_snap);
             }
         };
-        // Never a plaintext stream of an encrypted dataset (known from the listing).
-        self.zfs.check_plaintext(source).await?;
-        let mut zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates);
+        // Raw for an encrypted dataset, compressed blocks where both pools can; never a
+        // plaintext stream of an encrypted dataset unless the job says so.
+        let flags = self.send_flags(source, target).await?;
+        let mut zsend = self
+            .zfs
+            .send(from_snap.as_ref(), &to_snap, intermediates, flags);
         let watched = self
             .config
             .progress
@@ -116,8 +119,9 @@ impl Sender {
                     let Ok(_permit) = cap.acquire_owned().await else {
                         return;
                     };
-                    if let Ok(Some(bytes)) =
-                        zfs.send_estimate(from.as_ref(), &to, intermediates).await
+                    if let Ok(Some(bytes)) = zfs
+                        .send_estimate(from.as_ref(), &to, intermediates, flags)
+                        .await
                     {
                         p.estimate(id, bytes);
                     }
@@ -151,7 +155,9 @@ impl Sender {
                     // Dropping it kills the first zfs send.
                     encoder = StepEncoder::with_digest(self.session.stream_digest());
                     buf.clear();
-                    zsend = self.zfs.send(from_snap.as_ref(), &to_snap, intermediates);
+                    zsend = self
+                        .zfs
+                        .send(from_snap.as_ref(), &to_snap, intermediates, flags);
                 }
             }
         }
@@ -305,29 +311,20 @@ impl Sender {
                     p.step_committed(from_snap.as_ref(), &to_snap);
                 }
                 let bytes = encoder.total() - resumed;
+                let ms = started.elapsed().as_millis() as u64;
                 if resumed > 0 {
                     info!(
                         snapshot = %to.name,
                         bytes,
                         resumed_bytes = resumed,
-                        ms = started.elapsed().as_millis() as u64,
+                        send = %flags,
+                        ms,
                         "step committed (resumed: {} bytes not sent again)", resumed
                     );
                 } else if compressor.is_active() {
-                    info!(
-                        snapshot = %to.name,
-                        bytes,
-                        wire_bytes,
-                        ms = started.elapsed().as_millis() as u64,
-                        "step committed"
-                    );
+                    info!(snapshot = %to.name, bytes, wire_bytes, send = %flags, ms, "step committed");
                 } else {
-                    info!(
-                        snapshot = %to.name,
-                        bytes,
-                        ms = started.elapsed().as_millis() as u64,
-                        "step committed"
-                    );
+                    info!(snapshot = %to.name, bytes, send = %flags, ms, "step committed");
                 }
                 Ok(StepDone {
                     committed: c,

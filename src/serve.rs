@@ -57,9 +57,15 @@ pub struct ServeArgs {
     /// nothing, as --no-spool).
     #[arg(long, default_value = "64GiB", value_name = "SIZE", value_parser = crate::parse_size)]
     pub spool_max: u64,
-    /// Spool nothing: every interrupted step starts over.
+    /// Spool nothing: every interrupted step starts over (where zfs cannot keep it, see
+    /// --resume-with).
     #[arg(long)]
     pub no_spool: bool,
+    /// How interrupted steps resume: auto (zfs keeps what an interrupted zfs receive -s
+    /// got, and the sender continues with zfs send -t, where both sides' zfs can: OpenZFS;
+    /// the spool elsewhere) or spool (always the spool, which writes large steps twice).
+    #[arg(long, value_name = "auto|spool", default_value = "auto", value_parser = ["auto", "spool"])]
+    pub resume_with: String,
     /// Serve Prometheus metrics on http://ADDR/metrics (per target steps, failures, bytes
     /// and resumes; each sender connection's RTT, window and losses; zfs command
     /// durations). Off by default; e.g. 127.0.0.1:9747.

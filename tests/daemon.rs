@@ -439,9 +439,10 @@ enum Crash {
     Sender,
 }
 
-/// SIGKILL of one side in the middle of a large transfer, once the receiver has spooled
-/// part of it, then a restart: the daemon lists the destination, finds the spooled step
-/// and resumes it, and the replica ends identical (GUIDs and contents).
+/// SIGKILL of one side in the middle of a large transfer, once the receiver has part of
+/// it (in its spool, or on OpenZFS in zfs's partial receive), then a restart: the daemon
+/// lists the destination, finds what the receiver kept and resumes the step, and the
+/// replica ends identical (GUIDs and contents).
 fn crash_mid_transfer(test: &str, crash: Crash, extra: &[&str]) {
     let Some(_zfs) = zfs_or_skip(test) else {
         return;
@@ -453,11 +454,24 @@ fn crash_mid_transfer(test: &str, crash: Crash, extra: &[&str]) {
     src.write("fs", "big", 64 << 20, 11);
     src.snap("fs", "s1");
     let target = dst.ds("fs");
-    // Both ends notice a dead peer within 3 s (the smaller idle timeout applies).
+    // Both ends notice a dead peer within 3 s (the smaller idle timeout applies). At
+    // 4 MB/s the step (~64 MB) lasts long enough for zfs to write part of it to the pool
+    // (every transaction group, ~5 s) before the crash, where zfs keeps partial receives.
     let every = dur("1s");
-    let args = [&["--every", every.as_str(), "--idle-timeout", "3s"], extra].concat();
+    let args = [
+        &[
+            "--every",
+            every.as_str(),
+            "--idle-timeout",
+            "3s",
+            "--bwlimit",
+            "4MB",
+        ],
+        extra,
+    ]
+    .concat();
     let mut daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
-    daemon.await_spooled(&keys, 8 << 20);
+    daemon.await_transferred(&keys, &dst, 8 << 20);
     assert!(receiving(&target), "the transfer ended before the crash");
     match crash {
         Crash::Receiver => {
@@ -492,8 +506,8 @@ fn crash_mid_transfer(test: &str, crash: Crash, extra: &[&str]) {
 }
 
 /// The connection is lost twice in the middle of a large transfer, each time for longer
-/// than its idle timeout: each time the daemon reconnects, finds the receiver's spool in
-/// its listing and resumes the step from there.
+/// than its idle timeout: each time the daemon reconnects, finds what the receiver kept
+/// (its spool, or zfs's partial receive) in its listing and resumes the step from there.
 #[test]
 fn a_transfer_cut_twice_for_longer_than_the_idle_timeout_resumes_each_time() {
     let Some(_zfs) = zfs_or_skip("cut_and_resume") else {
@@ -506,36 +520,34 @@ fn a_transfer_cut_twice_for_longer_than_the_idle_timeout_resumes_each_time() {
     src.write("fs", "big", 64 << 20, 17);
     src.snap("fs", "s1");
     let target = dst.ds("fs");
-    // At 8 MB/s the stream (~40 MB) takes seconds, so both cuts land mid-transfer
-    // whatever the receiver had buffered when the first one came.
+    // At 4 MB/s the stream (~64 MB) takes 16 s, so both cuts land mid-transfer whatever
+    // the receiver had buffered when the first one came, and whether the first is seen in
+    // the spool at once or in the pool once zfs writes a transaction group (OpenZFS).
     let args = [
         "--every",
         &dur("1s"),
         "--idle-timeout",
         "2s",
         "--bwlimit",
-        "8MB",
+        "4MB",
     ];
     let daemon = Daemon::start_with_env(&keys, &relay.addr, &ds, &target, &args, &[]);
     let mut at = 8u64 << 20;
     for cut in 0..2 {
-        daemon.await_spooled(&keys, at);
+        daemon.await_transferred(&keys, &dst, at);
         relay.cut(true);
         // Longer than the idle timeout, and than 3 PTOs (quinn's floor for it), which
         // grow with the round trips of a slow (emulated) guest: scaled.
         std::thread::sleep(scaled(Duration::from_secs(4)));
         relay.cut(false);
         if cut == 0 {
-            // The second cut comes once the resumed step has added to the spool.
+            // The second cut comes once the resumed step has gone further.
             assert!(
-                daemon.logs_within(
-                    Duration::from_secs(30),
-                    "resuming the step where the receiver's spool ends"
-                ),
+                wait_for(Duration::from_secs(30), || resumes(&daemon.log_text()) >= 1),
                 "{}",
                 daemon.log_text()
             );
-            at = spooled(&keys) + (4 << 20);
+            at = spooled(&keys).max(allocated(&dst.name)) + (4 << 20);
         }
     }
     let done = wait_for(Duration::from_secs(90), || {
@@ -545,15 +557,20 @@ fn a_transfer_cut_twice_for_longer_than_the_idle_timeout_resumes_each_time() {
     let log = daemon.log_text();
     assert!(done, "not replicated after the cuts:\n{log}");
     assert_eq!(read(&target, "big"), read(&ds, "big"));
-    assert!(
-        log.matches("resuming the step where the receiver's spool ends")
-            .count()
-            >= 2,
-        "both cuts were resumed:\n{log}"
-    );
+    assert!(resumes(&log) >= 2, "both cuts were resumed:\n{log}");
     assert!(resumed, "{log}");
     assert!(wait_for(Duration::from_secs(5), || spooled(&keys) == 0));
     assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
+}
+
+/// How many times the sender's log says it resumed a step (from the receiver's spool, or
+/// from zfs's partial receive with `zfs send -t`).
+fn resumes(log: &str) -> usize {
+    log.matches("resuming the step where the receiver's spool ends")
+        .count()
+        + log
+            .matches("resuming the receiver's partial receive")
+            .count()
 }
 
 /// A bit flipped in the spool file while the connection is down (the receiver kept
@@ -561,14 +578,18 @@ fn a_transfer_cut_twice_for_longer_than_the_idle_timeout_resumes_each_time() {
 /// match a token hashed from the changed file, or the receiver, which checks the file
 /// again before replaying it (when its token was hashed before the change; unit-tested in
 /// receiver/spool.rs) — the resume is refused and the step sent afresh. The corrupted
-/// bytes never reach zfs receive.
+/// bytes never reach zfs receive. (On OpenZFS with `--resume-with spool`.)
 #[test]
 fn a_corrupted_spool_is_refused_and_the_step_sent_afresh() {
     let Some(_zfs) = zfs_or_skip("corrupted_spool") else {
         return;
     };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
-    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let recv = Recv::start_with_args(
+        &keys,
+        &[(&keys.send_fp, &dst.name)],
+        &["--resume-with", "spool"],
+    );
     let relay = Relay::start(&recv.addr);
     let ds = src.create("fs");
     src.write("fs", "big", 64 << 20, 19);

@@ -8,8 +8,26 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
+
+/// Whether this platform's pools can have feature `name` (`zpool upgrade -v`, which needs
+/// no pool; zfs-fuse lists pool versions, no features). Asked before a test makes pools,
+/// so that where it cannot apply it costs nothing: on zfs-fuse the ZFS tests take turns,
+/// and a test's pools would keep the others waiting. Says so when not.
+fn supports(name: &str) -> bool {
+    let out = Command::new("zpool").args(["upgrade", "-v"]).output();
+    let listed = out.is_ok_and(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .any(|w| w == name)
+    });
+    if !listed {
+        eprintln!("not applicable here: this ZFS has no pool feature {name}");
+    }
+    listed
+}
 
 /// A hex key file in the test's key folder.
 fn key_file(keys: &Keys) -> PathBuf {
@@ -72,6 +90,9 @@ fn encrypted_datasets_go_raw_and_open_with_their_key_on_the_destination() {
     let Some(_zfs) = zfs_or_skip("encrypted_raw") else {
         return;
     };
+    if !supports("encryption") {
+        return;
+    }
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let key = key_file(&keys);
     let tree = src.create("tree");
@@ -146,6 +167,9 @@ fn an_unencrypted_child_of_an_encrypted_dataset_replicates_unencrypted() {
     let Some(_zfs) = zfs_or_skip("unencrypted_child") else {
         return;
     };
+    if !supports("encryption") {
+        return;
+    }
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let key = key_file(&keys);
     let Some(vault) = create_encrypted(&src, "vault", Some(&key)) else {
@@ -180,6 +204,9 @@ fn a_plain_dataset_received_under_an_encrypted_one_is_encrypted_there() {
     let Some(_zfs) = zfs_or_skip("plain_under_encrypted") else {
         return;
     };
+    if !supports("encryption") {
+        return;
+    }
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let key = key_file(&keys);
     let Some(vault) = create_encrypted(&dst, "vault", Some(&key)) else {
@@ -209,6 +236,9 @@ fn an_encrypted_dataset_goes_as_plaintext_only_when_the_job_says_so() {
     let Some(_zfs) = zfs_or_skip("encrypted_opt_in") else {
         return;
     };
+    if !supports("encryption") {
+        return;
+    }
     let (src, keys) = (Pool::new("s"), Keys::new());
     let key = key_file(&keys);
     let tree = src.create("tree");
@@ -260,6 +290,9 @@ fn a_receiver_that_requires_encryption_takes_only_raw_streams() {
     let Some(_zfs) = zfs_or_skip("require_encrypted") else {
         return;
     };
+    if !supports("encryption") {
+        return;
+    }
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let key = key_file(&keys);
     let Some(secret) = create_encrypted(&src, "secret", Some(&key)) else {
@@ -310,6 +343,9 @@ fn compressed_sends_put_the_on_disk_bytes_on_the_wire() {
     let Some(_zfs) = zfs_or_skip("compressed_send") else {
         return;
     };
+    if !supports("zstd_compress") {
+        return;
+    }
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let fs = src.ds("z");
     let created = Command::new("zfs")
@@ -379,4 +415,152 @@ fn compressed_sends_put_the_on_disk_bytes_on_the_wire() {
     );
     assert_eq!(read(&a, "log"), text.as_bytes());
     assert_eq!(read(&b, "log"), text.as_bytes());
+}
+
+/// Whether this zfs keeps what an interrupted `zfs receive -s` got (OpenZFS): asked of
+/// the platform (zfs-fuse has no `receive_resume_token` property); says so if not.
+fn keeps_partial_receives(pool: &Pool) -> bool {
+    let ok = Command::new("zfs")
+        .args([
+            "get",
+            "-H",
+            "-o",
+            "value",
+            "receive_resume_token",
+            &pool.name,
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !ok {
+        eprintln!("not applicable here: this zfs has no resumable receives (receive -s)");
+    }
+    ok
+}
+
+fn resume_token(dataset: &str) -> Option<String> {
+    let out = Command::new("zfs")
+        .args(["get", "-H", "-o", "value", "receive_resume_token", dataset])
+        .output()
+        .unwrap();
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && v != "-" && !v.is_empty()).then_some(v)
+}
+
+/// A daemon killed in the middle of a large full step leaves zfs's partial receive on the
+/// destination (no spool is written); a one-shot run then lists it, checks the token and
+/// sends only the rest with `zfs send -t`.
+#[test]
+fn an_interrupted_step_resumes_from_zfs_partial_receive_without_a_spool() {
+    let Some(_zfs) = zfs_or_skip("native_resume") else {
+        return;
+    };
+    if !supports("extensible_dataset") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    if !keeps_partial_receives(&dst) {
+        return;
+    }
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    src.write("fs", "big", 48 << 20, 31);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+    let args = [
+        "--every",
+        &dur("1s"),
+        "--idle-timeout",
+        "3s",
+        "--bwlimit",
+        "3MB",
+    ];
+    let mut daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
+    daemon.await_transferred(&keys, &dst, 8 << 20);
+    daemon.kill9();
+    assert_eq!(
+        spooled(&keys),
+        0,
+        "no spool where zfs keeps partial receives"
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || resume_token(&target).is_some()),
+        "no partial receive was kept"
+    );
+
+    let out = send(&keys, &recv, &ds, &target, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("resumed from zfs send -t"), "{err}");
+    let not_sent = logged(&err, "resumed_bytes");
+    assert!(
+        not_sent >= 1 << 20,
+        "only {not_sent} bytes were kept: {err}"
+    );
+    assert_eq!(snapshots(&target), snapshots(&ds));
+    assert_eq!(resume_token(&target), None);
+    assert_eq!(spooled(&keys), 0);
+    assert_eq!(read(&target, "big"), read(&ds, "big"));
+}
+
+/// A partial receive whose snapshot was destroyed on the source since: the token cannot be
+/// used, so it is discarded (`zfs receive -A`) without anyone's help, with a log line
+/// saying why, and the dataset is replicated afresh.
+#[test]
+fn a_partial_receive_that_is_no_longer_the_way_forward_is_discarded() {
+    let Some(_zfs) = zfs_or_skip("stale_token") else {
+        return;
+    };
+    if !supports("extensible_dataset") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    if !keeps_partial_receives(&dst) {
+        return;
+    }
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    src.write("fs", "big", 32 << 20, 37);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+    // No holds: nothing keeps s1 from being destroyed.
+    let args = [
+        "--every",
+        &dur("1s"),
+        "--idle-timeout",
+        "3s",
+        "--bwlimit",
+        "3MB",
+        "--protection",
+        "guarantee_nothing",
+    ];
+    let mut daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
+    daemon.await_transferred(&keys, &dst, 4 << 20);
+    daemon.kill9();
+    assert!(
+        wait_for(Duration::from_secs(30), || resume_token(&target).is_some()),
+        "no partial receive was kept"
+    );
+    zfs(&["destroy", &format!("{ds}@s1")]);
+    src.write("fs", "more", 100_000, 38);
+    src.snap("fs", "s2");
+
+    let out = send(
+        &keys,
+        &recv,
+        &ds,
+        &target,
+        &["--protection", "guarantee_nothing"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("no longer the way forward") && err.contains("gone from the source"),
+        "{err}"
+    );
+    assert!(!err.contains("resumed_bytes="), "{err}");
+    assert_eq!(snapshots(&target), snapshots(&ds));
+    assert_eq!(resume_token(&target), None);
+    assert_eq!(read(&target, "more"), read(&ds, "more"));
 }

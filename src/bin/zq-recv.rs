@@ -214,7 +214,10 @@ async fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
     let zfs = Zfs::probe(&args.zfs).await.context("probing zfs")?;
     // Bound before anything else runs, so a taken port is a usage error at once.
     let metrics_listener = zq::bind_metrics(args.metrics_listen).await.map_err(usage)?;
-    let caps = Capabilities::current(format!("zq-recv {}", env!("CARGO_PKG_VERSION")));
+    let mut caps = Capabilities::current(format!("zq-recv {}", env!("CARGO_PKG_VERSION")));
+    if args.resume_with == "spool" {
+        caps.resume.retain(|r| r != zq_proto::RESUME_ZFS_TOKEN);
+    }
     // A spool of at most 0 bytes would create and remove files for nothing.
     let spool = (!args.no_spool && args.spool_max > 0).then(|| SpoolConfig {
         dir: args.spool_dir.clone(),

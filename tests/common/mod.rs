@@ -561,6 +561,16 @@ impl Recv {
     }
 }
 
+/// The bytes allocated in `pool` (`zpool list -Hp`, OpenZFS; 0 where that fails).
+pub fn allocated(pool: &str) -> u64 {
+    Command::new("zpool")
+        .args(["list", "-Hp", "-o", "allocated", pool])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Bytes the receivers started with `keys` hold in spool files.
 pub fn spooled(keys: &Keys) -> u64 {
     std::fs::read_dir(format!("{}/spool", keys.path()))
@@ -762,6 +772,21 @@ impl Daemon {
         assert!(
             wait_for(Duration::from_secs(60), || spooled(keys) >= bytes),
             "the receiver never spooled {bytes} bytes:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Waits (up to 60 s) until the step in flight is far enough along to be interrupted
+    /// and resumed, whichever way this platform resumes: `bytes` in the receiver's spool
+    /// (zfs-fuse), or where zfs keeps a partial receive itself (OpenZFS, no spool), `bytes`
+    /// allocated in the destination pool `dst` (zfs writes what it received with each
+    /// transaction group, every few seconds). Panics with the log.
+    pub fn await_transferred(&self, keys: &Keys, dst: &Pool, bytes: u64) {
+        let openzfs = cheap_intermediates();
+        let far = || spooled(keys) >= bytes || (openzfs && allocated(&dst.name) >= bytes);
+        assert!(
+            wait_for(Duration::from_secs(60), far),
+            "the step never got {bytes} bytes along:\n{}",
             self.log_text()
         );
     }

@@ -738,6 +738,31 @@ mod tests {
                         encrypted
                     }
                 )),
+            proptest::collection::vec((arb_name(), "[0-9a-f-]{0,40}"), 0..3).prop_map(|p| {
+                Message::PartialReceives(PartialReceives {
+                    partial: p
+                        .into_iter()
+                        .map(|(dataset, token)| PartialReceive { dataset, token })
+                        .collect(),
+                })
+            }),
+            (
+                arb_header(),
+                proptest::option::of("[0-9a-f-]{0,40}"),
+                any::<bool>()
+            )
+                .prop_map(|(header, resume_token, discard_partial)| {
+                    Message::StepBegin(Box::new(StepBegin {
+                        start: StepStart {
+                            header,
+                            last_tag: String::new(),
+                            hold_last: false,
+                            resume: None,
+                        },
+                        resume_token,
+                        discard_partial,
+                    }))
+                }),
         ]
     }
 
@@ -767,10 +792,12 @@ mod tests {
                 Message::StripeJoin(_) => 16,
                 Message::StripeChunk(_) => 17,
                 Message::Destination(_) => 18,
+                Message::PartialReceives(_) => 19,
+                Message::StepBegin(_) => 20,
             }
         }
         let mut runner = proptest::test_runner::TestRunner::deterministic();
-        let mut seen = [false; 19];
+        let mut seen = [false; 21];
         for _ in 0..2000 {
             let m = arb_message().new_tree(&mut runner).unwrap().current();
             seen[kind(&m)] = true;

@@ -31,7 +31,10 @@ impl Capabilities {
             max_version: PROTOCOL_VERSION_MAX,
             compression: vec![COMPRESSION_ZSTD.into(), COMPRESSION_NONE.into()],
             checksums: StreamDigest::NAMES.map(String::from).to_vec(),
-            resume: vec![crate::message::RESUME_SPOOL.into()],
+            resume: vec![
+                crate::message::RESUME_ZFS_TOKEN.into(),
+                crate::message::RESUME_SPOOL.into(),
+            ],
             software: software.into(),
         }
     }

@@ -12,7 +12,9 @@ pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// parallel connections).
 /// Version 6: `Destination` ends every listing (the destination's pool features, encrypted
 /// datasets, and whether it takes only raw streams).
-pub const PROTOCOL_VERSION_MAX: u16 = 6;
+/// Version 7: `PartialReceives` ends every listing, steps start with `StepBegin` (native
+/// resume with `zfs send -t`, and discarding a partial receive).
+pub const PROTOCOL_VERSION_MAX: u16 = 7;
 
 /// First four bytes of every `Hello`: "ZQ" and two bytes of zeros, so a stray client of
 /// another protocol is told apart from a zq peer of another version.
@@ -46,6 +48,9 @@ pub const MAX_CAPABILITY_LEN: usize = 64;
 
 /// Most pool feature names in a `Destination` (OpenZFS 2.3 has 45).
 pub const MAX_POOL_FEATURES: usize = 256;
+
+/// Longest `receive_resume_token` carried (a plain one is ~300 bytes).
+pub const MAX_RESUME_TOKEN_LEN: usize = 8 * 1024;
 
 /// Longest user-hold tag a sender may ask the receiver to place (ZFS allows 255 bytes).
 pub const MAX_TAG_LEN: usize = 128;

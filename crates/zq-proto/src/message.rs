@@ -58,9 +58,18 @@ pub enum Message {
     /// number `.0` of the striped part of the step (counted from 0).
     StripeChunk(u64),
     /// Receiver → sender, from version 6, the last answer to a [`ListRequest`] (after
-    /// [`ListResponse`] and any [`Resumable`]): what the destination can receive, so that
-    /// the sender picks `zfs send` options from facts.
+    /// [`ListResponse`] and any [`Resumable`]) until version 7: what the destination can
+    /// receive, so that the sender picks `zfs send` options from facts.
     Destination(Destination),
+    /// Receiver → sender, from version 7, the last answer to a [`ListRequest`] (after
+    /// [`Destination`]): the targets under the roots that an interrupted `zfs receive -s`
+    /// left partial, with their `receive_resume_token`.
+    PartialReceives(PartialReceives),
+    /// Sender → receiver, first frame of a step from version 7, instead of [`StepStart`]:
+    /// the step, and whether it continues the target's partial receive (`zfs send -t`) or
+    /// discards it first (`zfs receive -A`). Boxed: the largest message, and frames hold
+    /// data chunks far more often (encoded as the struct itself).
+    StepBegin(Box<StepBegin>),
 }
 
 /// The compression name of chunks sent as they are: always understood.
@@ -72,6 +81,10 @@ pub const COMPRESSION_ZSTD: &str = "zstd";
 /// The resume kind in which the receiver spools a large step's verified bytes and the
 /// sender continues from where they end (see `docs/protocol.md`).
 pub const RESUME_SPOOL: &str = "spool";
+
+/// The resume kind in which the receiver runs `zfs receive -s` and the sender continues an
+/// interrupted step with `zfs send -t` (OpenZFS; protocol version 7).
+pub const RESUME_ZFS_TOKEN: &str = "zfs-token";
 
 impl Message {
     /// Short name of the variant, for error messages and logs.
@@ -96,6 +109,8 @@ impl Message {
             Message::StripeJoin(_) => "StripeJoin",
             Message::StripeChunk(_) => "StripeChunk",
             Message::Destination(_) => "Destination",
+            Message::PartialReceives(_) => "PartialReceives",
+            Message::StepBegin(_) => "StepBegin",
         }
     }
 
@@ -154,9 +169,23 @@ impl Message {
                 Ok(())
             }
             Message::StepHeader(h) => h.validate(),
-            Message::StepStart(r) => {
-                r.header.validate()?;
-                check_len("StepStart.last_tag", r.last_tag.len(), MAX_TAG_LEN)
+            Message::StepStart(r) => r.validate(),
+            Message::StepBegin(b) => {
+                b.start.validate()?;
+                b.resume_token.as_deref().map_or(Ok(()), |t| {
+                    check_len("StepBegin.resume_token", t.len(), MAX_RESUME_TOKEN_LEN)
+                })
+            }
+            Message::PartialReceives(p) => {
+                check_count(
+                    "PartialReceives.partial",
+                    p.partial.len(),
+                    MAX_LIST_DATASETS,
+                )?;
+                p.partial.iter().try_for_each(|r| {
+                    check_name("PartialReceives.dataset", &r.dataset)?;
+                    check_len("PartialReceives.token", r.token.len(), MAX_RESUME_TOKEN_LEN)
+                })
             }
             Message::Resumable(r) => {
                 check_count("Resumable.tokens", r.tokens.len(), MAX_LIST_DATASETS)?;
@@ -475,6 +504,44 @@ pub struct Destination {
     /// inherit. A non-raw stream received there is encrypted by the receiver (or, without
     /// its key, refused).
     pub encrypted: Vec<String>,
+}
+
+impl StepStart {
+    fn validate(&self) -> Result<(), LimitError> {
+        self.header.validate()?;
+        check_len("StepStart.last_tag", self.last_tag.len(), MAX_TAG_LEN)
+    }
+}
+
+/// The targets an interrupted `zfs receive -s` left partial (version 7).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialReceives {
+    /// One per such target under the listed roots; none that a step is receiving into.
+    pub partial: Vec<PartialReceive>,
+}
+
+/// One target's partial receive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialReceive {
+    /// The target dataset.
+    pub dataset: String,
+    /// Its `receive_resume_token` (at most [`MAX_RESUME_TOKEN_LEN`] bytes): what `zfs send
+    /// -t` continues from. Hostile input to the sender: it checks the charset and decodes
+    /// it before it uses it, and passes it to zfs only as one argv element.
+    pub token: String,
+}
+
+/// First frame of a step from version 7.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepBegin {
+    /// The step, as version 3 announced it (its `resume` is for the `spool` kind).
+    pub start: StepStart,
+    /// The data are `zfs send -t` of this token: the rest of the target's partial receive,
+    /// which must still have this very token (else `ResumeRejected`).
+    pub resume_token: Option<String>,
+    /// Discard the target's partial receive (`zfs receive -A`) before this step: the
+    /// sender will not continue it.
+    pub discard_partial: bool,
 }
 
 /// Where a resumed step's data continue.

@@ -194,9 +194,11 @@ impl Connector {
             link,
             name: receiver,
             ours,
-            caps: config
-                .sender
-                .capabilities(config.software, config.protocol_version),
+            caps: config.sender.capabilities(
+                config.software,
+                config.protocol_version,
+                zfs.capabilities().resumable_receive,
+            ),
             sender: config.sender,
             connections: config.connections,
             zfs,

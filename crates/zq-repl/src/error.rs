@@ -109,13 +109,17 @@ impl ReplError {
             )
     }
 
-    /// Whether the receiver's state differs from what the sender assumed (a stale cursor):
-    /// list the destination again and re-plan.
+    /// Whether the receiver's state differs from what the sender assumed (a stale cursor,
+    /// or a partial receive or spool the sender did not plan with): list the destination
+    /// again and re-plan.
     pub fn stale_destination(&self) -> bool {
         matches!(
             self,
             ReplError::Remote(WireError {
-                kind: ErrorKind::Diverged | ErrorKind::BaseMissing | ErrorKind::TargetExists,
+                kind: ErrorKind::Diverged
+                    | ErrorKind::BaseMissing
+                    | ErrorKind::TargetExists
+                    | ErrorKind::ResumeRejected,
                 ..
             })
         )

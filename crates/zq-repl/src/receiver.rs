@@ -140,10 +140,27 @@ struct Agreed {
     version: u16,
     /// Both sides offered the `spool` resume kind.
     spooling: bool,
+    /// Both sides offered the `zfs-token` resume kind: `zfs receive -s` where the pool
+    /// can, and no spool there.
+    native: bool,
     /// The sender may compress chunks with zstd.
     zstd: bool,
     /// How `StepEnd` hashes the whole stream.
     digest: zq_proto::StreamDigest,
+}
+
+/// What a step does with its target's partial receive, if it has one
+/// ([`zq_proto::StepBegin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Partial {
+    /// The step is `zfs send -t` of this token: the target's must be the same.
+    Resume(String),
+    /// Discard it (`zfs receive -A`) first.
+    Discard,
+    /// The sender did not say (before version 7, or it did not see one): a partial receive
+    /// of this very step is kept (the sender is told to list again and resume it), one of
+    /// another step is discarded.
+    Keep,
 }
 
 /// The receiver's last-received hold a step asks for ([`zq_proto::StepStart`]).
@@ -178,6 +195,9 @@ impl Receiver {
     ) -> Arc<Self> {
         if !spools.enabled() {
             caps.resume.retain(|r| r != zq_proto::RESUME_SPOOL);
+        }
+        if !zfs.capabilities().resumable_receive {
+            caps.resume.retain(|r| r != zq_proto::RESUME_ZFS_TOKEN);
         }
         Arc::new(Receiver {
             lister: lister::Lister::new(zfs.clone()),
@@ -302,6 +322,7 @@ impl Receiver {
             Ok(w) => Agreed {
                 version: w.version,
                 spooling: w.resume.iter().any(|r| r == zq_proto::RESUME_SPOOL),
+                native: w.version >= 7 && w.resume.iter().any(|r| r == zq_proto::RESUME_ZFS_TOKEN),
                 zstd: w.compression == zq_proto::COMPRESSION_ZSTD,
                 digest: zq_proto::StreamDigest::from_checksum(&w.checksum)
                     .unwrap_or(zq_proto::StreamDigest::Flat),
@@ -430,11 +451,18 @@ impl Receiver {
             }
             Ok(Message::ListRequest(r)) => {
                 let roots = r.roots.clone();
-                match self.list(root, r).await {
-                    Ok((l, encrypted)) => {
-                        let l_names: Vec<String> =
+                // The pools' features (for Destination) are read while zfs lists.
+                let (listing, _) = tokio::join!(self.list(root, r), async {
+                    if agreed.version >= 6 {
+                        self.read_features(root, &roots).await;
+                    }
+                });
+                match listing {
+                    Ok((l, encrypted, partial)) => {
+                        let listed: Vec<String> =
                             l.datasets.iter().map(|d| d.name.clone()).collect();
-                        let mut last = Message::ListResponse(l);
+                        // ListResponse, then what each version adds; the last is the reply.
+                        let mut answers = vec![Message::ListResponse(l)];
                         if agreed.spooling {
                             let mut tokens = Vec::new();
                             for r in &roots {
@@ -444,17 +472,29 @@ impl Receiver {
                                         .extend(self.spools.tokens_under(&ds, r.recursive).await);
                                 }
                             }
-                            send.send(&last).await?;
-                            last = Message::Resumable(zq_proto::Resumable { tokens });
+                            answers.push(Message::Resumable(zq_proto::Resumable { tokens }));
                         }
                         if agreed.version >= 6 {
-                            send.send(&last).await?;
-                            last = match self.destination(&roots, &l_names, encrypted).await {
+                            answers.push(match self.destination(&roots, &listed, encrypted).await {
                                 Ok(d) => Message::Destination(d),
                                 Err(e) => Message::Error(e),
-                            };
+                            });
                         }
-                        last
+                        if agreed.version >= 7 {
+                            answers.push(Message::PartialReceives(zq_proto::PartialReceives {
+                                partial,
+                            }));
+                        }
+                        let last = answers.pop();
+                        for a in answers {
+                            let error = matches!(a, Message::Error(_));
+                            send.send(&a).await?;
+                            if error {
+                                send.finish()?;
+                                return Ok(());
+                            }
+                        }
+                        last.unwrap_or_else(|| Message::Error(internal("no listing")))
                     }
                     Err(e) => Message::Error(e),
                 }
@@ -478,24 +518,28 @@ impl Receiver {
             },
             Ok(Message::StepStart(s)) if agreed.version >= 3 => {
                 let span = info_span!("step", target = %s.header.target, to = %s.header.to.name);
-                let v = if s.resume.is_some() && !agreed.spooling {
+                let mut frames = StepFrames::new(&mut recv, stripes);
+                let v = self
+                    .step_start(root, s, Partial::Keep, agreed, &mut frames)
+                    .instrument(span)
+                    .await;
+                Message::Verdict(v)
+            }
+            Ok(Message::StepBegin(b)) if agreed.version >= 7 => {
+                let span = info_span!("step", target = %b.start.header.target, to = %b.start.header.to.name);
+                let partial = match (b.resume_token, b.discard_partial) {
+                    (Some(t), _) => Partial::Resume(t),
+                    (None, true) => Partial::Discard,
+                    (None, false) => Partial::Keep,
+                };
+                let mut frames = StepFrames::new(&mut recv, stripes);
+                let v = if matches!(partial, Partial::Resume(_)) && !agreed.native {
                     Verdict::Failed(WireError::new(
                         ErrorKind::Protocol,
-                        "a resumed step, but the session did not agree on spooling",
-                    ))
-                } else if !s.last_tag.is_empty() && !crate::protect::Tags::is_last_tag(&s.last_tag)
-                {
-                    Verdict::Failed(WireError::new(
-                        ErrorKind::InvalidName,
-                        format!("{:?} is not a zq hold tag (zq_<job>_last)", s.last_tag),
+                        "a step resumed with zfs send -t, but the session did not agree on zfs-token",
                     ))
                 } else {
-                    let last = LastHold {
-                        tag: s.last_tag,
-                        hold: s.hold_last,
-                    };
-                    let mut frames = StepFrames::new(&mut recv, stripes);
-                    self.step(root, s.header, s.resume, last, agreed, &mut frames)
+                    self.step_start(root, b.start, partial, agreed, &mut frames)
                         .instrument(span)
                         .await
                 };
@@ -505,7 +549,15 @@ impl Receiver {
                 let span = info_span!("step", target = %h.target, to = %h.to.name);
                 let mut frames = StepFrames::new(&mut recv, None);
                 let v = self
-                    .step(root, h, None, LastHold::default(), agreed, &mut frames)
+                    .step(
+                        root,
+                        h,
+                        None,
+                        LastHold::default(),
+                        Partial::Keep,
+                        agreed,
+                        &mut frames,
+                    )
                     .instrument(span)
                     .await;
                 Message::Verdict(v)
@@ -528,14 +580,24 @@ impl Receiver {
         Ok(())
     }
 
-    /// The listing, and the names of the listed datasets that are encrypted.
+    /// The listing, the names of the listed datasets that are encrypted, and the partial
+    /// receives under the roots (none that a step of ours is receiving into: that state is
+    /// in flux, and the step's end settles it).
     async fn list(
         &self,
         root: &DatasetName,
         req: zq_proto::ListRequest,
-    ) -> Result<(ListResponse, Vec<DatasetName>), WireError> {
+    ) -> Result<
+        (
+            ListResponse,
+            Vec<DatasetName>,
+            Vec<zq_proto::PartialReceive>,
+        ),
+        WireError,
+    > {
         let mut datasets = Vec::new();
         let mut encrypted = Vec::new();
+        let mut partial = Vec::new();
         for r in req.roots {
             let ds = authorize(root, &r.dataset)?;
             let tree = self
@@ -569,6 +631,15 @@ impl Receiver {
                     .filter(|d| d.encryption.as_deref().is_some_and(is_encrypted))
                     .map(|d| d.name.clone()),
             );
+            partial.extend(tree.iter().filter_map(|d| {
+                let token = d.resume_token.as_ref()?;
+                (token.len() <= zq_proto::limits::MAX_RESUME_TOKEN_LEN
+                    && !self.receiving_into(&d.name))
+                .then(|| zq_proto::PartialReceive {
+                    dataset: d.name.to_string(),
+                    token: token.clone(),
+                })
+            }));
             datasets.extend(
                 tree.into_iter()
                     .filter(|d| {
@@ -581,7 +652,17 @@ impl Receiver {
                     }),
             );
         }
-        Ok((ListResponse { datasets }, encrypted))
+        Ok((ListResponse { datasets }, encrypted, partial))
+    }
+
+    /// Reads (into the cache of [`Zfs::pool_features`]) the features of the pools of
+    /// `roots` inside the sender's `root`; failures are left for [`Self::destination`].
+    async fn read_features(&self, root: &DatasetName, roots: &[zq_proto::ListRoot]) {
+        for r in roots {
+            if let Ok(ds) = authorize(root, &r.dataset) {
+                let _ = self.zfs.pool_features(ds.pool()).await;
+            }
+        }
     }
 
     /// What the destination of a listing of `roots` (authorized by it) can receive: the
@@ -620,6 +701,35 @@ impl Receiver {
             require_raw: self.policy.require_raw,
             encrypted: encrypted.iter().map(ToString::to_string).collect(),
         })
+    }
+
+    /// A step that starts with `StepStart` (or, from version 7, `StepBegin`).
+    async fn step_start(
+        &self,
+        root: &DatasetName,
+        s: zq_proto::StepStart,
+        partial: Partial,
+        agreed: Agreed,
+        frames: &mut StepFrames<'_>,
+    ) -> Verdict {
+        if s.resume.is_some() && !agreed.spooling {
+            return Verdict::Failed(WireError::new(
+                ErrorKind::Protocol,
+                "a resumed step, but the session did not agree on spooling",
+            ));
+        }
+        if !s.last_tag.is_empty() && !crate::protect::Tags::is_last_tag(&s.last_tag) {
+            return Verdict::Failed(WireError::new(
+                ErrorKind::InvalidName,
+                format!("{:?} is not a zq hold tag (zq_<job>_last)", s.last_tag),
+            ));
+        }
+        let last = LastHold {
+            tag: s.last_tag,
+            hold: s.hold_last,
+        };
+        self.step(root, s.header, s.resume, last, partial, agreed, frames)
+            .await
     }
 
     /// Whether a step is receiving into `target` now (it holds the target's lock).

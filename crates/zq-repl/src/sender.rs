@@ -12,5 +12,5 @@ pub mod session;
 pub mod step;
 
 pub use job::{Job, CHAIN_UP_TO};
-pub use session::{Listing, Sender, SenderConfig, DEFAULT_SIZE_ESTIMATES, STALL_TIMEOUT};
+pub use session::{Kept, Listing, Sender, SenderConfig, DEFAULT_SIZE_ESTIMATES, STALL_TIMEOUT};
 pub use step::{compress_chunk, link_rate, BULK_BYTES};

@@ -21,7 +21,8 @@ pub struct DatasetStatus {
     pub unsent: usize,
     /// The last error, while the dataset is failing.
     pub error: Option<String>,
-    /// Interrupted steps this daemon resumed from the receiver's spool.
+    /// Interrupted steps this daemon resumed (from the receiver's spool, or from zfs's
+    /// partial receive with `zfs send -t`).
     #[serde(default)]
     pub resumes: u64,
     /// Stream bytes those resumes did not send again.

@@ -11,10 +11,13 @@ pub mod name;
 pub mod parse;
 pub mod stream;
 pub mod timing;
+pub mod token;
 pub mod zfs;
 
 pub use command::{CommandError, Reader, Writer};
 pub use name::{DatasetName, NameError, SnapshotName};
 pub use parse::{Kind, Version};
 pub use stream::{first_snapshot, parse_begin, BeginError, FirstSnapshot, StreamBegin};
-pub use zfs::{Capabilities, DatasetState, PoolFeatures, SendFlags, Snapshot, StoreError, Zfs};
+pub use zfs::{
+    Capabilities, DatasetState, PoolFeatures, ReceiveOptions, SendFlags, Snapshot, StoreError, Zfs,
+};

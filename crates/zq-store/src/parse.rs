@@ -47,6 +47,9 @@ pub struct Entry {
     /// The `encryption` property (`off`, `aes-256-gcm`, ...) where the listing has it
     /// (OpenZFS); `None` where ZFS has no encryption (zfs-fuse).
     pub encryption: Option<String>,
+    /// The `receive_resume_token` of a filesystem or volume an interrupted `zfs receive
+    /// -s` left partial, where the listing asks for it (OpenZFS); `None` otherwise.
+    pub resume_token: Option<String>,
 }
 
 /// A line of `zfs` output could not be understood.
@@ -79,23 +82,32 @@ fn number(line_no: usize, line: &str, field: &str, v: &str) -> Result<u64, Parse
     })
 }
 
-/// Parses `zfs list -Hp -o name,type,guid,createtxg[,encryption]` output (OpenZFS; the
-/// `encryption` column where the release has encryption, 0.8 and later).
+/// Parses `zfs list -Hp -o name,type,guid,createtxg[,encryption[,receive_resume_token]]`
+/// output (OpenZFS; `encryption` where the release has encryption, 0.8 and later, and the
+/// token where zq asks for it).
 pub fn parse_list(out: &str) -> Result<Vec<Entry>, ParseError> {
     let mut entries = Vec::new();
     for (i, line) in out.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
         let n = i + 1;
         let f: Vec<&str> = line.split('\t').collect();
-        let (name, kind, guid, txg, encryption) = match f[..] {
-            [name, kind, guid, txg] => (name, kind, guid, txg, None),
+        let (name, kind, guid, txg, encryption, token) = match f[..] {
+            [name, kind, guid, txg] => (name, kind, guid, txg, None, None),
             [name, kind, guid, txg, enc] if !enc.is_empty() => {
-                (name, kind, guid, txg, Some(enc.to_string()))
+                (name, kind, guid, txg, Some(enc.to_string()), None)
             }
+            [name, kind, guid, txg, enc, token] if !enc.is_empty() => (
+                name,
+                kind,
+                guid,
+                txg,
+                Some(enc.to_string()),
+                Some(token.to_string()).filter(|t| t != "-" && !t.is_empty()),
+            ),
             _ => {
                 return Err(perr(
                     n,
                     line,
-                    format!("{} fields, expected 4 or 5", f.len()),
+                    format!("{} fields, expected 4 to 6", f.len()),
                 ))
             }
         };
@@ -106,6 +118,7 @@ pub fn parse_list(out: &str) -> Result<Vec<Entry>, ParseError> {
             guid: number(n, line, "guid", guid)?,
             createtxg: number(n, line, "createtxg", txg)?,
             encryption,
+            resume_token: token,
         });
     }
     Ok(entries)
@@ -204,6 +217,7 @@ pub fn parse_get(out: &str) -> Result<Vec<Entry>, ParseError> {
             match (p.kind, p.guid, p.txg) {
                 (Some(kind), Some(guid), Some(createtxg)) => Ok(Entry {
                     encryption: None,
+                    resume_token: None,
                     name,
                     kind,
                     guid,

@@ -45,6 +45,9 @@ pub enum StoreError {
         /// Its `encryption` property.
         encryption: String,
     },
+    /// A resume token zq cannot use (see [`crate::token`]).
+    #[error("{0}")]
+    Token(String),
     /// zq has not learnt whether the dataset is encrypted (no listing named it), so it does
     /// not send it: the caller must list or ask it first ([`Zfs::encryption`]).
     #[error("{0}: zq has not checked whether this dataset is encrypted; not sending it (a zq bug: please report it)")]
@@ -65,7 +68,9 @@ impl StoreError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            StoreError::Encrypted { .. } | StoreError::EncryptionUnchecked(_)
+            StoreError::Encrypted { .. }
+                | StoreError::EncryptionUnchecked(_)
+                | StoreError::Token(_)
         )
     }
 }
@@ -90,6 +95,8 @@ pub struct DatasetState {
     pub kind: Kind,
     /// Its `encryption` property where ZFS has one (OpenZFS); `None` on zfs-fuse.
     pub encryption: Option<String>,
+    /// The `receive_resume_token` an interrupted `zfs receive -s` left (OpenZFS).
+    pub resume_token: Option<String>,
     /// Snapshots ordered by `createtxg`.
     pub snapshots: Vec<Snapshot>,
 }
@@ -262,6 +269,19 @@ impl PoolFeatures {
     }
 }
 
+/// How `zfs receive` runs ([`Zfs::receive`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceiveOptions {
+    /// `-F` (only after the caller rolled back or cleared the target with the user's
+    /// `--force`).
+    pub force: bool,
+    /// `-s`: an interrupted receive keeps what it got and leaves a `receive_resume_token`
+    /// (where zfs has it, [`Capabilities::resumable_receive`]).
+    pub resumable: bool,
+    /// `-o PROP=VALUE` for each pair: properties of a dataset the stream creates.
+    pub set: Vec<(String, String)>,
+}
+
 /// How long [`Zfs::pool_features`] trusts what it read: features change only by `zpool
 /// upgrade` or `zpool set feature@…=enabled`, and become active as they are used.
 const FEATURES_TTL: Duration = Duration::from_secs(60);
@@ -358,7 +378,9 @@ impl Zfs {
     /// to `depth`, before the dataset arguments.
     fn list_argv(&self, depth: &str) -> Argv {
         if self.caps.list_parsable {
-            let columns = if self.caps.encryption {
+            let columns = if self.caps.resumable_receive {
+                "name,type,guid,createtxg,encryption,receive_resume_token"
+            } else if self.caps.encryption {
                 "name,type,guid,createtxg,encryption"
             } else {
                 "name,type,guid,createtxg"
@@ -660,24 +682,51 @@ impl Zfs {
         Ok(crate::parse::parse_send_estimate(&run(&argv).await?))
     }
 
-    /// Starts `zfs receive` into `target`. `force` adds `-F` (only after the caller rolled
-    /// back or cleared the target with the user's `--force`); `set` adds `-o PROP=VALUE`
-    /// for each pair (properties of a dataset the stream creates).
+    /// Starts `zfs receive` into `target` with `options`.
     pub fn receive(
         &self,
         target: &DatasetName,
-        force: bool,
-        set: &[(String, String)],
+        options: &ReceiveOptions,
     ) -> Result<Writer, StoreError> {
         let mut argv = self
             .zfs()
             .arg("receive")
             .arg_if(self.caps.recv_no_mount, "-u")
-            .arg_if(force, "-F");
-        for (p, v) in set {
+            .arg_if(options.force, "-F")
+            .arg_if(options.resumable && self.caps.resumable_receive, "-s");
+        for (p, v) in &options.set {
             argv = argv.arg("-o").arg(format!("{p}={v}"));
         }
         Ok(Writer::spawn(&argv.arg(target.as_str()))?)
+    }
+
+    /// `zfs receive -A target`: discards the partial state an interrupted `zfs receive -s`
+    /// left (and its `receive_resume_token`); a partial new dataset goes with it.
+    pub async fn abort_receive(&self, target: &DatasetName) -> Result<(), StoreError> {
+        run(&self.zfs().args(["receive", "-A"]).arg(target.as_str())).await?;
+        Ok(())
+    }
+
+    /// Starts `zfs send -t token`: the rest of the stream an interrupted `zfs receive -s`
+    /// did not get, with the options the token records. `decoded` is the token's content
+    /// ([`crate::token::decode`]); the same refusal as [`Self::send`] applies: a token of
+    /// a stream that was not raw continues only an unencrypted dataset, unless `decrypt`.
+    pub fn send_resume(
+        &self,
+        token: &str,
+        decoded: &crate::token::ResumeToken,
+        decrypt: bool,
+    ) -> Result<Reader, StoreError> {
+        crate::token::check(token).map_err(|e| StoreError::Token(e.to_string()))?;
+        if self.caps.encryption && !decoded.raw && !decrypt {
+            let snap = SnapshotName::parse(&decoded.to_name)?;
+            let dataset = snap.dataset();
+            match self.known_encryption(dataset) {
+                Some(v) => plaintext_ok(dataset, &v)?,
+                None => return Err(StoreError::EncryptionUnchecked(dataset.to_string())),
+            }
+        }
+        Ok(Reader::spawn(&self.zfs().args(["send", "-t"]).arg(token))?)
     }
 
     /// `zfs rollback -r snap`: destroys every snapshot newer than `snap`.
@@ -923,6 +972,7 @@ pub fn tree_from_entries(
                         name,
                         kind: e.kind,
                         encryption: e.encryption,
+                        resume_token: e.resume_token,
                         snapshots: Vec::new(),
                     });
                 }
@@ -981,6 +1031,7 @@ mod tests {
             guid,
             createtxg,
             encryption: None,
+            resume_token: None,
         }
     }
 

@@ -311,10 +311,9 @@ impl State {
                     let (snapshots, newest) = (t.snapshots.clone(), t.snapshots.last().cloned());
                     let (dest, resume) = match (&t.cursor, &listing) {
                         (Some(c), _) => (Some(vec![c.clone()]), None),
-                        (None, Some((dest, listing))) => (
-                            dest.get(target.as_str()).cloned(),
-                            listing.token(&target).cloned(),
-                        ),
+                        (None, Some((dest, listing))) => {
+                            (dest.get(target.as_str()).cloned(), listing.kept(&target))
+                        }
                         // Needs the destination's listing: on the next tick.
                         (None, None) => continue,
                     };

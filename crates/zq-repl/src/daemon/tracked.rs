@@ -30,8 +30,8 @@ pub struct Tracked {
     pub error: Option<String>,
     /// When the cursor's snapshot was created (from a `zq_` name) or first seen.
     pub cursor_time: Option<SystemTime>,
-    /// Interrupted steps resumed from the receiver's spool, and the stream bytes they did
-    /// not send again.
+    /// Interrupted steps resumed (from the receiver's spool or zfs's partial receive),
+    /// and the stream bytes they did not send again.
     pub resumed: (u64, u64),
     /// Steps committed, failed attempts, and stream bytes of the committed steps.
     pub counts: Counts,

@@ -30,7 +30,9 @@ use zq_proto::{
 use zq_store::{DatasetName, SnapshotName, StreamBegin, Writer};
 
 use super::spool::{Replay, SpoolWriter};
-use super::{authorize, internal, zfs_err, Agreed, Known, LastHold, Receiver, TARGET_WAIT};
+use super::{
+    authorize, internal, zfs_err, Agreed, Known, LastHold, Partial, Receiver, TARGET_WAIT,
+};
 use crate::progress::human_bytes;
 use crate::report::to_info;
 use crate::stripe::StepFrames;
@@ -48,16 +50,20 @@ struct Prepared {
 impl Receiver {
     /// Runs one step; `resume` says where a resumed step's data continue, `last` which
     /// hold to move to the received snapshot.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn step(
         &self,
         root: &DatasetName,
         h: StepHeader,
         resume: Option<ResumeAt>,
         last: LastHold,
+        partial: Partial,
         agreed: Agreed,
         recv: &mut StepFrames<'_>,
     ) -> Verdict {
-        let result = self.step_inner(root, &h, resume, last, agreed, recv).await;
+        let result = self
+            .step_inner(root, &h, resume, last, partial, agreed, recv)
+            .await;
         // Labelled by target only inside the sender's root: a sender cannot make the
         // metrics grow with names it is refused.
         let label =
@@ -101,12 +107,14 @@ impl Receiver {
         e
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn step_inner(
         &self,
         root: &DatasetName,
         h: &StepHeader,
         resume: Option<ResumeAt>,
         last: LastHold,
+        partial: Partial,
         agreed: Agreed,
         recv: &mut StepFrames<'_>,
     ) -> Result<Committed, WireError> {
@@ -137,8 +145,14 @@ impl Receiver {
                     ),
                 )
             })?;
+        // zfs keeps what an interrupted `zfs receive -s` got: no spool then.
+        let native = agreed.native && self.resumable_into(&target).await;
+        if matches!(partial, Partial::Resume(_)) {
+            self.metrics.count(&h.target, |c| c.resumes += 1);
+        }
         // Under the target's lock: the spool is the target's, too.
         let (mut spool, replay) = match resume {
+            None if native => (None, None),
             None => (self.spools.writer(h, &target), None),
             Some(at) => {
                 let (replay, writer) = self.spools.resume(h, at, &target).await?;
@@ -155,6 +169,7 @@ impl Receiver {
                 &to,
                 h,
                 &last.tag,
+                (&partial, native, agreed.version >= 7),
                 &mut busy,
                 &mut spool,
                 replay,
@@ -217,6 +232,7 @@ impl Receiver {
         to: &SnapshotName,
         h: &StepHeader,
         last_tag: &str,
+        (partial, native, version_7): (&Partial, bool, bool),
         busy: &mut tokio::sync::OwnedMutexGuard<Option<Known>>,
         spool: &mut Option<SpoolWriter>,
         mut replay: Option<Replay>,
@@ -234,8 +250,14 @@ impl Receiver {
         // Taken, not read: if this step fails, the target is listed next time.
         let trusted = busy.take().filter(|k| {
             h.force == ForceAction::None
+                && *partial == Partial::Keep
                 && h.from.as_ref().is_some_and(|f| k.base_is_newest(f.guid))
         });
+        let options = |force: bool, set: Vec<(String, String)>| zq_store::ReceiveOptions {
+            force,
+            resumable: native,
+            set,
+        };
         // The header's compression was checked against the session's in step_inner.
         let decoder = if h.compression == zq_proto::COMPRESSION_ZSTD {
             StepDecoder::with_zstd().map_err(|e| internal(format!("zstd: {e}")))?
@@ -247,7 +269,10 @@ impl Receiver {
         let (prepared, first, zrecv, spawned_force) = if h.force == ForceAction::None {
             // Nothing is destroyed on this path, so everything runs at once.
             let guess = self.plain_force(h);
-            let early = self.zfs.receive(target, guess, &[]).map_err(zfs_err)?;
+            let early = self
+                .zfs
+                .receive(target, &options(guess, Vec::new()))
+                .map_err(zfs_err)?;
             let both = tokio::try_join!(
                 async {
                     let p = match &trusted {
@@ -255,7 +280,10 @@ impl Receiver {
                             force: self.plain_force(h),
                             snapshots: k.snapshots.clone(),
                         }),
-                        None => self.prepare(root, target, h, last_tag).await,
+                        None => {
+                            self.prepare(root, target, h, last_tag, Some((partial, version_7)))
+                                .await
+                        }
                     };
                     listed = ms(started);
                     p
@@ -274,9 +302,14 @@ impl Receiver {
                 }
             }
         } else {
-            let p = self.prepare(root, target, h, last_tag).await?;
+            let p = self
+                .prepare(root, target, h, last_tag, Some((partial, version_7)))
+                .await?;
             let first = first_bytes(recv, &mut decoder, spool, replay.as_mut()).await?;
-            let zrecv = self.zfs.receive(target, p.force, &[]).map_err(zfs_err)?;
+            let zrecv = self
+                .zfs
+                .receive(target, &options(p.force, Vec::new()))
+                .map_err(zfs_err)?;
             let force = p.force;
             (p, first, zrecv, force)
         };
@@ -303,7 +336,7 @@ impl Receiver {
         } else {
             zrecv.abort().await;
             self.zfs
-                .receive(target, prepared.force, &set)
+                .receive(target, &options(prepared.force, set))
                 .map_err(zfs_err)?
         };
         let fed_from = std::time::Instant::now();
@@ -312,7 +345,8 @@ impl Receiver {
             Err(e) => {
                 // zfs receive never saw the end of the stream: it discards what it has.
                 zrecv.abort().await;
-                if h.from.is_none() && !prepared.force {
+                // `zfs receive -s` keeps the partial dataset on purpose.
+                if h.from.is_none() && !prepared.force && !native {
                     self.await_discarded(target).await;
                 }
                 return Err(e);
@@ -322,7 +356,7 @@ impl Receiver {
             if trusted.is_some() {
                 // zfs refused what the record said: report the target's real state (e.g.
                 // diverged), as a listing before the step would have.
-                self.prepare(root, target, h, last_tag).await?;
+                self.prepare(root, target, h, last_tag, None).await?;
             }
             return Err(zfs_err(e.into()));
         }
@@ -488,16 +522,98 @@ impl Receiver {
         }
     }
 
+    /// Whether `zfs receive -s` works into `target`: zfs has it, and the pool has the
+    /// `extensible_dataset` feature it needs.
+    async fn resumable_into(&self, target: &DatasetName) -> bool {
+        self.zfs.capabilities().resumable_receive
+            && self
+                .zfs
+                .pool_features(target.pool())
+                .await
+                .is_ok_and(|f| f.enabled.contains("extensible_dataset"))
+    }
+
+    /// Settles the target's partial receive (from an interrupted `zfs receive -s`) as the
+    /// step says ([`Partial`]); returns whether it discarded one, and so changed the
+    /// target. A resumed full step needs nothing else: `Some(prepared)`.
+    async fn settle_partial(
+        &self,
+        target: &DatasetName,
+        h: &StepHeader,
+        partial: &Partial,
+        token: Option<&str>,
+        version_7: bool,
+    ) -> Result<(bool, Option<Prepared>), WireError> {
+        let rejected = |why: String| {
+            Err(WireError::new(
+                ErrorKind::ResumeRejected,
+                format!("{why}; list it again and plan afresh"),
+            ))
+        };
+        match (partial, token) {
+            (Partial::Resume(want), Some(have)) if want == have => {
+                info!(%target, "resuming the partial receive (zfs send -t)");
+                let full = h.from.is_none().then_some(Prepared {
+                    force: false,
+                    snapshots: Vec::new(),
+                });
+                Ok((false, full))
+            }
+            (Partial::Resume(_), have) => rejected(format!(
+                "the sender resumes a partial receive into {target} that {}",
+                if have.is_some() {
+                    "now has another token"
+                } else {
+                    "is gone"
+                }
+            )),
+            (_, None) => Ok((false, None)),
+            (Partial::Discard, Some(_)) => {
+                self.discard_partial(target, "the sender will not resume it")
+                    .await?;
+                Ok((true, None))
+            }
+            (Partial::Keep, Some(_)) if version_7 => rejected(format!(
+                "{target} holds a partial receive (zfs receive -s kept it) the sender did not \
+                 know of"
+            )),
+            (Partial::Keep, Some(_)) => {
+                self.discard_partial(target, "this sender cannot resume it (protocol before 7)")
+                    .await?;
+                Ok((true, None))
+            }
+        }
+    }
+
+    /// `zfs receive -A target`, logged with why.
+    async fn discard_partial(&self, target: &DatasetName, why: &str) -> Result<(), WireError> {
+        info!(%target, reason = why, "discarding the partial receive (zfs receive -A)");
+        self.zfs.abort_receive(target).await.map_err(zfs_err)
+    }
+
     /// Checks the target's real state against the header and carries out the destruction
-    /// the sender's `--force` authorised.
+    /// the sender's `--force` authorised. With `partial`, first settles a partial receive
+    /// of the target as the step says ([`Self::settle_partial`]); without, only reports.
     async fn prepare(
         &self,
         root: &DatasetName,
         target: &DatasetName,
         h: &StepHeader,
         last_tag: &str,
+        partial: Option<(&Partial, bool)>,
     ) -> Result<Prepared, WireError> {
-        let state = self.lister.list(target).await.map_err(zfs_err)?;
+        let mut state = self.lister.list(target).await.map_err(zfs_err)?;
+        if let Some((partial, version_7)) = partial {
+            let token = state.first().and_then(|d| d.resume_token.as_deref());
+            match self
+                .settle_partial(target, h, partial, token, version_7)
+                .await?
+            {
+                (_, Some(resumed_full)) => return Ok(resumed_full),
+                (true, None) => state = self.lister.list(target).await.map_err(zfs_err)?,
+                (false, None) => {}
+            }
+        }
         let snaps: Option<Vec<SnapshotInfo>> = state
             .first()
             .map(|d| d.snapshots.iter().map(to_info).collect());

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use tracing::{info, info_span, warn, Instrument};
-use zq_proto::{Committed, ResumeToken};
+use zq_proto::Committed;
 use zq_store::{DatasetName, Zfs};
 
 use crate::error::ReplError;
@@ -13,8 +13,9 @@ use crate::plan::{plan, PlanOptions, Step};
 use crate::protect::Protector;
 use crate::report::{to_info, DatasetOutcome, DatasetReport};
 
+use super::session::Kept;
 use super::session::Sender;
-use super::step::{resumable_step, StepDone};
+use super::step::{native_resumable_step, resumable_step, Resume, StepDone};
 
 /// Where `zfs send -I` is slow, backlogs up to this many snapshots go as a chain of `-i`
 /// steps. On zfs-fuse a `-i` step costs about one `-I` of a dataset with 10–15 snapshots
@@ -80,10 +81,12 @@ impl Sender {
     /// (parents before children). One dataset's failure does not stop its siblings, but a
     /// dataset whose parent failed is skipped.
     pub async fn replicate(&self, job: &Job) -> Result<Vec<DatasetReport>, ReplError> {
-        // Both listings at once: one local zfs call and one round trip.
-        let (sources, dest) = tokio::join!(
+        // Both listings at once: one local zfs call and one round trip; the source pool's
+        // features (for the steps' zfs send options) meanwhile, where it has any.
+        let (sources, dest, _) = tokio::join!(
             self.zfs.list(&job.source, job.recursive),
-            self.list_remote(&job.target, job.recursive)
+            self.list_remote(&job.target, job.recursive),
+            self.zfs.pool_features(job.source.pool())
         );
         let sources = sources?;
         if sources.is_empty() {
@@ -116,7 +119,7 @@ impl Sender {
                     &snapshots,
                     &target,
                     dest_snaps,
-                    listing.token(&target),
+                    listing.kept(&target).as_ref(),
                     job.options,
                     &mut Slot::unlimited(),
                 )
@@ -135,10 +138,12 @@ impl Sender {
     /// Brings one dataset up to date given what the destination holds: its snapshot list,
     /// `None` if it does not exist, or in steady state just the cursor (the snapshot the
     /// receiver last committed). The receiver re-checks the base, so a stale cursor gives
-    /// a `Diverged`/`BaseMissing` error and the caller lists again. With `resume` (the
-    /// receiver's token for the target, from its listing), the interrupted step continues
-    /// first if it is still the way forward: its base is the destination's newest snapshot
-    /// and its `to` still exists here. Otherwise the plan's first step replaces it.
+    /// a `Diverged`/`BaseMissing` error and the caller lists again. With `kept` (what the
+    /// receiver's listing says it kept of an interrupted step into the target: zfs's
+    /// partial receive or its spool), the interrupted step continues first if it is still
+    /// the way forward: its base is the destination's newest snapshot and its `to` still
+    /// exists here. Otherwise the plan's first step replaces it (a partial receive is
+    /// discarded then, with a log line saying why).
     #[allow(clippy::too_many_arguments)]
     pub async fn replicate_dataset(
         &self,
@@ -146,7 +151,7 @@ impl Sender {
         source: &[zq_proto::SnapshotInfo],
         target: &DatasetName,
         dest: Option<&[zq_proto::SnapshotInfo]>,
-        resume_token: Option<&ResumeToken>,
+        kept: Option<&Kept>,
         options: PlanOptions,
         slot: &mut Slot,
     ) -> DatasetOutcome {
@@ -157,21 +162,36 @@ impl Sender {
         let (mut steps, mut bytes, mut resumed, mut last) = (0, 0, 0, None);
         let resumed_dest;
         let mut dest = dest;
-        let resume = resume_token.and_then(|t| Some((t, resumable_step(t, source, dest)?)));
+        let (resume, mut first) = match kept {
+            None => (None, Resume::Fresh),
+            Some(Kept::Spool(t)) => match resumable_step(t, source, dest) {
+                Some(step) => (Some((Resume::Spool(t.clone()), step)), Resume::Fresh),
+                None => {
+                    info!(to = %t.to.name, offset = t.offset, "the receiver's spooled step is no longer the way forward; it will be replaced");
+                    (None, Resume::Fresh)
+                }
+            },
+            Some(Kept::Native(token)) => match self.native_step(src, token, source, dest).await {
+                Ok((decoded, step)) => {
+                    let r = Resume::Native {
+                        token: token.clone(),
+                        decoded,
+                    };
+                    (Some((r, step)), Resume::Fresh)
+                }
+                Err(why) => {
+                    info!(reason = %why, "the receiver's partial receive (zfs receive -s) is no longer the way forward; it will be discarded (zfs receive -A)");
+                    (None, Resume::Discard)
+                }
+            },
+        };
         if let Some(p) = &self.config.protector {
             self.tidy(p, src, source, dest, resume.as_ref().map(|(_, s)| s))
                 .await;
         }
-        if let Some((token, step)) = resume {
+        if let Some((how, step)) = resume {
             match self
-                .run_step(
-                    src,
-                    target,
-                    &step,
-                    zq_proto::ForceAction::None,
-                    slot,
-                    Some(token),
-                )
+                .run_step(src, target, &step, zq_proto::ForceAction::None, slot, &how)
                 .await
             {
                 Ok(done) => {
@@ -187,8 +207,6 @@ impl Sender {
                     return DatasetOutcome::Failed(e);
                 }
             }
-        } else if let Some(t) = resume_token {
-            info!(to = %t.to.name, offset = t.offset, "the receiver's spooled step is no longer the way forward; it will be replaced");
         }
         let plan = match plan(source, dest, options) {
             Ok(p) => p,
@@ -206,7 +224,8 @@ impl Sender {
         }
         let mut force = plan.force.clone();
         for step in &plan.steps {
-            match self.run_step(src, target, step, force, slot, None).await {
+            let how = std::mem::replace(&mut first, Resume::Fresh);
+            match self.run_step(src, target, step, force, slot, &how).await {
                 Ok(done) => {
                     steps += 1;
                     bytes += done.bytes;
@@ -248,6 +267,39 @@ impl Sender {
             newest,
             committed: held.len(),
         }
+    }
+
+    /// The step a native resume token continues, if it is still the way forward: the
+    /// session resumes natively, its `to` exists in `source` (same GUID), its base is the
+    /// destination's newest snapshot (for a full stream, the destination has none), and
+    /// it was as raw as this job would send it now. Otherwise why not, for the log.
+    async fn native_step(
+        &self,
+        src: &DatasetName,
+        token: &str,
+        source: &[zq_proto::SnapshotInfo],
+        dest: Option<&[zq_proto::SnapshotInfo]>,
+    ) -> Result<(zq_store::token::ResumeToken, Step), String> {
+        if !self.native_resume() {
+            return Err("this session does not resume with zfs send -t (zfs-token)".into());
+        }
+        let t = zq_store::token::decode(token).map_err(|e| e.to_string())?;
+        let step = native_resumable_step(&t, source, dest)?;
+        let encrypted = self
+            .zfs
+            .encryption(src)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some_and(|e| crate::receiver::is_encrypted(&e));
+        let raw_now = encrypted && self.config.send.encrypted == crate::sendflags::Encrypted::Raw;
+        if t.raw != raw_now {
+            return Err(format!(
+                "the interrupted stream was {}raw, this job sends the dataset {}raw",
+                if t.raw { "" } else { "not " },
+                if raw_now { "" } else { "not " }
+            ));
+        }
+        Ok((t, step))
     }
 
     /// Releases the job's holds on `src` that are no longer needed ([`Protector::tidy`]):
@@ -348,7 +400,7 @@ impl Sender {
                     &step,
                     zq_proto::ForceAction::None,
                     slot,
-                    None,
+                    &Resume::Fresh,
                 )
                 .await?;
             from = zq_proto::SnapshotInfo {

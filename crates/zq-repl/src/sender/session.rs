@@ -30,12 +30,31 @@ pub struct Listing {
     pub resumable: Vec<ResumeToken>,
     /// What the destination can receive; `None` from a receiver before protocol 6.
     pub destination: Option<Arc<DestinationFacts>>,
+    /// Targets an interrupted `zfs receive -s` left partial (protocol 7).
+    pub partial: Vec<zq_proto::PartialReceive>,
+}
+
+/// What the receiver kept of an interrupted step into a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kept {
+    /// zfs's partial receive, with its `receive_resume_token` (not yet checked).
+    Native(String),
+    /// The receiver's spool.
+    Spool(ResumeToken),
 }
 
 impl Listing {
-    /// The resume token of `target`, if any.
-    pub fn token(&self, target: &DatasetName) -> Option<&ResumeToken> {
-        self.resumable.iter().find(|t| t.dataset == target.as_str())
+    /// What the receiver kept of an interrupted step into `target`, if anything: zfs's
+    /// partial receive first (a receive into the target cannot start while it exists).
+    pub fn kept(&self, target: &DatasetName) -> Option<Kept> {
+        if let Some(p) = self.partial.iter().find(|p| p.dataset == target.as_str()) {
+            return Some(Kept::Native(p.token.clone()));
+        }
+        self.resumable
+            .iter()
+            .find(|t| t.dataset == target.as_str())
+            .cloned()
+            .map(Kept::Spool)
     }
 }
 
@@ -87,9 +106,18 @@ impl Default for SenderConfig {
 
 impl SenderConfig {
     /// What this sender offers in its Hello: the current protocol (or only `version`),
-    /// zstd only if it would use it.
-    pub fn capabilities(&self, software: String, version: Option<u16>) -> Capabilities {
+    /// zstd only if it would use it, native resume (`zfs-token`) only if its zfs can
+    /// `send -t` (`native_resume`).
+    pub fn capabilities(
+        &self,
+        software: String,
+        version: Option<u16>,
+        native_resume: bool,
+    ) -> Capabilities {
         let mut caps = Capabilities::current(software);
+        if !native_resume {
+            caps.resume.retain(|r| r != zq_proto::RESUME_ZFS_TOKEN);
+        }
         if let Some(v) = version {
             caps.min_version = v;
             caps.max_version = v;
@@ -311,10 +339,24 @@ impl Sender {
         } else {
             None
         };
+        let partial = if self.session.version >= 7 {
+            match recv.message("PartialReceives").await? {
+                Message::PartialReceives(p) => p.partial,
+                other => {
+                    return Err(ReplError::Protocol(format!(
+                        "expected PartialReceives, receiver sent {}",
+                        other.name()
+                    )))
+                }
+            }
+        } else {
+            Vec::new()
+        };
         Ok(Listing {
             datasets,
             resumable,
             destination,
+            partial,
         })
     }
 
@@ -361,6 +403,16 @@ impl Sender {
     /// Whether the receiver spools large steps so that they can resume.
     pub(super) fn spooling(&self) -> bool {
         self.session.resume.iter().any(|r| r == RESUME_SPOOL)
+    }
+
+    /// Whether both sides resume with zfs's own tokens (`receive -s`, `send -t`).
+    pub(super) fn native_resume(&self) -> bool {
+        self.session.version >= 7
+            && self
+                .session
+                .resume
+                .iter()
+                .any(|r| r == zq_proto::RESUME_ZFS_TOKEN)
     }
 
     /// Asks the receiver to prune `target`'s `zq_` snapshots by `policy` (see

@@ -42,7 +42,7 @@ impl Sender {
         step: &Step,
         force: zq_proto::ForceAction,
         slot: &mut Slot,
-        resume: Option<&ResumeToken>,
+        resume: &Resume,
     ) -> Result<StepDone, ReplError> {
         let started = Instant::now();
         let (from, to, intermediates) = match step {
@@ -99,11 +99,36 @@ impl Sender {
             }
         };
         // Raw for an encrypted dataset, compressed blocks where both pools can; never a
-        // plaintext stream of an encrypted dataset unless the job says so.
-        let flags = self.send_flags(source, target).await?;
-        let mut zsend = self
-            .zfs
-            .send(from_snap.as_ref(), &to_snap, intermediates, flags);
+        // plaintext stream of an encrypted dataset unless the job says so. A native resume
+        // sends what the token recorded.
+        let flags = match resume {
+            Resume::Native { decoded, .. } => zq_store::SendFlags {
+                raw: decoded.raw,
+                compressed: decoded.compressed,
+                large_blocks: decoded.large_blocks,
+                embedded: decoded.embedded,
+                decrypt: false,
+            },
+            _ => self.send_flags(source, target).await?,
+        };
+        let mut zsend = match resume {
+            Resume::Native { token, decoded } => self.zfs.send_resume(
+                token,
+                decoded,
+                self.config.send.encrypted == crate::sendflags::Encrypted::Decrypt,
+            ),
+            _ => self
+                .zfs
+                .send(from_snap.as_ref(), &to_snap, intermediates, flags),
+        };
+        // What the receiver already has of this step and will not get again.
+        let mut not_sent = match resume {
+            Resume::Native { decoded, .. } => {
+                info!(snapshot = %to.name, bytes = decoded.bytes, "resuming the receiver's partial receive (zfs send -t)");
+                decoded.bytes
+            }
+            _ => 0,
+        };
         let watched = self
             .config
             .progress
@@ -111,7 +136,12 @@ impl Sender {
             .map(|p| (p.clone(), p.start(to_snap.to_string())));
         // Once a step is bulk, zfs's estimate of its size gives a share done and a time
         // left: a `zfs send -nvP` beside it, never for the small steps of every second.
+        // A natively resumed stream is shorter than the snapshot's: no estimate then.
+        let natively_resumed = matches!(resume, Resume::Native { .. });
         let estimate = |watched: &Option<(std::sync::Arc<crate::progress::Progress>, u64)>| {
+            if natively_resumed {
+                return;
+            }
             if let Some((p, id)) = watched.clone() {
                 let (zfs, from, to) = (self.zfs.clone(), from_snap.clone(), to_snap.clone());
                 let cap = self.config.estimates.clone();
@@ -131,7 +161,10 @@ impl Sender {
         let _watched = ProgressGuard(watched.clone());
         let mut buf = BytesMut::with_capacity(CHUNK);
         let mut resume_at = None;
-        if let Some(token) = resume.filter(|_| self.spooling()) {
+        if let Some(token) = match resume {
+            Resume::Spool(t) if self.spooling() => Some(t),
+            _ => None,
+        } {
             match regenerate(&mut zsend, &mut buf, &mut encoder, token.offset).await {
                 Ok(()) if encoder.prefix_hash() == token.prefix_hash => {
                     info!(
@@ -161,18 +194,32 @@ impl Sender {
                 }
             }
         }
+        // The spooled prefix: hashed, not sent.
         let resumed = encoder.total();
+        not_sent += resumed;
         let first = if self.session.version >= 3 {
             let (last_tag, hold_last) = match &self.config.protector {
                 Some(p) => (p.tags.last(), p.modes.of(from.is_some()).cursor()),
                 None => (String::new(), false),
             };
-            Message::StepStart(StepStart {
+            let start = StepStart {
                 header,
                 last_tag,
                 hold_last,
                 resume: resume_at,
-            })
+            };
+            if self.session.version >= 7 {
+                Message::StepBegin(Box::new(zq_proto::StepBegin {
+                    start,
+                    resume_token: match resume {
+                        Resume::Native { token, .. } => Some(token.clone()),
+                        _ => None,
+                    },
+                    discard_partial: matches!(resume, Resume::Discard),
+                }))
+            } else {
+                Message::StepStart(start)
+            }
         } else {
             Message::StepHeader(header)
         };
@@ -312,14 +359,19 @@ impl Sender {
                 }
                 let bytes = encoder.total() - resumed;
                 let ms = started.elapsed().as_millis() as u64;
-                if resumed > 0 {
+                if not_sent > 0 {
+                    let how = if resumed > 0 {
+                        "the receiver's spool"
+                    } else {
+                        "zfs send -t"
+                    };
                     info!(
                         snapshot = %to.name,
                         bytes,
-                        resumed_bytes = resumed,
+                        resumed_bytes = not_sent,
                         send = %flags,
                         ms,
-                        "step committed (resumed: {} bytes not sent again)", resumed
+                        "step committed (resumed from {how}: {not_sent} bytes not sent again)"
                     );
                 } else if compressor.is_active() {
                     info!(snapshot = %to.name, bytes, wire_bytes, send = %flags, ms, "step committed");
@@ -329,7 +381,7 @@ impl Sender {
                 Ok(StepDone {
                     committed: c,
                     bytes,
-                    resumed,
+                    resumed: not_sent,
                 })
             }
             (Ok(Message::Verdict(Verdict::Failed(e))), _) => Err(ReplError::Remote(e)),
@@ -411,6 +463,25 @@ impl Drop for ProgressGuard {
     }
 }
 
+/// How a step starts, given what the receiver kept of an interrupted one.
+#[derive(Debug, Clone)]
+pub enum Resume {
+    /// Afresh: the receiver kept nothing the sender knows of.
+    Fresh,
+    /// Continue from the receiver's spool (the `spool` resume kind).
+    Spool(ResumeToken),
+    /// Continue zfs's partial receive with `zfs send -t` (the `zfs-token` kind).
+    Native {
+        /// The target's `receive_resume_token`, as the receiver listed it.
+        token: String,
+        /// What it says.
+        decoded: zq_store::token::ResumeToken,
+    },
+    /// Afresh, discarding the target's partial receive first (`zfs receive -A`): it is not
+    /// the way forward any more.
+    Discard,
+}
+
 /// What a committed step did.
 #[derive(Debug)]
 pub(super) struct StepDone {
@@ -480,6 +551,42 @@ pub(super) fn resumable_step(
     }
 }
 
+/// The step a native resume token `t` continues, if it is still the way forward: its
+/// `to` exists in `source` with its GUID, and its base is the destination's newest
+/// snapshot (for a full stream, the destination has no snapshot); otherwise why not.
+pub(super) fn native_resumable_step(
+    t: &zq_store::token::ResumeToken,
+    source: &[zq_proto::SnapshotInfo],
+    dest: Option<&[zq_proto::SnapshotInfo]>,
+) -> Result<Step, String> {
+    let to_pos = source
+        .iter()
+        .position(|s| s.guid == t.to_guid)
+        .ok_or_else(|| format!("its snapshot {} is gone from the source", t.to_name))?;
+    let to = source[to_pos].clone();
+    match t.from_guid {
+        None if dest.is_none_or(|d| d.is_empty()) => Ok(Step::Full { to }),
+        None => Err("it is a full stream, and the destination has snapshots now".into()),
+        Some(g) => {
+            let from_pos = source
+                .iter()
+                .position(|s| s.guid == g)
+                .ok_or_else(|| format!("its base (GUID {g}) is gone from the source"))?;
+            let newest = dest.and_then(|d| d.last());
+            if from_pos >= to_pos || newest.map(|n| n.guid) != Some(g) {
+                return Err(format!(
+                    "its base (GUID {g}) is not the destination's newest snapshot any more"
+                ));
+            }
+            Ok(Step::Incremental {
+                from: source[from_pos].clone(),
+                to,
+                intermediates: false,
+            })
+        }
+    }
+}
+
 /// Checks the BEGIN record of our own `zfs send` output against the step; returns the GUID
 /// of the snapshot it creates (`None` for a compound `-I` stream, which does not say).
 pub(super) fn check_own_stream(first: &[u8], step: &Step) -> Result<Option<u64>, ReplError> {
@@ -499,4 +606,53 @@ pub(super) fn check_own_stream(first: &[u8], step: &Step) -> Result<Option<u64>,
         )));
     }
     Ok(Some(begin.to_guid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(name: &str, guid: u64) -> zq_proto::SnapshotInfo {
+        zq_proto::SnapshotInfo {
+            name: name.into(),
+            guid,
+            createtxg: guid,
+        }
+    }
+
+    fn token(from: Option<u64>, to: u64) -> zq_store::token::ResumeToken {
+        zq_store::token::ResumeToken {
+            from_guid: from,
+            to_guid: to,
+            to_name: "p/fs@x".into(),
+            bytes: 1 << 20,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_native_token_continues_only_the_step_still_wanted() {
+        let source = [snap("a", 1), snap("b", 2), snap("c", 3)];
+        let dest = [snap("a", 1)];
+        // Incremental a -> b onto a destination whose newest is a.
+        let step = native_resumable_step(&token(Some(1), 2), &source, Some(&dest)).unwrap();
+        assert!(
+            matches!(step, Step::Incremental { from, to, intermediates: false }
+            if from.guid == 1 && to.guid == 2)
+        );
+        // Full stream into a missing (or empty) destination.
+        let step = native_resumable_step(&token(None, 1), &source, None).unwrap();
+        assert!(matches!(step, Step::Full { to } if to.guid == 1));
+        // Its snapshot destroyed on the source.
+        let why = native_resumable_step(&token(Some(1), 9), &source, Some(&dest)).unwrap_err();
+        assert!(why.contains("gone from the source"), "{why}");
+        // The destination moved on (or was rolled back) since.
+        let moved = [snap("a", 1), snap("b", 2)];
+        let why = native_resumable_step(&token(Some(1), 2), &source, Some(&moved)).unwrap_err();
+        assert!(why.contains("newest"), "{why}");
+        let why = native_resumable_step(&token(None, 1), &source, Some(&dest)).unwrap_err();
+        assert!(why.contains("full stream"), "{why}");
+        // A base that is not before the snapshot.
+        assert!(native_resumable_step(&token(Some(3), 2), &source, Some(&[snap("c", 3)])).is_err());
+    }
 }

@@ -564,3 +564,142 @@ fn a_partial_receive_that_is_no_longer_the_way_forward_is_discarded() {
     assert_eq!(resume_token(&target), None);
     assert_eq!(read(&target, "more"), read(&ds, "more"));
 }
+
+/// The block device of volume `vol`: `/dev/zvol/VOL` where udev made it, else the `zd`
+/// device `zvol_id` names so (the test guest has no udev). Waits up to 10 s for it.
+fn zvol_device(vol: &str) -> Option<PathBuf> {
+    let find = || {
+        let link = PathBuf::from(format!("/dev/zvol/{vol}"));
+        if link.exists() {
+            return Some(link);
+        }
+        let zvol_id = ["/lib/udev/zvol_id", "/usr/lib/udev/zvol_id"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        std::fs::read_dir("/dev")
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("zd") && !n.contains('p'))
+            })
+            .find(|p| {
+                Command::new(zvol_id)
+                    .arg(p)
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == vol)
+            })
+    };
+    let mut found = None;
+    wait_for(Duration::from_secs(10), || {
+        found = find();
+        found.is_some()
+    });
+    found
+}
+
+/// Writes `bytes` of pseudo-random data at the start of volume `vol`.
+fn write_volume(vol: &str, bytes: usize, seed: u64) -> Vec<u8> {
+    let dev = zvol_device(vol).unwrap_or_else(|| panic!("no device for {vol}"));
+    let mut x = seed | 1;
+    let data: Vec<u8> = (0..bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+    std::io::Write::write_all(&mut f, &data).unwrap();
+    f.sync_all().unwrap();
+    data
+}
+
+fn read_volume(vol: &str, bytes: usize) -> Vec<u8> {
+    let dev = zvol_device(vol).unwrap_or_else(|| panic!("no device for {vol}"));
+    let mut f = std::fs::File::open(dev).unwrap();
+    let mut data = vec![0; bytes];
+    std::io::Read::read_exact(&mut f, &mut data).unwrap();
+    data
+}
+
+/// Volumes replicate like filesystems: full, then incremental, and an encrypted one raw
+/// (its key stays away; `zfs load-key` opens it there).
+#[test]
+fn volumes_replicate_and_an_encrypted_one_goes_raw() {
+    let Some(_zfs) = zfs_or_skip("volumes") else {
+        return;
+    };
+    if !supports("encryption") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let key = key_file(&keys);
+    let vols = src.create("vols");
+    let vol = src.ds("vols/v");
+    let made = Command::new("zfs")
+        .args(["create", "-V", "16M", &vol])
+        .output()
+        .unwrap();
+    if !made.status.success() || zvol_device(&vol).is_none() {
+        eprintln!(
+            "not applicable here: no volumes with a block device ({})",
+            stderr(&made).trim()
+        );
+        return;
+    }
+    let evol = src.ds("vols/ev");
+    let made = Command::new("zfs")
+        .args([
+            "create",
+            "-V",
+            "16M",
+            "-o",
+            "encryption=on",
+            "-o",
+            "keyformat=hex",
+        ])
+        .arg(format!("-okeylocation=file://{}", key.display()))
+        .arg(&evol)
+        .output()
+        .unwrap();
+    if !made.status.success() {
+        eprintln!(
+            "not applicable here: no encrypted volumes ({})",
+            stderr(&made).trim()
+        );
+        return;
+    }
+    let first = write_volume(&vol, 1 << 20, 41);
+    write_volume(&evol, 1 << 20, 42);
+    zfs(&["snapshot", "-r", &format!("{vols}@s1")]);
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let target = dst.ds("vols");
+    let out = send(&keys, &recv, &vols, &target, &["--recursive"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let second = write_volume(&vol, 2 << 20, 43);
+    let esecond = write_volume(&evol, 2 << 20, 44);
+    zfs(&["snapshot", "-r", &format!("{vols}@s2")]);
+    let out = send(&keys, &recv, &vols, &target, &["--recursive"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("send=-w"), "{}", stderr(&out));
+
+    let (t_vol, t_evol) = (dst.ds("vols/v"), dst.ds("vols/ev"));
+    assert_eq!(snapshots(&t_vol), snapshots(&vol));
+    assert_eq!(snapshots(&t_evol), snapshots(&evol));
+    assert_eq!(get(&t_vol, "type"), "volume");
+    assert_eq!(get(&t_evol, "keystatus"), "unavailable");
+    assert_ne!(first, second);
+    assert_eq!(read_volume(&t_vol, 2 << 20), second);
+    let load = Command::new("zfs")
+        .args(["load-key", "-L"])
+        .arg(format!("file://{}", key.display()))
+        .arg(&t_evol)
+        .output()
+        .unwrap();
+    assert!(load.status.success(), "load-key: {}", stderr(&load));
+    assert_eq!(read_volume(&t_evol, 2 << 20), esecond);
+}

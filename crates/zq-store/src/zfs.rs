@@ -616,10 +616,13 @@ impl Zfs {
         Ok(f)
     }
 
-    /// `zpool`, beside the `zfs` this backend runs when that is a path.
+    /// `zpool`: beside the `zfs` this backend runs when that is a path and it is there,
+    /// else from `PATH`.
     fn zpool_program(&self) -> PathBuf {
         match self.program.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.join("zpool"),
+            Some(dir) if !dir.as_os_str().is_empty() && dir.join("zpool").exists() => {
+                dir.join("zpool")
+            }
             _ => PathBuf::from("zpool"),
         }
     }

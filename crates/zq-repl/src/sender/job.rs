@@ -284,6 +284,11 @@ impl Sender {
             return Err("this session does not resume with zfs send -t (zfs-token)".into());
         }
         let t = zq_store::token::decode(token).map_err(|e| e.to_string())?;
+        // zfs send -t finds the snapshot by its GUID, checked below against this
+        // dataset's; a token naming another dataset is not this step's.
+        if t.to_name.split_once('@').map(|(ds, _)| ds) != Some(src.as_str()) {
+            return Err(format!("it names {}, not a snapshot of {src}", t.to_name));
+        }
         let step = native_resumable_step(&t, source, dest)?;
         let encrypted = self
             .zfs

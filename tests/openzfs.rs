@@ -417,28 +417,6 @@ fn compressed_sends_put_the_on_disk_bytes_on_the_wire() {
     assert_eq!(read(&b, "log"), text.as_bytes());
 }
 
-/// Whether this zfs keeps what an interrupted `zfs receive -s` got (OpenZFS): asked of
-/// the platform (zfs-fuse has no `receive_resume_token` property); says so if not.
-fn keeps_partial_receives(pool: &Pool) -> bool {
-    let ok = Command::new("zfs")
-        .args([
-            "get",
-            "-H",
-            "-o",
-            "value",
-            "receive_resume_token",
-            &pool.name,
-        ])
-        .output()
-        .unwrap()
-        .status
-        .success();
-    if !ok {
-        eprintln!("not applicable here: this zfs has no resumable receives (receive -s)");
-    }
-    ok
-}
-
 fn resume_token(dataset: &str) -> Option<String> {
     let out = Command::new("zfs")
         .args(["get", "-H", "-o", "value", "receive_resume_token", dataset])
@@ -446,6 +424,61 @@ fn resume_token(dataset: &str) -> Option<String> {
         .unwrap();
     let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
     (out.status.success() && v != "-" && !v.is_empty()).then_some(v)
+}
+
+/// A full step of `mib` MiB of random data (`fs@s1` into `d/fs`), sent by a daemon at
+/// 3 MB/s with `extra` options and killed once `at` bytes are in the destination pool:
+/// zfs keeps a partial receive there (checked). What is left for the test to do.
+struct Interrupted {
+    src: Pool,
+    /// Destroyed with the rest once the test ends.
+    _dst: Pool,
+    keys: Keys,
+    recv: Recv,
+    ds: String,
+    target: String,
+}
+
+fn interrupted_full_step(mib: usize, seed: u64, extra: &[&str], at: u64) -> Interrupted {
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    src.write("fs", "big", mib << 20, seed);
+    src.snap("fs", "s1");
+    let target = dst.ds("fs");
+    let every = dur("1s");
+    let args = [
+        &[
+            "--every",
+            &every,
+            "--idle-timeout",
+            "3s",
+            "--bwlimit",
+            "3MB",
+        ],
+        extra,
+    ]
+    .concat();
+    let mut daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
+    daemon.await_transferred(&keys, &dst, at);
+    daemon.kill9();
+    assert_eq!(
+        spooled(&keys),
+        0,
+        "no spool where zfs keeps partial receives"
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || resume_token(&target).is_some()),
+        "no partial receive was kept"
+    );
+    Interrupted {
+        src,
+        _dst: dst,
+        keys,
+        recv,
+        ds,
+        target,
+    }
 }
 
 /// A daemon killed in the middle of a large full step leaves zfs's partial receive on the
@@ -459,37 +492,8 @@ fn an_interrupted_step_resumes_from_zfs_partial_receive_without_a_spool() {
     if !supports("extensible_dataset") {
         return;
     }
-    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
-    if !keeps_partial_receives(&dst) {
-        return;
-    }
-    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
-    let ds = src.create("fs");
-    src.write("fs", "big", 48 << 20, 31);
-    src.snap("fs", "s1");
-    let target = dst.ds("fs");
-    let args = [
-        "--every",
-        &dur("1s"),
-        "--idle-timeout",
-        "3s",
-        "--bwlimit",
-        "3MB",
-    ];
-    let mut daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
-    daemon.await_transferred(&keys, &dst, 8 << 20);
-    daemon.kill9();
-    assert_eq!(
-        spooled(&keys),
-        0,
-        "no spool where zfs keeps partial receives"
-    );
-    assert!(
-        wait_for(Duration::from_secs(30), || resume_token(&target).is_some()),
-        "no partial receive was kept"
-    );
-
-    let out = send(&keys, &recv, &ds, &target, &[]);
+    let i = interrupted_full_step(48, 31, &[], 8 << 20);
+    let out = send(&i.keys, &i.recv, &i.ds, &i.target, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("resumed from zfs send -t"), "{err}");
@@ -498,10 +502,10 @@ fn an_interrupted_step_resumes_from_zfs_partial_receive_without_a_spool() {
         not_sent >= 1 << 20,
         "only {not_sent} bytes were kept: {err}"
     );
-    assert_eq!(snapshots(&target), snapshots(&ds));
-    assert_eq!(resume_token(&target), None);
-    assert_eq!(spooled(&keys), 0);
-    assert_eq!(read(&target, "big"), read(&ds, "big"));
+    assert_eq!(snapshots(&i.target), snapshots(&i.ds));
+    assert_eq!(resume_token(&i.target), None);
+    assert_eq!(spooled(&i.keys), 0);
+    assert_eq!(read(&i.target, "big"), read(&i.ds, "big"));
 }
 
 /// A partial receive whose snapshot was destroyed on the source since: the token cannot be
@@ -515,44 +519,14 @@ fn a_partial_receive_that_is_no_longer_the_way_forward_is_discarded() {
     if !supports("extensible_dataset") {
         return;
     }
-    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
-    if !keeps_partial_receives(&dst) {
-        return;
-    }
-    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
-    let ds = src.create("fs");
-    src.write("fs", "big", 32 << 20, 37);
-    src.snap("fs", "s1");
-    let target = dst.ds("fs");
     // No holds: nothing keeps s1 from being destroyed.
-    let args = [
-        "--every",
-        &dur("1s"),
-        "--idle-timeout",
-        "3s",
-        "--bwlimit",
-        "3MB",
-        "--protection",
-        "guarantee_nothing",
-    ];
-    let mut daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
-    daemon.await_transferred(&keys, &dst, 4 << 20);
-    daemon.kill9();
-    assert!(
-        wait_for(Duration::from_secs(30), || resume_token(&target).is_some()),
-        "no partial receive was kept"
-    );
-    zfs(&["destroy", &format!("{ds}@s1")]);
-    src.write("fs", "more", 100_000, 38);
-    src.snap("fs", "s2");
+    let nothing = ["--protection", "guarantee_nothing"];
+    let i = interrupted_full_step(32, 37, &nothing, 4 << 20);
+    zfs(&["destroy", &format!("{}@s1", i.ds)]);
+    i.src.write("fs", "more", 100_000, 38);
+    i.src.snap("fs", "s2");
 
-    let out = send(
-        &keys,
-        &recv,
-        &ds,
-        &target,
-        &["--protection", "guarantee_nothing"],
-    );
+    let out = send(&i.keys, &i.recv, &i.ds, &i.target, &nothing);
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
@@ -560,9 +534,9 @@ fn a_partial_receive_that_is_no_longer_the_way_forward_is_discarded() {
         "{err}"
     );
     assert!(!err.contains("resumed_bytes="), "{err}");
-    assert_eq!(snapshots(&target), snapshots(&ds));
-    assert_eq!(resume_token(&target), None);
-    assert_eq!(read(&target, "more"), read(&ds, "more"));
+    assert_eq!(snapshots(&i.target), snapshots(&i.ds));
+    assert_eq!(resume_token(&i.target), None);
+    assert_eq!(read(&i.target, "more"), read(&i.ds, "more"));
 }
 
 /// The block device of volume `vol`: `/dev/zvol/VOL` where udev made it, else the `zd`

@@ -190,13 +190,15 @@ async fn once(
                 steps,
                 bytes,
                 resumed,
+                resumed_from,
                 newest,
                 committed,
             } => {
-                let resumed = if *resumed > 0 {
-                    format!(" (resumed: {resumed} bytes were already on the receiver)")
-                } else {
-                    String::new()
+                let resumed = match resumed_from {
+                    Some(from) => format!(
+                        " (resumed from {from}: {resumed} bytes were already on the receiver)"
+                    ),
+                    None => String::new(),
                 };
                 crate::out!(
                     "{} -> {}: sent {steps} step(s), {bytes} bytes{resumed}; destination now at @{newest} ({committed} snapshots)",

@@ -137,6 +137,7 @@ mod tests {
             steps,
             bytes: 10,
             resumed: 0,
+            resumed_from: None,
             newest: "s".into(),
             committed: 1,
         }

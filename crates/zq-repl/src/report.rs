@@ -28,6 +28,8 @@ pub enum DatasetOutcome {
         bytes: u64,
         /// Stream bytes not sent again because a resumed step's receiver had them.
         resumed: u64,
+        /// Where the resumed step continued from (`None` if none was resumed).
+        resumed_from: Option<ResumedFrom>,
         /// The newest snapshot now on the destination.
         newest: String,
         /// Snapshots the destination holds now.
@@ -35,6 +37,24 @@ pub enum DatasetOutcome {
     },
     /// The dataset could not be brought up to date.
     Failed(ReplError),
+}
+
+/// What an interrupted step continued from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumedFrom {
+    /// zfs's partial receive, with `zfs send -t` (OpenZFS).
+    ZfsToken,
+    /// The receiver's spool.
+    Spool,
+}
+
+impl std::fmt::Display for ResumedFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResumedFrom::ZfsToken => "zfs send -t",
+            ResumedFrom::Spool => "the receiver's spool",
+        })
+    }
 }
 
 /// Converts a store snapshot into its wire form.

@@ -28,6 +28,10 @@ pub struct DatasetStatus {
     /// Stream bytes those resumes did not send again.
     #[serde(default)]
     pub resumed_bytes: u64,
+    /// Where the last of those resumes continued from (`zfs send -t`, or the receiver's
+    /// spool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<String>,
     /// Steps the receiver committed, since this daemon started.
     #[serde(default)]
     pub steps: u64,

@@ -407,6 +407,7 @@ impl State {
                     steps,
                     bytes,
                     resumed,
+                    resumed_from,
                     ..
                 },
             ) => {
@@ -415,9 +416,10 @@ impl State {
                     t.caught_up(newest);
                     t.counts.steps += steps as u64;
                     t.counts.bytes += bytes;
-                    if resumed > 0 {
+                    if let Some(from) = resumed_from {
                         t.resumed.0 += 1;
                         t.resumed.1 += resumed;
+                        t.resumed_from = Some(from);
                     }
                 }
                 None

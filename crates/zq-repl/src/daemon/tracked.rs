@@ -33,6 +33,8 @@ pub struct Tracked {
     /// Interrupted steps resumed (from the receiver's spool or zfs's partial receive),
     /// and the stream bytes they did not send again.
     pub resumed: (u64, u64),
+    /// Where the last of those continued from.
+    pub resumed_from: Option<crate::report::ResumedFrom>,
     /// Steps committed, failed attempts, and stream bytes of the committed steps.
     pub counts: Counts,
 }
@@ -76,6 +78,7 @@ impl Tracked {
             error: None,
             cursor_time: None,
             resumed: (0, 0),
+            resumed_from: None,
             counts: Counts::default(),
         }
     }
@@ -189,6 +192,7 @@ impl Tracked {
             error: self.error.clone(),
             resumes: self.resumed.0,
             resumed_bytes: self.resumed.1,
+            resumed_from: self.resumed_from.map(|f| f.to_string()),
             steps: self.counts.steps,
             failures: self.counts.failures,
             bytes: self.counts.bytes,

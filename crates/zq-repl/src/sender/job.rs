@@ -160,6 +160,7 @@ impl Sender {
             ..options
         };
         let (mut steps, mut bytes, mut resumed, mut last) = (0, 0, 0, None);
+        let mut resumed_from = None;
         let resumed_dest;
         let mut dest = dest;
         let (resume, mut first) = match kept {
@@ -198,6 +199,7 @@ impl Sender {
                     steps += 1;
                     bytes += done.bytes;
                     resumed += done.resumed;
+                    resumed_from = done.resumed_from;
                     resumed_dest = done.committed.snapshots.clone();
                     dest = Some(&resumed_dest);
                     last = Some(done.committed);
@@ -264,6 +266,7 @@ impl Sender {
             steps,
             bytes,
             resumed,
+            resumed_from,
             newest,
             committed: held.len(),
         }

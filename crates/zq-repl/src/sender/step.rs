@@ -16,6 +16,7 @@ use zq_store::DatasetName;
 use crate::error::ReplError;
 use crate::lanes::Slot;
 use crate::plan::Step;
+use crate::report::ResumedFrom;
 use crate::stripe::StripeSender;
 
 use super::session::Sender;
@@ -359,12 +360,12 @@ impl Sender {
                 }
                 let bytes = encoder.total() - resumed;
                 let ms = started.elapsed().as_millis() as u64;
-                if not_sent > 0 {
-                    let how = if resumed > 0 {
-                        "the receiver's spool"
-                    } else {
-                        "zfs send -t"
-                    };
+                let resumed_from = match resume {
+                    Resume::Native { .. } => Some(ResumedFrom::ZfsToken),
+                    _ if resumed > 0 => Some(ResumedFrom::Spool),
+                    _ => None,
+                };
+                if let Some(how) = resumed_from {
                     info!(
                         snapshot = %to.name,
                         bytes,
@@ -382,6 +383,7 @@ impl Sender {
                     committed: c,
                     bytes,
                     resumed: not_sent,
+                    resumed_from,
                 })
             }
             (Ok(Message::Verdict(Verdict::Failed(e))), _) => Err(ReplError::Remote(e)),
@@ -490,6 +492,8 @@ pub(super) struct StepDone {
     pub(super) bytes: u64,
     /// Stream bytes the receiver already had (a resumed step).
     pub(super) resumed: u64,
+    /// Where a resumed step continued from.
+    pub(super) resumed_from: Option<ResumedFrom>,
 }
 
 /// Reads the first `offset` bytes of a resumed step's regenerated stream into `encoder`

@@ -150,10 +150,86 @@ pub fn zfs_or_skip(test: &str) -> Option<ZfsGuard> {
     }
     let thread = THREADS.lock().unwrap_or_else(|p| p.into_inner());
     lock.lock().unwrap();
+    settle_zfs_fuse(test);
     Some(ZfsGuard {
         _lock: lock,
         _thread: Some(thread),
     })
+}
+
+/// On zfs-fuse, makes sure nothing an earlier test left behind still works on ZFS when
+/// this one starts: zfs-fuse deadlocks when two datasets are mounted at once, and a
+/// deadlocked zfs-fuse fails every later test. Left behind are `zfs` processes (naming a
+/// test pool) orphaned by a SIGKILLed zq (on purpose in the crash tests, or after a test's
+/// own timeout) and the pools of a test process that died before destroying them. Panics,
+/// naming the cure, if zfs-fuse no longer answers at all.
+fn settle_zfs_fuse(test: &str) {
+    // Only processes that name a test pool: nothing of anyone else's is waited for or
+    // killed.
+    let ours = r"^(zfs|zpool) .*zqt[0-9]+x";
+    let strays = || {
+        Command::new("pgrep")
+            .args(["-a", "-f", ours])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    if !wait_for(Duration::from_secs(30), || strays().is_empty()) {
+        eprintln!(
+            "{test}: killing zfs processes an earlier test left running:\n{}",
+            strays()
+        );
+        let _ = Command::new("pkill").args(["-9", "-f", ours]).status();
+        wait_for(Duration::from_secs(5), || strays().is_empty());
+    }
+    let mut zpool = Command::new("zpool")
+        .args(["list", "-H", "-o", "name"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{test}: cannot run zpool: {e}"));
+    let answered = wait_for(Duration::from_secs(30), || {
+        matches!(zpool.try_wait(), Ok(Some(_)))
+    });
+    if !answered {
+        let _ = zpool.kill();
+        panic!(
+            "{test}: zfs-fuse is wedged (zpool list has not answered in 30 s). Restart it: \
+             pkill -9 zfs-fuse; rm /var/lib/zfs/zpool.cache; scripts/setup-zfs"
+        );
+    }
+    let mut names = String::new();
+    if let Some(mut out) = zpool.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut out, &mut names);
+    }
+    for pool in names.lines() {
+        let Some(pid) = pool
+            .strip_prefix("zqt")
+            .and_then(|rest| rest.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let gone = ["destroy", "export"].iter().any(|verb| {
+            Command::new("zpool")
+                .args([verb, "-f", pool])
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        if gone {
+            let _ = std::fs::remove_file(Path::new(POOL_DIR).join(format!("{pool}.img")));
+        }
+        eprintln!(
+            "{test}: test pool {pool} of a finished test was still imported: {}",
+            if gone {
+                "removed"
+            } else {
+                "could not remove it"
+            }
+        );
+    }
 }
 
 /// A pool on a sparse file, destroyed on drop.
@@ -241,6 +317,14 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
+        // A zfs process orphaned by a SIGKILLed zq (crash tests) may still work on the
+        // pool: the pool stays busy until it is done.
+        wait_for(Duration::from_secs(10), || {
+            !Command::new("pgrep")
+                .args(["-f", &format!("^zfs .*{}", self.name)])
+                .status()
+                .is_ok_and(|s| s.success())
+        });
         // zfs-fuse can report a pool busy for a moment after its last user exits.
         let mut last = String::new();
         for _ in 0..20 {

@@ -462,6 +462,15 @@ fn interrupted_full_step(mib: usize, seed: u64, extra: &[&str], at: u64) -> Inte
     let mut daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
     daemon.await_transferred(&keys, &dst, at);
     daemon.kill9();
+    // Its `zfs send` outlives it until its next write finds the pipe closed: until then
+    // s1 is busy (a test that destroys it would fail).
+    assert!(
+        wait_for(Duration::from_secs(30), || !Command::new("pgrep")
+            .args(["-f", &format!("^zfs send .*{ds}@")])
+            .status()
+            .is_ok_and(|s| s.success())),
+        "the killed daemon's zfs send still runs"
+    );
     assert_eq!(
         spooled(&keys),
         0,

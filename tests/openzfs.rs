@@ -686,3 +686,44 @@ fn volumes_replicate_and_an_encrypted_one_goes_raw() {
     assert!(load.status.success(), "load-key: {}", stderr(&load));
     assert_eq!(read_volume(&t_evol, 2 << 20), esecond);
 }
+
+/// A snapshot destroyed on the source after it was replicated, a bookmark of it left (by
+/// an operator, or a tool like syncoid --create-bookmark): the next run is incremental
+/// from the bookmark (`zfs send -i #bookmark`), neither a full stream nor divergence.
+#[test]
+fn a_bookmark_keeps_replication_incremental_after_its_snapshot_is_destroyed() {
+    let Some(_zfs) = zfs_or_skip("bookmark_base") else {
+        return;
+    };
+    if !supports("bookmarks") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    let target = dst.ds("fs");
+    // No holds: nothing keeps s1 from being destroyed.
+    let nothing = ["--protection", "guarantee_nothing"];
+    src.write("fs", "big", 4 << 20, 41);
+    src.snap("fs", "s1");
+    let out = send(&keys, &recv, &ds, &target, &nothing);
+    assert!(out.status.success(), "{}", stderr(&out));
+    zfs(&["bookmark", &format!("{ds}@s1"), &format!("{ds}#s1-mark")]);
+    zfs(&["destroy", &format!("{ds}@s1")]);
+    src.write("fs", "small", 10_000, 42);
+    src.snap("fs", "s2");
+    src.write("fs", "more", 10_000, 43);
+    src.snap("fs", "s3");
+
+    let out = send(&keys, &recv, &ds, &target, &nothing);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("sending from its bookmark"), "{err}");
+    assert!(err.contains(&format!("{ds}#s1-mark")), "{err}");
+    let sent = logged(&err, "bytes");
+    assert!(sent < 1 << 20, "{sent} bytes: a full stream?\n{err}");
+    let names: Vec<String> = snapshots(&target).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["s1", "s2", "s3"]);
+    assert_eq!(snapshots(&ds), snapshots(&target)[1..]);
+    assert_eq!(read(&target, "more"), read(&ds, "more"));
+}

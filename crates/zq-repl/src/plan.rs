@@ -33,12 +33,17 @@ pub enum Step {
     },
     /// An incremental stream from `from` to `to`.
     Incremental {
-        /// The base, present on both sides.
+        /// The base, present on both sides (as a snapshot, or on the source as the
+        /// bookmark `bookmark` only). Its name is the destination's for this GUID.
         from: SnapshotInfo,
         /// The newest snapshot to send.
         to: SnapshotInfo,
         /// Carry every snapshot in between (`-I`).
         intermediates: bool,
+        /// The source bookmark (the part after `#`) to send from, where the source no
+        /// longer has `from` as a snapshot (`zfs send -i #bookmark`; never with
+        /// `intermediates`: zfs sends no `-I` stream from a bookmark).
+        bookmark: Option<String>,
     },
 }
 
@@ -73,14 +78,27 @@ impl Plan {
             Step::Full { to } => to,
             Step::Incremental { from, .. } => from,
         };
+        // A step carries every snapshot between its ends with -I, or when there is none.
         let all_between = self.steps.iter().all(|s| match s {
             Step::Full { .. } => true,
-            Step::Incremental { intermediates, .. } => *intermediates,
+            Step::Incremental {
+                intermediates,
+                from,
+                to,
+                ..
+            } => {
+                *intermediates
+                    || !source
+                        .iter()
+                        .any(|s| s.createtxg > from.createtxg && s.createtxg < to.createtxg)
+            }
         });
+        // A bookmark base is not among the source's snapshots: what follows it is.
         let from = source
             .iter()
             .position(|s| s.guid == start.guid)
-            .unwrap_or(0);
+            .or_else(|| source.iter().position(|s| s.createtxg > start.createtxg))
+            .unwrap_or(source.len());
         source[from..]
             .iter()
             .filter(|s| {
@@ -130,6 +148,20 @@ pub fn plan(
     dest: Option<&[SnapshotInfo]>,
     opts: PlanOptions,
 ) -> Result<Plan, PlanError> {
+    plan_with_bookmarks(source, &[], dest, opts)
+}
+
+/// [`plan`], where the source's `bookmarks` (OpenZFS) count as common bases too: the
+/// newest destination snapshot whose GUID the source has as a snapshot or, after the
+/// snapshot was destroyed there, as a bookmark. From a bookmark the first step is `-i
+/// #bookmark` to the next source snapshot (zfs sends no `-I` from a bookmark); the rest
+/// as from a snapshot.
+pub fn plan_with_bookmarks(
+    source: &[SnapshotInfo],
+    bookmarks: &[SnapshotInfo],
+    dest: Option<&[SnapshotInfo]>,
+    opts: PlanOptions,
+) -> Result<Plan, PlanError> {
     let up_to_date = |note: Option<String>| Plan {
         force: ForceAction::None,
         steps: Vec::new(),
@@ -161,12 +193,15 @@ pub fn plan(
         .collect();
     // The newest destination snapshot the source has, and the source's copy of it (same
     // GUID; the name may differ).
-    let common = dest
-        .iter()
-        .enumerate()
-        .rev()
-        .find_map(|(i, s)| source_pos.get(&s.guid).map(|&j| (i, j)));
-    let Some((base_pos, src_pos)) = common else {
+    let marks: HashMap<u64, &SnapshotInfo> = bookmarks.iter().map(|b| (b.guid, b)).collect();
+    let common = dest.iter().enumerate().rev().find_map(|(i, s)| {
+        let base = match source_pos.get(&s.guid) {
+            Some(&j) => Base::Snapshot(j),
+            None => Base::Bookmark(marks.get(&s.guid)?),
+        };
+        Some((i, base))
+    });
+    let Some((base_pos, src_base)) = common else {
         if opts.force {
             return Ok(initial(ForceAction::Replace));
         }
@@ -192,7 +227,18 @@ pub fn plan(
             guid: base.guid,
         });
     }
-    if src_pos == source.len() - 1 {
+    // The first source snapshot newer than the base, and the step to it from a bookmark.
+    let (next, via) = match src_base {
+        Base::Snapshot(j) => (j + 1, None),
+        Base::Bookmark(b) => {
+            let next = source
+                .iter()
+                .position(|s| s.createtxg > b.createtxg)
+                .unwrap_or(source.len());
+            (next, Some(b))
+        }
+    };
+    if next >= source.len() {
         let note = (newer > 0).then(|| {
             format!(
                 "destination has {newer} snapshot(s) newer than @{}; nothing new to send, \
@@ -202,11 +248,41 @@ pub fn plan(
         });
         return Ok(up_to_date(note));
     }
+    let steps = match via {
+        None => incrementals(source, next - 1, opts),
+        Some(mark) => {
+            let to = if opts.newest_only {
+                source.len() - 1
+            } else {
+                next
+            };
+            let mut steps = vec![Step::Incremental {
+                from: SnapshotInfo {
+                    name: base.name.clone(),
+                    guid: base.guid,
+                    createtxg: mark.createtxg,
+                },
+                to: source[to].clone(),
+                intermediates: false,
+                bookmark: Some(mark.name.clone()),
+            }];
+            steps.extend(incrementals(source, to, opts));
+            steps
+        }
+    };
     Ok(Plan {
         force,
-        steps: incrementals(source, src_pos, opts),
+        steps,
         note: None,
     })
+}
+
+/// Where the common base is on the source.
+enum Base<'a> {
+    /// At this position of the source's snapshots.
+    Snapshot(usize),
+    /// Only a bookmark is left of it.
+    Bookmark(&'a SnapshotInfo),
 }
 
 /// The incremental steps from `source[from]` to the newest snapshot: one `-i` step when
@@ -225,6 +301,7 @@ fn incrementals(source: &[SnapshotInfo], from: usize, opts: PlanOptions) -> Vec<
             from: source[from].clone(),
             to: newest.clone(),
             intermediates: new > 1 && !opts.newest_only,
+            bookmark: None,
         }];
     }
     source[from..]
@@ -233,6 +310,7 @@ fn incrementals(source: &[SnapshotInfo], from: usize, opts: PlanOptions) -> Vec<
             from: pair[0].clone(),
             to: pair[1].clone(),
             intermediates: false,
+            bookmark: None,
         })
         .collect()
 }
@@ -247,6 +325,38 @@ mod tests {
         PlanOptions::default()
     }
 
+    /// A destination snapshot the source still has is the base, even where a bookmark of
+    /// a newer one exists too: the newest common GUID wins, snapshot or bookmark.
+    #[test]
+    fn the_newest_common_guid_is_the_base_be_it_a_snapshot_or_a_bookmark() {
+        let src = [s("a", 1), s("c", 3)];
+        let marks = [s("a-mark", 1), s("b-mark", 2)];
+        let p = plan_with_bookmarks(&src, &marks, Some(&[s("a", 1)]), opts()).unwrap();
+        assert!(matches!(
+            &p.steps[..],
+            [Step::Incremental { bookmark: None, .. }]
+        ));
+        // @b was destroyed on the source after it was replicated: not divergence.
+        let p = plan_with_bookmarks(&src, &marks, Some(&[s("a", 1), s("b", 2)]), opts()).unwrap();
+        assert_eq!(
+            p.steps,
+            vec![Step::Incremental {
+                from: s("b", 2),
+                to: s("c", 3),
+                intermediates: false,
+                bookmark: Some("b-mark".into()),
+            }]
+        );
+        // Without the bookmark it would be.
+        assert!(matches!(
+            plan(&src, Some(&[s("a", 1), s("b", 2)]), opts()),
+            Err(PlanError::Diverged { .. })
+        ));
+        // Nothing newer than the bookmark: up to date.
+        let p = plan_with_bookmarks(&[s("a", 1)], &marks, Some(&[s("a", 1), s("b", 2)]), opts());
+        assert!(p.unwrap().steps.is_empty());
+    }
+
     #[test]
     fn no_destination_is_full_then_incremental_with_intermediates() {
         let src = [s("a", 1), s("b", 2), s("c", 3)];
@@ -258,7 +368,8 @@ mod tests {
                 Step::Incremental {
                     from: s("a", 1),
                     to: s("c", 3),
-                    intermediates: true
+                    intermediates: true,
+                    bookmark: None,
                 }
             ]
         );
@@ -280,7 +391,8 @@ mod tests {
             vec![Step::Incremental {
                 from: s("a", 1),
                 to: s("c", 3),
-                intermediates: true
+                intermediates: true,
+                bookmark: None,
             }]
         );
         let p = plan(
@@ -391,7 +503,8 @@ mod tests {
             vec![Step::Incremental {
                 from: s("c", 3),
                 to: s("d", 4),
-                intermediates: false
+                intermediates: false,
+                bookmark: None,
             }]
         );
     }
@@ -406,7 +519,8 @@ mod tests {
             vec![Step::Incremental {
                 from: s("a", 1),
                 to: s("b", 2),
-                intermediates: false
+                intermediates: false,
+                bookmark: None,
             }]
         );
     }
@@ -422,6 +536,7 @@ mod tests {
             from: s(f.0, f.1),
             to: s(t.0, t.1),
             intermediates: false,
+            bookmark: None,
         };
         let p = plan(&src, Some(&[s("a", 1)]), chain(3)).unwrap();
         assert_eq!(
@@ -486,6 +601,39 @@ mod tests {
     }
 
     proptest! {
+        /// When every snapshot the destination has is gone from the source but bookmarks
+        /// of them remain, the plan starts with one `-i #bookmark` step from the
+        /// destination's newest and still brings every newer source snapshot.
+        #[test]
+        fn bookmarks_of_pruned_snapshots_keep_it_incremental(
+            n in 2usize..20, k in 1usize..19, chain in 0usize..8, newest_only in any::<bool>(),
+        ) {
+            let k = k.min(n - 1);
+            let all: Vec<_> = (1..=n as u64).map(|g| s(&format!("s{g}"), g)).collect();
+            let marks: Vec<_> = all[..k].iter().map(|x| s(&format!("m{}", x.guid), x.guid)).collect();
+            let o = PlanOptions { chain_up_to: chain, newest_only, ..opts() };
+            let p = plan_with_bookmarks(&all[k..], &marks, Some(&all[..k]), o).unwrap();
+            prop_assert_eq!(&p.force, &ForceAction::None);
+            let Some(Step::Incremental { from, bookmark, intermediates, .. }) = p.steps.first() else {
+                return Err(TestCaseError::fail("no incremental first step"));
+            };
+            prop_assert_eq!(from.guid, k as u64);
+            prop_assert_eq!(&from.name, &format!("s{k}"));
+            prop_assert_eq!(bookmark.clone(), Some(format!("m{k}")));
+            prop_assert!(!intermediates);
+            let later_from_marks = p.steps[1..]
+                .iter()
+                .any(|st| matches!(st, Step::Incremental { bookmark: Some(_), .. }));
+            prop_assert!(!later_from_marks);
+            prop_assert_eq!(p.steps.last().unwrap().to(), all.last().unwrap());
+            let expected: Vec<u64> = p.expected(&all[k..]).iter().map(|x| x.guid).collect();
+            let want: Vec<u64> = match newest_only {
+                false => (k as u64 + 1..=n as u64).collect(),
+                true => vec![n as u64],
+            };
+            prop_assert_eq!(expected, want);
+        }
+
         /// For any destination that is a prefix of the source, the plan ends at the source's
         /// newest snapshot and never asks for destruction.
         #[test]
@@ -508,7 +656,7 @@ mod tests {
             for step in &p.steps {
                 match step {
                     Step::Full { to } => prop_assert!(at.is_none() && got.is_empty() && to.guid == 1),
-                    Step::Incremental { from, to, intermediates } => {
+                    Step::Incremental { from, to, intermediates, .. } => {
                         prop_assert_eq!(Some(from.guid), at);
                         if *intermediates {
                             got.extend(from.guid + 1..to.guid);

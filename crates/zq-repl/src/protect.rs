@@ -242,12 +242,18 @@ impl Protector {
         }
     }
 
-    /// After the receiver committed a step: `to` becomes the cursor (held, if the mode
-    /// keeps one) and `from` is released, in that order, with the next batch of moves.
+    /// After the receiver committed a step (`incremental`, from the snapshot `from` unless
+    /// only a bookmark of it was left): `to` becomes the cursor (held, if the mode keeps
+    /// one) and `from` is released, in that order, with the next batch of moves.
     /// Failures are logged: the step is committed, and what is left over goes at the next
     /// [`Self::tidy`].
-    pub fn step_committed(&self, from: Option<&SnapshotName>, to: &SnapshotName) {
-        let mode = self.modes.of(from.is_some());
+    pub fn step_committed(
+        &self,
+        incremental: bool,
+        from: Option<&SnapshotName>,
+        to: &SnapshotName,
+    ) {
+        let mode = self.modes.of(incremental);
         let previous = self.known_cursor(to.dataset());
         // `from` is the cursor this step replaces (if the mode keeps cursors, or this
         // process placed it); without cursors there is nothing to do and no zfs call.

@@ -213,6 +213,42 @@ impl fmt::Display for SnapshotName {
     }
 }
 
+/// What an incremental `zfs send` starts from: a snapshot, or a bookmark of one
+/// (`dataset#name`, OpenZFS), which keeps its GUID and creation txg after the snapshot was
+/// destroyed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SendBase {
+    /// `dataset@snap`.
+    Snapshot(SnapshotName),
+    /// `dataset#bookmark`: the dataset and the part after `#` (checked like a snapshot's).
+    Bookmark(DatasetName, String),
+}
+
+impl SendBase {
+    /// `dataset#name`, validated like a snapshot name.
+    pub fn bookmark(dataset: DatasetName, name: &str) -> Result<Self, NameError> {
+        let snap = SnapshotName::new(dataset, name)?;
+        Ok(SendBase::Bookmark(snap.dataset, snap.snap))
+    }
+
+    /// The snapshot, if the base is one.
+    pub fn snapshot(&self) -> Option<&SnapshotName> {
+        match self {
+            SendBase::Snapshot(s) => Some(s),
+            SendBase::Bookmark(..) => None,
+        }
+    }
+}
+
+impl fmt::Display for SendBase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendBase::Snapshot(s) => s.fmt(f),
+            SendBase::Bookmark(ds, name) => write!(f, "{ds}#{name}"),
+        }
+    }
+}
+
 /// Validates the part of a snapshot name after `@`.
 pub fn validate_snapshot_component(snap: &str) -> Result<(), NameError> {
     let what = "snapshot";

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::command::{run, Argv, CommandError, Reader, Writer};
-use crate::name::{DatasetName, NameError, SnapshotName};
+use crate::name::{DatasetName, NameError, SendBase, SnapshotName};
 use crate::parse::{
     is_missing_dataset, parse_get, parse_holds, parse_list, parse_number_value,
     parse_property_values, parse_snapshots_changed, parse_userrefs, parse_version, Entry, Kind,
@@ -99,6 +99,9 @@ pub struct DatasetState {
     pub resume_token: Option<String>,
     /// Snapshots ordered by `createtxg`.
     pub snapshots: Vec<Snapshot>,
+    /// Bookmarks (the part after `#`, with the GUID and txg of the snapshot each was made
+    /// from) ordered by `createtxg`, where zfs has them (OpenZFS).
+    pub bookmarks: Vec<Snapshot>,
 }
 
 /// Which modern `zfs` features this host has.
@@ -385,11 +388,14 @@ impl Zfs {
             } else {
                 "name,type,guid,createtxg"
             };
-            self.zfs().args(["list", "-Hp", "-o", columns]).args([
-                "-t",
-                "filesystem,volume,snapshot",
-                depth,
-            ])
+            let types = if self.caps.bookmarks {
+                "filesystem,volume,snapshot,bookmark"
+            } else {
+                "filesystem,volume,snapshot"
+            };
+            self.zfs()
+                .args(["list", "-Hp", "-o", columns])
+                .args(["-t", types, depth])
         } else {
             self.zfs()
                 .args(["get", "-Hp", "-o", "name,property,value", depth])
@@ -541,6 +547,30 @@ impl Zfs {
         Ok(())
     }
 
+    /// `zfs bookmark SNAP DATASET#NAME` (OpenZFS): a bookmark keeps the snapshot's GUID and
+    /// txg, so that it can be the base of an incremental send after the snapshot is gone.
+    pub async fn bookmark(&self, snap: &SnapshotName, name: &str) -> Result<(), StoreError> {
+        let mark = SendBase::bookmark(snap.dataset().clone(), name)?;
+        run(&self
+            .zfs()
+            .arg("bookmark")
+            .arg(snap.to_string())
+            .arg(mark.to_string()))
+        .await?;
+        Ok(())
+    }
+
+    /// `zfs destroy DATASET#NAME`.
+    pub async fn destroy_bookmark(
+        &self,
+        dataset: &DatasetName,
+        name: &str,
+    ) -> Result<(), StoreError> {
+        let mark = SendBase::bookmark(dataset.clone(), name)?;
+        run(&self.zfs().arg("destroy").arg(mark.to_string())).await?;
+        Ok(())
+    }
+
     /// Starts `zfs send` of `to`, incremental from `from` (same dataset) if given, with every
     /// intermediate snapshot (`-I`) if `intermediates`, with `flags`. Refuses to send an
     /// encrypted dataset without `flags.raw` unless `flags.decrypt`, and, where ZFS has
@@ -548,7 +578,7 @@ impl Zfs {
     /// told: such a stream could be plaintext.
     pub fn send(
         &self,
-        from: Option<&SnapshotName>,
+        from: Option<&SendBase>,
         to: &SnapshotName,
         intermediates: bool,
         flags: SendFlags,
@@ -572,7 +602,7 @@ impl Zfs {
     fn send_argv(
         &self,
         send: &[&str],
-        from: Option<&SnapshotName>,
+        from: Option<&SendBase>,
         to: &SnapshotName,
         intermediates: bool,
         flags: SendFlags,
@@ -665,7 +695,7 @@ impl Zfs {
     /// record headers); `None` for an incremental there, or where zfs did not say.
     pub async fn send_estimate(
         &self,
-        from: Option<&SnapshotName>,
+        from: Option<&SendBase>,
         to: &SnapshotName,
         intermediates: bool,
         flags: SendFlags,
@@ -965,7 +995,8 @@ pub fn tree_from_entries(
     recursive: bool,
 ) -> Result<Vec<DatasetState>, StoreError> {
     let mut datasets: Vec<DatasetState> = Vec::new();
-    let mut snapshots: Vec<(String, Snapshot)> = Vec::new();
+    // Snapshots and bookmarks (true) with their dataset's name.
+    let mut snapshots: Vec<(String, Snapshot, bool)> = Vec::new();
     for e in entries {
         match e.kind {
             Kind::Filesystem | Kind::Volume => {
@@ -977,39 +1008,43 @@ pub fn tree_from_entries(
                         encryption: e.encryption,
                         resume_token: e.resume_token,
                         snapshots: Vec::new(),
+                        bookmarks: Vec::new(),
                     });
                 }
             }
-            Kind::Snapshot => {
-                let Some((ds, snap)) = e.name.split_once('@') else {
+            Kind::Snapshot | Kind::Bookmark => {
+                let bookmark = e.kind == Kind::Bookmark;
+                let Some((ds, name)) = e.name.split_once(if bookmark { '#' } else { '@' }) else {
                     continue;
                 };
-                snapshots.push((
-                    ds.to_string(),
-                    Snapshot {
-                        name: snap.to_string(),
-                        guid: e.guid,
-                        createtxg: e.createtxg,
-                    },
-                ));
+                let item = Snapshot {
+                    name: name.to_string(),
+                    guid: e.guid,
+                    createtxg: e.createtxg,
+                };
+                snapshots.push((ds.to_string(), item, bookmark));
             }
-            Kind::Bookmark => {}
         }
     }
     // Sorting by components puts every parent before its children. A listing of several
     // roots (`list_each`) names a dataset twice when one root is the child of another.
     datasets.sort_by(|a, b| a.name.as_str().split('/').cmp(b.name.as_str().split('/')));
     datasets.dedup_by(|a, b| a.name == b.name);
-    for (ds, snap) in snapshots {
+    for (ds, snap, bookmark) in snapshots {
         if let Ok(i) = datasets.binary_search_by(|d| d.name.as_str().split('/').cmp(ds.split('/')))
         {
             crate::name::validate_snapshot_component(&snap.name)?;
-            datasets[i].snapshots.push(snap);
+            match bookmark {
+                false => datasets[i].snapshots.push(snap),
+                true => datasets[i].bookmarks.push(snap),
+            }
         }
     }
     for d in &mut datasets {
-        d.snapshots.sort_by_key(|s| s.createtxg);
-        d.snapshots.dedup_by(|a, b| a.name == b.name);
+        for list in [&mut d.snapshots, &mut d.bookmarks] {
+            list.sort_by_key(|s| s.createtxg);
+            list.dedup_by(|a, b| a.name == b.name);
+        }
     }
     Ok(datasets)
 }
@@ -1058,6 +1093,18 @@ mod tests {
         let snaps: Vec<_> = t[0].snapshots.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(snaps, ["s1", "s2"]);
         assert_eq!(t[1].snapshots[0].guid, 21);
+    }
+
+    #[test]
+    fn bookmarks_are_listed_apart_from_snapshots() {
+        let out = include_str!("../tests/fixtures/openzfs-2.3/list-bookmarks.out");
+        let root = DatasetName::parse("zqcap/home").unwrap();
+        let t = tree_from_entries(parse_list(out).unwrap(), &root, true).unwrap();
+        assert_eq!(t[0].snapshots.len(), 4);
+        assert_eq!(t[0].bookmarks.len(), 1);
+        let (mark, snap) = (&t[0].bookmarks[0], &t[0].snapshots[0]);
+        assert_eq!((mark.name.as_str(), mark.guid), ("s1", snap.guid));
+        assert!(t[1].bookmarks.is_empty());
     }
 
     #[test]

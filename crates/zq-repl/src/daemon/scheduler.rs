@@ -14,6 +14,7 @@ use zq_store::{DatasetName, Zfs};
 use crate::error::chain;
 use crate::error::ReplError;
 use crate::lanes::{Lanes, Slot};
+use crate::report::to_info;
 use crate::report::DatasetOutcome;
 use crate::sender::{Job, Listing, Sender};
 
@@ -117,7 +118,7 @@ impl State {
         let mut seen = BTreeMap::new();
         for src in sources {
             let snaps = job.kept_snapshots(&src.snapshots);
-            let tracked = match self.datasets.remove(&src.name) {
+            let mut tracked = match self.datasets.remove(&src.name) {
                 Some(mut t) => {
                     t.listed(snaps);
                     t
@@ -130,6 +131,7 @@ impl State {
                     }
                 },
             };
+            tracked.bookmarks = src.bookmarks.iter().map(to_info).collect();
             seen.insert(src.name, tracked);
         }
         self.datasets = seen;
@@ -180,6 +182,7 @@ impl State {
                     return false;
                 };
                 t.listed(job.kept_snapshots(&state.snapshots));
+                t.bookmarks = state.bookmarks.iter().map(to_info).collect();
             }
         }
         debug!(stale = stale.len(), "source listed by snapshots_changed");
@@ -309,6 +312,7 @@ impl State {
                 }),
                 Next::Plan => {
                     let (snapshots, newest) = (t.snapshots.clone(), t.snapshots.last().cloned());
+                    let bookmarks = t.bookmarks.clone();
                     let (dest, resume) = match (&t.cursor, &listing) {
                         (Some(c), _) => (Some(vec![c.clone()]), None),
                         (None, Some((dest, listing))) => {
@@ -324,6 +328,7 @@ impl State {
                             .replicate_dataset(
                                 &src,
                                 &snapshots,
+                                &bookmarks,
                                 &target,
                                 dest.as_deref(),
                                 resume.as_ref(),
@@ -339,6 +344,7 @@ impl State {
                                 .replicate_dataset(
                                     &src,
                                     &snapshots,
+                                    &bookmarks,
                                     &target,
                                     Some(&[ahead]),
                                     None,

@@ -22,6 +22,9 @@ pub struct Tracked {
     pub target: DatasetName,
     /// Source snapshots with known GUIDs, oldest first.
     pub snapshots: Vec<SnapshotInfo>,
+    /// Its bookmarks as last listed (OpenZFS): bases of incremental steps whose snapshot
+    /// is gone.
+    pub bookmarks: Vec<SnapshotInfo>,
     /// Snapshots zq created after `snapshots`, oldest first; GUIDs not known yet.
     pub pending: Vec<String>,
     /// The snapshot the receiver last committed, if known.
@@ -73,6 +76,7 @@ impl Tracked {
         Tracked {
             target,
             snapshots,
+            bookmarks: Vec::new(),
             pending: Vec::new(),
             cursor: None,
             error: None,

@@ -9,7 +9,7 @@ use zq_store::{DatasetName, Zfs};
 
 use crate::error::ReplError;
 use crate::lanes::Slot;
-use crate::plan::{plan, PlanOptions, Step};
+use crate::plan::{plan_with_bookmarks, PlanOptions, Step};
 use crate::protect::Protector;
 use crate::report::{to_info, DatasetOutcome, DatasetReport};
 
@@ -114,9 +114,11 @@ impl Sender {
                 let dest_snaps = dest.get(target.as_str()).copied();
                 let span = info_span!("dataset", source = %src.name, target = %target);
                 let snapshots = job.kept_snapshots(&src.snapshots);
+                let bookmarks: Vec<_> = src.bookmarks.iter().map(to_info).collect();
                 self.replicate_dataset(
                     &src.name,
                     &snapshots,
+                    &bookmarks,
                     &target,
                     dest_snaps,
                     listing.kept(&target).as_ref(),
@@ -149,6 +151,7 @@ impl Sender {
         &self,
         src: &DatasetName,
         source: &[zq_proto::SnapshotInfo],
+        bookmarks: &[zq_proto::SnapshotInfo],
         target: &DatasetName,
         dest: Option<&[zq_proto::SnapshotInfo]>,
         kept: Option<&Kept>,
@@ -210,7 +213,7 @@ impl Sender {
                 }
             }
         }
-        let plan = match plan(source, dest, options) {
+        let plan = match plan_with_bookmarks(source, bookmarks, dest, options) {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, "refusing to replicate");
@@ -396,6 +399,7 @@ impl Sender {
                 from,
                 to: by_name(name),
                 intermediates,
+                bookmark: None,
             };
             let StepDone {
                 committed,

@@ -11,7 +11,7 @@ use zq_proto::{
     Committed, Compression, Compressor, Message, ResumeAt, ResumeToken, SnapRef, StepAbort,
     StepEncoder, StepHeader, StepStart, Verdict,
 };
-use zq_store::DatasetName;
+use zq_store::{DatasetName, SendBase};
 
 use crate::error::ReplError;
 use crate::lanes::Slot;
@@ -46,13 +46,14 @@ impl Sender {
         resume: &Resume,
     ) -> Result<StepDone, ReplError> {
         let started = Instant::now();
-        let (from, to, intermediates) = match step {
-            Step::Full { to } => (None, to, false),
+        let (from, to, intermediates, bookmark) = match step {
+            Step::Full { to } => (None, to, false, None),
             Step::Incremental {
                 from,
                 to,
                 intermediates,
-            } => (Some(from), to, *intermediates),
+                bookmark,
+            } => (Some(from), to, *intermediates, bookmark.as_deref()),
         };
         let mode = if self.session.zstd() {
             self.config.compression
@@ -81,7 +82,20 @@ impl Sender {
             },
         };
         let to_snap = source.snapshot(&to.name)?;
-        let from_snap = from.map(|f| source.snapshot(&f.name)).transpose()?;
+        // The base snapshot, unless only a bookmark of it is left (nothing to hold then).
+        let from_snap = match (from, bookmark) {
+            (Some(f), None) => Some(source.snapshot(&f.name)?),
+            _ => None,
+        };
+        let base = match (&from_snap, bookmark) {
+            (Some(snap), _) => Some(SendBase::Snapshot(snap.clone())),
+            (None, Some(mark)) => {
+                let base = SendBase::bookmark(source.clone(), mark)?;
+                info!(%base, snapshot = %to.name, "the base snapshot is gone from the source; sending from its bookmark");
+                Some(base)
+            }
+            (None, None) => None,
+        };
 
         let mut encoder = StepEncoder::with_digest(self.session.stream_digest());
         let mut created = None;
@@ -118,9 +132,7 @@ impl Sender {
                 decoded,
                 self.config.send.encrypted == crate::sendflags::Encrypted::Decrypt,
             ),
-            _ => self
-                .zfs
-                .send(from_snap.as_ref(), &to_snap, intermediates, flags),
+            _ => self.zfs.send(base.as_ref(), &to_snap, intermediates, flags),
         };
         // What the receiver already has of this step and will not get again.
         let mut not_sent = match resume {
@@ -144,7 +156,7 @@ impl Sender {
                 return;
             }
             if let Some((p, id)) = watched.clone() {
-                let (zfs, from, to) = (self.zfs.clone(), from_snap.clone(), to_snap.clone());
+                let (zfs, from, to) = (self.zfs.clone(), base.clone(), to_snap.clone());
                 let cap = self.config.estimates.clone();
                 tokio::spawn(async move {
                     let Ok(_permit) = cap.acquire_owned().await else {
@@ -189,9 +201,7 @@ impl Sender {
                     // Dropping it kills the first zfs send.
                     encoder = StepEncoder::with_digest(self.session.stream_digest());
                     buf.clear();
-                    zsend = self
-                        .zfs
-                        .send(from_snap.as_ref(), &to_snap, intermediates, flags);
+                    zsend = self.zfs.send(base.as_ref(), &to_snap, intermediates, flags);
                 }
             }
         }
@@ -356,7 +366,7 @@ impl Sender {
                     )));
                 }
                 if let Some(p) = &self.config.protector {
-                    p.step_committed(from_snap.as_ref(), &to_snap);
+                    p.step_committed(from.is_some(), from_snap.as_ref(), &to_snap);
                 }
                 let bytes = encoder.total() - resumed;
                 let ms = started.elapsed().as_millis() as u64;
@@ -550,6 +560,7 @@ pub(super) fn resumable_step(
                 from: source[from_pos].clone(),
                 to,
                 intermediates: t.intermediates,
+                bookmark: None,
             })
         }
     }
@@ -586,6 +597,7 @@ pub(super) fn native_resumable_step(
                 from: source[from_pos].clone(),
                 to,
                 intermediates: false,
+                bookmark: None,
             })
         }
     }
@@ -641,7 +653,7 @@ mod tests {
         // Incremental a -> b onto a destination whose newest is a.
         let step = native_resumable_step(&token(Some(1), 2), &source, Some(&dest)).unwrap();
         assert!(
-            matches!(step, Step::Incremental { from, to, intermediates: false }
+            matches!(step, Step::Incremental { from, to, intermediates: false, .. }
             if from.guid == 1 && to.guid == 2)
         );
         // Full stream into a missing (or empty) destination.

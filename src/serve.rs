@@ -42,6 +42,11 @@ pub struct ServeArgs {
     /// their listings and do not send the rest.
     #[arg(long)]
     pub require_encrypted: bool,
+    /// Set PROP to VALUE on every dataset received (zfs receive -o), whatever the stream
+    /// or the sender asks; repeatable. E.g. readonly=on on a backup host. Not the
+    /// encryption properties; needs OpenZFS (zfs-fuse's receive takes no -o).
+    #[arg(long, value_name = "PROP=VALUE", value_parser = parse_property)]
+    pub force_property: Vec<(String, String)>,
     /// The zfs program to run.
     #[arg(long, default_value = "zfs", value_name = "PATH", env = "ZQ_ZFS")]
     pub zfs: PathBuf,
@@ -95,6 +100,14 @@ pub fn parse_allow(s: &str) -> Result<(Fingerprint, DatasetName), String> {
     let fp = Fingerprint::parse(fp)?;
     let root = DatasetName::parse(root).map_err(|e| e.to_string())?;
     Ok((fp, root))
+}
+
+/// `PROP=VALUE` of `--force-property` (checked further by the receiver's policy).
+pub fn parse_property(s: &str) -> Result<(String, String), String> {
+    let (prop, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected PROP=VALUE, e.g. readonly=on"))?;
+    Ok((prop.to_string(), value.to_string()))
 }
 
 /// The port zq-recv listens on unless told otherwise.

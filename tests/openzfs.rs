@@ -727,3 +727,73 @@ fn a_bookmark_keeps_replication_incremental_after_its_snapshot_is_destroyed() {
     assert_eq!(snapshots(&ds), snapshots(&target)[1..]);
     assert_eq!(read(&target, "more"), read(&ds, "more"));
 }
+
+/// A receiver forces its properties on everything it receives (`zq-recv
+/// --force-property`): set on a full and on an incremental receive, whatever the source
+/// has, and set again after someone changed them on the destination. Bad values are
+/// refused at start; zfs-fuse, whose receive takes no `-o`, refuses the option.
+#[test]
+fn a_receiver_forces_its_properties_on_every_receive() {
+    let Some(_zfs) = zfs_or_skip("forced_properties") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let serve = |extra: &[&str]| {
+        Command::new(RECV)
+            .args([
+                "serve",
+                "--identity",
+                keys.path(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--allow", &format!("{}={}", keys.send_fp, dst.name)])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (bad, why) in [
+        ("readonly", "expected PROP=VALUE"),
+        ("keylocation=prompt", "cannot be forced"),
+        ("Readonly=on", "not a property name"),
+    ] {
+        let out = serve(&["--force-property", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr(&out));
+        assert!(stderr(&out).contains(why), "{bad}: {}", stderr(&out));
+    }
+    if !cheap_intermediates() {
+        let out = serve(&["--force-property", "readonly=on"]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no zfs receive -o"),
+            "{}",
+            stderr(&out)
+        );
+        return;
+    }
+    let forced = ["--force-property", "readonly=on"];
+    let user = ["--force-property", "com.example:backup=yes"];
+    let recv = Recv::start_with_args(
+        &keys,
+        &[(&keys.send_fp, &dst.name)],
+        &[&forced[..], &user[..]].concat(),
+    );
+    let ds = src.create("fs");
+    let target = dst.ds("fs");
+    let get = |prop: &str| zfs(&["get", "-H", "-o", "value,source", prop, &target]);
+    src.write("fs", "a", 10_000, 51);
+    src.snap("fs", "s1");
+    let out = send(&keys, &recv, &ds, &target, &[]);
+    assert!(out.status.code() == Some(0), "{}", stderr(&out));
+    assert_eq!(get("readonly").trim(), "on\tlocal");
+    assert_eq!(get("com.example:backup").trim(), "yes\tlocal");
+    // Someone turns it off on the destination; the next receive forces it again.
+    zfs(&["set", "readonly=off", &target]);
+    src.write("fs", "b", 10_000, 52);
+    src.snap("fs", "s2");
+    let out = send(&keys, &recv, &ds, &target, &[]);
+    assert!(out.status.code() == Some(0), "{}", stderr(&out));
+    assert_eq!(get("readonly").trim(), "on\tlocal");
+    assert_eq!(snapshots(&target), snapshots(&ds));
+    assert_eq!(read(&target, "b"), read(&ds, "b"));
+}

@@ -196,6 +196,11 @@ async fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
     let usage = exit::usage;
     let mut policy = Policy::default();
     policy.require_raw(args.require_encrypted);
+    for (prop, value) in &args.force_property {
+        policy
+            .force_property(prop, value)
+            .map_err(|e| usage(anyhow::anyhow!(e).context("--force-property")))?;
+    }
     for (fp, root) in &args.allow {
         policy
             .allow(*fp, root.clone())
@@ -212,6 +217,12 @@ async fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
     }
     let identity = Identity::load(identity_dir, ROLE).context("loading identity")?;
     let zfs = Zfs::probe(&args.zfs).await.context("probing zfs")?;
+    if !args.force_property.is_empty() && !zfs.capabilities().receive_properties {
+        return Err(usage(anyhow::anyhow!(
+            "--force-property: this host's zfs ({}) has no zfs receive -o; leave the option              out, or set the properties on the received datasets by hand",
+            args.zfs.display()
+        )));
+    }
     // Bound before anything else runs, so a taken port is a usage error at once.
     let metrics_listener = zq::bind_metrics(args.metrics_listen).await.map_err(usage)?;
     let mut caps = Capabilities::current(format!("zq-recv {}", env!("CARGO_PKG_VERSION")));

@@ -30,9 +30,59 @@ pub const PULL_HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 pub struct Policy {
     roots: HashMap<Fingerprint, DatasetName>,
     require_raw: bool,
+    /// `zfs receive -o PROP=VALUE` on every receive (`zq-recv --force-property`).
+    forced: Vec<(String, String)>,
 }
 
+/// Properties zq-recv cannot force: raw streams refuse them (zfs), and a plain stream
+/// gets its encryption from the destination's parent (see `check_encryption`).
+const UNFORCEABLE: [&str; 5] = [
+    "encryption",
+    "keyformat",
+    "keylocation",
+    "pbkdf2iters",
+    "pbkdf2salt",
+];
+
 impl Policy {
+    /// Sets `prop` to `value` on every dataset this receiver receives (`zfs receive -o`),
+    /// whatever the stream or the sender asks: e.g. `readonly=on` on a backup host. Checks
+    /// the name and value as far as zq can; zfs judges the value when it receives.
+    pub fn force_property(&mut self, prop: &str, value: &str) -> Result<(), String> {
+        let name_ok = prop.starts_with(|c: char| c.is_ascii_lowercase())
+            && prop.len() <= 256
+            && prop
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.:".contains(&b));
+        if !name_ok {
+            return Err(format!(
+                "{prop:?} is not a property name (a lower-case letter, then lower-case \
+                 letters, digits, '_', '-', '.', ':'; e.g. readonly, or com.example:backup)"
+            ));
+        }
+        if UNFORCEABLE.contains(&prop) {
+            return Err(format!(
+                "{prop} cannot be forced: zfs takes no encryption property for raw streams, \
+                 and a plain stream is encrypted as the destination's parent is"
+            ));
+        }
+        if value.is_empty() || value.len() > 1024 || value.chars().any(char::is_control) {
+            return Err(format!(
+                "the value of {prop} must be 1 to 1024 characters without control characters"
+            ));
+        }
+        if self.forced.iter().any(|(p, _)| p == prop) {
+            return Err(format!("{prop} is forced twice"));
+        }
+        self.forced.push((prop.to_string(), value.to_string()));
+        Ok(())
+    }
+
+    /// The properties forced on every receive.
+    pub fn forced_properties(&self) -> &[(String, String)] {
+        &self.forced
+    }
+
     /// Accept only raw sends of encrypted datasets (`zq-recv --require-encrypted`): this
     /// host never receives plaintext, and never holds a key of what it receives.
     pub fn require_raw(&mut self, on: bool) {
@@ -880,5 +930,31 @@ mod tests {
         let fp = Fingerprint::parse(&"ab".repeat(32)).unwrap();
         p.allow(fp, DatasetName::parse("b/a").unwrap()).unwrap();
         assert!(p.allow(fp, DatasetName::parse("b/c").unwrap()).is_err());
+    }
+
+    #[rstest]
+    #[case("readonly", "on", true)]
+    #[case("com.example:backup", "yes please", true)]
+    #[case("atime", "off", true)]
+    #[case("Readonly", "on", false)]
+    #[case("", "on", false)]
+    #[case("read only", "on", false)]
+    #[case("-o", "on", false)]
+    #[case("readonly", "", false)]
+    #[case("readonly", "on\n-x", false)]
+    #[case("keylocation", "prompt", false)]
+    #[case("encryption", "off", false)]
+    fn forced_properties_are_checked(#[case] prop: &str, #[case] value: &str, #[case] ok: bool) {
+        let mut p = Policy::default();
+        assert_eq!(p.force_property(prop, value).is_ok(), ok, "{prop}={value}");
+        assert_eq!(p.forced_properties().len(), usize::from(ok));
+    }
+
+    #[test]
+    fn a_property_is_forced_once() {
+        let mut p = Policy::default();
+        p.force_property("readonly", "on").unwrap();
+        assert!(p.force_property("readonly", "off").is_err());
+        assert_eq!(p.forced_properties(), [("readonly".into(), "on".into())]);
     }
 }

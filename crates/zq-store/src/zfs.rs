@@ -139,6 +139,9 @@ pub struct Capabilities {
     /// `zfs send -c -L -e` (compressed blocks as on disk, large blocks, embedded data) and
     /// pool feature flags (`zpool get feature@…`): OpenZFS 0.7 and later.
     pub send_features: bool,
+    /// `zfs receive -o PROP=VALUE` and `-x PROP` (OpenZFS 0.8 and later; zfs-fuse's
+    /// receive takes neither).
+    pub receive_properties: bool,
 }
 
 impl Capabilities {
@@ -158,6 +161,7 @@ impl Capabilities {
                 listable_holds: true,
                 encryption: true,
                 send_features: true,
+                receive_properties: true,
                 snapshots_changed: v
                     >= Some(Version {
                         major: 2,

@@ -266,12 +266,15 @@ impl Receiver {
         };
         let mut decoder = decoder.digest(digest);
         let (mut listed, mut first_at) = (0.0, 0.0);
+        // Every receive sets what this receiver forces (`--force-property`); a new
+        // dataset may need more (`check_encryption`), and then zfs receive starts again.
+        let forced = self.policy.forced_properties().to_vec();
         let (prepared, first, zrecv, spawned_force) = if h.force == ForceAction::None {
             // Nothing is destroyed on this path, so everything runs at once.
             let guess = self.plain_force(h);
             let early = self
                 .zfs
-                .receive(target, &options(guess, Vec::new()))
+                .receive(target, &options(guess, forced.clone()))
                 .map_err(zfs_err)?;
             let both = tokio::try_join!(
                 async {
@@ -308,7 +311,7 @@ impl Receiver {
             let first = first_bytes(recv, &mut decoder, spool, replay.as_mut()).await?;
             let zrecv = self
                 .zfs
-                .receive(target, &options(p.force, Vec::new()))
+                .receive(target, &options(p.force, forced.clone()))
                 .map_err(zfs_err)?;
             let force = p.force;
             (p, first, zrecv, force)
@@ -331,7 +334,7 @@ impl Receiver {
         if let Some(w) = spool.as_mut() {
             w.set_to_guid(begin.to_guid);
         }
-        let mut zrecv = if spawned_force == prepared.force && set.is_empty() {
+        let mut zrecv = if spawned_force == prepared.force && set == forced {
             zrecv
         } else {
             zrecv.abort().await;
@@ -403,7 +406,8 @@ impl Receiver {
         Ok(committed)
     }
 
-    /// This receiver's rule on raw streams (`--require-encrypted`), and the properties a
+    /// This receiver's rule on raw streams (`--require-encrypted`), and the properties to
+    /// receive with: those it forces on every receive (`--force-property`) and those a
     /// full stream needs to be received at all: a stream that is not raw, into a new
     /// dataset whose parent is encrypted with a key this host does not have, would inherit
     /// that encryption and fail ("inherited key must be loaded"). It is received with
@@ -416,8 +420,9 @@ impl Receiver {
         h: &StepHeader,
         snapshot: &StreamBegin,
     ) -> Result<Vec<(String, String)>, WireError> {
+        let forced = self.policy.forced_properties().to_vec();
         if snapshot.is_raw() {
-            return Ok(Vec::new());
+            return Ok(forced);
         }
         if self.policy.require_raw {
             return Err(WireError::new(
@@ -431,7 +436,7 @@ impl Receiver {
             ));
         }
         if h.from.is_some() {
-            return Ok(Vec::new());
+            return Ok(forced);
         }
         match self
             .zfs
@@ -443,9 +448,12 @@ impl Receiver {
                 if at != *target && super::is_encrypted(&enc) && keystatus != "available" =>
             {
                 info!(parent = %at, "the parent's key is not loaded: receiving the unencrypted stream with encryption=off");
-                Ok(vec![("encryption".into(), "off".into())])
+                Ok([("encryption".to_string(), "off".to_string())]
+                    .into_iter()
+                    .chain(forced)
+                    .collect())
             }
-            _ => Ok(Vec::new()),
+            _ => Ok(forced),
         }
     }
 

@@ -797,3 +797,44 @@ fn a_receiver_forces_its_properties_on_every_receive() {
     assert_eq!(snapshots(&target), snapshots(&ds));
     assert_eq!(read(&target, "b"), read(&ds, "b"));
 }
+
+/// The same in a running daemon: the snapshot it last replicated is destroyed on the
+/// source with a bookmark of it left, and the next snapshot still goes incrementally, from
+/// the bookmark, with no divergence reported.
+#[test]
+fn a_daemon_continues_from_a_bookmark_when_its_last_snapshot_is_destroyed() {
+    let Some(_zfs) = zfs_or_skip("daemon_bookmark_base") else {
+        return;
+    };
+    if !supports("bookmarks") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    let target = dst.ds("fs");
+    src.write("fs", "big", 4 << 20, 61);
+    src.snap("fs", "s1");
+    let args = ["--every", &dur("1s"), "--protection", "guarantee_nothing"];
+    let daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
+    let has = |snap: &str| snapshots(&target).iter().any(|(n, _)| n == snap);
+    assert!(
+        wait_for(Duration::from_secs(60), || has("s1")),
+        "s1 not replicated:\n{}",
+        daemon.log_text()
+    );
+    zfs(&["bookmark", &format!("{ds}@s1"), &format!("{ds}#s1-mark")]);
+    zfs(&["destroy", &format!("{ds}@s1")]);
+    src.write("fs", "small", 10_000, 62);
+    src.snap("fs", "s2");
+    assert!(
+        wait_for(Duration::from_secs(60), || has("s2")),
+        "s2 not replicated:\n{}",
+        daemon.log_text()
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("sending from its bookmark"), "{log}");
+    assert!(!log.contains("diverged"), "{log}");
+    assert_eq!(read(&target, "small"), read(&ds, "small"));
+    assert_eq!(daemon.stop(Duration::from_secs(30)), Some(0));
+}

@@ -447,39 +447,9 @@ fn interrupted_full_step(mib: usize, seed: u64, extra: &[&str], at: u64) -> Inte
     src.snap("fs", "s1");
     let target = dst.ds("fs");
     let every = dur("1s");
-    let args = [
-        &[
-            "--every",
-            &every,
-            "--idle-timeout",
-            "3s",
-            "--bwlimit",
-            "3MB",
-        ],
-        extra,
-    ]
-    .concat();
-    let mut daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
-    daemon.await_transferred(&keys, &dst, at);
-    daemon.kill9();
-    // Its `zfs send` outlives it until its next write finds the pipe closed: until then
-    // s1 is busy (a test that destroys it would fail).
-    assert!(
-        wait_for(Duration::from_secs(30), || !Command::new("pgrep")
-            .args(["-f", &format!("^zfs send .*{ds}@")])
-            .status()
-            .is_ok_and(|s| s.success())),
-        "the killed daemon's zfs send still runs"
-    );
-    assert_eq!(
-        spooled(&keys),
-        0,
-        "no spool where zfs keeps partial receives"
-    );
-    assert!(
-        wait_for(Duration::from_secs(30), || resume_token(&target).is_some()),
-        "no partial receive was kept"
-    );
+    let args = slow_daemon_args(&every, extra);
+    let daemon = Daemon::start(&keys, &recv, &ds, &target, &args);
+    interrupt(daemon, &keys, &dst, &ds, &target, at);
     Interrupted {
         src,
         _dst: dst,
@@ -488,6 +458,37 @@ fn interrupted_full_step(mib: usize, seed: u64, extra: &[&str], at: u64) -> Inte
         ds,
         target,
     }
+}
+
+/// The daemon's args for a step slow enough to be cut: 3 MB/s, a 3 s idle timeout.
+fn slow_daemon_args<'a>(every: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let slow = ["--every", every, "--idle-timeout", "3s", "--bwlimit", "3MB"];
+    [&slow[..], extra].concat()
+}
+
+/// Kills `daemon` (SIGKILL) once its step has `at` bytes in the destination pool `dst`,
+/// and waits until zfs kept the partial receive of `target` (and no spool was written).
+fn interrupt(mut daemon: Daemon, keys: &Keys, dst: &Pool, ds: &str, target: &str, at: u64) {
+    daemon.await_transferred(keys, dst, at);
+    daemon.kill9();
+    // Its `zfs send` outlives it until its next write finds the pipe closed: until then
+    // the step's snapshots are busy (a test that destroys one would fail).
+    assert!(
+        wait_for(Duration::from_secs(30), || !Command::new("pgrep")
+            .args(["-f", &format!("^zfs send .*{ds}@")])
+            .status()
+            .is_ok_and(|s| s.success())),
+        "the killed daemon's zfs send still runs"
+    );
+    assert_eq!(
+        spooled(keys),
+        0,
+        "no spool where zfs keeps partial receives"
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || resume_token(target).is_some()),
+        "no partial receive was kept"
+    );
 }
 
 /// A daemon killed in the middle of a large full step leaves zfs's partial receive on the
@@ -837,4 +838,48 @@ fn a_daemon_continues_from_a_bookmark_when_its_last_snapshot_is_destroyed() {
     assert!(!log.contains("diverged"), "{log}");
     assert_eq!(read(&target, "small"), read(&ds, "small"));
     assert_eq!(daemon.stop(Duration::from_secs(30)), Some(0));
+}
+
+/// A step from a bookmark (its snapshot destroyed on the source) that is cut resumes from
+/// zfs's partial receive: `zfs send -t` finds the bookmark base by its GUID.
+#[test]
+fn an_interrupted_step_from_a_bookmark_resumes_from_zfs_partial_receive() {
+    let Some(_zfs) = zfs_or_skip("bookmark_resume") else {
+        return;
+    };
+    if !supports("bookmarks") || !supports("extensible_dataset") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    let target = dst.ds("fs");
+    let nothing = ["--protection", "guarantee_nothing"];
+    src.write("fs", "small", 100_000, 71);
+    src.snap("fs", "s1");
+    let out = send(&keys, &recv, &ds, &target, &nothing);
+    assert!(out.status.success(), "{}", stderr(&out));
+    zfs(&["bookmark", &format!("{ds}@s1"), &format!("{ds}#s1-mark")]);
+    zfs(&["destroy", &format!("{ds}@s1")]);
+    src.write("fs", "big", 32 << 20, 72);
+    src.snap("fs", "s2");
+    let at = allocated(&dst.name) + (8 << 20);
+    let every = dur("1s");
+    let daemon = Daemon::start(
+        &keys,
+        &recv,
+        &ds,
+        &target,
+        &slow_daemon_args(&every, &nothing),
+    );
+    interrupt(daemon, &keys, &dst, &ds, &target, at);
+
+    let out = send(&keys, &recv, &ds, &target, &nothing);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("resumed from zfs send -t"), "{err}");
+    assert!(logged(&err, "resumed_bytes") >= 1 << 20, "{err}");
+    let names: Vec<String> = snapshots(&target).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["s1", "s2"]);
+    assert_eq!(read(&target, "big"), read(&ds, "big"));
 }

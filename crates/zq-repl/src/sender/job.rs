@@ -175,19 +175,21 @@ impl Sender {
                     (None, Resume::Fresh)
                 }
             },
-            Some(Kept::Native(token)) => match self.native_step(src, token, source, dest).await {
-                Ok((decoded, step)) => {
-                    let r = Resume::Native {
-                        token: token.clone(),
-                        decoded,
-                    };
-                    (Some((r, step)), Resume::Fresh)
+            Some(Kept::Native(token)) => {
+                match self.native_step(src, token, source, bookmarks, dest).await {
+                    Ok((decoded, step)) => {
+                        let r = Resume::Native {
+                            token: token.clone(),
+                            decoded,
+                        };
+                        (Some((r, step)), Resume::Fresh)
+                    }
+                    Err(why) => {
+                        info!(reason = %why, "the receiver's partial receive (zfs receive -s) is no longer the way forward; it will be discarded (zfs receive -A)");
+                        (None, Resume::Discard)
+                    }
                 }
-                Err(why) => {
-                    info!(reason = %why, "the receiver's partial receive (zfs receive -s) is no longer the way forward; it will be discarded (zfs receive -A)");
-                    (None, Resume::Discard)
-                }
-            },
+            }
         };
         if let Some(p) = &self.config.protector {
             self.tidy(p, src, source, dest, resume.as_ref().map(|(_, s)| s))
@@ -284,6 +286,7 @@ impl Sender {
         src: &DatasetName,
         token: &str,
         source: &[zq_proto::SnapshotInfo],
+        bookmarks: &[zq_proto::SnapshotInfo],
         dest: Option<&[zq_proto::SnapshotInfo]>,
     ) -> Result<(zq_store::token::ResumeToken, Step), String> {
         if !self.native_resume() {
@@ -295,7 +298,7 @@ impl Sender {
         if t.to_name.split_once('@').map(|(ds, _)| ds) != Some(src.as_str()) {
             return Err(format!("it names {}, not a snapshot of {src}", t.to_name));
         }
-        let step = native_resumable_step(&t, source, dest)?;
+        let step = native_resumable_step(&t, source, bookmarks, dest)?;
         let encrypted = self
             .zfs
             .encryption(src)

@@ -568,10 +568,13 @@ pub(super) fn resumable_step(
 
 /// The step a native resume token `t` continues, if it is still the way forward: its
 /// `to` exists in `source` with its GUID, and its base is the destination's newest
-/// snapshot (for a full stream, the destination has no snapshot); otherwise why not.
+/// snapshot (for a full stream, the destination has no snapshot), on the source as a
+/// snapshot or else as one of its `bookmarks` (`zfs send -t` finds a bookmark base by
+/// GUID too); otherwise why not.
 pub(super) fn native_resumable_step(
     t: &zq_store::token::ResumeToken,
     source: &[zq_proto::SnapshotInfo],
+    bookmarks: &[zq_proto::SnapshotInfo],
     dest: Option<&[zq_proto::SnapshotInfo]>,
 ) -> Result<Step, String> {
     let to_pos = source
@@ -579,28 +582,40 @@ pub(super) fn native_resumable_step(
         .position(|s| s.guid == t.to_guid)
         .ok_or_else(|| format!("its snapshot {} is gone from the source", t.to_name))?;
     let to = source[to_pos].clone();
-    match t.from_guid {
-        None if dest.is_none_or(|d| d.is_empty()) => Ok(Step::Full { to }),
-        None => Err("it is a full stream, and the destination has snapshots now".into()),
-        Some(g) => {
-            let from_pos = source
+    let Some(g) = t.from_guid else {
+        return match dest.is_none_or(|d| d.is_empty()) {
+            true => Ok(Step::Full { to }),
+            false => Err("it is a full stream, and the destination has snapshots now".into()),
+        };
+    };
+    let newest = dest
+        .and_then(|d| d.last())
+        .filter(|n| n.guid == g)
+        .ok_or_else(|| {
+            format!("its base (GUID {g}) is not the destination's newest snapshot any more")
+        })?;
+    let (from, bookmark) = match source.iter().position(|s| s.guid == g) {
+        Some(from_pos) if from_pos < to_pos => (source[from_pos].clone(), None),
+        Some(_) => return Err(format!("its base (GUID {g}) is not before its snapshot")),
+        None => {
+            let mark = bookmarks
                 .iter()
-                .position(|s| s.guid == g)
+                .find(|b| b.guid == g && b.createtxg < to.createtxg)
                 .ok_or_else(|| format!("its base (GUID {g}) is gone from the source"))?;
-            let newest = dest.and_then(|d| d.last());
-            if from_pos >= to_pos || newest.map(|n| n.guid) != Some(g) {
-                return Err(format!(
-                    "its base (GUID {g}) is not the destination's newest snapshot any more"
-                ));
-            }
-            Ok(Step::Incremental {
-                from: source[from_pos].clone(),
-                to,
-                intermediates: false,
-                bookmark: None,
-            })
+            let from = zq_proto::SnapshotInfo {
+                name: newest.name.clone(),
+                guid: g,
+                createtxg: mark.createtxg,
+            };
+            (from, Some(mark.name.clone()))
         }
-    }
+    };
+    Ok(Step::Incremental {
+        from,
+        to,
+        intermediates: false,
+        bookmark,
+    })
 }
 
 /// Checks the BEGIN record of our own `zfs send` output against the step; returns the GUID
@@ -651,24 +666,38 @@ mod tests {
         let source = [snap("a", 1), snap("b", 2), snap("c", 3)];
         let dest = [snap("a", 1)];
         // Incremental a -> b onto a destination whose newest is a.
-        let step = native_resumable_step(&token(Some(1), 2), &source, Some(&dest)).unwrap();
+        let step = native_resumable_step(&token(Some(1), 2), &source, &[], Some(&dest)).unwrap();
         assert!(
             matches!(step, Step::Incremental { from, to, intermediates: false, .. }
             if from.guid == 1 && to.guid == 2)
         );
         // Full stream into a missing (or empty) destination.
-        let step = native_resumable_step(&token(None, 1), &source, None).unwrap();
+        let step = native_resumable_step(&token(None, 1), &source, &[], None).unwrap();
         assert!(matches!(step, Step::Full { to } if to.guid == 1));
         // Its snapshot destroyed on the source.
-        let why = native_resumable_step(&token(Some(1), 9), &source, Some(&dest)).unwrap_err();
+        let why = native_resumable_step(&token(Some(1), 9), &source, &[], Some(&dest)).unwrap_err();
         assert!(why.contains("gone from the source"), "{why}");
         // The destination moved on (or was rolled back) since.
         let moved = [snap("a", 1), snap("b", 2)];
-        let why = native_resumable_step(&token(Some(1), 2), &source, Some(&moved)).unwrap_err();
+        let why =
+            native_resumable_step(&token(Some(1), 2), &source, &[], Some(&moved)).unwrap_err();
         assert!(why.contains("newest"), "{why}");
-        let why = native_resumable_step(&token(None, 1), &source, Some(&dest)).unwrap_err();
+        let why = native_resumable_step(&token(None, 1), &source, &[], Some(&dest)).unwrap_err();
         assert!(why.contains("full stream"), "{why}");
         // A base that is not before the snapshot.
-        assert!(native_resumable_step(&token(Some(3), 2), &source, Some(&[snap("c", 3)])).is_err());
+        assert!(
+            native_resumable_step(&token(Some(3), 2), &source, &[], Some(&[snap("c", 3)])).is_err()
+        );
+        // A step from a bookmark (its snapshot @a destroyed since) resumes from it.
+        let pruned = [snap("b", 2), snap("c", 3)];
+        let marks = [snap("a-mark", 1)];
+        let step = native_resumable_step(&token(Some(1), 2), &pruned, &marks, Some(&dest)).unwrap();
+        assert!(
+            matches!(&step, Step::Incremental { from, to, bookmark: Some(m), .. }
+            if from.guid == 1 && from.name == "a" && to.guid == 2 && m == "a-mark"),
+            "{step:?}"
+        );
+        let why = native_resumable_step(&token(Some(1), 2), &pruned, &[], Some(&dest)).unwrap_err();
+        assert!(why.contains("gone from the source"), "{why}");
     }
 }

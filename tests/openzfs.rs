@@ -729,6 +729,50 @@ fn a_bookmark_keeps_replication_incremental_after_its_snapshot_is_destroyed() {
     assert_eq!(read(&target, "more"), read(&ds, "more"));
 }
 
+/// zq's own cursor: after a run the source holds nothing and has one bookmark,
+/// `#zq_<job>_<GUID>` of the snapshot the receiver committed. An operator destroys that
+/// snapshot, and the next run is incremental from zq's bookmark; the cursor then moves on
+/// (a bookmark of the new snapshot, the old one destroyed).
+#[test]
+fn zqs_cursor_bookmark_keeps_replication_incremental_after_its_snapshot_is_destroyed() {
+    let Some(_zfs) = zfs_or_skip("cursor_bookmark") else {
+        return;
+    };
+    if !supports("bookmarks") {
+        return;
+    }
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    assert!(cursors_are_bookmarks(&src.name));
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let ds = src.create("fs");
+    let target = dst.ds("fs");
+    let job = ["--job", "nightly"];
+    src.write("fs", "big", 4 << 20, 71);
+    src.snap("fs", "s1");
+    let s1 = snapshots(&ds)[0].1;
+    let out = send(&keys, &recv, &ds, &target, &job);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(held(&ds).is_empty(), "held on the source: {:?}", held(&ds));
+    assert_eq!(cursor_marks(&ds), [format!("zq_nightly_{s1:016x}")]);
+    assert_eq!(held(&target), ["s1"]);
+    zfs(&["destroy", &format!("{ds}@s1")]);
+    src.write("fs", "small", 10_000, 72);
+    src.snap("fs", "s2");
+    let s2 = snapshots(&ds)[0].1;
+
+    let out = send(&keys, &recv, &ds, &target, &job);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("sending from its bookmark"), "{err}");
+    assert!(err.contains(&format!("{ds}#zq_nightly_{s1:016x}")), "{err}");
+    let sent = logged(&err, "bytes");
+    assert!(sent < 1 << 20, "{sent} bytes: a full stream?\n{err}");
+    assert_eq!(cursor_marks(&ds), [format!("zq_nightly_{s2:016x}")]);
+    let names: Vec<String> = snapshots(&target).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["s1", "s2"]);
+    assert_eq!(read(&target, "small"), read(&ds, "small"));
+}
+
 /// A receiver forces its properties on everything it receives (`zq-recv
 /// --force-property`): set on a full and on an incremental receive, whatever the source
 /// has, and set again after someone changed them on the destination. Bad values are

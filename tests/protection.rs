@@ -1,7 +1,8 @@
-//! Protection modes end to end on zfs-fuse pools: which snapshots zq holds on both sides,
-//! that held snapshots cannot be destroyed, that holds are released when no longer needed
-//! (also after a mode switch), and what each mode does when a step's snapshot is destroyed
-//! in the middle of the step.
+//! Protection modes end to end: which snapshots zq holds on both sides and where the
+//! sender's cursor is a bookmark instead (OpenZFS), that held snapshots cannot be
+//! destroyed, that holds and bookmarks go when no longer needed (also after a mode
+//! switch), and what each mode does when a step's snapshot is destroyed in the middle of
+//! the step.
 
 mod common;
 
@@ -10,9 +11,10 @@ use std::time::Duration;
 use common::*;
 
 /// guarantee_resumability (the default) in steady state: on the sender only the cursor
-/// (the snapshot the receiver last confirmed) is held, on the receiver only the last
-/// received snapshot; neither can be destroyed. Restarted with guarantee_nothing, the
-/// daemon releases both on its first step.
+/// (the snapshot the receiver last confirmed) is kept, by a bookmark where the pool has
+/// them, else by a hold that keeps it from being destroyed; on the receiver only the last
+/// received snapshot is held. Restarted with guarantee_nothing, the daemon removes both
+/// on its first step.
 #[test]
 fn the_cursor_and_the_last_received_snapshot_are_held_and_a_mode_switch_releases_them() {
     let Some(_zfs) = zfs_or_skip("protection_steady") else {
@@ -34,14 +36,27 @@ fn the_cursor_and_the_last_received_snapshot_are_held_and_a_mode_switch_releases
             daemon.log_text()
         );
     }
-    // Both sides move their holds after the commit, in batches at most every 10 s.
+    // The sender's cursor is a bookmark where the pool has them (and nothing is held
+    // there), else a hold.
+    let marks = cursors_are_bookmarks(&src.name);
+    let s4 = snapshots(&ds).iter().find(|(n, _)| n == "s4").unwrap().1;
+    let s4_mark = format!("zq_web_{s4:016x}");
+    let sender_cursor = || {
+        if marks {
+            held(&ds).is_empty() && cursor_marks(&ds) == [s4_mark.clone()]
+        } else {
+            held(&ds) == ["s4"]
+        }
+    };
+    // Both sides move their cursors after the commit, in batches at most every 10 s.
     let settled = wait_for(Duration::from_secs(30), || {
-        held(&ds) == ["s4"] && held(&target) == ["s4"]
+        sender_cursor() && held(&target) == ["s4"]
     });
     assert!(
         settled,
-        "held: source {:?}, destination {:?}\n{}",
+        "held: source {:?} (bookmarks {:?}), destination {:?}\n{}",
         held(&ds),
+        cursor_marks(&ds),
         held(&target),
         daemon.log_text()
     );
@@ -51,14 +66,17 @@ fn the_cursor_and_the_last_received_snapshot_are_held_and_a_mode_switch_releases
             .output()
             .unwrap()
     };
-    let refused = destroy(&format!("{ds}@s4"));
-    assert!(!refused.status.success(), "the cursor cannot be destroyed");
-    // zfs-fuse says "busy", OpenZFS "it's being held": ask for the snapshot, not a wording.
-    assert!(
-        snapshots(&ds).iter().any(|(s, _)| s == "s4"),
-        "{}",
-        stderr(&refused)
-    );
+    if !marks {
+        let refused = destroy(&format!("{ds}@s4"));
+        assert!(!refused.status.success(), "the cursor cannot be destroyed");
+        // zfs-fuse says "busy", OpenZFS "it's being held": ask for the snapshot, not a
+        // wording.
+        assert!(
+            snapshots(&ds).iter().any(|(s, _)| s == "s4"),
+            "{}",
+            stderr(&refused)
+        );
+    }
     assert!(!destroy(&format!("{target}@s4")).status.success());
     // Older snapshots are free to go.
     assert!(destroy(&format!("{ds}@s1")).status.success());
@@ -67,7 +85,12 @@ fn the_cursor_and_the_last_received_snapshot_are_held_and_a_mode_switch_releases
         .args(["abstractions", "list", &ds, "--job", "web"])
         .output()
         .unwrap();
-    assert_eq!(stdout(&list), format!("{ds}@s4\tzq_web\n"));
+    let expected = if marks {
+        format!("{ds}#{s4_mark}\tcursor bookmark\n")
+    } else {
+        format!("{ds}@s4\tzq_web\n")
+    };
+    assert_eq!(stdout(&list), expected);
     assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
 
     let args = [
@@ -82,12 +105,16 @@ fn the_cursor_and_the_last_received_snapshot_are_held_and_a_mode_switch_releases
     src.snap("fs", "s5");
     let released = wait_for(Duration::from_secs(30), || {
         let replicated = snapshots(&target).iter().any(|(n, _)| n == "s5");
-        replicated && held(&ds).is_empty() && held(&target).is_empty()
+        replicated
+            && held(&ds).is_empty()
+            && held(&target).is_empty()
+            && cursor_marks(&ds).is_empty()
     });
     assert!(
         released,
-        "after the switch: source {:?}, destination {:?}\n{}",
+        "after the switch: source {:?} (bookmarks {:?}), destination {:?}\n{}",
         held(&ds),
+        cursor_marks(&ds),
         held(&target),
         daemon.log_text()
     );
@@ -113,8 +140,20 @@ fn release_stale_keeps_the_newest_cursor_unless_the_job_is_retired() {
     run("old");
     src.snap("fs", "s2");
     run("new");
-    // Job "old" left its cursor on s1, "new" has its own on s2.
-    assert_eq!(held(&ds), ["s1", "s2"]);
+    // Job "old" left its cursor on s1, "new" has its own on s2: bookmarks where the pool
+    // has them, else holds.
+    let marks = cursors_are_bookmarks(&src.name);
+    let guid = |snap: &str| snapshots(&ds).iter().find(|(n, _)| n == snap).unwrap().1;
+    let (old_mark, new_mark) = (
+        format!("zq_old_{:016x}", guid("s1")),
+        format!("zq_new_{:016x}", guid("s2")),
+    );
+    if marks {
+        assert!(held(&ds).is_empty(), "{:?}", held(&ds));
+        assert_eq!(cursor_marks(&ds), [old_mark.clone(), new_mark.clone()]);
+    } else {
+        assert_eq!(held(&ds), ["s1", "s2"]);
+    }
     let abstractions = |args: &[&str]| {
         std::process::Command::new(SEND)
             .arg("abstractions")
@@ -129,8 +168,16 @@ fn release_stale_keeps_the_newest_cursor_unless_the_job_is_retired() {
     assert!(kept.status.success(), "{}", stderr(&kept));
     assert_eq!(stdout(&kept), "", "the newest cursor of a job stays");
     let retired = abstractions(&["release-stale", &ds, "--job", "old", "--all"]);
-    assert_eq!(stdout(&retired), format!("released {ds}@s1\tzq_old\n"));
-    assert_eq!(held(&ds), ["s2"]);
+    if marks {
+        assert_eq!(
+            stdout(&retired),
+            format!("destroyed {ds}#{old_mark}\tcursor bookmark\n")
+        );
+        assert_eq!(cursor_marks(&ds), [new_mark]);
+    } else {
+        assert_eq!(stdout(&retired), format!("released {ds}@s1\tzq_old\n"));
+        assert_eq!(held(&ds), ["s2"]);
+    }
 }
 
 /// Which protection a test runs with.

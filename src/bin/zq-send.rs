@@ -92,15 +92,16 @@ struct CheckConfigArgs {
 
 #[derive(Subcommand, Debug)]
 enum AbstractionsCommand {
-    /// List zq's holds on the snapshots of DATASET (zq_<job>: cursors and unfinished steps).
+    /// List zq's cursor bookmarks (OpenZFS: DATASET#zq_<job>_<guid>) and holds (zq_<job>:
+    /// cursors where there are no bookmarks, and unfinished steps) on DATASET.
     List(AbstractionsArgs),
-    /// Release the holds a stopped job does not need: all but each dataset's newest (its
-    /// cursor, or an interrupted step; with --all, that one too: the job is retired). Stop
-    /// the job's daemon first.
+    /// Destroy the cursor bookmarks and release the holds a stopped job does not need: all
+    /// but each dataset's newest (its cursor, or an interrupted step; with --all, that one
+    /// too: the job is retired). Stop the job's daemon first.
     ReleaseStale {
         #[command(flatten)]
         args: AbstractionsArgs,
-        /// Also release each dataset's newest hold.
+        /// Also release each dataset's newest hold and destroy its newest cursor bookmark.
         #[arg(long)]
         all: bool,
     },
@@ -285,20 +286,27 @@ async fn abstractions(cmd: AbstractionsCommand) -> anyhow::Result<()> {
         .transpose()
         .map_err(|e| exit::usage(anyhow::anyhow!("--job: {e}")))?;
     let zfs = Zfs::probe(&args.zfs).await.context("probing zfs")?;
-    let found = match (release, &tags) {
+    let (ds, r) = (&args.dataset, args.recursive);
+    let (found, marks) = match (release, &tags) {
         (Some(_), None) => {
             return Err(exit::usage(anyhow::anyhow!(
-                "release-stale needs --job: it releases one job's holds"
+                "release-stale needs --job: it releases one job's holds and bookmarks"
             )))
         }
-        (Some(all), Some(tags)) => {
-            zq_repl::protect::release_stale(&zfs, &args.dataset, args.recursive, tags, all).await
-        }
-        (None, tags) => {
-            zq_repl::protect::abstractions(&zfs, &args.dataset, args.recursive, tags.as_ref()).await
-        }
-    }?;
+        (Some(all), Some(tags)) => (
+            zq_repl::protect::release_stale(&zfs, ds, r, tags, all).await?,
+            zq_repl::protect::destroy_stale_marks(&zfs, ds, r, tags, all).await?,
+        ),
+        (None, tags) => (
+            zq_repl::protect::abstractions(&zfs, ds, r, tags.as_ref()).await?,
+            zq_repl::protect::cursor_marks(&zfs, ds, r, tags.as_ref()).await?,
+        ),
+    };
     let verb = if release.is_some() { "released " } else { "" };
+    for m in &marks {
+        let verb = if release.is_some() { "destroyed " } else { "" };
+        zq::out!("{verb}{m}\tcursor bookmark");
+    }
     for a in &found {
         match &a.tag {
             Some(tag) => zq::out!("{verb}{}\t{tag}", a.snapshot),

@@ -444,6 +444,45 @@ impl Drop for Pool {
     }
 }
 
+/// Whether zq's replication cursors on `pool` are bookmarks: the platform has bookmarks
+/// and the pool the feature (asked of `zpool`, whose `feature@` properties zfs-fuse lacks).
+pub fn cursors_are_bookmarks(pool: &str) -> bool {
+    Command::new("zpool")
+        .args(["get", "-H", "-o", "value", "feature@bookmarks", pool])
+        .output()
+        .is_ok_and(|o| {
+            let v = String::from_utf8_lossy(&o.stdout);
+            o.status.success() && (v.trim() == "enabled" || v.trim() == "active")
+        })
+}
+
+/// zq's cursor bookmarks on `dataset` (names after '#' starting `zq_`), oldest first;
+/// empty where zfs has no bookmarks.
+pub fn cursor_marks(dataset: &str) -> Vec<String> {
+    let out = Command::new("zfs")
+        .args([
+            "list",
+            "-H",
+            "-o",
+            "name",
+            "-s",
+            "createtxg",
+            "-t",
+            "bookmark",
+            "-d",
+            "1",
+            dataset,
+        ])
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('#'))
+        .filter(|(ds, name)| *ds == dataset && name.starts_with("zq_"))
+        .map(|(_, name)| name.to_string())
+        .collect()
+}
+
 /// The snapshots of `dataset` that have user holds (`userrefs` > 0), by name after '@'.
 pub fn held(dataset: &str) -> Vec<String> {
     zfs(&["get", "-H", "-o", "name,value", "-r", "userrefs", dataset])

@@ -15,12 +15,18 @@
 //!
 //! A move releases its old snapshot only if its new one was held, so a dataset is never
 //! left without a hold; until a move is done the previous snapshot stays held.
+//!
+//! Cursor bookmarks (OpenZFS, [`crate::protect`]) move with the same batches: the new
+//! bookmarks of every dataset are made by one `zfs program` per pool, and only once a
+//! dataset's new bookmark exists are the ones it supersedes destroyed (one `zfs destroy`
+//! each: neither `zfs destroy` nor a channel program destroys several bookmarks at once).
+//! A dataset whose cursor moved several times in one batch gets only its last bookmark.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
-use zq_store::{SnapshotName, Zfs};
+use zq_store::{DatasetName, SnapshotName, Zfs};
 
 /// One move: hold `hold` (if any), then release `release` (if any), both with `tag`.
 #[derive(Debug)]
@@ -28,6 +34,16 @@ struct Move {
     tag: String,
     hold: Option<SnapshotName>,
     release: Option<SnapshotName>,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// One cursor bookmark move: bookmark `snapshot` as `name`, then destroy the bookmarks of
+/// its dataset named in `supersedes`.
+#[derive(Debug)]
+struct Mark {
+    snapshot: SnapshotName,
+    name: String,
+    supersedes: Vec<String>,
     reply: oneshot::Sender<Result<(), String>>,
 }
 
@@ -43,6 +59,7 @@ pub struct Holds {
 #[derive(Debug, Default)]
 struct State {
     pending: Vec<Move>,
+    marks: Vec<Mark>,
     running: bool,
     /// Steps running now ([`Holds::step`]).
     steps: usize,
@@ -93,7 +110,7 @@ impl Holds {
             loop {
                 {
                     let s = self.state();
-                    if s.pending.is_empty() && !s.running {
+                    if s.pending.is_empty() && s.marks.is_empty() && !s.running {
                         return;
                     }
                 }
@@ -175,23 +192,52 @@ impl Holds {
             return None;
         }
         let (reply, rx) = oneshot::channel();
-        let start = {
-            let mut s = self.state();
+        self.queue(|s| {
             s.pending.push(Move {
                 tag: tag.to_string(),
                 hold: hold.cloned(),
                 release: release.cloned(),
                 reply,
-            });
+            })
+        });
+        Some(Self::reply(rx))
+    }
+
+    /// Queues a cursor bookmark move, like [`Self::enqueue`]: bookmark `snapshot` as `name`
+    /// (the part after `#`) and, once that exists, destroy the bookmarks of its dataset
+    /// named in `supersedes`.
+    pub fn enqueue_mark(
+        self: &Arc<Self>,
+        snapshot: &SnapshotName,
+        name: &str,
+        supersedes: Vec<String>,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        self.queue(|s| {
+            s.marks.push(Mark {
+                snapshot: snapshot.clone(),
+                name: name.to_string(),
+                supersedes,
+                reply,
+            })
+        });
+        Self::reply(rx)
+    }
+
+    fn queue(self: &Arc<Self>, add: impl FnOnce(&mut State)) {
+        let start = {
+            let mut s = self.state();
+            add(&mut s);
             !std::mem::replace(&mut s.running, true)
         };
         if start {
             tokio::spawn(self.clone().drain());
         }
-        Some(async move {
-            rx.await
-                .unwrap_or_else(|_| Err("the hold task ended (shutting down)".into()))
-        })
+    }
+
+    async fn reply(rx: oneshot::Receiver<Result<(), String>>) -> Result<(), String> {
+        rx.await
+            .unwrap_or_else(|_| Err("the hold task ended (shutting down)".into()))
     }
 
     async fn drain(self: Arc<Self>) {
@@ -206,16 +252,16 @@ impl Holds {
         let mut reset = Reset(Some(self.clone()));
         loop {
             self.quiet().await;
-            let batch = {
+            let (batch, marks) = {
                 let mut s = self.state();
-                if s.pending.is_empty() {
+                if s.pending.is_empty() && s.marks.is_empty() {
                     s.running = false;
                     reset.0 = None;
                     return;
                 }
-                std::mem::take(&mut s.pending)
+                (std::mem::take(&mut s.pending), std::mem::take(&mut s.marks))
             };
-            self.run(batch).await;
+            self.run(batch, marks).await;
         }
     }
 
@@ -224,7 +270,7 @@ impl Holds {
     /// every few seconds, most of a dataset's moves are such chains). If that goes through,
     /// every move succeeded; if not, the batch runs move by move: every hold, then the
     /// releases of the moves whose hold worked.
-    async fn run(&self, batch: Vec<Move>) {
+    async fn run(&self, batch: Vec<Move>, marks: Vec<Mark>) {
         let (holds, releases) = coalesce(&batch);
         let mut ok = true;
         for (tag, snaps) in &holds {
@@ -232,6 +278,9 @@ impl Holds {
                 ok = ok && self.call(true, tag, chunk).await.is_ok();
             }
         }
+        // Between the holds and the releases: a step's snapshot stays held until the
+        // bookmark that replaces its hold as the cursor exists.
+        self.run_marks(marks).await;
         if ok {
             for (tag, snaps) in &releases {
                 for chunk in snaps.chunks(MAX_BATCH) {
@@ -260,6 +309,55 @@ impl Holds {
             .collect();
         self.each_tag(&releases, false, &mut results).await;
         for (m, r) in batch.into_iter().zip(results) {
+            let _ = m.reply.send(r);
+        }
+    }
+
+    /// Makes the last bookmark each dataset was asked for, then destroys what those
+    /// supersede (see the module docs). Every mark of a dataset gets the result of its last.
+    async fn run_marks(&self, marks: Vec<Mark>) {
+        if marks.is_empty() {
+            return;
+        }
+        let (last, supersedes) = coalesce_marks(&marks);
+        let wanted: Vec<(SnapshotName, String)> = last
+            .values()
+            .map(|&i| (marks[i].snapshot.clone(), marks[i].name.clone()))
+            .collect();
+        let mut failed: HashMap<SnapshotName, String> = match self.zfs.bookmark_all(&wanted).await {
+            Ok(f) => f
+                .into_iter()
+                .map(|(snap, _, e)| (snap, e.to_string()))
+                .collect(),
+            Err(e) => wanted
+                .iter()
+                .map(|(snap, _)| (snap.clone(), e.to_string()))
+                .collect(),
+        };
+        for (ds, &i) in &last {
+            if failed.contains_key(&marks[i].snapshot) {
+                continue;
+            }
+            for old in supersedes.get(ds).into_iter().flatten() {
+                if let Err(e) = self.zfs.destroy_bookmark_if_any(ds, old).await {
+                    failed.insert(marks[i].snapshot.clone(), e.to_string());
+                }
+            }
+        }
+        let results: HashMap<&DatasetName, Result<(), String>> = last
+            .iter()
+            .map(|(ds, &i)| {
+                let r = failed
+                    .get(&marks[i].snapshot)
+                    .map_or(Ok(()), |e| Err(e.clone()));
+                (*ds, r)
+            })
+            .collect();
+        let results: Vec<Result<(), String>> = marks
+            .iter()
+            .map(|m| results.get(m.snapshot.dataset()).cloned().unwrap_or(Ok(())))
+            .collect();
+        for (m, r) in marks.into_iter().zip(results) {
             let _ = m.reply.send(r);
         }
     }
@@ -354,6 +452,37 @@ fn coalesce(batch: &[Move]) -> (Ops, Ops) {
     (holds, releases)
 }
 
+/// Per dataset, the index of its last mark in `marks`, and the bookmarks to destroy once
+/// that one exists: every one a mark of the batch supersedes, except those that the batch
+/// itself was to make (never made) and the last mark's own.
+fn coalesce_marks(
+    marks: &[Mark],
+) -> (
+    BTreeMap<&DatasetName, usize>,
+    HashMap<&DatasetName, Vec<String>>,
+) {
+    let mut last = BTreeMap::new();
+    for (i, m) in marks.iter().enumerate() {
+        last.insert(m.snapshot.dataset(), i);
+    }
+    let mut supersedes: HashMap<&DatasetName, Vec<String>> = HashMap::new();
+    for m in marks {
+        let ds = m.snapshot.dataset();
+        let made_here = |n: &String| {
+            marks
+                .iter()
+                .any(|o| o.snapshot.dataset() == ds && o.name == *n)
+        };
+        let v = supersedes.entry(ds).or_default();
+        for old in &m.supersedes {
+            if !made_here(old) && !v.contains(old) {
+                v.push(old.clone());
+            }
+        }
+    }
+    (last, supersedes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,6 +514,33 @@ mod tests {
         let (holds, releases) = coalesce(&batch);
         assert_eq!(names(&holds, "t"), ["p/b@9", "p/a@4"]);
         assert_eq!(names(&releases, "t"), ["p/a@1", "p/b@8"]);
+    }
+
+    fn mark(snap: &str, name: &str, supersedes: &[&str]) -> Mark {
+        Mark {
+            snapshot: SnapshotName::parse(snap).unwrap(),
+            name: name.into(),
+            supersedes: supersedes.iter().map(|s| s.to_string()).collect(),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_chain_of_cursor_bookmarks_makes_the_last_and_destroys_the_first() {
+        let marks = [
+            mark("p/a@2", "m2", &["m1"]),
+            mark("p/b@9", "n9", &[]),
+            mark("p/a@3", "m3", &["m2"]),
+            mark("p/a@4", "m4", &["m3"]),
+        ];
+        let (last, supersedes) = coalesce_marks(&marks);
+        let a = DatasetName::parse("p/a").unwrap();
+        let b = DatasetName::parse("p/b").unwrap();
+        assert_eq!(last[&a], 3, "only m4 is made");
+        assert_eq!(last[&b], 1);
+        // m2 and m3 were never made: only m1, which existed before, is destroyed.
+        assert_eq!(supersedes[&a], ["m1"]);
+        assert!(supersedes[&b].is_empty());
     }
 
     #[test]

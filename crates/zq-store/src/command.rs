@@ -133,11 +133,29 @@ impl std::fmt::Display for Argv {
 
 /// Runs `argv` to completion and returns its stdout.
 pub async fn run(argv: &Argv) -> Result<String, CommandError> {
+    run_with_input(argv, None).await
+}
+
+/// Runs `argv` to completion with `input` (if any) on its stdin, and returns its stdout.
+/// The input is written whole before the output is read: keep it small (a channel
+/// program), or the child may block writing output nobody reads yet.
+pub async fn run_with_input(argv: &Argv, input: Option<&[u8]>) -> Result<String, CommandError> {
     let timer = argv.timer();
-    let out = argv
-        .command()
-        .stdin(Stdio::null())
-        .output()
+    let mut cmd = argv.command();
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| argv.spawn_err(e))?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A child that exits without reading all of it (an error) says why on stderr.
+        let _ = stdin.write_all(input).await;
+    }
+    let out = child
+        .wait_with_output()
         .await
         .map_err(|e| argv.spawn_err(e))?;
     timer.stop();

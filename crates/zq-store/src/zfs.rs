@@ -293,6 +293,22 @@ pub struct ReceiveOptions {
 /// upgrade` or `zpool set feature@…=enabled`, and become active as they are used.
 const FEATURES_TTL: Duration = Duration::from_secs(60);
 
+/// At most this many bookmarks per `zfs program` (its argv holds two names per mark).
+const MAX_PROGRAM_MARKS: usize = 256;
+
+/// A channel program making bookmarks: its arguments are pairs of a snapshot and a new
+/// bookmark of it. One that already exists (EEXIST) is fine; any other error fails the
+/// program, naming the pair, after the pairs before it were made.
+const BOOKMARK_PROGRAM: &str = r#"
+local argv = (...)["argv"]
+for i = 1, #argv, 2 do
+    local err = zfs.sync.bookmark(argv[i], argv[i + 1])
+    if err ~= 0 and err ~= 17 then
+        error("cannot bookmark " .. argv[i] .. " as " .. argv[i + 1] .. ": errno " .. err)
+    end
+end
+"#;
+
 impl Zfs {
     /// Probes `program` (normally `zfs`) once for its capabilities.
     pub async fn probe(program: impl AsRef<Path>) -> Result<Self, StoreError> {
@@ -564,6 +580,61 @@ impl Zfs {
         Ok(())
     }
 
+    /// Makes every `(snapshot, name)` of `marks` a bookmark `DATASET#NAME` of its snapshot
+    /// with one `zfs program` per pool (one sync task however many marks: moving cursors of
+    /// 10 datasets this way took 784 ms against 1 399 ms for `zfs bookmark` one at a time in
+    /// the test guest; docs/benchmarks.md). A bookmark that already exists under that name
+    /// is fine. If the program fails, each mark is made alone, so that one bad mark (its
+    /// snapshot destroyed meanwhile) fails alone; returns the marks that could not be made,
+    /// with why.
+    pub async fn bookmark_all(
+        &self,
+        marks: &[(SnapshotName, String)],
+    ) -> Result<Vec<(SnapshotName, String, StoreError)>, StoreError> {
+        let mut by_pool: std::collections::BTreeMap<&str, Vec<(&SnapshotName, SendBase)>> =
+            Default::default();
+        for (snap, name) in marks {
+            let mark = SendBase::bookmark(snap.dataset().clone(), name)?;
+            by_pool
+                .entry(snap.dataset().pool())
+                .or_default()
+                .push((snap, mark));
+        }
+        let mut failed = Vec::new();
+        for (pool, marks) in by_pool {
+            for chunk in marks.chunks(MAX_PROGRAM_MARKS) {
+                if self.bookmark_program(pool, chunk).await.is_ok() {
+                    continue;
+                }
+                for one in chunk {
+                    if let Err(e) = self.bookmark_program(pool, std::slice::from_ref(one)).await {
+                        let name = match &one.1 {
+                            SendBase::Bookmark(_, n) => n.clone(),
+                            SendBase::Snapshot(s) => s.to_string(),
+                        };
+                        failed.push((one.0.clone(), name, e));
+                    }
+                }
+            }
+        }
+        Ok(failed)
+    }
+
+    /// `zfs program POOL -` running [`BOOKMARK_PROGRAM`] on `marks`.
+    async fn bookmark_program(
+        &self,
+        pool: &str,
+        marks: &[(&SnapshotName, SendBase)],
+    ) -> Result<(), StoreError> {
+        let argv = self.zfs().args(["program", pool, "-"]).args(
+            marks
+                .iter()
+                .flat_map(|(snap, mark)| [snap.to_string(), mark.to_string()]),
+        );
+        crate::command::run_with_input(&argv, Some(BOOKMARK_PROGRAM.as_bytes())).await?;
+        Ok(())
+    }
+
     /// `zfs destroy DATASET#NAME`.
     pub async fn destroy_bookmark(
         &self,
@@ -573,6 +644,28 @@ impl Zfs {
         let mark = SendBase::bookmark(dataset.clone(), name)?;
         run(&self.zfs().arg("destroy").arg(mark.to_string())).await?;
         Ok(())
+    }
+
+    /// [`Self::destroy_bookmark`], where a bookmark that is already gone is fine. zfs says
+    /// so in its own words; rather than match them, a failed destroy asks whether the
+    /// bookmark is still listed.
+    pub async fn destroy_bookmark_if_any(
+        &self,
+        dataset: &DatasetName,
+        name: &str,
+    ) -> Result<(), StoreError> {
+        let Err(e) = self.destroy_bookmark(dataset, name).await else {
+            return Ok(());
+        };
+        let mark = SendBase::bookmark(dataset.clone(), name)?;
+        let listed = self
+            .zfs()
+            .args(["list", "-H", "-o", "name", "-t", "bookmark"])
+            .arg(mark.to_string());
+        match run(&listed).await {
+            Ok(_) => Err(e),
+            Err(_) => Ok(()),
+        }
     }
 
     /// Starts `zfs send` of `to`, incremental from `from` (same dataset) if given, with every

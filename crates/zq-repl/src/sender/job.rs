@@ -192,8 +192,15 @@ impl Sender {
             }
         };
         if let Some(p) = &self.config.protector {
-            self.tidy(p, src, source, dest, resume.as_ref().map(|(_, s)| s))
-                .await;
+            self.tidy(
+                p,
+                src,
+                source,
+                bookmarks,
+                dest,
+                resume.as_ref().map(|(_, s)| s),
+            )
+            .await;
         }
         if let Some((how, step)) = resume {
             match self
@@ -316,22 +323,27 @@ impl Sender {
         Ok((t, step))
     }
 
-    /// Releases the job's holds on `src` that are no longer needed ([`Protector::tidy`]):
-    /// the cursor stays on the destination's newest snapshot, step holds on a step still
-    /// to be resumed. A failure is logged; the next planned step tries again.
+    /// Cleans up the job's holds and cursor bookmarks on `src` that are no longer needed
+    /// ([`Protector::tidy`]): the cursor stays on the destination's newest snapshot, step
+    /// holds on a step still to be resumed. A failure is logged; the next planned step
+    /// tries again.
     pub(super) async fn tidy(
         &self,
         p: &Protector,
         src: &DatasetName,
         source: &[zq_proto::SnapshotInfo],
+        bookmarks: &[zq_proto::SnapshotInfo],
         dest: Option<&[zq_proto::SnapshotInfo]>,
         resuming: Option<&Step>,
     ) {
         let snap = |name: &str| src.snapshot(name).ok();
-        let cursor = dest
-            .and_then(|d| d.last())
+        let newest = dest.and_then(|d| d.last());
+        let cursor = newest
             .and_then(|n| source.iter().find(|s| s.guid == n.guid))
             .and_then(|s| snap(&s.name));
+        let cursor_guid = newest
+            .map(|n| n.guid)
+            .filter(|g| source.iter().chain(bookmarks).any(|s| s.guid == *g));
         let keep: Vec<_> = match resuming {
             Some(Step::Incremental { from, to, .. }) => [snap(&from.name), snap(&to.name)]
                 .into_iter()
@@ -341,8 +353,17 @@ impl Sender {
             None => Vec::new(),
         };
         let snapshots: Vec<_> = source.iter().filter_map(|s| snap(&s.name)).collect();
-        if let Err(e) = p.tidy(src, &snapshots, cursor.as_ref(), &keep).await {
-            warn!(error = %e, "cannot release holds no longer needed");
+        let marks: Vec<(String, u64)> =
+            bookmarks.iter().map(|b| (b.name.clone(), b.guid)).collect();
+        let input = crate::protect::TidyInput {
+            snapshots: &snapshots,
+            bookmarks: &marks,
+            cursor: cursor.as_ref(),
+            cursor_guid,
+            keep_step: &keep,
+        };
+        if let Err(e) = p.tidy(src, input).await {
+            warn!(error = %e, "cannot clean up the job's holds and bookmarks no longer needed");
         }
     }
 

@@ -366,7 +366,7 @@ impl Sender {
                     )));
                 }
                 if let Some(p) = &self.config.protector {
-                    p.step_committed(from.is_some(), from_snap.as_ref(), &to_snap);
+                    p.step_committed(from.is_some(), from_snap.as_ref(), &to_snap, c.guid);
                 }
                 let bytes = encoder.total() - resumed;
                 let ms = started.elapsed().as_millis() as u64;

@@ -241,9 +241,35 @@ pub struct SendArgs {
     #[arg(long = "send-embedded", value_name = "on|off", default_value = "on",
           value_parser = parse_on_off, action = clap::ArgAction::Set, help_heading = "ZFS send")]
     pub embedded: bool,
+    /// Carry each dataset's properties in its stream (zfs send -p): what was set on the
+    /// source is set on the replica. The receiver never applies the source's mountpoint,
+    /// canmount, sharenfs or sharesmb, nor its keylocation. Not for an encrypted dataset
+    /// sent with --encrypted decrypt (zfs refuses). Needs zq-recv with protocol 8 on
+    /// OpenZFS. on or off.
+    #[arg(long = "send-properties", value_name = "on|off", default_value = "off",
+          value_parser = parse_on_off, action = clap::ArgAction::Set, help_heading = "ZFS send")]
+    pub properties: bool,
+    /// Ask the receiver to set PROP to VALUE on every dataset it receives (zfs receive
+    /// -o); repeatable. What the receiver forces (zq-recv --force-property) wins; never
+    /// mountpoint, canmount, sharenfs, sharesmb or an encryption property.
+    #[arg(long, value_name = "PROP=VALUE", value_parser = crate::serve::parse_property, help_heading = "ZFS send")]
+    pub recv_set_property: Vec<(String, String)>,
+    /// Ask the receiver not to apply PROP from the stream (zfs receive -x: the replica
+    /// inherits it there); repeatable. Not an encryption property.
+    #[arg(long, value_name = "PROP", help_heading = "ZFS send")]
+    pub recv_exclude_property: Vec<String>,
 }
 
 impl SendArgs {
+    /// The job's [`zq_repl::props::PropertyPolicy`], checked.
+    pub fn properties(&self) -> Result<zq_repl::props::PropertyPolicy, String> {
+        zq_repl::props::PropertyPolicy::new(
+            self.properties,
+            self.recv_set_property.clone(),
+            self.recv_exclude_property.clone(),
+        )
+    }
+
     /// The engine's [`zq_repl::sendflags::SendPolicy`].
     pub fn policy(&self) -> zq_repl::sendflags::SendPolicy {
         zq_repl::sendflags::SendPolicy {
@@ -543,6 +569,10 @@ impl Run {
                 self.concurrency.size_estimates,
             ))),
             send: self.send.policy(),
+            properties: self
+                .send
+                .properties()
+                .map_err(|e| exit::usage(anyhow::anyhow!(e)))?,
         })
     }
 

@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// encryption properties; needs OpenZFS (zfs-fuse's receive takes no -o).
     #[arg(long, value_name = "PROP=VALUE", value_parser = parse_property)]
     pub force_property: Vec<(String, String)>,
+    /// Never take PROP from a stream that carries properties (zfs receive -x): the
+    /// received dataset inherits it here; repeatable. mountpoint, canmount, sharenfs and
+    /// sharesmb are always excluded. Not the encryption properties; needs OpenZFS.
+    #[arg(long, value_name = "PROP")]
+    pub exclude_property: Vec<String>,
     /// The zfs program to run.
     #[arg(long, default_value = "zfs", value_name = "PATH", env = "ZQ_ZFS")]
     pub zfs: PathBuf,
@@ -102,7 +107,8 @@ pub fn parse_allow(s: &str) -> Result<(Fingerprint, DatasetName), String> {
     Ok((fp, root))
 }
 
-/// `PROP=VALUE` of `--force-property` (checked further by the receiver's policy).
+/// `PROP=VALUE` of `--force-property` or `--set-property` (checked further by the
+/// receiver's policy, or the job's [`zq_repl::props::PropertyPolicy`]).
 pub fn parse_property(s: &str) -> Result<(String, String), String> {
     let (prop, value) = s
         .split_once('=')

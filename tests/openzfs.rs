@@ -729,6 +729,134 @@ fn a_bookmark_keeps_replication_incremental_after_its_snapshot_is_destroyed() {
     assert_eq!(read(&target, "more"), read(&ds, "more"));
 }
 
+/// Properties (`--send-properties`): what was set on the source is set on the replica, and
+/// changes follow with incrementals; the source's mountpoint, canmount and sharenfs never
+/// apply on the receiver; the sender's `--recv-set-property`/`--recv-exclude-property` apply; what
+/// the receiver forces or excludes wins; a raw stream's source keylocation is replaced by
+/// `prompt`. A job asking for a property it may not set is refused at start. zfs-fuse's
+/// receive can exclude nothing, so it refuses a stream with properties.
+#[test]
+fn properties_replicate_under_the_receivers_rules() {
+    let Some(_zfs) = zfs_or_skip("properties") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let plain = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let refused = send(
+        &keys,
+        &plain,
+        &src.name,
+        &dst.name,
+        &["--recv-set-property", "mountpoint=/etc"],
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("mountpoint cannot be set"),
+        "{}",
+        stderr(&refused)
+    );
+    let ds = src.create("fs");
+    let target = dst.ds("fs");
+    src.write("fs", "a", 10_000, 81);
+    let elsewhere = format!("/var/tmp/{}-elsewhere", src.name);
+    for prop in [
+        format!("mountpoint={elsewhere}"),
+        "canmount=noauto".into(),
+        "sharenfs=off".into(),
+        "readonly=off".into(),
+        "recordsize=64K".into(),
+        "com.example:tag=hello".into(),
+        "com.example:secret=s3cret".into(),
+    ] {
+        zfs(&["set", &prop, &ds]);
+    }
+    src.snap("fs", "s1");
+    let job = [
+        "--send-properties",
+        "on",
+        "--recv-set-property",
+        "com.example:by=zq",
+        "--recv-exclude-property",
+        "recordsize",
+    ];
+    if !cheap_intermediates() {
+        // zfs-fuse: its receive has no -x.
+        let out = send(&keys, &plain, &ds, &target, &job);
+        assert!(!out.status.success(), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no zfs receive -x"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(snapshots(&target).is_empty());
+        return;
+    }
+    let recv = Recv::start_with_args(
+        &keys,
+        &[(&keys.send_fp, &dst.name)],
+        &[
+            "--force-property",
+            "readonly=on",
+            "--exclude-property",
+            "com.example:secret",
+        ],
+    );
+    let out = send(&keys, &recv, &ds, &target, &job);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(" -p"), "{}", stderr(&out));
+    let value_source = |prop: &str| {
+        zfs(&["get", "-H", "-o", "value,source", prop, &target])
+            .trim()
+            .to_string()
+    };
+    assert_eq!(value_source("com.example:tag"), "hello\treceived");
+    assert_eq!(value_source("com.example:by"), "zq\tlocal");
+    assert_eq!(
+        value_source("readonly"),
+        "on\tlocal",
+        "the receiver's force wins"
+    );
+    assert_eq!(
+        value_source("com.example:secret"),
+        "-\t-",
+        "excluded by the receiver"
+    );
+    for prop in ["mountpoint", "canmount", "sharenfs", "recordsize"] {
+        let vs = value_source(prop);
+        assert!(
+            !vs.ends_with("\tlocal") && !vs.ends_with("\treceived"),
+            "{prop} came from the source: {vs}"
+        );
+    }
+    assert_ne!(get(&target, "mountpoint"), elsewhere);
+    // A change on the source follows with the next snapshot.
+    zfs(&["set", "com.example:tag=changed", &ds]);
+    src.snap("fs", "s2");
+    let out = send(&keys, &recv, &ds, &target, &job);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(value_source("com.example:tag"), "changed\treceived");
+    assert_eq!(value_source("readonly"), "on\tlocal");
+    assert_eq!(snapshots(&target), snapshots(&ds));
+
+    // Raw: the source's key location never applies here.
+    let key = key_file(&keys);
+    let Some(enc) = create_encrypted(&src, "enc", Some(&key)) else {
+        return;
+    };
+    src.snap("enc", "s1");
+    let etarget = dst.ds("enc");
+    let out = send(&keys, &recv, &enc, &etarget, &job);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("send=-w -p"), "{}", stderr(&out));
+    assert_eq!(get(&etarget, "keylocation"), "prompt");
+    assert_eq!(get(&etarget, "keystatus"), "unavailable");
+    src.snap("enc", "s2");
+    let out = send(&keys, &recv, &enc, &etarget, &job);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(get(&etarget, "keylocation"), "prompt");
+    assert_eq!(snapshots(&etarget), snapshots(&enc));
+}
+
 /// zq's own cursor: after a run the source holds nothing and has one bookmark,
 /// `#zq_<job>_<GUID>` of the snapshot the receiver committed. An operator destroys that
 /// snapshot, and the next run is incremental from zq's bookmark; the cursor then moves on

@@ -201,6 +201,11 @@ async fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
             .force_property(prop, value)
             .map_err(|e| usage(anyhow::anyhow!(e).context("--force-property")))?;
     }
+    for prop in &args.exclude_property {
+        policy
+            .exclude_property(prop)
+            .map_err(|e| usage(anyhow::anyhow!(e).context("--exclude-property")))?;
+    }
     for (fp, root) in &args.allow {
         policy
             .allow(*fp, root.clone())
@@ -219,7 +224,15 @@ async fn prepare(args: &ServeArgs) -> anyhow::Result<Prepared> {
     let zfs = Zfs::probe(&args.zfs).await.context("probing zfs")?;
     if !args.force_property.is_empty() && !zfs.capabilities().receive_properties {
         return Err(usage(anyhow::anyhow!(
-            "--force-property: this host's zfs ({}) has no zfs receive -o; leave the option              out, or set the properties on the received datasets by hand",
+            "--force-property: this host's zfs ({}) has no zfs receive -o; leave the option \
+             out, or set the properties on the received datasets by hand",
+            args.zfs.display()
+        )));
+    }
+    if !args.exclude_property.is_empty() && !zfs.capabilities().receive_properties {
+        return Err(usage(anyhow::anyhow!(
+            "--exclude-property: this host's zfs ({}) has no zfs receive -x; leave the \
+             option out (this receiver refuses streams with properties anyway)",
             args.zfs.display()
         )));
     }

@@ -763,6 +763,31 @@ mod tests {
                         discard_partial,
                     }))
                 }),
+            (
+                arb_header(),
+                any::<bool>(),
+                proptest::collection::vec(("[a-z:.]{1,20}", "[ -~]{0,40}"), 0..3),
+                proptest::collection::vec("[a-z:.]{1,20}", 0..3)
+            )
+                .prop_map(|(header, carried, set, exclude)| {
+                    Message::StepWith(Box::new(StepWith {
+                        begin: StepBegin {
+                            start: StepStart {
+                                header,
+                                last_tag: String::new(),
+                                hold_last: false,
+                                resume: None,
+                            },
+                            resume_token: None,
+                            discard_partial: false,
+                        },
+                        properties: StepProperties {
+                            carried,
+                            set,
+                            exclude,
+                        },
+                    }))
+                }),
         ]
     }
 
@@ -794,10 +819,11 @@ mod tests {
                 Message::Destination(_) => 18,
                 Message::PartialReceives(_) => 19,
                 Message::StepBegin(_) => 20,
+                Message::StepWith(_) => 21,
             }
         }
         let mut runner = proptest::test_runner::TestRunner::deterministic();
-        let mut seen = [false; 21];
+        let mut seen = [false; 22];
         for _ in 0..2000 {
             let m = arb_message().new_tree(&mut runner).unwrap().current();
             seen[kind(&m)] = true;

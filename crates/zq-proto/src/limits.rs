@@ -14,7 +14,9 @@ pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// datasets, and whether it takes only raw streams).
 /// Version 7: `PartialReceives` ends every listing, steps start with `StepBegin` (native
 /// resume with `zfs send -t`, and discarding a partial receive).
-pub const PROTOCOL_VERSION_MAX: u16 = 7;
+/// Version 8: `StepWith`, a `StepBegin` with properties: the stream carries the source's
+/// (`zfs send -p`), and the sender asks the receiver to set or exclude some.
+pub const PROTOCOL_VERSION_MAX: u16 = 8;
 
 /// First four bytes of every `Hello`: "ZQ" and two bytes of zeros, so a stray client of
 /// another protocol is told apart from a zq peer of another version.
@@ -54,6 +56,13 @@ pub const MAX_RESUME_TOKEN_LEN: usize = 8 * 1024;
 
 /// Longest user-hold tag a sender may ask the receiver to place (ZFS allows 255 bytes).
 pub const MAX_TAG_LEN: usize = 128;
+
+/// Most properties a step may ask the receiver to set, and to exclude.
+pub const MAX_STEP_PROPERTIES: usize = 64;
+
+/// Longest property value a step may ask to set (zfs allows 8 KiB for user properties;
+/// zq-recv's own `--force-property` takes 1 KiB).
+pub const MAX_PROPERTY_VALUE_LEN: usize = 1024;
 
 /// Most stripe streams one step's chunks may be spread over (`zq-send --connections`).
 pub const MAX_STRIPES: usize = 16;

@@ -70,6 +70,9 @@ pub enum Message {
     /// discards it first (`zfs receive -A`). Boxed: the largest message, and frames hold
     /// data chunks far more often (encoded as the struct itself).
     StepBegin(Box<StepBegin>),
+    /// Sender → receiver, first frame of a step from version 8 when the step has
+    /// properties to carry or ask for, instead of [`StepBegin`]. Boxed like it.
+    StepWith(Box<StepWith>),
 }
 
 /// The compression name of chunks sent as they are: always understood.
@@ -111,6 +114,7 @@ impl Message {
             Message::Destination(_) => "Destination",
             Message::PartialReceives(_) => "PartialReceives",
             Message::StepBegin(_) => "StepBegin",
+            Message::StepWith(_) => "StepWith",
         }
     }
 
@@ -170,11 +174,10 @@ impl Message {
             }
             Message::StepHeader(h) => h.validate(),
             Message::StepStart(r) => r.validate(),
-            Message::StepBegin(b) => {
-                b.start.validate()?;
-                b.resume_token.as_deref().map_or(Ok(()), |t| {
-                    check_len("StepBegin.resume_token", t.len(), MAX_RESUME_TOKEN_LEN)
-                })
+            Message::StepBegin(b) => b.validate(),
+            Message::StepWith(w) => {
+                w.begin.validate()?;
+                w.properties.validate()
             }
             Message::PartialReceives(p) => {
                 check_count(
@@ -542,6 +545,63 @@ pub struct StepBegin {
     /// Discard the target's partial receive (`zfs receive -A`) before this step: the
     /// sender will not continue it.
     pub discard_partial: bool,
+}
+
+impl StepBegin {
+    fn validate(&self) -> Result<(), LimitError> {
+        self.start.validate()?;
+        self.resume_token.as_deref().map_or(Ok(()), |t| {
+            check_len("StepBegin.resume_token", t.len(), MAX_RESUME_TOKEN_LEN)
+        })
+    }
+}
+
+/// First frame of a step from version 8 that has properties ([`StepProperties`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepWith {
+    /// The step, as version 7 announced it.
+    pub begin: StepBegin,
+    /// Its properties.
+    pub properties: StepProperties,
+}
+
+/// The properties of a step (version 8). The receiver checks every name and value, never
+/// applies the source's `mountpoint`, `canmount`, `sharenfs` or `sharesmb` (it excludes
+/// them whenever the stream carries properties), refuses a request to set those or any
+/// encryption property, and sets what it forces itself (`zq-recv --force-property`)
+/// whatever the sender asks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepProperties {
+    /// The stream carries the source dataset's properties (`zfs send -p`: a compound
+    /// stream even for one snapshot).
+    pub carried: bool,
+    /// `zfs receive -o PROP=VALUE` the sender asks for (at most [`MAX_STEP_PROPERTIES`]).
+    pub set: Vec<(String, String)>,
+    /// `zfs receive -x PROP` the sender asks for (at most [`MAX_STEP_PROPERTIES`]).
+    pub exclude: Vec<String>,
+}
+
+impl StepProperties {
+    /// Nothing to carry or ask: the step goes as a [`StepBegin`].
+    pub fn is_empty(&self) -> bool {
+        !self.carried && self.set.is_empty() && self.exclude.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), LimitError> {
+        check_count("StepProperties.set", self.set.len(), MAX_STEP_PROPERTIES)?;
+        check_count(
+            "StepProperties.exclude",
+            self.exclude.len(),
+            MAX_STEP_PROPERTIES,
+        )?;
+        for (p, v) in &self.set {
+            check_len("StepProperties.set", p.len(), MAX_NAME_LEN)?;
+            check_len("StepProperties.set", v.len(), MAX_PROPERTY_VALUE_LEN)?;
+        }
+        self.exclude
+            .iter()
+            .try_for_each(|p| check_len("StepProperties.exclude", p.len(), MAX_NAME_LEN))
+    }
 }
 
 /// Where a resumed step's data continue.

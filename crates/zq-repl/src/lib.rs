@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod oneshot;
 pub mod plan;
 pub mod progress;
+pub mod props;
 pub mod protect;
 pub mod prune;
 pub mod receiver;

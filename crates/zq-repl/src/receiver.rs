@@ -32,50 +32,56 @@ pub struct Policy {
     require_raw: bool,
     /// `zfs receive -o PROP=VALUE` on every receive (`zq-recv --force-property`).
     forced: Vec<(String, String)>,
+    /// `zfs receive -x PROP` on every receive (`zq-recv --exclude-property`).
+    excluded: Vec<String>,
 }
-
-/// Properties zq-recv cannot force: raw streams refuse them (zfs), and a plain stream
-/// gets its encryption from the destination's parent (see `check_encryption`).
-const UNFORCEABLE: [&str; 5] = [
-    "encryption",
-    "keyformat",
-    "keylocation",
-    "pbkdf2iters",
-    "pbkdf2salt",
-];
 
 impl Policy {
     /// Sets `prop` to `value` on every dataset this receiver receives (`zfs receive -o`),
     /// whatever the stream or the sender asks: e.g. `readonly=on` on a backup host. Checks
     /// the name and value as far as zq can; zfs judges the value when it receives.
     pub fn force_property(&mut self, prop: &str, value: &str) -> Result<(), String> {
-        let name_ok = prop.starts_with(|c: char| c.is_ascii_lowercase())
-            && prop.len() <= 256
-            && prop
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.:".contains(&b));
-        if !name_ok {
-            return Err(format!(
-                "{prop:?} is not a property name (a lower-case letter, then lower-case \
-                 letters, digits, '_', '-', '.', ':'; e.g. readonly, or com.example:backup)"
-            ));
-        }
-        if UNFORCEABLE.contains(&prop) {
+        crate::props::check_name(prop)?;
+        if crate::props::ENCRYPTION.contains(&prop) {
             return Err(format!(
                 "{prop} cannot be forced: zfs takes no encryption property for raw streams, \
                  and a plain stream is encrypted as the destination's parent is"
             ));
         }
-        if value.is_empty() || value.len() > 1024 || value.chars().any(char::is_control) {
-            return Err(format!(
-                "the value of {prop} must be 1 to 1024 characters without control characters"
-            ));
-        }
+        crate::props::check_value(prop, value)?;
         if self.forced.iter().any(|(p, _)| p == prop) {
             return Err(format!("{prop} is forced twice"));
         }
+        if self.excluded.iter().any(|p| p == prop) {
+            return Err(format!("{prop} is both forced and excluded: choose one"));
+        }
         self.forced.push((prop.to_string(), value.to_string()));
         Ok(())
+    }
+
+    /// Excludes `prop` from every receive (`zfs receive -x`): whatever a stream with
+    /// properties carries, the received dataset inherits it here. (`mountpoint`,
+    /// `canmount`, `sharenfs` and `sharesmb` are always excluded from such streams.)
+    pub fn exclude_property(&mut self, prop: &str) -> Result<(), String> {
+        crate::props::check_name(prop)?;
+        if crate::props::ENCRYPTION.contains(&prop) {
+            return Err(format!(
+                "{prop} cannot be excluded: zfs refuses that for raw streams, and zq-recv \
+                 never applies a source's key location (it sets keylocation=prompt)"
+            ));
+        }
+        if self.forced.iter().any(|(p, _)| p == prop) {
+            return Err(format!("{prop} is both forced and excluded: choose one"));
+        }
+        if !self.excluded.iter().any(|p| p == prop) {
+            self.excluded.push(prop.to_string());
+        }
+        Ok(())
+    }
+
+    /// The properties excluded from every receive.
+    pub fn excluded_properties(&self) -> &[String] {
+        &self.excluded
     }
 
     /// The properties forced on every receive.
@@ -221,6 +227,14 @@ struct LastHold {
     /// Move the tag to the received snapshot; otherwise remove it where this receiver
     /// placed it.
     hold: bool,
+}
+
+/// What a step asks of the receiver besides its data: the hold to move, and its
+/// properties (version 8).
+#[derive(Debug, Clone, Default)]
+struct Asks {
+    last: LastHold,
+    properties: zq_proto::StepProperties,
 }
 
 /// How long retention waits for a step on the same target before skipping it this time.
@@ -570,29 +584,24 @@ impl Receiver {
                 let span = info_span!("step", target = %s.header.target, to = %s.header.to.name);
                 let mut frames = StepFrames::new(&mut recv, stripes);
                 let v = self
-                    .step_start(root, s, Partial::Keep, agreed, &mut frames)
+                    .step_start(root, s, Partial::Keep, Default::default(), agreed, &mut frames)
                     .instrument(span)
                     .await;
                 Message::Verdict(v)
             }
             Ok(Message::StepBegin(b)) if agreed.version >= 7 => {
-                let span = info_span!("step", target = %b.start.header.target, to = %b.start.header.to.name);
-                let partial = match (b.resume_token, b.discard_partial) {
-                    (Some(t), _) => Partial::Resume(t),
-                    (None, true) => Partial::Discard,
-                    (None, false) => Partial::Keep,
-                };
                 let mut frames = StepFrames::new(&mut recv, stripes);
-                let v = if matches!(partial, Partial::Resume(_)) && !agreed.native {
-                    Verdict::Failed(WireError::new(
-                        ErrorKind::Protocol,
-                        "a step resumed with zfs send -t, but the session did not agree on zfs-token",
-                    ))
-                } else {
-                    self.step_start(root, b.start, partial, agreed, &mut frames)
-                        .instrument(span)
-                        .await
-                };
+                let v = self
+                    .step_begin(root, *b, Default::default(), agreed, &mut frames)
+                    .await;
+                Message::Verdict(v)
+            }
+            Ok(Message::StepWith(w)) if agreed.version >= 8 => {
+                let mut frames = StepFrames::new(&mut recv, stripes);
+                let w = *w;
+                let v = self
+                    .step_begin(root, w.begin, w.properties, agreed, &mut frames)
+                    .await;
                 Message::Verdict(v)
             }
             Ok(Message::StepHeader(h)) => {
@@ -603,7 +612,7 @@ impl Receiver {
                         root,
                         h,
                         None,
-                        LastHold::default(),
+                        Asks::default(),
                         Partial::Keep,
                         agreed,
                         &mut frames,
@@ -753,12 +762,41 @@ impl Receiver {
         })
     }
 
+    /// A step that starts with `StepBegin` (version 7), or `StepWith` (version 8: with
+    /// `properties`).
+    async fn step_begin(
+        &self,
+        root: &DatasetName,
+        b: zq_proto::StepBegin,
+        properties: zq_proto::StepProperties,
+        agreed: Agreed,
+        frames: &mut StepFrames<'_>,
+    ) -> Verdict {
+        let span =
+            info_span!("step", target = %b.start.header.target, to = %b.start.header.to.name);
+        let partial = match (b.resume_token, b.discard_partial) {
+            (Some(t), _) => Partial::Resume(t),
+            (None, true) => Partial::Discard,
+            (None, false) => Partial::Keep,
+        };
+        if matches!(partial, Partial::Resume(_)) && !agreed.native {
+            return Verdict::Failed(WireError::new(
+                ErrorKind::Protocol,
+                "a step resumed with zfs send -t, but the session did not agree on zfs-token",
+            ));
+        }
+        self.step_start(root, b.start, partial, properties, agreed, frames)
+            .instrument(span)
+            .await
+    }
+
     /// A step that starts with `StepStart` (or, from version 7, `StepBegin`).
     async fn step_start(
         &self,
         root: &DatasetName,
         s: zq_proto::StepStart,
         partial: Partial,
+        properties: zq_proto::StepProperties,
         agreed: Agreed,
         frames: &mut StepFrames<'_>,
     ) -> Verdict {
@@ -774,11 +812,14 @@ impl Receiver {
                 format!("{:?} is not a zq hold tag (zq_<job>_last)", s.last_tag),
             ));
         }
-        let last = LastHold {
-            tag: s.last_tag,
-            hold: s.hold_last,
+        let asks = Asks {
+            last: LastHold {
+                tag: s.last_tag,
+                hold: s.hold_last,
+            },
+            properties,
         };
-        self.step(root, s.header, s.resume, last, partial, agreed, frames)
+        self.step(root, s.header, s.resume, asks, partial, agreed, frames)
             .await
     }
 

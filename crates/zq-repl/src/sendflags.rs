@@ -214,6 +214,7 @@ pub fn choose(
             && dest.has("embedded_data")
             && !dest.encrypts(target),
         decrypt: source.encrypted,
+        properties: false,
     })
 }
 

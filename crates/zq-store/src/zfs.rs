@@ -213,22 +213,28 @@ pub struct SendFlags {
     /// The job allows a plain send of an encrypted dataset, which decrypts it (without
     /// `raw`). Not a `zfs send` option: without it [`Zfs::send`] refuses such a send.
     pub decrypt: bool,
+    /// `-p`: the stream carries the dataset's properties (a compound stream, even for one
+    /// snapshot). zfs refuses it for an encrypted dataset sent without `raw`.
+    pub properties: bool,
 }
 
 impl SendFlags {
     /// The `zfs send` options, e.g. `["-w"]` or `["-c", "-L", "-e"]`.
     pub fn args(&self) -> Vec<&'static str> {
-        if self.raw {
-            return vec!["-w"];
-        }
-        [
-            (self.compressed, "-c"),
-            (self.large_blocks, "-L"),
-            (self.embedded, "-e"),
-        ]
-        .into_iter()
-        .filter_map(|(on, a)| on.then_some(a))
-        .collect()
+        let blocks = if self.raw {
+            vec![(true, "-w")]
+        } else {
+            vec![
+                (self.compressed, "-c"),
+                (self.large_blocks, "-L"),
+                (self.embedded, "-e"),
+            ]
+        };
+        blocks
+            .into_iter()
+            .chain([(self.properties, "-p")])
+            .filter_map(|(on, a)| on.then_some(a))
+            .collect()
     }
 }
 
@@ -287,6 +293,8 @@ pub struct ReceiveOptions {
     pub resumable: bool,
     /// `-o PROP=VALUE` for each pair: properties of a dataset the stream creates.
     pub set: Vec<(String, String)>,
+    /// `-x PROP` for each: the received dataset inherits it, whatever the stream carries.
+    pub exclude: Vec<String>,
 }
 
 /// How long [`Zfs::pool_features`] trusts what it read: features change only by `zpool
@@ -523,6 +531,44 @@ impl Zfs {
             .into_iter()
             .map(|(n, v)| Ok((DatasetName::parse(&n)?, v)))
             .collect()
+    }
+
+    /// Sets `keylocation=prompt` on `dataset` if it is an encryption root whose key
+    /// location is anything else (a raw stream with properties brings the source's, which
+    /// zfs applies even with `receive -x keylocation`). Returns the location replaced.
+    pub async fn prompt_for_key(
+        &self,
+        dataset: &DatasetName,
+    ) -> Result<Option<String>, StoreError> {
+        let argv = self
+            .zfs()
+            .args([
+                "get",
+                "-H",
+                "-o",
+                "property,value",
+                "encryptionroot,keylocation",
+            ])
+            .arg(dataset.as_str());
+        let out = run(&argv).await?;
+        let value = |prop: &str| {
+            out.lines()
+                .filter_map(|l| l.split_once('\t'))
+                .find(|(p, _)| *p == prop)
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let root = value("encryptionroot").is_some_and(|r| r == dataset.as_str());
+        match value("keylocation") {
+            Some(location) if root && location != "prompt" && location != "none" => {
+                run(&self
+                    .zfs()
+                    .args(["set", "keylocation=prompt"])
+                    .arg(dataset.as_str()))
+                .await?;
+                Ok(Some(location))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The space `dataset` can still use (its `available` property: the pool's free space,
@@ -826,6 +872,9 @@ impl Zfs {
             .arg_if(options.resumable && self.caps.resumable_receive, "-s");
         for (p, v) in &options.set {
             argv = argv.arg("-o").arg(format!("{p}={v}"));
+        }
+        for p in &options.exclude {
+            argv = argv.arg("-x").arg(p);
         }
         Ok(Writer::spawn(&argv.arg(target.as_str()))?)
     }
@@ -1269,6 +1318,13 @@ mod tests {
         };
         assert_eq!(all.to_string(), "-c -L -e");
         assert_eq!(SendFlags::default().to_string(), "plain");
+        let props = |f: SendFlags| SendFlags {
+            properties: true,
+            ..f
+        };
+        assert_eq!(props(raw).args(), ["-w", "-p"]);
+        assert_eq!(props(all).to_string(), "-c -L -e -p");
+        assert_eq!(props(SendFlags::default()).to_string(), "-p");
     }
 
     #[test]

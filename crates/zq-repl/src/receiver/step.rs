@@ -25,15 +25,16 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 use zq_proto::{
     Committed, ErrorKind, ForceAction, ResumeAt, SnapRef, SnapshotInfo, StepDecoder, StepEvent,
-    StepHeader, TransferError, Verdict, WireError,
+    StepHeader, StepProperties, TransferError, Verdict, WireError,
 };
 use zq_store::{DatasetName, SnapshotName, StreamBegin, Writer};
 
 use super::spool::{Replay, SpoolWriter};
 use super::{
-    authorize, internal, zfs_err, Agreed, Known, LastHold, Partial, Receiver, TARGET_WAIT,
+    authorize, internal, zfs_err, Agreed, Asks, Known, LastHold, Partial, Receiver, TARGET_WAIT,
 };
 use crate::progress::human_bytes;
+use crate::props::ReceiveProperties;
 use crate::report::to_info;
 use crate::stripe::StepFrames;
 
@@ -48,21 +49,21 @@ struct Prepared {
 }
 
 impl Receiver {
-    /// Runs one step; `resume` says where a resumed step's data continue, `last` which
-    /// hold to move to the received snapshot.
+    /// Runs one step; `resume` says where a resumed step's data continue, `asks` which
+    /// hold to move to the received snapshot and the step's properties.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn step(
         &self,
         root: &DatasetName,
         h: StepHeader,
         resume: Option<ResumeAt>,
-        last: LastHold,
+        asks: Asks,
         partial: Partial,
         agreed: Agreed,
         recv: &mut StepFrames<'_>,
     ) -> Verdict {
         let result = self
-            .step_inner(root, &h, resume, last, partial, agreed, recv)
+            .step_inner(root, &h, resume, asks, partial, agreed, recv)
             .await;
         // Labelled by target only inside the sender's root: a sender cannot make the
         // metrics grow with names it is refused.
@@ -113,12 +114,14 @@ impl Receiver {
         root: &DatasetName,
         h: &StepHeader,
         resume: Option<ResumeAt>,
-        last: LastHold,
+        asks: Asks,
         partial: Partial,
         agreed: Agreed,
         recv: &mut StepFrames<'_>,
     ) -> Result<Committed, WireError> {
+        let Asks { last, properties } = asks;
         let target = authorize(root, &h.target)?;
+        let props = self.receive_properties(&target, &properties)?;
         let name_err =
             |e: zq_store::NameError| WireError::new(ErrorKind::InvalidName, e.to_string());
         let to = target.snapshot(&h.to.name).map_err(name_err)?;
@@ -170,6 +173,7 @@ impl Receiver {
                 h,
                 &last.tag,
                 (&partial, native, agreed.version >= 7),
+                (&props, properties.carried),
                 &mut busy,
                 &mut spool,
                 replay,
@@ -233,6 +237,7 @@ impl Receiver {
         h: &StepHeader,
         last_tag: &str,
         (partial, native, version_7): (&Partial, bool, bool),
+        (props, carried): (&ReceiveProperties, bool),
         busy: &mut tokio::sync::OwnedMutexGuard<Option<Known>>,
         spool: &mut Option<SpoolWriter>,
         mut replay: Option<Replay>,
@@ -253,10 +258,11 @@ impl Receiver {
                 && *partial == Partial::Keep
                 && h.from.as_ref().is_some_and(|f| k.base_is_newest(f.guid))
         });
-        let options = |force: bool, set: Vec<(String, String)>| zq_store::ReceiveOptions {
+        let options = |force: bool, p: &ReceiveProperties| zq_store::ReceiveOptions {
             force,
             resumable: native,
-            set,
+            set: p.set.clone(),
+            exclude: p.exclude.clone(),
         };
         // The header's compression was checked against the session's in step_inner.
         let decoder = if h.compression == zq_proto::COMPRESSION_ZSTD {
@@ -266,15 +272,15 @@ impl Receiver {
         };
         let mut decoder = decoder.digest(digest);
         let (mut listed, mut first_at) = (0.0, 0.0);
-        // Every receive sets what this receiver forces (`--force-property`); a new
-        // dataset may need more (`check_encryption`), and then zfs receive starts again.
-        let forced = self.policy.forced_properties().to_vec();
+        // Every receive sets what this receiver forces (`--force-property`) and the step
+        // asks (crate::props); a new dataset may need more (`check_encryption`), and then
+        // zfs receive starts again.
         let (prepared, first, zrecv, spawned_force) = if h.force == ForceAction::None {
             // Nothing is destroyed on this path, so everything runs at once.
             let guess = self.plain_force(h);
             let early = self
                 .zfs
-                .receive(target, &options(guess, forced.clone()))
+                .receive(target, &options(guess, props))
                 .map_err(zfs_err)?;
             let both = tokio::try_join!(
                 async {
@@ -311,20 +317,20 @@ impl Receiver {
             let first = first_bytes(recv, &mut decoder, spool, replay.as_mut()).await?;
             let zrecv = self
                 .zfs
-                .receive(target, &options(p.force, forced.clone()))
+                .receive(target, &options(p.force, props))
                 .map_err(zfs_err)?;
             let force = p.force;
             (p, first, zrecv, force)
         };
         let ready = ms(started);
-        let checked = match check_begin(h, &first.data) {
+        let checked = match check_begin(h, &first.data, carried) {
             Ok((begin, snapshot)) => self
-                .check_encryption(target, h, &snapshot)
+                .check_encryption(target, h, &snapshot, props)
                 .await
-                .map(|set| (begin, set)),
+                .map(|set| (begin, snapshot, set)),
             Err(e) => Err(e),
         };
-        let (begin, set) = match checked {
+        let (begin, snapshot, set) = match checked {
             Ok(c) => c,
             Err(e) => {
                 zrecv.abort().await;
@@ -334,12 +340,12 @@ impl Receiver {
         if let Some(w) = spool.as_mut() {
             w.set_to_guid(begin.to_guid);
         }
-        let mut zrecv = if spawned_force == prepared.force && set == forced {
+        let mut zrecv = if spawned_force == prepared.force && set == *props {
             zrecv
         } else {
             zrecv.abort().await;
             self.zfs
-                .receive(target, &options(prepared.force, set))
+                .receive(target, &options(prepared.force, &set))
                 .map_err(zfs_err)?
         };
         let fed_from = std::time::Instant::now();
@@ -364,6 +370,9 @@ impl Receiver {
             return Err(zfs_err(e.into()));
         }
         self.metrics.count(&h.target, |c| c.bytes += total);
+        if carried && snapshot.is_raw() {
+            self.prompt_for_key(target).await?;
+        }
         // Where a step's time goes: waiting for the target's lock, listing it and the first
         // bytes (ready), the rest of the stream, and `zfs receive` finishing after it.
         debug!(
@@ -381,7 +390,13 @@ impl Receiver {
             // list the target to learn (and check) the last one.
             self.listed_commit(target, to, h).await?
         } else {
-            let guid = begin.to_guid;
+            // A stream with properties is compound even for one snapshot: its first
+            // substream is the snapshot's.
+            let guid = if begin.compound {
+                snapshot.to_guid
+            } else {
+                begin.to_guid
+            };
             if guid == 0 {
                 return Err(internal("a single-snapshot stream without a GUID"));
             }
@@ -419,8 +434,9 @@ impl Receiver {
         target: &DatasetName,
         h: &StepHeader,
         snapshot: &StreamBegin,
-    ) -> Result<Vec<(String, String)>, WireError> {
-        let forced = self.policy.forced_properties().to_vec();
+        props: &ReceiveProperties,
+    ) -> Result<ReceiveProperties, WireError> {
+        let forced = props.clone();
         if snapshot.is_raw() {
             return Ok(forced);
         }
@@ -448,13 +464,55 @@ impl Receiver {
                 if at != *target && super::is_encrypted(&enc) && keystatus != "available" =>
             {
                 info!(parent = %at, "the parent's key is not loaded: receiving the unencrypted stream with encryption=off");
-                Ok([("encryption".to_string(), "off".to_string())]
-                    .into_iter()
-                    .chain(forced)
-                    .collect())
+                let mut p = forced;
+                p.set
+                    .insert(0, ("encryption".to_string(), "off".to_string()));
+                Ok(p)
             }
             _ => Ok(forced),
         }
+    }
+
+    /// What this step's `zfs receive` sets and excludes ([`crate::props`]). A zfs without
+    /// `receive -o`/`-x` (zfs-fuse) refuses a step with properties: it could not keep the
+    /// source's mountpoint and shares off this host.
+    pub(super) fn receive_properties(
+        &self,
+        target: &DatasetName,
+        asked: &StepProperties,
+    ) -> Result<ReceiveProperties, WireError> {
+        if !asked.is_empty() && !self.zfs.capabilities().receive_properties {
+            return Err(WireError::new(
+                ErrorKind::NotAuthorized,
+                format!(
+                    "the step into {target} carries or asks for properties (the sender's \
+                     --send-properties, --recv-set-property or --recv-exclude-property), but this \
+                     receiver's zfs has no zfs receive -x to keep the source's mountpoint and \
+                     shares off this host. Nothing was received; leave those options out of \
+                     the job"
+                ),
+            ));
+        }
+        crate::props::receive_properties(
+            self.policy.forced_properties(),
+            self.policy.excluded_properties(),
+            asked,
+        )
+        .map_err(|e| {
+            WireError::new(
+                ErrorKind::NotAuthorized,
+                format!("{e}. Nothing was received into {target}"),
+            )
+        })
+    }
+
+    /// After a raw stream with properties: an encryption root here gets
+    /// `keylocation=prompt` rather than the location the source named.
+    async fn prompt_for_key(&self, target: &DatasetName) -> Result<(), WireError> {
+        if let Some(was) = self.zfs.prompt_for_key(target).await.map_err(zfs_err)? {
+            info!(dataset = %target, source_keylocation = %was, "set keylocation=prompt: a key location of the source is not used here");
+        }
+        Ok(())
     }
 
     /// Removes the sender's last-received hold from `snaps` before `--force` destroys them.
@@ -902,7 +960,14 @@ fn replay_next(replay: &mut Replay, decoder: &mut StepDecoder) -> Result<Option<
 /// start at the header's `from`, and the last snapshot is checked by listing the target
 /// after the receive. Returns the stream's first record and its first snapshot's (the same
 /// record unless the stream is compound).
-fn check_begin(h: &StepHeader, first: &[Bytes]) -> Result<(StreamBegin, StreamBegin), WireError> {
+/// Checks the stream's first records against the header: its base, its snapshot, and that
+/// it is compound (`zfs send -I`, or `-p` which makes even one snapshot a package) only
+/// where the header says so.
+fn check_begin(
+    h: &StepHeader,
+    first: &[Bytes],
+    carried: bool,
+) -> Result<(StreamBegin, StreamBegin), WireError> {
     let have = first.iter().map(Bytes::len).sum();
     let head: Vec<u8> = first
         .iter()
@@ -928,7 +993,7 @@ fn check_begin(h: &StepHeader, first: &[Bytes]) -> Result<(StreamBegin, StreamBe
             format!("the stream does not match its header: {what}; nothing was received"),
         ))
     };
-    if begin.compound && !h.intermediates {
+    if begin.compound && !h.intermediates && !carried {
         return mismatch("a compound stream for a single-snapshot step".into());
     }
     match (&h.from, snapshot.from_guid) {
@@ -946,10 +1011,11 @@ fn check_begin(h: &StepHeader, first: &[Bytes]) -> Result<(StreamBegin, StreamBe
         }
     }
     // With intermediates the first substream ends at the first snapshot after the base.
-    if !h.intermediates && h.to.guid != 0 && h.to.guid != begin.to_guid {
+    let single = if begin.compound { &snapshot } else { &begin };
+    if !h.intermediates && h.to.guid != 0 && h.to.guid != single.to_guid {
         return mismatch(format!(
             "the header names @{} with GUID {}, the stream creates {} (GUID {})",
-            h.to.name, h.to.guid, begin.to_name, begin.to_guid
+            h.to.name, h.to.guid, single.to_name, single.to_guid
         ));
     }
     Ok((begin, snapshot))
@@ -1097,7 +1163,7 @@ mod tests {
         // And the BEGIN record alone is enough to check a step.
         let begin = vec![Bytes::copy_from_slice(&STREAM[..zq_proto::BEGIN_CHUNK])];
         assert_eq!(
-            check_begin(&header(Some(S1), S2, false), &begin)
+            check_begin(&header(Some(S1), S2, false), &begin, false)
                 .unwrap()
                 .0
                 .to_guid,
@@ -1114,7 +1180,7 @@ mod tests {
 
     #[test]
     fn the_stream_must_match_its_header() {
-        let ok = |h: StepHeader| check_begin(&h, &split(100));
+        let ok = |h: StepHeader| check_begin(&h, &split(100), false);
         assert_eq!(ok(header(Some(S1), S2, false)).unwrap().0.to_guid, S2);
         // GUID left to the stream (v2).
         assert_eq!(ok(header(Some(S1), 0, false)).unwrap().0.to_guid, S2);
@@ -1130,18 +1196,26 @@ mod tests {
         }
         // zfs send -I: a compound stream, accepted only for a step with intermediates.
         let compound = [Bytes::from_static(COMPOUND)];
-        assert!(check_begin(&header(Some(S1), 0, true), &compound).is_ok());
+        assert!(check_begin(&header(Some(S1), 0, true), &compound, false).is_ok());
         // Its first substream must start at the header's base.
-        let e = check_begin(&header(Some(7), 0, true), &compound).unwrap_err();
+        let e = check_begin(&header(Some(7), 0, true), &compound, false).unwrap_err();
         assert_eq!(e.kind, ErrorKind::GuidMismatch, "{}", e.message);
         // Cut before the first substream's BEGIN record: not enough to check.
         let cut = [Bytes::from_static(&COMPOUND[..700])];
-        let e = check_begin(&header(Some(S1), 0, true), &cut).unwrap_err();
+        let e = check_begin(&header(Some(S1), 0, true), &cut, false).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Protocol, "{}", e.message);
-        let e = check_begin(&header(Some(S1), S2, false), &compound).unwrap_err();
+        let e = check_begin(&header(Some(S1), S2, false), &compound, false).unwrap_err();
         assert_eq!(e.kind, ErrorKind::GuidMismatch);
-        let e =
-            check_begin(&header(Some(S1), S2, false), &[Bytes::from_static(b"junk")]).unwrap_err();
+        // zfs send -p: compound for one snapshot too, checked by its first substream.
+        assert!(check_begin(&header(Some(S1), 0, false), &compound, true).is_ok());
+        let e = check_begin(&header(Some(7), 0, false), &compound, true).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::GuidMismatch, "{}", e.message);
+        let e = check_begin(
+            &header(Some(S1), S2, false),
+            &[Bytes::from_static(b"junk")],
+            false,
+        )
+        .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Protocol);
     }
 }

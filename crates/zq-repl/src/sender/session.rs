@@ -87,6 +87,8 @@ pub struct SenderConfig {
     pub estimates: Arc<tokio::sync::Semaphore>,
     /// Which `zfs send` options steps may use ([`crate::sendflags`]).
     pub send: SendPolicy,
+    /// Properties steps carry and ask the receiver for ([`crate::props`]; protocol 8).
+    pub properties: crate::props::PropertyPolicy,
 }
 
 impl Default for SenderConfig {
@@ -100,6 +102,7 @@ impl Default for SenderConfig {
             progress: None,
             estimates: Arc::new(tokio::sync::Semaphore::new(DEFAULT_SIZE_ESTIMATES)),
             send: SendPolicy::default(),
+            properties: Default::default(),
         }
     }
 }
@@ -142,6 +145,8 @@ pub struct Sender {
     /// What the destination said it can receive, by the root it was listed for (the
     /// latest listing of each).
     pub(super) destinations: Mutex<Vec<(DatasetName, Arc<DestinationFacts>)>>,
+    /// Datasets whose properties are not sent although the job asks (logged once each).
+    properties_withheld: Mutex<std::collections::HashSet<DatasetName>>,
 }
 
 /// [`SenderConfig::estimates`]' default: zrepl's `concurrency.size_estimates`.
@@ -179,6 +184,7 @@ impl Sender {
             config,
             stripes: Vec::new(),
             destinations: Mutex::default(),
+            properties_withheld: Mutex::default(),
         })
     }
 
@@ -398,6 +404,30 @@ impl Sender {
             dest.as_deref(),
             target,
         )?)
+    }
+
+    /// Whether a step of `source` sent with `flags` carries the dataset's properties (`zfs
+    /// send -p`): when the job asks, except for an encrypted dataset sent decrypted, which
+    /// zfs refuses to send with properties (logged once per dataset).
+    pub(super) fn carry_properties(
+        &self,
+        source: &DatasetName,
+        flags: &zq_store::SendFlags,
+    ) -> bool {
+        if !self.config.properties.send {
+            return false;
+        }
+        if flags.decrypt {
+            let first = self
+                .properties_withheld
+                .lock()
+                .is_ok_and(|mut w| w.insert(source.clone()));
+            if first {
+                tracing::warn!(dataset = %source, "not sending its properties: zfs sends an encrypted dataset's properties only with a raw send (--encrypted raw)");
+            }
+            return false;
+        }
+        true
     }
 
     /// Whether the receiver spools large steps so that they can resume.

@@ -117,15 +117,30 @@ impl Sender {
         // plaintext stream of an encrypted dataset unless the job says so. A native resume
         // sends what the token recorded.
         let flags = match resume {
+            // The properties went with the stream's start, if at all.
             Resume::Native { decoded, .. } => zq_store::SendFlags {
                 raw: decoded.raw,
                 compressed: decoded.compressed,
                 large_blocks: decoded.large_blocks,
                 embedded: decoded.embedded,
                 decrypt: false,
+                properties: false,
             },
-            _ => self.send_flags(source, target).await?,
+            _ => {
+                let mut f = self.send_flags(source, target).await?;
+                f.properties = self.carry_properties(source, &f);
+                f
+            }
         };
+        let properties = self.config.properties.request(flags.properties);
+        if !properties.is_empty() && self.session.version < 8 {
+            return Err(ReplError::Protocol(format!(
+                "the job replicates properties (--send-properties, --recv-set-property, \
+                 --recv-exclude-property), but the receiver speaks protocol {} and they need 8: \
+                 upgrade zq-recv, or leave the options out",
+                self.session.version
+            )));
+        }
         let mut zsend = match resume {
             Resume::Native { token, decoded } => self.zfs.send_resume(
                 token,
@@ -220,14 +235,19 @@ impl Sender {
                 resume: resume_at,
             };
             if self.session.version >= 7 {
-                Message::StepBegin(Box::new(zq_proto::StepBegin {
+                let begin = zq_proto::StepBegin {
                     start,
                     resume_token: match resume {
                         Resume::Native { token, .. } => Some(token.clone()),
                         _ => None,
                     },
                     discard_partial: matches!(resume, Resume::Discard),
-                }))
+                };
+                if properties.is_empty() {
+                    Message::StepBegin(Box::new(begin))
+                } else {
+                    Message::StepWith(Box::new(zq_proto::StepWith { begin, properties }))
+                }
             } else {
                 Message::StepStart(start)
             }

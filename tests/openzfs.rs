@@ -489,6 +489,16 @@ fn interrupt(mut daemon: Daemon, keys: &Keys, dst: &Pool, ds: &str, target: &str
         wait_for(Duration::from_secs(30), || resume_token(target).is_some()),
         "no partial receive was kept"
     );
+    // zfs shows a token while the receive still runs: wait until the receiver has noticed
+    // the dead connection and its `zfs receive` is gone, so that the next run lists the
+    // partial receive rather than racing the old step for the target.
+    assert!(
+        wait_for(Duration::from_secs(60), || !Command::new("pgrep")
+            .args(["-f", &format!("^zfs receive .*{target}$")])
+            .status()
+            .is_ok_and(|s| s.success())),
+        "the killed daemon's step still receives into {target}"
+    );
 }
 
 /// A daemon killed in the middle of a large full step leaves zfs's partial receive on the

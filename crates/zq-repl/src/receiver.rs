@@ -156,6 +156,10 @@ pub struct Receiver {
     /// Targets whose stale last-received holds this process has looked for (once each:
     /// only a restart can leave one behind).
     scanned: Mutex<std::collections::HashSet<DatasetName>>,
+    /// Targets where an aborted full receive of this process left its new dataset behind
+    /// (zfs did not discard it in time): the next full step replaces it, if it is still
+    /// empty, rather than finding "a target that exists".
+    abandoned: Mutex<std::collections::HashSet<DatasetName>>,
     /// Counters and open connections, for `--metrics-listen`.
     metrics: Arc<crate::metrics::ReceiverMetrics>,
     /// Stripe streams of bulk steps spread over parallel connections ([`crate::stripe`]).
@@ -273,6 +277,7 @@ impl Receiver {
             mounts: tokio::sync::Mutex::new(()),
             spools,
             scanned: Mutex::new(Default::default()),
+            abandoned: Mutex::new(Default::default()),
             metrics: Arc::default(),
             stripes: Arc::default(),
         })

@@ -182,6 +182,11 @@ impl Receiver {
             )
             .await;
         drop(running);
+        if result.is_ok() {
+            if let Ok(mut a) = self.abandoned.lock() {
+                a.remove(&target);
+            }
+        }
         if let Some(w) = spool {
             match &result {
                 Ok(_) => {
@@ -581,7 +586,10 @@ impl Receiver {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await
                 }
                 _ => {
-                    warn!(%target, "the partial dataset of an aborted full receive is still there");
+                    warn!(%target, "the partial dataset of an aborted full receive is still there; the next full step into it replaces it");
+                    if let Ok(mut a) = self.abandoned.lock() {
+                        a.insert(target.clone());
+                    }
                     return;
                 }
             }
@@ -729,6 +737,17 @@ impl Receiver {
                              inconsistent); try again once it ends"
                         ),
                     ));
+                }
+                // What our own aborted full receive left (zfs-fuse, slow to discard):
+                // still empty, it is replaced, not reported.
+                let ours =
+                    existing.is_empty() && self.abandoned.lock().is_ok_and(|a| a.contains(target));
+                if ours {
+                    warn!(%target, "replacing the partial dataset an aborted full receive of this receiver left");
+                    return Ok(Prepared {
+                        force: true,
+                        snapshots: Vec::new(),
+                    });
                 }
                 if h.force != ForceAction::Replace {
                     return Err(with_newest(WireError::new(

@@ -70,6 +70,15 @@ fn get(dataset: &str, property: &str) -> String {
         .to_string()
 }
 
+/// Asserts that a run whose log is `err` sent its step from the bookmark `mark` (logged so)
+/// and no full stream.
+fn sent_from_bookmark(err: &str, mark: &str) {
+    assert!(err.contains("sending from its bookmark"), "{err}");
+    assert!(err.contains(mark), "{err}");
+    let sent = logged(err, "bytes");
+    assert!(sent < 1 << 20, "{sent} bytes: a full stream?\n{err}");
+}
+
 /// The first `name=NUMBER` field of zq's log lines in `err`.
 fn logged(err: &str, name: &str) -> u64 {
     let at = err
@@ -474,10 +483,7 @@ fn interrupt(mut daemon: Daemon, keys: &Keys, dst: &Pool, ds: &str, target: &str
     // Its `zfs send` outlives it until its next write finds the pipe closed: until then
     // the step's snapshots are busy (a test that destroys one would fail).
     assert!(
-        wait_for(Duration::from_secs(30), || !Command::new("pgrep")
-            .args(["-f", &format!("^zfs send .*{ds}@")])
-            .status()
-            .is_ok_and(|s| s.success())),
+        gone(&format!("^zfs send .*{ds}@"), 30),
         "the killed daemon's zfs send still runs"
     );
     assert_eq!(
@@ -493,12 +499,19 @@ fn interrupt(mut daemon: Daemon, keys: &Keys, dst: &Pool, ds: &str, target: &str
     // the dead connection and its `zfs receive` is gone, so that the next run lists the
     // partial receive rather than racing the old step for the target.
     assert!(
-        wait_for(Duration::from_secs(60), || !Command::new("pgrep")
-            .args(["-f", &format!("^zfs receive .*{target}$")])
-            .status()
-            .is_ok_and(|s| s.success())),
+        gone(&format!("^zfs receive .*{target}$"), 60),
         "the killed daemon's step still receives into {target}"
     );
+}
+
+/// Whether, within `secs` seconds, no process's command line matches `pattern`.
+fn gone(pattern: &str, secs: u64) -> bool {
+    wait_for(Duration::from_secs(secs), || {
+        !Command::new("pgrep")
+            .args(["-f", pattern])
+            .status()
+            .is_ok_and(|s| s.success())
+    })
 }
 
 /// A daemon killed in the middle of a large full step leaves zfs's partial receive on the
@@ -728,11 +741,7 @@ fn a_bookmark_keeps_replication_incremental_after_its_snapshot_is_destroyed() {
 
     let out = send(&keys, &recv, &ds, &target, &nothing);
     assert!(out.status.success(), "{}", stderr(&out));
-    let err = stderr(&out);
-    assert!(err.contains("sending from its bookmark"), "{err}");
-    assert!(err.contains(&format!("{ds}#s1-mark")), "{err}");
-    let sent = logged(&err, "bytes");
-    assert!(sent < 1 << 20, "{sent} bytes: a full stream?\n{err}");
+    sent_from_bookmark(&stderr(&out), &format!("{ds}#s1-mark"));
     let names: Vec<String> = snapshots(&target).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["s1", "s2", "s3"]);
     assert_eq!(snapshots(&ds), snapshots(&target)[1..]);
@@ -900,11 +909,7 @@ fn zqs_cursor_bookmark_keeps_replication_incremental_after_its_snapshot_is_destr
 
     let out = send(&keys, &recv, &ds, &target, &job);
     assert!(out.status.success(), "{}", stderr(&out));
-    let err = stderr(&out);
-    assert!(err.contains("sending from its bookmark"), "{err}");
-    assert!(err.contains(&format!("{ds}#zq_nightly_{s1:016x}")), "{err}");
-    let sent = logged(&err, "bytes");
-    assert!(sent < 1 << 20, "{sent} bytes: a full stream?\n{err}");
+    sent_from_bookmark(&stderr(&out), &format!("{ds}#zq_nightly_{s1:016x}"));
     assert_eq!(cursor_marks(&ds), [format!("zq_nightly_{s2:016x}")]);
     let names: Vec<String> = snapshots(&target).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["s1", "s2"]);

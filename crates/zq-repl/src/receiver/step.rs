@@ -376,7 +376,7 @@ impl Receiver {
         }
         self.metrics.count(&h.target, |c| c.bytes += total);
         if carried && snapshot.is_raw() {
-            self.prompt_for_key(target).await?;
+            self.prompt_for_key(target).await;
         }
         // Where a step's time goes: waiting for the target's lock, listing it and the first
         // bytes (ready), the rest of the stream, and `zfs receive` finishing after it.
@@ -512,12 +512,19 @@ impl Receiver {
     }
 
     /// After a raw stream with properties: an encryption root here gets
-    /// `keylocation=prompt` rather than the location the source named.
-    async fn prompt_for_key(&self, target: &DatasetName) -> Result<(), WireError> {
-        if let Some(was) = self.zfs.prompt_for_key(target).await.map_err(zfs_err)? {
-            info!(dataset = %target, source_keylocation = %was, "set keylocation=prompt: a key location of the source is not used here");
+    /// `keylocation=prompt` rather than the location the source named. The step is
+    /// committed either way: a failure is logged (the next step with properties tries
+    /// again), since the location is read only by a `zfs load-key` run here.
+    async fn prompt_for_key(&self, target: &DatasetName) {
+        match self.zfs.prompt_for_key(target).await {
+            Ok(Some(was)) => {
+                info!(dataset = %target, source_keylocation = %was, "set keylocation=prompt: a key location of the source is not used here");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(dataset = %target, error = %e, "cannot set keylocation=prompt; the replica keeps the source's key location until the next step with properties");
+            }
         }
-        Ok(())
     }
 
     /// Removes the sender's last-received hold from `snaps` before `--force` destroys them.

@@ -153,11 +153,15 @@ pub struct ReceiveProperties {
 
 /// The receiver's side: what a step's `zfs receive` sets and excludes, from what the
 /// receiver forces (`forced`) and excludes (`excluded`) and what the sender asked
-/// (`asked`). A request the receiver refuses is an error naming it.
+/// (`asked`). [`NEVER_FROM_SOURCE`] is excluded whenever the stream may carry properties:
+/// when the sender says so, and for any compound stream (`compound`: a `-I` step), since
+/// a compound stream's header can carry properties whatever the sender says. A request
+/// the receiver refuses is an error naming it.
 pub fn receive_properties(
     forced: &[(String, String)],
     excluded: &[String],
     asked: &StepProperties,
+    compound: bool,
 ) -> Result<ReceiveProperties, String> {
     let mut set: Vec<(String, String)> = forced.to_vec();
     for (p, v) in &asked.set {
@@ -180,7 +184,7 @@ pub fn receive_properties(
     let never = NEVER_FROM_SOURCE
         .iter()
         .map(|p| p.to_string())
-        .filter(|_| asked.carried);
+        .filter(|_| asked.carried || compound);
     for p in asked
         .exclude
         .iter()
@@ -222,11 +226,14 @@ mod tests {
             carried: true,
             ..Default::default()
         };
-        let r = receive_properties(&[], &[], &asked).unwrap();
+        let r = receive_properties(&[], &[], &asked, false).unwrap();
         assert_eq!(r.exclude, NEVER_FROM_SOURCE);
         assert!(r.set.is_empty());
+        // A compound stream (-I) may carry them whatever the sender says.
+        let r = receive_properties(&[], &[], &StepProperties::default(), true).unwrap();
+        assert_eq!(r.exclude, NEVER_FROM_SOURCE);
         // Without properties in the stream there is nothing to exclude.
-        let r = receive_properties(&[], &[], &StepProperties::default()).unwrap();
+        let r = receive_properties(&[], &[], &StepProperties::default(), false).unwrap();
         assert_eq!(r, ReceiveProperties::default());
     }
 
@@ -238,7 +245,7 @@ mod tests {
             exclude: strings(&["atime"]),
         };
         let forced = pairs(&[("readonly", "on"), ("mountpoint", "none")]);
-        let r = receive_properties(&forced, &strings(&["compression"]), &asked).unwrap();
+        let r = receive_properties(&forced, &strings(&["compression"]), &asked, false).unwrap();
         assert_eq!(
             r.set,
             pairs(&[
@@ -273,7 +280,10 @@ mod tests {
             ask(&[], &["-o"]),
             ask(&[], &["a b"]),
         ] {
-            assert!(receive_properties(&[], &[], &bad).is_err(), "{bad:?}");
+            assert!(
+                receive_properties(&[], &[], &bad, false).is_err(),
+                "{bad:?}"
+            );
         }
     }
 

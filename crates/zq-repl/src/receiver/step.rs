@@ -121,7 +121,7 @@ impl Receiver {
     ) -> Result<Committed, WireError> {
         let Asks { last, properties } = asks;
         let target = authorize(root, &h.target)?;
-        let props = self.receive_properties(&target, &properties)?;
+        let props = self.receive_properties(&target, &properties, h.intermediates)?;
         let name_err =
             |e: zq_store::NameError| WireError::new(ErrorKind::InvalidName, e.to_string());
         let to = target.snapshot(&h.to.name).map_err(name_err)?;
@@ -478,15 +478,17 @@ impl Receiver {
         }
     }
 
-    /// What this step's `zfs receive` sets and excludes ([`crate::props`]). A zfs without
-    /// `receive -o`/`-x` (zfs-fuse) refuses a step with properties: it could not keep the
-    /// source's mountpoint and shares off this host.
+    /// What this step's `zfs receive` sets and excludes ([`crate::props`]; `compound`: a
+    /// `-I` step). A zfs without `receive -o`/`-x` (zfs-fuse) refuses a step with
+    /// properties: it could not keep the source's mountpoint and shares off this host.
     pub(super) fn receive_properties(
         &self,
         target: &DatasetName,
         asked: &StepProperties,
+        compound: bool,
     ) -> Result<ReceiveProperties, WireError> {
-        if !asked.is_empty() && !self.zfs.capabilities().receive_properties {
+        let can_exclude = self.zfs.capabilities().receive_properties;
+        if !asked.is_empty() && !can_exclude {
             return Err(WireError::new(
                 ErrorKind::NotAuthorized,
                 format!(
@@ -502,6 +504,7 @@ impl Receiver {
             self.policy.forced_properties(),
             self.policy.excluded_properties(),
             asked,
+            compound && can_exclude,
         )
         .map_err(|e| {
             WireError::new(

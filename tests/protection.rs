@@ -289,3 +289,99 @@ fn destroyed_mid_step(test: &str, mode: Mode) {
     }
     assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
 }
+
+/// A steady one-shot run of one dataset asks zfs the same whatever the dataset's history
+/// (issue 22): no query over every snapshot, no release of a hold that is not there, the
+/// new cursor placed and the old one removed once each. Two datasets, one with 30
+/// snapshots of history and one with none, each get one more snapshot; the zfs commands of
+/// their runs (from the sender's debug log of commands) are the same once names are
+/// normalized.
+#[test]
+fn a_steady_one_shot_run_asks_zfs_the_same_whatever_the_history() {
+    let Some(_zfs) = zfs_or_skip("oneshot_calls") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let run = |ds: &str, target: &str| -> Vec<String> {
+        let out = std::process::Command::new(SEND)
+            .args(["--log-format", "json", "run", ds, &recv.addr, target])
+            .args(["--identity", keys.path(), "--peer", &keys.recv_fp])
+            .args(["--job", "calls"])
+            .env("ZQ_LOG", "warn,zq_store::calls=debug")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let mut calls: Vec<String> = stderr(&out)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "zq_store::calls")
+            .filter_map(|v| Some(normalize(v["fields"]["message"].as_str()?, ds, target)))
+            // The capability probe is the process's, not the step's: `zfs version` and,
+            // side by side, `zfs list -p` (killed when the version answers first).
+            .filter(|c| c != "zfs version" && c != "zfs list -Hp -o name -d 0")
+            .collect();
+        // Some run concurrently: their order is not the point.
+        calls.sort();
+        calls
+    };
+    let mut steady = Vec::new();
+    for (name, history) in [("long", 30), ("short", 0)] {
+        let ds = src.create(name);
+        let target = dst.ds(name);
+        for i in 0..history {
+            src.snap(name, &format!("h{i}"));
+        }
+        src.snap(name, "prev");
+        run(&ds, &target);
+        src.snap(name, "new");
+        steady.push(run(&ds, &target));
+        assert_eq!(snapshots(&target).last().map(|s| s.0.as_str()), Some("new"));
+    }
+    eprintln!(
+        "a steady one-shot run's zfs commands:\n{}",
+        steady[0].join("\n")
+    );
+    assert_eq!(
+        steady[0], steady[1],
+        "the history changed what was asked of zfs"
+    );
+    for call in &steady[0] {
+        let named = call.matches("DS@").count() + call.matches("DS#").count();
+        assert!(named <= 2, "names more than a step's snapshots: {call}");
+        if call.contains(" release ") {
+            assert!(
+                call.ends_with("DS@prev"),
+                "releases only the old cursor: {call}"
+            );
+        }
+    }
+}
+
+/// A command line with the dataset and target named `DS` and `TARGET`, the program path
+/// dropped and a cursor bookmark's GUID hidden.
+fn normalize(call: &str, ds: &str, target: &str) -> String {
+    let call = call.replace(target, "TARGET").replace(ds, "DS");
+    let call = call
+        .split_once(' ')
+        .map(|(program, rest)| {
+            let name = program.rsplit('/').next().unwrap_or(program);
+            format!("{name} {rest}")
+        })
+        .unwrap_or(call);
+    let mut out = String::new();
+    let mut rest = call.as_str();
+    while let Some(i) = rest.find("zq_calls_") {
+        let after = &rest[i + "zq_calls_".len()..];
+        let guid = after.len() >= 16 && after[..16].bytes().all(|b| b.is_ascii_hexdigit());
+        out.push_str(&rest[..i + "zq_calls_".len()]);
+        rest = if guid {
+            out.push_str("GUID");
+            &after[16..]
+        } else {
+            after
+        };
+    }
+    out.push_str(rest);
+    out
+}

@@ -14,7 +14,10 @@
 //! snapshot named).
 //!
 //! A move releases its old snapshot only if its new one was held, so a dataset is never
-//! left without a hold; until a move is done the previous snapshot stays held.
+//! left without a hold; until a move is done the previous snapshot stays held. A hold this
+//! process placed and has not released since is not placed again, nor a bookmark it made
+//! made again: a step's `to` held early (a resumable step, or a one-shot run placing its
+//! new cursor while the stream runs) becomes the cursor without a zfs call.
 //!
 //! Cursor bookmarks (OpenZFS, [`crate::protect`]) move with the same batches: the new
 //! bookmarks of every dataset are made by one `zfs program` per pool, and only once a
@@ -58,6 +61,8 @@ pub struct Holds {
     state: Mutex<State>,
     /// Signalled when a step ends.
     idle: tokio::sync::Notify,
+    /// Signalled when a batch is done ([`Holds::flush`] waits for it).
+    drained: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -67,8 +72,14 @@ struct State {
     running: bool,
     /// Steps running now ([`Holds::step`]).
     steps: usize,
-    /// The process is about to exit ([`Holds::flush`]): moves go at once.
+    /// The process is about to exit ([`Holds::flush`]), or nothing runs after its steps
+    /// ([`Holds::at_once`]): moves go at once.
     flushing: bool,
+    /// Holds this process placed and has not released since, as `(tag, snapshot)`: holding
+    /// one again needs no zfs call (a step's snapshot becoming the cursor).
+    placed: HashSet<(String, SnapshotName)>,
+    /// Cursor bookmarks this process made and has not destroyed since.
+    made: HashSet<(DatasetName, String)>,
 }
 
 /// At most this many `zfs destroy` of superseded cursor bookmarks run at once.
@@ -103,6 +114,7 @@ impl Holds {
             zfs,
             state: Mutex::new(State::default()),
             idle: tokio::sync::Notify::new(),
+            drained: tokio::sync::Notify::new(),
         })
     }
 
@@ -115,16 +127,33 @@ impl Holds {
         self.idle.notify_waiters();
         let _ = tokio::time::timeout(limit, async {
             loop {
+                // Created before the state is read: a batch ending after that still wakes it.
+                let drained = self.drained.notified();
                 {
                     let s = self.state();
                     if s.pending.is_empty() && s.marks.is_empty() && !s.running {
                         return;
                     }
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                drained.await;
             }
         })
         .await;
+    }
+
+    /// Moves go at once from now on, without waiting for a quiet moment: for a run whose
+    /// steps nothing follows that a move could delay (a one-shot run of one dataset).
+    pub fn at_once(&self) {
+        self.state().flushing = true;
+        self.idle.notify_waiters();
+    }
+
+    /// Forgets what this process placed on `dataset` (its tidy looked at the pool, and may
+    /// have released or destroyed some): the next moves ask zfs again.
+    pub fn forget(&self, dataset: &DatasetName) {
+        let mut s = self.state();
+        s.placed.retain(|(_, snap)| snap.dataset() != dataset);
+        s.made.retain(|(ds, _)| ds != dataset);
     }
 
     /// Marks a step as running until the guard is dropped: moves wait for no step to run.
@@ -253,6 +282,7 @@ impl Holds {
             fn drop(&mut self) {
                 if let Some(h) = self.0.take() {
                     h.state().running = false;
+                    h.drained.notify_waiters();
                 }
             }
         }
@@ -264,6 +294,8 @@ impl Holds {
                 if s.pending.is_empty() && s.marks.is_empty() {
                     s.running = false;
                     reset.0 = None;
+                    drop(s);
+                    self.drained.notify_waiters();
                     return;
                 }
                 (std::mem::take(&mut s.pending), std::mem::take(&mut s.marks))
@@ -327,20 +359,34 @@ impl Holds {
             return;
         }
         let (last, supersedes) = coalesce_marks(&marks);
-        let wanted: Vec<(SnapshotName, String)> = last
-            .values()
-            .map(|&i| (marks[i].snapshot.clone(), marks[i].name.clone()))
-            .collect();
-        let mut failed: HashMap<SnapshotName, String> = match self.zfs.bookmark_all(&wanted).await {
-            Ok(f) => f
-                .into_iter()
-                .map(|(snap, _, e)| (snap, e.to_string()))
-                .collect(),
-            Err(e) => wanted
-                .iter()
-                .map(|(snap, _)| (snap.clone(), e.to_string()))
-                .collect(),
+        let wanted: Vec<(SnapshotName, String)> = {
+            let st = self.state();
+            last.values()
+                .map(|&i| (marks[i].snapshot.clone(), marks[i].name.clone()))
+                .filter(|(snap, name)| !st.made.contains(&(snap.dataset().clone(), name.clone())))
+                .collect()
         };
+        let mut failed: HashMap<SnapshotName, String> = match wanted.is_empty() {
+            true => HashMap::new(),
+            false => match self.zfs.bookmark_all(&wanted).await {
+                Ok(f) => f
+                    .into_iter()
+                    .map(|(snap, _, e)| (snap, e.to_string()))
+                    .collect(),
+                Err(e) => wanted
+                    .iter()
+                    .map(|(snap, _)| (snap.clone(), e.to_string()))
+                    .collect(),
+            },
+        };
+        {
+            let mut st = self.state();
+            for (snap, name) in &wanted {
+                if !failed.contains_key(snap) {
+                    st.made.insert((snap.dataset().clone(), name.clone()));
+                }
+            }
+        }
         let destroys: Vec<(SnapshotName, DatasetName, String)> = last
             .iter()
             .filter(|(_, &i)| !failed.contains_key(&marks[i].snapshot))
@@ -357,6 +403,7 @@ impl Holds {
         for chunk in destroys.chunks(PARALLEL_DESTROYS) {
             let mut running = tokio::task::JoinSet::new();
             for (snap, ds, old) in chunk.iter().cloned() {
+                self.state().made.remove(&(ds.clone(), old.clone()));
                 let zfs = self.zfs.clone();
                 running.spawn(async move { (snap, zfs.destroy_bookmark_if_any(&ds, &old).await) });
             }
@@ -416,14 +463,39 @@ impl Holds {
     }
 
     async fn call(&self, hold: bool, tag: &str, snaps: &[SnapshotName]) -> Result<(), String> {
+        let key = |s: &SnapshotName| (tag.to_string(), s.clone());
+        let snaps: Vec<SnapshotName> = match hold {
+            true => {
+                let st = self.state();
+                snaps
+                    .iter()
+                    .filter(|s| !st.placed.contains(&key(s)))
+                    .cloned()
+                    .collect()
+            }
+            false => snaps.to_vec(),
+        };
         if snaps.is_empty() {
             return Ok(());
         }
         let r = if hold {
-            self.zfs.hold(tag, snaps).await
+            self.zfs.hold(tag, &snaps).await
         } else {
-            self.zfs.release(tag, snaps).await
+            self.zfs.release(tag, &snaps).await
         };
+        let mut st = self.state();
+        for s in &snaps {
+            match hold {
+                true if r.is_ok() => {
+                    st.placed.insert(key(s));
+                }
+                true => {}
+                // Failed or not, it may be gone: the next hold asks zfs.
+                false => {
+                    st.placed.remove(&key(s));
+                }
+            }
+        }
         r.map_err(|e| e.to_string())
     }
 }

@@ -47,6 +47,12 @@ pub async fn replicate(
     job: &Job,
     retries: Retries,
 ) -> Result<Vec<DatasetReport>, RunError> {
+    if !job.recursive {
+        // One dataset: nothing follows its steps that cursor moves could delay.
+        if let Some(p) = &connector.sender_config().protector {
+            p.at_once();
+        }
+    }
     let mut sender = connector.connect().await?;
     let mut reports: Vec<DatasetReport> = Vec::new();
     let mut backoff = Backoff::retries(retries.delay);

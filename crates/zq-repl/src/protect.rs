@@ -70,6 +70,9 @@ pub struct TidyInput<'a> {
     pub cursor_guid: Option<u64>,
     /// The snapshots of a step still to be resumed.
     pub keep_step: &'a [SnapshotName],
+    /// The dataset's snapshots (names after `@`) with user holds, if its listing said
+    /// ([`zq_store::Zfs::listing_holds`]); without, the tidy asks zfs about every snapshot.
+    pub held: Option<&'a [String]>,
 }
 
 /// What a step guarantees.
@@ -241,6 +244,8 @@ pub struct Protector {
     /// since: [`Self::tidy`] has nothing to do for them (a lost connection alone does not
     /// leave holds behind).
     tidy: Mutex<std::collections::HashSet<DatasetName>>,
+    /// Set by [`Self::at_once`].
+    at_once: std::sync::atomic::AtomicBool,
 }
 
 impl Protector {
@@ -255,6 +260,36 @@ impl Protector {
             step_held: Default::default(),
             mark_pools: Default::default(),
             tidy: Default::default(),
+            at_once: Default::default(),
+        }
+    }
+
+    /// For a run whose steps nothing follows that cursor moves could delay (a one-shot run
+    /// of one dataset): moves go at once, and each step's new cursor (the hold on its `to`,
+    /// or its bookmark) is placed while the step runs ([`Self::step_begins`]), so that
+    /// after the commit only the old cursor's removal is left to wait for.
+    pub fn at_once(&self) {
+        self.at_once
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.holds.at_once();
+    }
+
+    /// A step from `from` (a snapshot, or `None`: full, or from a bookmark) to `to` (GUID
+    /// `guid`, 0 if not known yet) begins. With [`Self::at_once`] and a mode that keeps a
+    /// cursor, places the new cursor now; the commit then finds it in place. If the step
+    /// fails, the next [`Self::tidy`] removes it.
+    pub fn step_begins(&self, incremental: bool, to: &SnapshotName, guid: u64) {
+        if !self.at_once.load(std::sync::atomic::Ordering::Relaxed)
+            || !self.modes.of(incremental).cursor()
+        {
+            return;
+        }
+        if self.marks(to.dataset()) {
+            if guid != 0 {
+                self.spawn_mark(to, &self.tags.mark(guid), Vec::new());
+            }
+        } else {
+            self.spawn_move(Some(to.clone()), None);
         }
     }
 
@@ -426,18 +461,29 @@ impl Protector {
     /// `cursor_guid` that newest's GUID if the source has it as a snapshot or a bookmark
     /// (without it, no cursor bookmark is destroyed: none is known to be stale).
     ///
-    /// Costs a `zfs get` of the snapshots, a release per held snapshot that is not needed
-    /// and a `zfs destroy` per stale bookmark; done when a dataset is planned from a
-    /// listing for the first time in this process, or after a resumable step that did not
-    /// commit.
+    /// Costs nothing when the listing said which snapshots are held and none but the
+    /// cursor and `keep_step` is; otherwise a `zfs get` of the snapshots (without that
+    /// from the listing), a `zfs holds` of the other held ones where zfs lists tags, a
+    /// `zfs release` of those with the job's tag and a `zfs destroy` per stale bookmark.
+    /// Done when a dataset is planned from a listing for the first time in this process,
+    /// or after a resumable step that did not commit.
     pub async fn tidy(&self, dataset: &DatasetName, t: TidyInput<'_>) -> Result<(), StoreError> {
         if self.tidy.lock().is_ok_and(|t| t.contains(dataset)) {
             return Ok(());
         }
         let marks = self.learn_marks(dataset).await?;
         self.set_cursor(dataset, None);
+        self.holds.forget(dataset);
+        // What this process held for steps: perhaps after the listing was taken.
+        let mut step_held = Vec::new();
         if let Ok(mut h) = self.step_held.lock() {
-            h.retain(|s| s.dataset() != dataset);
+            h.retain(|s| match s.dataset() == dataset {
+                true => {
+                    step_held.push(s.clone());
+                    false
+                }
+                false => true,
+            });
         }
         let cursor = t.cursor.filter(|_| self.modes.any_cursor());
         // With bookmark cursors, the cursor's hold (left by an older zq, or a hold-cursor
@@ -494,23 +540,41 @@ impl Protector {
             }
         }
         let keep_hold = if marks { release_after_mark } else { cursor };
-        let held: Vec<SnapshotName> = self
-            .zfs
-            .userrefs_of(t.snapshots)
-            .await?
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(s, _)| s)
-            .collect();
-        let stale: Vec<SnapshotName> = held
+        let mut held: Vec<SnapshotName> = match t.held {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| dataset.snapshot(n).ok())
+                .collect(),
+            None => self
+                .zfs
+                .userrefs_of(t.snapshots)
+                .await?
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(s, _)| s)
+                .collect(),
+        };
+        for s in step_held {
+            if !held.contains(&s) {
+                held.push(s);
+            }
+        }
+        let mut stale: Vec<SnapshotName> = held
             .iter()
             .filter(|s| Some(*s) != keep_hold && !t.keep_step.contains(s))
             .cloned()
             .collect();
+        let tag = self.tags.sender();
+        if !stale.is_empty() {
+            // Held by someone: by this job only if zfs says so, where it can.
+            if let Some(tags) = self.zfs.holds(&stale).await? {
+                stale.retain(|s| tags.iter().any(|(h, t)| h == s && *t == tag));
+            }
+        }
         if !stale.is_empty() {
             debug!(%dataset, candidates = stale.len(), "releasing holds no longer needed");
         }
-        self.zfs.release(&self.tags.sender(), &stale).await?;
+        self.zfs.release(&tag, &stale).await?;
         if let Some(snap) = release_after_mark.filter(|s| held.contains(s)) {
             self.spawn_move(None, Some(snap.clone()));
         }

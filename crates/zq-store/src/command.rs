@@ -110,7 +110,7 @@ impl Argv {
     }
 
     fn timer(&self) -> Timer {
-        Timer::start(self.subcommand())
+        Timer::start(self.subcommand(), || self.to_string())
     }
 
     fn spawn_err(&self, source: std::io::Error) -> CommandError {

@@ -50,6 +50,9 @@ pub struct Entry {
     /// The `receive_resume_token` of a filesystem or volume an interrupted `zfs receive
     /// -s` left partial, where the listing asks for it (OpenZFS); `None` otherwise.
     pub resume_token: Option<String>,
+    /// A snapshot's `userrefs` (how many user holds it has), where the listing asks for it;
+    /// `None` otherwise and for filesystems and volumes (zfs prints `-`).
+    pub userrefs: Option<u64>,
 }
 
 /// A line of `zfs` output could not be understood.
@@ -86,10 +89,24 @@ fn number(line_no: usize, line: &str, field: &str, v: &str) -> Result<u64, Parse
 /// output (OpenZFS; `encryption` where the release has encryption, 0.8 and later, and the
 /// token where zq asks for it).
 pub fn parse_list(out: &str) -> Result<Vec<Entry>, ParseError> {
+    parse_list_with(out, false)
+}
+
+/// [`parse_list`] of a listing that asked for `userrefs` too, as its last column (`-` for
+/// filesystems and volumes).
+pub fn parse_list_with(out: &str, userrefs: bool) -> Result<Vec<Entry>, ParseError> {
     let mut entries = Vec::new();
     for (i, line) in out.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
         let n = i + 1;
-        let f: Vec<&str> = line.split('\t').collect();
+        let mut f: Vec<&str> = line.split('\t').collect();
+        let refs = match userrefs {
+            true => match f.pop() {
+                Some("-") => None,
+                Some(v) if f.len() >= 4 => Some(number(n, line, "userrefs", v)?),
+                _ => return Err(perr(n, line, "no userrefs column")),
+            },
+            false => None,
+        };
         let (name, kind, guid, txg, encryption, token) = match f[..] {
             [name, kind, guid, txg] => (name, kind, guid, txg, None, None),
             [name, kind, guid, txg, enc] if !enc.is_empty() => {
@@ -119,6 +136,7 @@ pub fn parse_list(out: &str) -> Result<Vec<Entry>, ParseError> {
             createtxg: number(n, line, "createtxg", txg)?,
             encryption,
             resume_token: token,
+            userrefs: refs,
         });
     }
     Ok(entries)
@@ -184,6 +202,7 @@ pub fn parse_get(out: &str) -> Result<Vec<Entry>, ParseError> {
         kind: Option<Kind>,
         guid: Option<u64>,
         txg: Option<u64>,
+        userrefs: Option<u64>,
     }
     // Keep zfs's order of first appearance.
     let mut order: Vec<String> = Vec::new();
@@ -207,6 +226,8 @@ pub fn parse_get(out: &str) -> Result<Vec<Entry>, ParseError> {
             }
             "guid" => p.guid = Some(number(n, line, "guid", value)?),
             "createtxg" => p.txg = Some(number(n, line, "createtxg", value)?),
+            "userrefs" if value == "-" => {}
+            "userrefs" => p.userrefs = Some(number(n, line, "userrefs", value)?),
             other => return Err(perr(n, line, format!("unexpected property {other:?}"))),
         }
     }
@@ -218,6 +239,7 @@ pub fn parse_get(out: &str) -> Result<Vec<Entry>, ParseError> {
                 (Some(kind), Some(guid), Some(createtxg)) => Ok(Entry {
                     encryption: None,
                     resume_token: None,
+                    userrefs: p.userrefs,
                     name,
                     kind,
                     guid,
@@ -487,6 +509,32 @@ tank/vol\tvolume\t4242\t300
         assert_eq!(e.len(), 4);
         assert_eq!(e[2].guid, u64::MAX);
         assert_eq!(e[3].kind, Kind::Volume);
+    }
+
+    #[test]
+    fn userrefs_come_with_the_listing_where_asked() {
+        // zq-send's listings end with userrefs: `-` for datasets, a count for snapshots.
+        let out = "tank/home\tfilesystem\t1\t2\toff\t-\t-\n\
+                   tank/home@a\tsnapshot\t3\t4\toff\t-\t2\n\
+                   tank/home@b\tsnapshot\t5\t6\toff\t-\t0\n";
+        let e = parse_list_with(out, true).unwrap();
+        assert_eq!(
+            e.iter().map(|e| e.userrefs).collect::<Vec<_>>(),
+            [None, Some(2), Some(0)]
+        );
+        assert_eq!(e[1].encryption.as_deref(), Some("off"));
+        assert!(parse_list_with("tank/home@a\tsnapshot\t3\t4\tmany\n", true).is_err());
+        assert!(parse_list_with("tank/home@a\t2\n", true).is_err());
+        // zfs-fuse lists with zfs get.
+        let get = "tank/home\tuserrefs\t-\ntank/home\ttype\tfilesystem\ntank/home\tguid\t1\n\
+                   tank/home\tcreatetxg\t2\ntank/home@a\ttype\tsnapshot\ntank/home@a\tguid\t3\n\
+                   tank/home@a\tcreatetxg\t4\ntank/home@a\tuserrefs\t1\n";
+        let e = parse_get(get).unwrap();
+        assert_eq!((e[0].userrefs, e[1].userrefs), (None, Some(1)));
+        assert!(parse_list(OPENZFS_LIST)
+            .unwrap()
+            .iter()
+            .all(|e| e.userrefs.is_none()));
     }
 
     #[test]

@@ -40,18 +40,30 @@ static TIMINGS: Mutex<BTreeMap<String, Timing>> = Mutex::new(BTreeMap::new());
 pub(crate) struct Timer {
     subcommand: String,
     started: Instant,
+    /// The whole command line, for the debug log where that is on.
+    argv: Option<String>,
 }
 
+/// The log target of one debug line per zfs command (`ZQ_LOG=zq_store::calls=debug`): the
+/// command line and how long it took, for an operator asking what zq asks of zfs.
+pub const CALLS_TARGET: &str = "zq_store::calls";
+
 impl Timer {
-    /// `subcommand` is zq's own argument (`list`, `send`, …), never user data.
-    pub(crate) fn start(subcommand: &str) -> Self {
+    /// `subcommand` is zq's own argument (`list`, `send`, …), never user data; `argv`
+    /// the command line, formatted only if the debug log of commands is on.
+    pub(crate) fn start(subcommand: &str, argv: impl FnOnce() -> String) -> Self {
         Timer {
             subcommand: subcommand.to_string(),
             started: Instant::now(),
+            argv: tracing::enabled!(target: CALLS_TARGET, tracing::Level::DEBUG).then(argv),
         }
     }
 
     pub(crate) fn stop(&self) {
+        if let Some(argv) = &self.argv {
+            let ms = self.started.elapsed().as_secs_f64() * 1000.0;
+            tracing::debug!(target: CALLS_TARGET, ms = format_args!("{ms:.1}"), "{argv}");
+        }
         if let Ok(mut t) = TIMINGS.lock() {
             t.entry(self.subcommand.clone())
                 .or_default()

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::command::{run, Argv, CommandError, Reader, Writer};
 use crate::name::{DatasetName, NameError, SendBase, SnapshotName};
 use crate::parse::{
-    is_missing_dataset, parse_get, parse_holds, parse_list, parse_number_value,
+    is_missing_dataset, parse_get, parse_holds, parse_list_with, parse_number_value,
     parse_property_values, parse_snapshots_changed, parse_userrefs, parse_version, Entry, Kind,
     ParseError, Version,
 };
@@ -102,6 +102,9 @@ pub struct DatasetState {
     /// Bookmarks (the part after `#`, with the GUID and txg of the snapshot each was made
     /// from) ordered by `createtxg`, where zfs has them (OpenZFS).
     pub bookmarks: Vec<Snapshot>,
+    /// Its snapshots (the part after `@`) with user holds, where the listing asked
+    /// ([`Zfs::listing_holds`]); `None` otherwise.
+    pub held: Option<Vec<String>>,
 }
 
 /// Which modern `zfs` features this host has.
@@ -193,6 +196,8 @@ pub struct Zfs {
     encryption: Arc<Mutex<HashMap<DatasetName, String>>>,
     /// Each pool's features as last read, and when ([`Zfs::pool_features`]).
     features: Arc<Mutex<HashMap<String, (Instant, PoolFeatures)>>>,
+    /// Listings ask for `userrefs` too ([`Zfs::listing_holds`]).
+    list_holds: bool,
 }
 
 /// `zfs send` options beyond the snapshots. Each needs [`Capabilities::send_features`]
@@ -321,15 +326,27 @@ impl Zfs {
     /// Probes `program` (normally `zfs`) once for its capabilities.
     pub async fn probe(program: impl AsRef<Path>) -> Result<Self, StoreError> {
         let program = program.as_ref().to_path_buf();
-        let version = match run(&Argv::new(&program).arg("version")).await {
+        // Where `zfs version` fails (zfs-fuse, OpenZFS before 0.8) the listing decides; it
+        // runs meanwhile rather than after (a one-shot run pays the probe), and is killed
+        // unfinished where the version answers.
+        let list_argv = Argv::new(&program).args(["list", "-Hp", "-o", "name", "-d", "0"]);
+        let version_argv = Argv::new(&program).arg("version");
+        let (version, list) = (run(&version_argv), run(&list_argv));
+        tokio::pin!(version, list);
+        let (version_out, listed) = tokio::select! {
+            v = &mut version => (v, None),
+            l = &mut list => (version.await, Some(l.is_ok())),
+        };
+        let version = match version_out {
             Ok(out) => parse_version(&out),
             Err(e @ CommandError::Spawn { .. }) => return Err(e.into()),
             Err(_) => None,
         };
-        let list_parsable = version.is_some()
-            || run(&Argv::new(&program).args(["list", "-Hp", "-o", "name", "-d", "0"]))
-                .await
-                .is_ok();
+        let list_parsable = match (version, listed) {
+            (Some(_), _) => true,
+            (None, Some(ok)) => ok,
+            (None, None) => list.await.is_ok(),
+        };
         let caps = Capabilities::from_version(version, list_parsable);
         tracing::debug!(?caps, program = %program.display(), "probed zfs");
         Ok(Zfs::with_capabilities(program, caps))
@@ -342,7 +359,17 @@ impl Zfs {
             caps,
             encryption: Arc::default(),
             features: Arc::default(),
+            list_holds: false,
         }
+    }
+
+    /// This backend with listings that also say which snapshots have user holds
+    /// ([`DatasetState::held`]): the sender's, whose tidy of stale holds then needs no
+    /// `zfs get` of every snapshot. It costs one more column (zfs-fuse: property) per
+    /// listed item.
+    pub fn listing_holds(mut self) -> Self {
+        self.list_holds = true;
+        self
     }
 
     /// What the probe found.
@@ -416,24 +443,31 @@ impl Zfs {
             } else {
                 "name,type,guid,createtxg"
             };
+            let columns = match self.list_holds {
+                true => format!("{columns},userrefs"),
+                false => columns.to_string(),
+            };
             let types = if self.caps.bookmarks {
                 "filesystem,volume,snapshot,bookmark"
             } else {
                 "filesystem,volume,snapshot"
             };
             self.zfs()
-                .args(["list", "-Hp", "-o", columns])
+                .args(["list", "-Hp", "-o", &columns])
                 .args(["-t", types, depth])
         } else {
             self.zfs()
                 .args(["get", "-Hp", "-o", "name,property,value", depth])
-                .arg("type,guid,createtxg")
+                .arg(match self.list_holds {
+                    true => "type,guid,createtxg,userrefs",
+                    false => "type,guid,createtxg",
+                })
         }
     }
 
     fn parse_listing(&self, out: &str) -> Result<Vec<Entry>, StoreError> {
         Ok(if self.caps.list_parsable {
-            parse_list(out)?
+            parse_list_with(out, self.list_holds)?
         } else {
             parse_get(out)?
         })
@@ -1143,6 +1177,9 @@ pub fn tree_from_entries(
     let mut datasets: Vec<DatasetState> = Vec::new();
     // Snapshots and bookmarks (true) with their dataset's name.
     let mut snapshots: Vec<(String, Snapshot, bool)> = Vec::new();
+    // Held snapshots by dataset, where the listing said (it asked for userrefs).
+    let asked = entries.iter().any(|e| e.userrefs.is_some());
+    let mut held: Vec<(String, String)> = Vec::new();
     for e in entries {
         match e.kind {
             Kind::Filesystem | Kind::Volume => {
@@ -1155,6 +1192,7 @@ pub fn tree_from_entries(
                         resume_token: e.resume_token,
                         snapshots: Vec::new(),
                         bookmarks: Vec::new(),
+                        held: asked.then(Vec::new),
                     });
                 }
             }
@@ -1163,6 +1201,9 @@ pub fn tree_from_entries(
                 let Some((ds, name)) = e.name.split_once(if bookmark { '#' } else { '@' }) else {
                     continue;
                 };
+                if e.userrefs.is_some_and(|n| n > 0) {
+                    held.push((ds.to_string(), name.to_string()));
+                }
                 let item = Snapshot {
                     name: name.to_string(),
                     guid: e.guid,
@@ -1186,7 +1227,19 @@ pub fn tree_from_entries(
             }
         }
     }
+    for (ds, snap) in held {
+        if let Ok(i) = datasets.binary_search_by(|d| d.name.as_str().split('/').cmp(ds.split('/')))
+        {
+            if let Some(h) = datasets[i].held.as_mut() {
+                h.push(snap);
+            }
+        }
+    }
     for d in &mut datasets {
+        if let Some(h) = d.held.as_mut() {
+            h.sort();
+            h.dedup();
+        }
         for list in [&mut d.snapshots, &mut d.bookmarks] {
             list.sort_by_key(|s| s.createtxg);
             list.dedup_by(|a, b| a.name == b.name);
@@ -1207,6 +1260,7 @@ async fn run_unless_missing(argv: &Argv) -> Result<Option<String>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parse::parse_list;
 
     fn e(name: &str, kind: Kind, guid: u64, createtxg: u64) -> Entry {
         Entry {
@@ -1216,6 +1270,7 @@ mod tests {
             createtxg,
             encryption: None,
             resume_token: None,
+            userrefs: None,
         }
     }
 

@@ -84,7 +84,20 @@ impl State {
         } else {
             None
         };
-        let sources = match zfs.list(&job.source, job.recursive).await {
+        // The first listing says which snapshots are held, for the tidy of stale holds
+        // each dataset gets before its first step here (one column more per item, which
+        // later listings need not pay).
+        let first = self.listed_at.is_none();
+        let listing = match first {
+            true => {
+                zfs.clone()
+                    .listing_holds()
+                    .list(&job.source, job.recursive)
+                    .await
+            }
+            false => zfs.list(&job.source, job.recursive).await,
+        };
+        let sources = match listing {
             Ok(s) if s.is_empty() => {
                 self.error(
                     &job.source,
@@ -132,6 +145,7 @@ impl State {
                 },
             };
             tracked.bookmarks = src.bookmarks.iter().map(to_info).collect();
+            tracked.held = src.held;
             seen.insert(src.name, tracked);
         }
         self.datasets = seen;
@@ -183,6 +197,7 @@ impl State {
                 };
                 t.listed(job.kept_snapshots(&state.snapshots));
                 t.bookmarks = state.bookmarks.iter().map(to_info).collect();
+                t.held = state.held;
             }
         }
         debug!(stale = stale.len(), "source listed by snapshots_changed");
@@ -312,7 +327,7 @@ impl State {
                 }),
                 Next::Plan => {
                     let (snapshots, newest) = (t.snapshots.clone(), t.snapshots.last().cloned());
-                    let bookmarks = t.bookmarks.clone();
+                    let (bookmarks, held) = (t.bookmarks.clone(), t.held.clone());
                     let (dest, resume) = match (&t.cursor, &listing) {
                         (Some(c), _) => (Some(vec![c.clone()]), None),
                         (None, Some((dest, listing))) => {
@@ -329,6 +344,7 @@ impl State {
                                 &src,
                                 &snapshots,
                                 &bookmarks,
+                                held.as_deref(),
                                 &target,
                                 dest.as_deref(),
                                 resume.as_ref(),
@@ -345,6 +361,7 @@ impl State {
                                     &src,
                                     &snapshots,
                                     &bookmarks,
+                                    None,
                                     &target,
                                     Some(&[ahead]),
                                     None,

@@ -25,6 +25,9 @@ pub struct Tracked {
     /// Its bookmarks as last listed (OpenZFS): bases of incremental steps whose snapshot
     /// is gone.
     pub bookmarks: Vec<SnapshotInfo>,
+    /// Its snapshots with user holds, if the last listing said (the first one does: see
+    /// [`super::scheduler`]).
+    pub held: Option<Vec<String>>,
     /// Snapshots zq created after `snapshots`, oldest first; GUIDs not known yet.
     pub pending: Vec<String>,
     /// The snapshot the receiver last committed, if known.
@@ -77,6 +80,7 @@ impl Tracked {
             target,
             snapshots,
             bookmarks: Vec::new(),
+            held: None,
             pending: Vec::new(),
             cursor: None,
             error: None,

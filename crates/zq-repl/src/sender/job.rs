@@ -76,6 +76,14 @@ impl Job {
     }
 }
 
+/// What the source's listing says of one dataset, for [`Sender::tidy`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Listed<'a> {
+    source: &'a [zq_proto::SnapshotInfo],
+    bookmarks: &'a [zq_proto::SnapshotInfo],
+    held: Option<&'a [String]>,
+}
+
 impl Sender {
     /// Replicates `job`: lists both sides once, plans each dataset, runs the steps
     /// (parents before children). One dataset's failure does not stop its siblings, but a
@@ -83,8 +91,11 @@ impl Sender {
     pub async fn replicate(&self, job: &Job) -> Result<Vec<DatasetReport>, ReplError> {
         // Both listings at once: one local zfs call and one round trip; the source pool's
         // features (for the steps' zfs send options) meanwhile, where it has any.
+        // The listing says which snapshots are held: the tidy of stale holds needs no
+        // query of its own.
+        let lister = self.zfs.clone().listing_holds();
         let (sources, dest, _) = tokio::join!(
-            self.zfs.list(&job.source, job.recursive),
+            lister.list(&job.source, job.recursive),
             self.list_remote(&job.target, job.recursive),
             self.zfs.pool_features(job.source.pool())
         );
@@ -119,6 +130,7 @@ impl Sender {
                     &src.name,
                     &snapshots,
                     &bookmarks,
+                    src.held.as_deref(),
                     &target,
                     dest_snaps,
                     listing.kept(&target).as_ref(),
@@ -145,13 +157,15 @@ impl Sender {
     /// partial receive or its spool), the interrupted step continues first if it is still
     /// the way forward: its base is the destination's newest snapshot and its `to` still
     /// exists here. Otherwise the plan's first step replaces it (a partial receive is
-    /// discarded then, with a log line saying why).
+    /// discarded then, with a log line saying why). `held`: the source's snapshots with
+    /// user holds, if its listing said ([`zq_store::DatasetState::held`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn replicate_dataset(
         &self,
         src: &DatasetName,
         source: &[zq_proto::SnapshotInfo],
         bookmarks: &[zq_proto::SnapshotInfo],
+        held: Option<&[String]>,
         target: &DatasetName,
         dest: Option<&[zq_proto::SnapshotInfo]>,
         kept: Option<&Kept>,
@@ -195,8 +209,11 @@ impl Sender {
             self.tidy(
                 p,
                 src,
-                source,
-                bookmarks,
+                Listed {
+                    source,
+                    bookmarks,
+                    held,
+                },
                 dest,
                 resume.as_ref().map(|(_, s)| s),
             )
@@ -331,11 +348,15 @@ impl Sender {
         &self,
         p: &Protector,
         src: &DatasetName,
-        source: &[zq_proto::SnapshotInfo],
-        bookmarks: &[zq_proto::SnapshotInfo],
+        listed: Listed<'_>,
         dest: Option<&[zq_proto::SnapshotInfo]>,
         resuming: Option<&Step>,
     ) {
+        let Listed {
+            source,
+            bookmarks,
+            held,
+        } = listed;
         let snap = |name: &str| src.snapshot(name).ok();
         let newest = dest.and_then(|d| d.last());
         let cursor = newest
@@ -361,6 +382,7 @@ impl Sender {
             cursor: cursor.as_ref(),
             cursor_guid,
             keep_step: &keep,
+            held,
         };
         if let Err(e) = p.tidy(src, input).await {
             warn!(error = %e, "cannot clean up the job's holds and bookmarks no longer needed");

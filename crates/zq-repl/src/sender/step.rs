@@ -100,7 +100,10 @@ impl Sender {
         let mut encoder = StepEncoder::with_digest(self.session.stream_digest());
         let mut created = None;
         // Hold moves wait for a moment without steps (crate::holds).
-        let _running = self.config.protector.as_ref().map(|p| p.step());
+        let _running = self.config.protector.as_ref().map(|p| {
+            p.step_begins(from.is_some(), &to_snap, to.guid);
+            p.step()
+        });
         // A resumable (bulk) step's snapshots are held while it runs, from the moment it
         // becomes one (crate::protect).
         let hold_step = || {

@@ -1297,6 +1297,22 @@ mod tests {
     }
 
     #[test]
+    fn held_snapshots_come_per_dataset_only_from_a_listing_that_asked() {
+        let root = DatasetName::parse("t/a").unwrap();
+        let t = tree_from_entries(sample(), &root, true).unwrap();
+        assert!(t.iter().all(|d| d.held.is_none()), "not asked: not known");
+        let mut entries = sample();
+        for e in &mut entries {
+            if e.kind == Kind::Snapshot {
+                e.userrefs = Some(u64::from(e.name == "t/a@s2") * 2);
+            }
+        }
+        let t = tree_from_entries(entries, &root, true).unwrap();
+        assert_eq!(t[0].held.as_deref(), Some(&["s2".to_string()][..]));
+        assert_eq!(t[1].held.as_deref(), Some(&[][..]), "asked, none held");
+    }
+
+    #[test]
     fn bookmarks_are_listed_apart_from_snapshots() {
         let out = include_str!("../tests/fixtures/openzfs-2.3/list-bookmarks.out");
         let root = DatasetName::parse("zqcap/home").unwrap();

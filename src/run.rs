@@ -380,7 +380,8 @@ pub struct RetentionArgs {
 #[command(next_help_heading = "Daemon")]
 pub struct ConcurrencyArgs {
     /// Most replication steps in flight at once. Steps that have sent 1 MiB move to a bulk
-    /// lane with as many slots again, so large transfers never block small ones.
+    /// lane with as many slots again, so large transfers never block small ones. A one-shot
+    /// run replicates this many sibling datasets at once.
     #[arg(long = "max-steps", value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     pub steps: u16,
     /// Most size estimations running at once (zfs send -nvP; on zfs-fuse the snapshot's
@@ -527,6 +528,7 @@ impl Run {
                 skip_parent: f.skip_parent,
             },
             snapshots: snapshot_filter(f),
+            parallel: usize::from(self.concurrency.steps),
             options: PlanOptions {
                 newest_only: self.newest_only,
                 force: self.force,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use futures_util::stream::{self, StreamExt};
 use tracing::{info, info_span, warn, Instrument};
 use zq_proto::Committed;
 use zq_store::{DatasetName, Zfs};
@@ -39,6 +40,9 @@ pub struct Job {
     /// Which snapshots of each dataset are replicated. When it leaves any out, steps never
     /// use `zfs send -I` (which carries every snapshot in between) but chains of `-i`.
     pub snapshots: crate::filter::SnapshotFilter,
+    /// How many datasets a one-shot run replicates at once (`--max-steps`): the children
+    /// of one depth side by side, each after its parent.
+    pub parallel: usize,
 }
 
 impl Job {
@@ -86,8 +90,8 @@ pub(super) struct Listed<'a> {
 
 impl Sender {
     /// Replicates `job`: lists both sides once, plans each dataset, runs the steps
-    /// (parents before children). One dataset's failure does not stop its siblings, but a
-    /// dataset whose parent failed is skipped.
+    /// (parents before children, siblings side by side: `job.parallel`). One dataset's
+    /// failure does not stop its siblings, but a dataset whose parent failed is skipped.
     pub async fn replicate(&self, job: &Job) -> Result<Vec<DatasetReport>, ReplError> {
         // Both listings at once: one local zfs call and one round trip; the source pool's
         // features (for the steps' zfs send options) meanwhile, where it has any.
@@ -113,40 +117,65 @@ impl Sender {
             .iter()
             .map(|d| (d.name.as_str(), d.snapshots.as_slice()))
             .collect();
-        let mut reports: Vec<DatasetReport> = Vec::new();
-        for src in &sources {
-            let target = src.name.rebase(&job.source, &job.target)?;
-            let parent_failed = reports.iter().any(|r| {
-                matches!(r.outcome, DatasetOutcome::Failed(_)) && src.name.is_within(&r.source)
-            });
-            let outcome = if parent_failed {
-                DatasetOutcome::Failed(ReplError::Skipped("its parent failed".into()))
-            } else {
+        let targets = sources
+            .iter()
+            .map(|s| s.name.rebase(&job.source, &job.target))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Waves by depth: every dataset starts after its parent's outcome is known (a
+        // full receive needs the parent; a failed parent skips its children), and the
+        // datasets of a wave run side by side, up to `job.parallel` at once.
+        let depth = |i: usize| sources[i].name.as_str().matches('/').count();
+        let mut order: Vec<usize> = (0..sources.len()).collect();
+        order.sort_by_key(|&i| depth(i));
+        let mut reports: Vec<(usize, DatasetReport)> = Vec::new();
+        for wave in order.chunk_by(|&a, &b| depth(a) == depth(b)) {
+            let one = |i: usize| {
+                let (src, target) = (&sources[i], &targets[i]);
+                let parent_failed = reports.iter().any(|(_, r)| {
+                    matches!(r.outcome, DatasetOutcome::Failed(_)) && src.name.is_within(&r.source)
+                });
                 let dest_snaps = dest.get(target.as_str()).copied();
-                let span = info_span!("dataset", source = %src.name, target = %target);
-                let snapshots = job.kept_snapshots(&src.snapshots);
-                let bookmarks: Vec<_> = src.bookmarks.iter().map(to_info).collect();
-                self.replicate_dataset(
-                    &src.name,
-                    &snapshots,
-                    &bookmarks,
-                    src.held.as_deref(),
-                    &target,
-                    dest_snaps,
-                    listing.kept(&target).as_ref(),
-                    job.options,
-                    &mut Slot::unlimited(),
-                )
-                .instrument(span)
-                .await
+                let kept = listing.kept(target);
+                async move {
+                    let outcome = if parent_failed {
+                        DatasetOutcome::Failed(ReplError::Skipped("its parent failed".into()))
+                    } else {
+                        let span = info_span!("dataset", source = %src.name, target = %target);
+                        let snapshots = job.kept_snapshots(&src.snapshots);
+                        let bookmarks: Vec<_> = src.bookmarks.iter().map(to_info).collect();
+                        self.replicate_dataset(
+                            &src.name,
+                            &snapshots,
+                            &bookmarks,
+                            src.held.as_deref(),
+                            target,
+                            dest_snaps,
+                            kept.as_ref(),
+                            job.options,
+                            &mut Slot::unlimited(),
+                        )
+                        .instrument(span)
+                        .await
+                    };
+                    let report = DatasetReport {
+                        source: src.name.clone(),
+                        target: target.clone(),
+                        outcome,
+                    };
+                    (i, report)
+                }
             };
-            reports.push(DatasetReport {
-                source: src.name.clone(),
-                target,
-                outcome,
-            });
+            // Collected first: a stream holding the closure would not be Send.
+            let futures: Vec<_> = wave.iter().map(|&i| one(i)).collect();
+            let done: Vec<(usize, DatasetReport)> = stream::iter(futures)
+                .buffer_unordered(job.parallel.max(1))
+                .collect()
+                .await;
+            reports.extend(done);
         }
-        Ok(reports)
+        // In the listing's order: parents first.
+        reports.sort_by_key(|(i, _)| *i);
+        Ok(reports.into_iter().map(|(_, r)| r).collect())
     }
 
     /// Brings one dataset up to date given what the destination holds: its snapshot list,

@@ -133,7 +133,7 @@ pub struct Config {
     file: File,
 }
 
-/// A job of the file, resolved for one host: its options, under [defaults], with `{host}`
+/// A job of the file, resolved for one host: its options, under `[defaults]`, with `{host}`
 /// replaced and its receiver looked up.
 #[derive(Debug, Clone)]
 pub struct Job {

@@ -6,7 +6,7 @@
 //! - [`socket`]: the UDP socket, its buffers and the route's datagram size;
 //! - [`gso`]: quinn's socket, with GSO batches under the kernel's 64 KiB;
 //! - [`client`]: the sender's side, dialing a pinned receiver;
-//! - [`server`]: servers and the pull-mode listener, admitting pinned peers.
+//! - [`server`](mod@server): servers and the pull-mode listener, admitting pinned peers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -246,7 +246,7 @@ impl Holds {
         }
     }
 
-    /// [`Holds::r#move`] queued now, before the caller yields: a [`Holds::flush`] that
+    /// `Holds::move` queued now, before the caller yields: a [`Holds::flush`] that
     /// starts right after waits for it (a spawned task calling `move` might not have run
     /// yet, and the move would be lost at exit). The future says how it went.
     pub fn enqueue(

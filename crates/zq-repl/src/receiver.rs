@@ -1,5 +1,5 @@
 //! The receiver engine: admits pinned senders, confines each to its destination root,
-//! answers listings and retention requests, and dispatches steps ([`step`]).
+//! answers listings and retention requests, and dispatches steps (`receiver::step`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -239,7 +239,7 @@ enum Entry {
 impl StripeRegistry {
     /// A stripe stream from `peer` (its [`StripeJoin`] read): handed to its step, or kept
     /// until the step claims it. Refused beyond [`MAX_STRIPES`] streams per set or
-    /// [`MAX_EARLY_SETS`] unclaimed sets.
+    /// `MAX_EARLY_SETS` unclaimed sets.
     pub fn deliver(
         &self,
         peer: Fingerprint,

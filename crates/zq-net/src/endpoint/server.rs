@@ -99,7 +99,7 @@ pub(super) fn server_parts(
 /// The sender's endpoint in pull mode (`zq-send serve`): it listens and the receiver, whose
 /// key is pinned, dials in (a backup server behind NAT or a firewall). The data still flow
 /// from the sender, so each connection gets a transport whose MTU search reaches as far as
-/// the route to that receiver allows, like [`Client`]'s. A task accepts connections as they
+/// the route to that receiver allows, like [`Client`](super::Client)'s. A task accepts connections as they
 /// come and completes their handshakes; [`Listener::next`] hands out the newest. A receiver
 /// keeps one connection: when it dials again (it restarted, or its side timed out), the
 /// connection handed out before is closed, so the sender moves to the new one at once

@@ -541,9 +541,11 @@ impl Protector {
         }
         let keep_hold = if marks { release_after_mark } else { cursor };
         let mut held: Vec<SnapshotName> = match t.held {
+            // Those that still exist: the listing that said may be older than this one.
             Some(names) => names
                 .iter()
                 .filter_map(|n| dataset.snapshot(n).ok())
+                .filter(|s| t.snapshots.contains(s))
                 .collect(),
             None => self
                 .zfs

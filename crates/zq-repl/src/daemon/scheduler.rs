@@ -145,7 +145,11 @@ impl State {
                 },
             };
             tracked.bookmarks = src.bookmarks.iter().map(to_info).collect();
-            tracked.held = src.held;
+            // Later listings do not ask: what the first said stays (the tidy adds this
+            // process's own holds and looks only at snapshots that still exist).
+            if src.held.is_some() {
+                tracked.held = src.held;
+            }
             seen.insert(src.name, tracked);
         }
         self.datasets = seen;
@@ -197,7 +201,9 @@ impl State {
                 };
                 t.listed(job.kept_snapshots(&state.snapshots));
                 t.bookmarks = state.bookmarks.iter().map(to_info).collect();
-                t.held = state.held;
+                if state.held.is_some() {
+                    t.held = state.held;
+                }
             }
         }
         debug!(stale = stale.len(), "source listed by snapshots_changed");

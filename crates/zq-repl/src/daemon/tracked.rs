@@ -25,8 +25,8 @@ pub struct Tracked {
     /// Its bookmarks as last listed (OpenZFS): bases of incremental steps whose snapshot
     /// is gone.
     pub bookmarks: Vec<SnapshotInfo>,
-    /// Its snapshots with user holds, if the last listing said (a daemon's first listing
-    /// asks).
+    /// Its snapshots with user holds, as the last listing that asked said (a daemon's
+    /// first listing asks; later ones do not).
     pub held: Option<Vec<String>>,
     /// Snapshots zq created after `snapshots`, oldest first; GUIDs not known yet.
     pub pending: Vec<String>,

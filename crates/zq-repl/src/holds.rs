@@ -168,6 +168,15 @@ impl Holds {
         s.made.retain(|(ds, _)| ds != dataset);
     }
 
+    /// Says that `tag` was released from `snaps` other than by a move (before `--force`
+    /// destroys them, a tidy): a snapshot made again under the same name is held again.
+    pub fn released(&self, tag: &str, snaps: &[SnapshotName]) {
+        let mut s = self.state();
+        for snap in snaps {
+            s.placed.remove(&(tag.to_string(), snap.clone()));
+        }
+    }
+
     /// Marks a step as running until the guard is dropped: moves wait for no step to run.
     pub fn step(self: &Arc<Self>) -> StepGuard {
         self.state().steps += 1;

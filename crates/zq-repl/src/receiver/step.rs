@@ -226,7 +226,7 @@ impl Receiver {
                         return;
                     }
                 }
-                release_stale_last_holds(&zfs, &last.tag, from.as_ref(), &to, &scan).await
+                release_stale_last_holds(&zfs, &holds, &last.tag, from.as_ref(), &to, &scan).await
             });
         }
         result
@@ -535,6 +535,7 @@ impl Receiver {
         if tag.is_empty() {
             return Ok(());
         }
+        self.holds.released(tag, snaps);
         self.zfs.release(tag, snaps).await.map_err(zfs_err)
     }
 
@@ -870,6 +871,7 @@ fn move_last_hold(
 /// what a crash between a commit and its hold move leaves behind.
 async fn release_stale_last_holds(
     zfs: &zq_store::Zfs,
+    holds: &crate::holds::Holds,
     tag: &str,
     from: Option<&SnapshotName>,
     to: &SnapshotName,
@@ -887,6 +889,7 @@ async fn release_stale_last_holds(
                 Vec::new()
             }
         };
+        holds.released(tag, &stale);
         if let Err(e) = zfs.release(tag, &stale).await {
             warn!(error = %e, "cannot release stale last-received holds");
         }

@@ -277,18 +277,25 @@ impl Protector {
     /// A step from `from` (a snapshot, or `None`: full, or from a bookmark) to `to` (GUID
     /// `guid`, 0 if not known yet) begins. With [`Self::at_once`] and a mode that keeps a
     /// cursor, places the new cursor now; the commit then finds it in place. If the step
-    /// fails, the next [`Self::tidy`] removes it.
+    /// fails, the next [`Self::tidy`] removes it: in this process (a retry plans the
+    /// dataset again and tidies it, as after a resumable step) or in the next run.
     pub fn step_begins(&self, incremental: bool, to: &SnapshotName, guid: u64) {
         if !self.at_once.load(std::sync::atomic::Ordering::Relaxed)
             || !self.modes.of(incremental).cursor()
         {
             return;
         }
+        if let Ok(mut t) = self.tidy.lock() {
+            t.remove(to.dataset());
+        }
         if self.marks(to.dataset()) {
             if guid != 0 {
                 self.spawn_mark(to, &self.tags.mark(guid), Vec::new());
             }
         } else {
+            if let Ok(mut h) = self.step_held.lock() {
+                h.insert(to.clone());
+            }
             self.spawn_move(Some(to.clone()), None);
         }
     }

@@ -480,6 +480,8 @@ fn slow_daemon_args<'a>(every: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
 fn interrupt(mut daemon: Daemon, keys: &Keys, dst: &Pool, ds: &str, target: &str, at: u64) {
     daemon.await_transferred(keys, dst, at);
     daemon.kill9();
+    // Shown only if the test fails: what the step had done when it was cut.
+    eprintln!("the daemon killed at {} bytes:\n{}", at, daemon.log_text());
     // Its `zfs send` outlives it until its next write finds the pipe closed: until then
     // the step's snapshots are busy (a test that destroys one would fail).
     assert!(
@@ -1048,7 +1050,7 @@ fn an_interrupted_step_from_a_bookmark_resumes_from_zfs_partial_receive() {
     assert!(out.status.success(), "{}", stderr(&out));
     zfs(&["bookmark", &format!("{ds}@s1"), &format!("{ds}#s1-mark")]);
     zfs(&["destroy", &format!("{ds}@s1")]);
-    src.write("fs", "big", 32 << 20, 72);
+    src.write("fs", "big", 48 << 20, 72);
     src.snap("fs", "s2");
     let at = allocated(&dst.name) + (8 << 20);
     let every = dur("1s");

@@ -988,12 +988,18 @@ impl Daemon {
     /// and resumed, whichever way this platform resumes: `bytes` in the receiver's spool
     /// (zfs-fuse), or where zfs keeps a partial receive itself (OpenZFS, no spool), `bytes`
     /// allocated in the destination pool `dst` (zfs writes what it received with each
-    /// transaction group, every few seconds). Panics with the log.
+    /// transaction group: each look forces one with `zpool sync`). Panics with the log.
     pub fn await_transferred(&self, keys: &Keys, dst: &Pool, bytes: u64) {
         let openzfs = cheap_intermediates();
-        let far = || spooled(keys) >= bytes || (openzfs && allocated(&dst.name) >= bytes);
+        // Unsynced, a slow guest's pool showed the step's bytes only once the step was
+        // done, and the kill came too late.
+        let synced = || {
+            let _ = Command::new("zpool").args(["sync", &dst.name]).status();
+            allocated(&dst.name)
+        };
+        let far = || spooled(keys) >= bytes || (openzfs && synced() >= bytes);
         assert!(
-            wait_for(Duration::from_secs(60), far),
+            wait_for_every(Duration::from_secs(60), Duration::from_millis(500), far),
             "the step never got {bytes} bytes along:\n{}",
             self.log_text()
         );

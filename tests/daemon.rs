@@ -842,3 +842,56 @@ fn a_daemon_replicates_what_another_tool_snapshots_listing_only_what_changed() {
     }
     assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
 }
+
+/// A daemon started on a tree that is already replicated lists both sides once (side by
+/// side) and starts every dataset in its first pass: a child does not wait for a later
+/// tick to learn that its parent's target exists. With a period of an hour there is no
+/// later tick: the tree and the status file must be current without one.
+#[test]
+fn a_daemon_on_a_replicated_tree_brings_every_dataset_up_to_date_in_its_first_pass() {
+    let Some(_zfs) = zfs_or_skip("first_pass") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let root = src.create("tree");
+    for child in ["a", "b", "c"] {
+        src.create(&format!("tree/{child}"));
+    }
+    zfs(&["snapshot", "-r", &format!("{root}@s1")]);
+    let target = dst.ds("tree");
+    let out = send(&keys, &recv, &root, &target, &["--recursive"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    zfs(&["snapshot", "-r", &format!("{root}@s2")]);
+
+    let daemon = Daemon::start(
+        &keys,
+        &recv,
+        &root,
+        &target,
+        &["--recursive", "--every", "1h"],
+    );
+    let current = || {
+        snapshot_tree(&target).len() == 4
+            && snapshot_tree(&target)
+                .values()
+                .all(|s| s.last().is_some_and(|(n, _)| n == "s2"))
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), current),
+        "the tree did not reach s2 without a second tick:\n{}",
+        daemon.log_text()
+    );
+    let replicated = |status: &serde_json::Value| {
+        status["datasets"]
+            .as_array()
+            .map_or(0, |d| d.iter().filter(|d| d["replicated"] == "s2").count())
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || replicated(&daemon.status())
+            == 4),
+        "the status file is behind: {}",
+        daemon.status()
+    );
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
+}

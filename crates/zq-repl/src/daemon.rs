@@ -17,7 +17,9 @@
 //! snapshots, so a large transfer (an initial replication, a burst of writes) delays only
 //! its own dataset. At most `max_steps` steps transfer at once, plus as many bulk ones
 //! (past 1 MiB) in a lane of their own ([`crate::lanes`]). A child whose parent's
-//! target does not exist yet waits for the parent's first step.
+//! target may not exist yet waits for the parent's first step; where the destination's
+//! listing (taken side by side with the source's at start-up) shows it with snapshots,
+//! the whole tree starts in the first pass.
 //!
 //! - [`supervisor`]: [`run`]: the loop that owns the connection (reconnecting with
 //!   [`crate::retry::Backoff`]) and drives the others;

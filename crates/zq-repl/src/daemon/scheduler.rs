@@ -53,6 +53,8 @@ pub(super) struct State {
     /// Datasets whose step task is running, and the tasks' datasets.
     pub(super) in_flight: std::collections::HashSet<DatasetName>,
     pub(super) tasks: HashMap<TaskId, DatasetName>,
+    /// When a step's outcome was last recorded (for the status file).
+    pub(super) recorded_at: Option<Instant>,
 }
 
 /// The outcome of one dataset's step task.
@@ -236,6 +238,7 @@ impl State {
             }
         }
         let by_name = sender.session().version >= 2;
+        let mut early = None;
         if plan {
             // Snapshots made by something else (sanoid, a cron job) must be looked for on
             // every tick; zq's own are known without listing.
@@ -253,7 +256,10 @@ impl State {
                 must_list = true;
             }
             if !must_list && foreign {
-                must_list = !self.list_changed(zfs, job).await;
+                // A tick that fired late, right after a long pass (a listing of 1,000
+                // datasets takes seconds), would only list the same again.
+                let fresh = self.listed_at.is_some_and(|t| t.elapsed() < opts.every / 2);
+                must_list = !fresh && !self.list_changed(zfs, job).await;
             }
             if !must_list && !foreign && self.listed_at.is_some_and(|t| t.elapsed() >= REFRESH) {
                 // zq makes the snapshots, so a refresh only has to notice datasets created
@@ -270,25 +276,47 @@ impl State {
                     Err(_) => must_list = true,
                 }
             }
-            if must_list && !self.list_source(zfs, job).await {
-                return false;
+            if must_list {
+                // At start-up (or a dataset without a cursor) the destination's listing
+                // is needed too: take it while the source is listed, not after.
+                let uncursored = self.datasets.is_empty()
+                    || self
+                        .datasets
+                        .iter()
+                        .any(|(s, t)| t.cursor.is_none() && !self.in_flight.contains(s));
+                if uncursored {
+                    let remote = sender.list_remote(&job.target, job.recursive);
+                    let (listed, remote) = tokio::join!(self.list_source(zfs, job), remote);
+                    if !listed {
+                        return false;
+                    }
+                    early = Some(remote);
+                } else if !self.list_source(zfs, job).await {
+                    return false;
+                }
             }
         }
         // Datasets that may start now: not in flight, and not waiting for their parent's
         // target to be created (children are created after their parent).
-        let ready: Vec<DatasetName> = self
+        let candidates: Vec<&DatasetName> = self
             .datasets
             .keys()
-            .filter(|src| !self.in_flight.contains(*src) && !self.parent_pending(src))
-            .cloned()
+            .filter(|src| !self.in_flight.contains(*src))
             .collect();
         // Only datasets without a cursor need the destination's listing: one round trip.
-        let needs_listing = ready
-            .iter()
-            .any(|s| self.datasets.get(s).is_some_and(|t| t.cursor.is_none()));
+        // A child waiting for its parent's step needs it too if the parent's target may
+        // exist already (then the listing says so, and both go now).
+        let needs_listing = candidates.iter().any(|s| {
+            self.datasets.get(*s).is_some_and(|t| t.cursor.is_none())
+                && !s.parent().is_some_and(|p| self.in_flight.contains(&p))
+        });
         let listing: Option<(HashMap<String, Vec<SnapshotInfo>>, Listing)> =
             if plan && needs_listing {
-                match sender.list_remote(&job.target, job.recursive).await {
+                let remote = match early.take() {
+                    Some(r) => r,
+                    None => sender.list_remote(&job.target, job.recursive).await,
+                };
+                match remote {
                     Ok(mut r) => Some((
                         std::mem::take(&mut r.datasets)
                             .into_iter()
@@ -308,6 +336,11 @@ impl State {
             } else {
                 None
             };
+        let ready: Vec<DatasetName> = candidates
+            .into_iter()
+            .filter(|src| !self.parent_pending(src, listing.as_ref().map(|(d, _)| d)))
+            .cloned()
+            .collect();
 
         for src in ready {
             let Some(t) = self.datasets.get(&src) else {
@@ -386,13 +419,22 @@ impl State {
         false
     }
 
-    /// Whether `src`'s parent is tracked and its target may not exist yet: it has never
-    /// been replicated (no cursor), or its step is running.
-    pub(super) fn parent_pending(&self, src: &DatasetName) -> bool {
+    /// Whether `src`'s parent is tracked and its target may not exist yet: its step is
+    /// running, or it has never been replicated here (no cursor) and `dest`, the
+    /// destination's listing if one was taken, does not show its target with snapshots.
+    pub(super) fn parent_pending(
+        &self,
+        src: &DatasetName,
+        dest: Option<&HashMap<String, Vec<SnapshotInfo>>>,
+    ) -> bool {
         src.parent().is_some_and(|p| {
-            self.datasets
-                .get(&p)
-                .is_some_and(|t| t.cursor.is_none() || self.in_flight.contains(&p))
+            self.datasets.get(&p).is_some_and(|t| {
+                let replicated = || {
+                    dest.and_then(|d| d.get(t.target.as_str()))
+                        .is_some_and(|snaps| !snaps.is_empty())
+                };
+                self.in_flight.contains(&p) || (t.cursor.is_none() && !replicated())
+            })
         })
     }
 
@@ -403,6 +445,7 @@ impl State {
     ) -> bool {
         match done {
             Ok((id, (src, done))) => {
+                self.recorded_at = Some(Instant::now());
                 self.tasks.remove(&id);
                 self.in_flight.remove(&src);
                 self.record(&src, done)

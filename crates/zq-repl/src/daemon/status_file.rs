@@ -1,5 +1,5 @@
 //! The status file `zq-send status` reads, written atomically on every tick, as steps
-//! end (at most once a second) and when the daemon stops.
+//! end (at most once a second, and within a second of the last) and when the daemon stops.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};

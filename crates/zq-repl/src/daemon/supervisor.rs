@@ -106,6 +106,14 @@ pub async fn run(
                 lost |= state.finished(done);
                 plan = false;
             }
+            // Outcomes recorded since the last write (held back to once a second) are
+            // published within a second, not at the next tick, which may be an hour away.
+            _ = tokio::time::sleep_until((status_written + Duration::from_secs(1)).into()),
+                if state.recorded_at.is_some_and(|r| r > status_written) => {
+                state.write_status(&opts, sender.is_some());
+                status_written = Instant::now();
+                continue;
+            }
             _ = shutdown.changed() => break,
         }
         if *shutdown.borrow() {
@@ -145,6 +153,12 @@ pub async fn run(
                 }
             },
         };
+        // A planning pass may list the whole tree (seconds at 1,000 datasets): publish
+        // what the steps that just ended did first, not after it.
+        if plan && state.recorded_at.is_some_and(|r| r > status_written) {
+            state.write_status(&opts, true);
+            status_written = Instant::now();
+        }
         let work = Work {
             sender: &s,
             zfs: &zfs,

@@ -799,10 +799,7 @@ fn a_daemon_replicates_what_another_tool_snapshots_listing_only_what_changed() {
         src.create(&format!("tree/{child}"));
     }
     zfs(&["snapshot", "-r", &format!("{root}@s0")]);
-    let changed_known = std::process::Command::new("zfs")
-        .args(["get", "-Hp", "-o", "value", "snapshots_changed", &root])
-        .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() != "-");
+    let changed_known = snapshots_changed_known(&root);
     let target = dst.ds("tree");
     let daemon = Daemon::start_with_env(
         &keys,
@@ -893,5 +890,48 @@ fn a_daemon_on_a_replicated_tree_brings_every_dataset_up_to_date_in_its_first_pa
         "the status file is behind: {}",
         daemon.status()
     );
+    assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
+}
+
+/// Whether this zfs keeps `snapshots_changed` for `dataset` (OpenZFS >= 2.2).
+fn snapshots_changed_known(dataset: &str) -> bool {
+    std::process::Command::new("zfs")
+        .args(["get", "-Hp", "-o", "value", "snapshots_changed", dataset])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() != "-")
+}
+
+/// Where OpenZFS reports its events (`zpool events`, with `snapshots_changed` to say
+/// where), a daemon learns of a snapshot another tool makes as zfs makes it: with a period
+/// of an hour, the snapshot is replicated within seconds, not at the next tick.
+#[test]
+fn a_snapshot_another_tool_makes_is_replicated_at_once_where_zfs_reports_events() {
+    let Some(_zfs) = zfs_or_skip("snapshot_events") else {
+        return;
+    };
+    let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
+    let ds = src.create("fs");
+    src.snap("fs", "s0");
+    if !snapshots_changed_known(&ds) {
+        eprintln!("this zfs has no snapshots_changed: the daemon finds snapshots on ticks");
+        return;
+    }
+    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let target = dst.ds("fs");
+    let daemon = Daemon::start(&keys, &recv, &ds, &target, &["--every", "1h"]);
+    assert!(
+        wait_for(Duration::from_secs(60), || snapshots(&target).len() == 1),
+        "s0 was not replicated:\n{}",
+        daemon.log_text()
+    );
+    for i in 1..=2 {
+        src.snap("fs", &format!("s{i}"));
+        assert!(
+            wait_for(Duration::from_secs(10), || snapshots(&target)
+                == snapshots(&ds)),
+            "s{i} waited for a tick:\n{}",
+            daemon.log_text()
+        );
+    }
     assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
 }

@@ -7,6 +7,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod command;
+pub mod events;
 pub mod name;
 pub mod parse;
 pub mod stream;
@@ -15,6 +16,7 @@ pub mod token;
 pub mod zfs;
 
 pub use command::{CommandError, Reader, Writer};
+pub use events::SnapshotEvents;
 pub use name::{DatasetName, NameError, SendBase, SnapshotName};
 pub use parse::{Kind, Version};
 pub use stream::{first_snapshot, parse_begin, BeginError, FirstSnapshot, StreamBegin};

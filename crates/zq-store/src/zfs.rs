@@ -823,6 +823,16 @@ impl Zfs {
         Ok(f)
     }
 
+    /// Follows the snapshots created and destroyed at or below `root` as zfs makes them
+    /// (`zpool events -f`), where zfs has `snapshots_changed` (OpenZFS >= 2.2) to tell
+    /// which datasets they were in; `None` elsewhere or if it cannot be started.
+    pub fn follow_snapshots(&self, root: &DatasetName) -> Option<crate::SnapshotEvents> {
+        if !self.caps.snapshots_changed {
+            return None;
+        }
+        crate::SnapshotEvents::follow(&self.zpool_program(), root).ok()
+    }
+
     /// `zpool`: beside the `zfs` this backend runs when that is a path and it is there,
     /// else from `PATH`.
     fn zpool_program(&self) -> PathBuf {

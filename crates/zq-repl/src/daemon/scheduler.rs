@@ -55,6 +55,9 @@ pub(super) struct State {
     pub(super) tasks: HashMap<TaskId, DatasetName>,
     /// When a step's outcome was last recorded (for the status file).
     pub(super) recorded_at: Option<Instant>,
+    /// zfs told of a new snapshot (`zpool events`): the next pass looks, however recent
+    /// the last listing.
+    pub(super) woken: bool,
 }
 
 /// The outcome of one dataset's step task.
@@ -258,7 +261,8 @@ impl State {
             if !must_list && foreign {
                 // A tick that fired late, right after a long pass (a listing of 1,000
                 // datasets takes seconds), would only list the same again.
-                let fresh = self.listed_at.is_some_and(|t| t.elapsed() < opts.every / 2);
+                let fresh = !std::mem::take(&mut self.woken)
+                    && self.listed_at.is_some_and(|t| t.elapsed() < opts.every / 2);
                 must_list = !fresh && !self.list_changed(zfs, job).await;
             }
             if !must_list && !foreign && self.listed_at.is_some_and(|t| t.elapsed() >= REFRESH) {

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use zq_store::DatasetName;
 
 use crate::connector::Connector;
@@ -49,6 +49,22 @@ pub async fn run(
             _ = shutdown.changed() => return,
         }
     }
+    // Where zq does not make the snapshots, OpenZFS tells as each one is made: a pass
+    // starts at once rather than at the next tick (events that come during a pass wake
+    // one more pass, not one each).
+    let woken = Arc::new(Notify::new());
+    let events = match opts.snapshot_every {
+        None => zfs.follow_snapshots(&job.source).map(|mut events| {
+            let woken = woken.clone();
+            tokio::spawn(async move {
+                while events.next().await.is_some() {
+                    woken.notify_one();
+                }
+                debug!("zpool events ended: new snapshots are found on ticks");
+            })
+        }),
+        Some(_) => None,
+    };
     let (cursors_tx, cursors_rx) = watch::channel(Cursors::new());
     let (conn_tx, conn_rx) = watch::channel(None::<Arc<Sender>>);
     if let Some(m) = &opts.metrics {
@@ -101,6 +117,7 @@ pub async fn run(
         let mut plan = true;
         tokio::select! {
             _ = tick.tick() => {}
+            _ = woken.notified() => state.woken = true,
             Some(name) = made.recv() => created.push(name),
             Some(done) = steps.join_next_with_id(), if !steps.is_empty() => {
                 lost |= state.finished(done);
@@ -203,7 +220,7 @@ pub async fn run(
     }
     // `zq-send status` then says stopped, not connected (`--remove-stopped` removes it).
     state.write_stopped(&opts);
-    for t in [snapshots, retention].into_iter().flatten() {
+    for t in [snapshots, retention, events].into_iter().flatten() {
         t.abort();
     }
     drop(sender);

@@ -794,11 +794,7 @@ fn a_daemon_replicates_what_another_tool_snapshots_listing_only_what_changed() {
     };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
-    let root = src.create("tree");
-    for child in ["a", "b", "c"] {
-        src.create(&format!("tree/{child}"));
-    }
-    zfs(&["snapshot", "-r", &format!("{root}@s0")]);
+    let root = tree_of_three(&src, "s0");
     let changed_known = snapshots_changed_known(&root);
     let target = dst.ds("tree");
     let daemon = Daemon::start_with_env(
@@ -851,11 +847,7 @@ fn a_daemon_on_a_replicated_tree_brings_every_dataset_up_to_date_in_its_first_pa
     };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
     let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
-    let root = src.create("tree");
-    for child in ["a", "b", "c"] {
-        src.create(&format!("tree/{child}"));
-    }
-    zfs(&["snapshot", "-r", &format!("{root}@s1")]);
+    let root = tree_of_three(&src, "s1");
     let target = dst.ds("tree");
     let out = send(&keys, &recv, &root, &target, &["--recursive"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -934,4 +926,14 @@ fn a_snapshot_another_tool_makes_is_replicated_at_once_where_zfs_reports_events(
         );
     }
     assert_eq!(daemon.stop(Duration::from_secs(10)), Some(0));
+}
+
+/// `tree` with children a, b and c in `src`, snapshotted recursively as `snap`.
+fn tree_of_three(src: &Pool, snap: &str) -> String {
+    let root = src.create("tree");
+    for child in ["a", "b", "c"] {
+        src.create(&format!("tree/{child}"));
+    }
+    zfs(&["snapshot", "-r", &format!("{root}@{snap}")]);
+    root
 }

@@ -294,6 +294,10 @@ impl State {
                     if !listed {
                         return false;
                     }
+                    // The pass's listings end with the later of the two (at 1,000
+                    // datasets the destination's can end seconds after the source's): a
+                    // tick that fires at once need not list the source again.
+                    self.listed_at = Some(Instant::now());
                     early = Some(remote);
                 } else if !self.list_source(zfs, job).await {
                     return false;

@@ -830,7 +830,13 @@ impl Zfs {
         if !self.caps.snapshots_changed {
             return None;
         }
-        crate::SnapshotEvents::follow(&self.zpool_program(), root).ok()
+        match crate::SnapshotEvents::follow(&self.zpool_program(), root) {
+            Ok(events) => Some(events),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot run zpool events -f: new snapshots are found on ticks only");
+                None
+            }
+        }
     }
 
     /// `zpool`: beside the `zfs` this backend runs when that is a path and it is there,

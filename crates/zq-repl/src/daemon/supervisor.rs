@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use zq_store::DatasetName;
 
 use crate::connector::Connector;
@@ -60,7 +60,7 @@ pub async fn run(
                 while events.next().await.is_some() {
                     woken.notify_one();
                 }
-                debug!("zpool events ended: new snapshots are found on ticks");
+                warn!("zpool events -f ended: new snapshots are found on ticks only");
             })
         }),
         Some(_) => None,

@@ -6,7 +6,8 @@
 //! Only `history_internal_name` "snapshot" and "destroy" events of datasets at or below
 //! the root count: zq's own holds, releases and bookmarks are events too, and would wake
 //! the daemon for nothing. The first lines are the pool's recent events (the kernel keeps
-//! a few hundred); they wake the daemon once, which is harmless.
+//! a few hundred); they wake the daemon once, which is harmless. Events the kernel's queue
+//! lost ("dropped N events") count too: any of them may have been a snapshot.
 
 use std::process::Stdio;
 
@@ -51,16 +52,41 @@ impl SnapshotEvents {
     /// Waits for the next snapshot created or destroyed at or below the root. `None` once
     /// `zpool events` has ended (or printed something that is not an event list): the
     /// caller then relies on its ticks alone.
-    pub async fn next(&mut self) -> Option<()> {
+    pub async fn next(&mut self) -> Option<SnapshotEvent> {
         loop {
             let line = self.lines.next_line().await.ok()??;
             if line.len() > MAX_LINE {
                 return None;
             }
-            if self.filter.line(&line) {
-                return Some(());
+            if let Some(event) = self.filter.line(&line) {
+                return Some(event);
             }
         }
+    }
+}
+
+/// What one event said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotEvent {
+    /// This snapshot (`dataset@name`) was made.
+    Made(String),
+    /// This snapshot, or dataset (no `@`), was destroyed.
+    Destroyed(String),
+    /// The kernel's queue overflowed and lost events, which may have been anything.
+    Lost,
+}
+
+impl SnapshotEvent {
+    /// The dataset and snapshot name the event is about (`None` as the snapshot for a
+    /// dataset destroyed, `None` altogether for lost events).
+    pub fn names(&self) -> Option<(&str, Option<&str>)> {
+        let (Self::Made(n) | Self::Destroyed(n)) = self else {
+            return None;
+        };
+        Some(match n.split_once('@') {
+            Some((ds, snap)) => (ds, Some(snap)),
+            None => (n.as_str(), None),
+        })
     }
 }
 
@@ -69,8 +95,10 @@ impl SnapshotEvents {
 #[derive(Debug)]
 pub struct EventFilter {
     root: String,
-    dataset: Option<bool>,
-    snapshot: Option<bool>,
+    /// The event's `history_dsname`, if at or below the root (`Some(None)` if not).
+    dataset: Option<Option<String>>,
+    /// Its `history_internal_name`, if "snapshot" (true) or "destroy" (false).
+    snapshot: Option<Option<bool>>,
 }
 
 impl EventFilter {
@@ -82,30 +110,43 @@ impl EventFilter {
         }
     }
 
-    /// Takes one line; true when it completes an event that counts.
-    pub fn line(&mut self, line: &str) -> bool {
+    /// Takes one line; true when it completes an event that counts, or says that events
+    /// were lost (the kernel's queue overflowed): one of them may have been a snapshot.
+    pub fn line(&mut self, line: &str) -> Option<SnapshotEvent> {
+        if line.starts_with("dropped ") {
+            self.dataset = None;
+            self.snapshot = None;
+            return Some(SnapshotEvent::Lost);
+        }
         if !line.starts_with([' ', '\t']) {
             self.dataset = None;
             self.snapshot = None;
-            return false;
+            return None;
         }
-        let Some((key, value)) = line.trim().split_once(" = ") else {
-            return false;
-        };
+        let (key, value) = line.trim().split_once(" = ")?;
         let value = value.trim().trim_matches('"');
         match key {
-            "history_dsname" => self.dataset = Some(self.under_root(value)),
-            "history_internal_name" => {
-                self.snapshot = Some(matches!(value, "snapshot" | "destroy"));
+            "history_dsname" => {
+                self.dataset = Some(self.under_root(value).then(|| value.to_string()))
             }
-            _ => return false,
+            "history_internal_name" => {
+                self.snapshot = Some(match value {
+                    "snapshot" => Some(true),
+                    "destroy" => Some(false),
+                    _ => None,
+                });
+            }
+            _ => return None,
         }
-        let counts = self.dataset == Some(true) && self.snapshot == Some(true);
-        if counts {
-            // Once per event.
-            self.dataset = None;
-        }
-        counts
+        let (Some(Some(_)), Some(Some(made))) = (&self.dataset, self.snapshot) else {
+            return None;
+        };
+        // Once per event.
+        let name = self.dataset.take().flatten()?;
+        Some(match made {
+            true => SnapshotEvent::Made(name),
+            false => SnapshotEvent::Destroyed(name),
+        })
     }
 
     /// Whether `name` (a dataset or a snapshot) is the root, below it, or its snapshot.
@@ -147,18 +188,40 @@ Dec  7 2026 07:03:47.000000000\tsysevent.fs.zfs.history_event
 
 Dec  7 2026 07:03:48.000000000\tsysevent.fs.zfs.config_sync
         pool = \"ge\"
+dropped 3 events
 ";
 
     fn counted(root: &str) -> usize {
+        told(root).len()
+    }
+
+    fn told(root: &str) -> Vec<SnapshotEvent> {
         let mut f = EventFilter::new(&DatasetName::parse(root).unwrap());
-        EVENTS.lines().filter(|l| f.line(l)).count()
+        EVENTS.lines().filter_map(|l| f.line(l)).collect()
+    }
+
+    #[test]
+    fn an_event_names_the_snapshot_made_or_destroyed() {
+        use SnapshotEvent::*;
+        assert_eq!(
+            told("ge/fs"),
+            [
+                Made("ge/fs@a".into()),
+                Destroyed("ge/fs/child@z".into()),
+                Lost
+            ]
+        );
+        assert_eq!(Made("ge/fs@a".into()).names(), Some(("ge/fs", Some("a"))));
+        assert_eq!(Destroyed("ge/fs".into()).names(), Some(("ge/fs", None)));
+        assert_eq!(Lost.names(), None);
     }
 
     #[test]
     fn snapshots_and_destroys_under_the_root_count_once_each() {
-        assert_eq!(counted("ge/fs"), 2);
-        assert_eq!(counted("ge"), 3);
-        assert_eq!(counted("ge/fs/child"), 1);
-        assert_eq!(counted("ge/other"), 0);
+        // Plus one for the events lost, which may have been anyone's.
+        assert_eq!(counted("ge/fs"), 2 + 1);
+        assert_eq!(counted("ge"), 3 + 1);
+        assert_eq!(counted("ge/fs/child"), 1 + 1);
+        assert_eq!(counted("ge/other"), 1);
     }
 }

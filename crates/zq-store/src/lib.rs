@@ -16,7 +16,7 @@ pub mod token;
 pub mod zfs;
 
 pub use command::{CommandError, Reader, Writer};
-pub use events::SnapshotEvents;
+pub use events::{SnapshotEvent, SnapshotEvents};
 pub use name::{DatasetName, NameError, SendBase, SnapshotName};
 pub use parse::{Kind, Version};
 pub use stream::{first_snapshot, parse_begin, BeginError, FirstSnapshot, StreamBegin};

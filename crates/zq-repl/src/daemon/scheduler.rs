@@ -2,8 +2,9 @@
 //! is a task of its own, so a large transfer delays only its own dataset.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 use tokio::task::{Id as TaskId, JoinError, JoinSet};
@@ -58,6 +59,77 @@ pub(super) struct State {
     /// zfs told of a new snapshot (`zpool events`): the next pass looks, however recent
     /// the last listing.
     pub(super) woken: bool,
+    /// What `zpool events` tells, where it runs.
+    pub(super) told: Option<Arc<Told>>,
+}
+
+/// What `zpool events -f` told: whether it still runs, and which snapshots at or below the
+/// source it said were made or destroyed, when. While it runs, a dataset whose
+/// `snapshots_changed` was too young to trust at its last listing need not be listed again
+/// unless an event since that listing began says something the listing may lack
+/// ([`Changes::stale`]).
+#[derive(Debug, Default)]
+pub(super) struct Told {
+    pub(super) following: AtomicBool,
+    log: std::sync::Mutex<ToldLog>,
+}
+
+#[derive(Debug, Default)]
+struct ToldLog {
+    events: std::collections::VecDeque<(Instant, zq_store::SnapshotEvent)>,
+    /// When events were last lost (by the kernel, or forgotten here): a listing that began
+    /// before that cannot be vouched for.
+    lost: Option<Instant>,
+}
+
+impl Told {
+    /// How many events are kept, and for how long: a young dataset is checked at the pass
+    /// the event wakes, well within either.
+    const KEPT: usize = 10_000;
+    const KEPT_FOR: Duration = Duration::from_secs(600);
+
+    /// zfs told of a snapshot made or destroyed, or of lost events.
+    pub(super) fn event(&self, event: zq_store::SnapshotEvent) {
+        let now = Instant::now();
+        let Ok(mut log) = self.log.lock() else { return };
+        while let Some((at, _)) = log.events.front() {
+            if log.events.len() < Self::KEPT && now.duration_since(*at) < Self::KEPT_FOR {
+                break;
+            }
+            let at = *at;
+            log.events.pop_front();
+            log.lost = Some(at);
+        }
+        match event {
+            zq_store::SnapshotEvent::Lost => log.lost = Some(now),
+            e => log.events.push_back((now, e)),
+        }
+    }
+
+    /// Whether zfs follows snapshots and told of nothing since `since` that a listing of
+    /// `dataset` begun then could lack: a snapshot made that `listed` does not name, one
+    /// destroyed that it does, the dataset destroyed, lost events.
+    fn silent_since(&self, since: Instant, dataset: &str, listed: impl Fn(&str) -> bool) -> bool {
+        if !self.following.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Ok(log) = self.log.lock() else {
+            return false;
+        };
+        if log.lost.is_some_and(|l| l >= since) {
+            return false;
+        }
+        !log.events
+            .iter()
+            .rev()
+            .take_while(|(at, _)| *at >= since)
+            .any(|(_, e)| match (e, e.names()) {
+                (_, Some((ds, _))) if ds != dataset => false,
+                (zq_store::SnapshotEvent::Made(_), Some((_, Some(snap)))) => !listed(snap),
+                (zq_store::SnapshotEvent::Destroyed(_), Some((_, Some(snap)))) => listed(snap),
+                _ => true,
+            })
+    }
 }
 
 /// The outcome of one dataset's step task.
@@ -92,6 +164,7 @@ impl State {
         // The first listing says which snapshots are held, for the tidy of stale holds
         // each dataset gets before its first step here (one column more per item, which
         // later listings need not pay).
+        let listed_at = Instant::now();
         let first = self.listed_at.is_none();
         let listing = match first {
             true => {
@@ -160,7 +233,7 @@ impl State {
         self.datasets = seen;
         self.listed_at = Some(Instant::now());
         if let Some((values, read_at)) = changed {
-            self.changes.record(&values, read_at);
+            self.changes.record(&values, read_at, listed_at, |_| true);
         }
         true
     }
@@ -186,13 +259,24 @@ impl State {
             return false;
         }
         // Excluded datasets change too; only the replicated ones need listing.
+        let (told, datasets) = (self.told.clone(), &self.datasets);
+        let quiet = |name: &DatasetName, since| {
+            told.as_ref().is_some_and(|t| {
+                t.silent_since(since, name.as_str(), |snap| {
+                    datasets
+                        .get(name)
+                        .is_some_and(|d| d.snapshots.iter().any(|s| s.name == snap))
+                })
+            })
+        };
         let stale: Vec<DatasetName> = self
             .changes
-            .stale(&current)
+            .stale(&current, quiet)
             .into_iter()
             .filter(|n| self.datasets.contains_key(*n))
             .cloned()
             .collect();
+        let listed_at = Instant::now();
         if !stale.is_empty() {
             let Ok(listed) = zfs.list_each(&stale).await else {
                 return false;
@@ -212,7 +296,9 @@ impl State {
             }
         }
         debug!(stale = stale.len(), "source listed by snapshots_changed");
-        self.changes.record(&current, read_at);
+        let stale: std::collections::HashSet<_> = stale.into_iter().collect();
+        self.changes
+            .record(&current, read_at, listed_at, |n| stale.contains(n));
         true
     }
 
@@ -596,5 +682,33 @@ mod tests {
         assert!(receiver_ahead(&refused(Diverged, None), &src).is_none());
         assert!(receiver_ahead(&refused(BaseMissing, Some(2)), &src).is_none());
         assert!(receiver_ahead(&DatasetOutcome::UpToDate, &src).is_none());
+    }
+
+    #[test]
+    fn only_events_a_listing_may_lack_break_the_silence() {
+        use zq_store::SnapshotEvent::*;
+        let told = Told::default();
+        let listed = |snap: &str| snap == "a" || snap == "b";
+        let before = Instant::now();
+        // Not following: nothing is vouched for.
+        assert!(!told.silent_since(before, "p/fs", listed));
+        told.following.store(true, Ordering::Relaxed);
+        told.event(Made("p/fs@b".into()));
+        told.event(Made("p/other@c".into()));
+        told.event(Destroyed("p/fs@old".into()));
+        // The snapshot made is in the listing, the others are not the dataset's or gone.
+        assert!(told.silent_since(before, "p/fs", listed));
+        told.event(Made("p/fs@c".into()));
+        assert!(!told.silent_since(before, "p/fs", listed));
+        let later = Instant::now();
+        assert!(told.silent_since(later, "p/fs", listed));
+        told.event(Destroyed("p/fs@a".into()));
+        assert!(!told.silent_since(later, "p/fs", listed));
+        let latest = Instant::now();
+        told.event(Destroyed("p/fs".into()));
+        assert!(!told.silent_since(latest, "p/fs", listed));
+        let last = Instant::now();
+        told.event(Lost);
+        assert!(!told.silent_since(last, "p/elsewhere", listed));
     }
 }

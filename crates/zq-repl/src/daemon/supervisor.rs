@@ -1,12 +1,13 @@
 //! The daemon's supervisor: one job, the connection it replicates over (re-established
 //! with capped, jittered backoff when it breaks), and the loops it starts and stops.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use zq_store::DatasetName;
 
 use crate::connector::Connector;
@@ -15,7 +16,7 @@ use crate::lanes::Lanes;
 use crate::retry::{pseudo_random, Backoff};
 use crate::sender::{Job, Sender};
 
-use super::scheduler::{Done, State, Work};
+use super::scheduler::{Done, State, Told, Work};
 use super::snapshots::snapshot_loop;
 use super::DaemonOptions;
 use crate::prune::{retention_loop, Cursors};
@@ -53,13 +54,18 @@ pub async fn run(
     // starts at once rather than at the next tick (events that come during a pass wake
     // one more pass, not one each).
     let woken = Arc::new(Notify::new());
+    let told = Arc::new(Told::default());
     let events = match opts.snapshot_every {
         None => zfs.follow_snapshots(&job.source).map(|mut events| {
-            let woken = woken.clone();
+            let (woken, told) = (woken.clone(), told.clone());
+            told.following.store(true, Ordering::Relaxed);
             tokio::spawn(async move {
-                while events.next().await.is_some() {
+                while let Some(event) = events.next().await {
+                    debug!(?event, "zpool events");
+                    told.event(event);
                     woken.notify_one();
                 }
+                told.following.store(false, Ordering::Relaxed);
                 warn!("zpool events -f ended: new snapshots are found on ticks only");
             })
         }),
@@ -102,6 +108,7 @@ pub async fn run(
     let mut backoff = Backoff::reconnect();
     let mut state = State {
         included: Some(included_tx),
+        told: Some(told),
         ..State::default()
     };
     let mut created = Vec::new();

@@ -169,12 +169,11 @@ pub struct Receiver {
 /// A target's snapshots as this receiver left them after its last step: listed before the
 /// step plus the snapshot it received. A step whose base is the newest of them skips its
 /// listing (on zfs-fuse a listing costs ~1 ms per snapshot of the target, and it delayed
-/// every small incremental), and so does a sender's listing of that target alone (a
-/// one-shot run's plan): its cost grew with the target's history on every run. `zfs
-/// receive` itself still refuses a target that lacks the base or whose data changed since
-/// it; when it does, the target is listed and the step fails with the target's real state,
-/// as if it had been listed first. Anything else that touches the target (retention, a
-/// failed step) forgets it, and a record older than [`Known::TRUST`] is listed again.
+/// every small incremental). `zfs receive` itself still refuses a target that lacks the
+/// base or whose data changed since it; when it does, the target is listed and the step
+/// fails with the target's real state, as if it had been listed first. Anything else that
+/// touches the target (retention, a failed step) forgets it, and a record older than
+/// [`Known::TRUST`] is listed again.
 #[derive(Debug, Clone)]
 struct Known {
     snapshots: Vec<zq_proto::SnapshotInfo>,
@@ -182,9 +181,6 @@ struct Known {
     listed: std::time::Instant,
     /// Whether this receiver holds the newest snapshot with the sender's `last_tag`.
     held_last: bool,
-    /// Whether the target is encrypted, if a listing said; unknown, a sender's listing
-    /// asks zfs.
-    encrypted: Option<bool>,
 }
 
 impl Known {
@@ -668,26 +664,11 @@ impl Receiver {
         let mut partial = Vec::new();
         for r in req.roots {
             let ds = authorize(root, &r.dataset)?;
-            if let Some((snapshots, is_encrypted)) = self.recorded(&ds).filter(|_| !r.recursive) {
-                debug!(target = %ds, "listed from the record of the last step");
-                if is_encrypted {
-                    encrypted.push(ds.clone());
-                }
-                datasets.push(DatasetSnapshots {
-                    name: ds.to_string(),
-                    snapshots,
-                });
-                continue;
-            }
             let tree = self
                 .zfs
                 .list(&ds, r.recursive)
                 .await
                 .map_err(|e| WireError::new(ErrorKind::Zfs, e.to_string()))?;
-            if let (false, Some(d)) = (r.recursive, tree.first()) {
-                // A record made by a full step cannot tell (the dataset was new).
-                self.record_encryption(&ds, d.encryption.as_deref().is_some_and(is_encrypted));
-            }
             // A dataset without snapshots may be a full stream in flight (OpenZFS lists it
             // while it is received): one of our steps, or a receive zfs marks
             // inconsistent (one zfs get for all such datasets of the tree). Left out, the
@@ -736,39 +717,6 @@ impl Receiver {
             );
         }
         Ok((ListResponse { datasets }, encrypted, partial))
-    }
-
-    /// What a listing of `target` alone would say, from this receiver's record of its last
-    /// step there ([`Known`]): while the record is fresh and no step holds the target.
-    /// Anything the record misses (another tool's snapshot on the replica, a destroyed
-    /// base) shows at the step, which `zfs receive` refuses and which then lists.
-    fn recorded(&self, target: &DatasetName) -> Option<(Vec<zq_proto::SnapshotInfo>, bool)> {
-        let lock = self.targets.lock().ok()?.get(target)?.clone();
-        let known = lock.try_lock().ok()?;
-        let k = known.as_ref()?;
-        if k.listed.elapsed() >= Known::TRUST || k.snapshots.is_empty() {
-            return None;
-        }
-        Some((k.snapshots.clone(), k.encrypted?))
-    }
-
-    /// Completes the record of `target` (if it has one and no step holds it) with whether
-    /// it is encrypted, which a dataset cannot change.
-    fn record_encryption(&self, target: &DatasetName, encrypted: bool) {
-        let Some(lock) = self
-            .targets
-            .lock()
-            .ok()
-            .and_then(|t| t.get(target).cloned())
-        else {
-            return;
-        };
-        let Ok(mut known) = lock.try_lock() else {
-            return;
-        };
-        if let Some(k) = known.as_mut() {
-            k.encrypted = Some(encrypted);
-        }
     }
 
     /// Reads (into the cache of [`Zfs::pool_features`]) the features of the pools of

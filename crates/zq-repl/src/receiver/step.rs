@@ -46,8 +46,6 @@ const DISCARD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 struct Prepared {
     force: bool,
     snapshots: Vec<SnapshotInfo>,
-    /// Whether the target is encrypted, where a listing said (for [`Known`]).
-    encrypted: Option<bool>,
 }
 
 impl Receiver {
@@ -295,7 +293,6 @@ impl Receiver {
                         Some(k) => Ok(Prepared {
                             force: self.plain_force(h),
                             snapshots: k.snapshots.clone(),
-                            encrypted: k.encrypted,
                         }),
                         None => {
                             self.prepare(root, target, h, last_tag, Some((partial, version_7)))
@@ -393,7 +390,6 @@ impl Receiver {
             "zfs receive finished"
         );
 
-        let encrypted = prepared.encrypted;
         let committed = if h.intermediates {
             // The stream held several snapshots and its BEGIN record named only the first:
             // list the target to learn (and check) the last one.
@@ -426,7 +422,6 @@ impl Receiver {
             snapshots: committed.snapshots.clone(),
             listed: trusted.map_or(started, |k| k.listed),
             held_last: false,
-            encrypted,
         });
         Ok(committed)
     }
@@ -646,7 +641,6 @@ impl Receiver {
                 let full = h.from.is_none().then_some(Prepared {
                     force: false,
                     snapshots: Vec::new(),
-                    encrypted: None,
                 });
                 Ok((false, full))
             }
@@ -705,9 +699,6 @@ impl Receiver {
                 (false, None) => {}
             }
         }
-        let encrypted = state
-            .first()
-            .map(|d| d.encryption.as_deref().is_some_and(super::is_encrypted));
         let snaps: Option<Vec<SnapshotInfo>> = state
             .first()
             .map(|d| d.snapshots.iter().map(to_info).collect());
@@ -743,7 +734,6 @@ impl Receiver {
                 Ok(Prepared {
                     force: false,
                     snapshots: Vec::new(),
-                    encrypted,
                 })
             }
             (None, Some(existing)) => {
@@ -768,7 +758,6 @@ impl Receiver {
                     return Ok(Prepared {
                         force: true,
                         snapshots: Vec::new(),
-                        encrypted,
                     });
                 }
                 if h.force != ForceAction::Replace {
@@ -793,7 +782,6 @@ impl Receiver {
                 Ok(Prepared {
                     force: true,
                     snapshots: Vec::new(),
-                    encrypted,
                 })
             }
             (Some(from), None) => Err(WireError::new(
@@ -823,7 +811,6 @@ impl Receiver {
                     return Ok(Prepared {
                         force: !self.zfs.capabilities().recv_no_mount,
                         snapshots: existing,
-                        encrypted,
                     });
                 }
                 let newer = existing.len() - pos - 1;
@@ -845,7 +832,6 @@ impl Receiver {
                         Ok(Prepared {
                             force: true,
                             snapshots: existing,
-                            encrypted,
                         })
                     }
                     _ => Err(with_newest(WireError::new(

@@ -158,7 +158,12 @@ pub async fn run_with_input(argv: &Argv, input: Option<&[u8]>) -> Result<String,
         .wait_with_output()
         .await
         .map_err(|e| argv.spawn_err(e))?;
-    timer.stop();
+    timer.stop_read(Some(
+        out.stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+    ));
     if !out.status.success() {
         let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         stderr.truncate(MAX_STDERR.min(stderr.len()));

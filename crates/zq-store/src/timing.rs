@@ -45,7 +45,8 @@ pub(crate) struct Timer {
 }
 
 /// The log target of one debug line per zfs command (`ZQ_LOG=zq_store::calls=debug`): the
-/// command line and how long it took, for an operator asking what zq asks of zfs.
+/// command line, how long it took and, for a command whose output zq reads whole (a
+/// listing), how many lines it printed: for an operator asking what zq asks of zfs.
 pub const CALLS_TARGET: &str = "zq_store::calls";
 
 impl Timer {
@@ -60,9 +61,21 @@ impl Timer {
     }
 
     pub(crate) fn stop(&self) {
+        self.stop_read(None);
+    }
+
+    /// [`Self::stop`] of a command that printed `lines` lines, all read.
+    pub(crate) fn stop_read(&self, lines: Option<usize>) {
         if let Some(argv) = &self.argv {
             let ms = self.started.elapsed().as_secs_f64() * 1000.0;
-            tracing::debug!(target: CALLS_TARGET, ms = format_args!("{ms:.1}"), "{argv}");
+            match lines {
+                Some(lines) => {
+                    tracing::debug!(target: CALLS_TARGET, ms = format_args!("{ms:.1}"), lines, "{argv}")
+                }
+                None => {
+                    tracing::debug!(target: CALLS_TARGET, ms = format_args!("{ms:.1}"), "{argv}")
+                }
+            }
         }
         if let Ok(mut t) = TIMINGS.lock() {
             t.entry(self.subcommand.clone())

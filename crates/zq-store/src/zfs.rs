@@ -145,6 +145,10 @@ pub struct Capabilities {
     /// `zfs receive -o PROP=VALUE` and `-x PROP` (OpenZFS 0.8 and later; zfs-fuse's
     /// receive takes neither).
     pub receive_properties: bool,
+    /// The hidden `prevsnap` property of a filesystem or volume names its newest snapshot
+    /// (OpenZFS; zfs-fuse's `zfs get` refuses it): [`Zfs::list_newest`] learns a dataset's
+    /// newest snapshot at no cost per snapshot it has.
+    pub prevsnap: bool,
 }
 
 impl Capabilities {
@@ -165,6 +169,7 @@ impl Capabilities {
                 encryption: true,
                 send_features: true,
                 receive_properties: true,
+                prevsnap: true,
                 snapshots_changed: v
                     >= Some(Version {
                         major: 2,
@@ -494,6 +499,50 @@ impl Zfs {
             self.remember_encryption(t);
         }
         Ok(trees)
+    }
+
+    /// [`Self::list`], but with each dataset's newest snapshot only, found without reading
+    /// the others: where zfs has [`Capabilities::prevsnap`], two `zfs list` calls whatever
+    /// the history (a full listing of 110 received snapshots took 1.4 s in the test guest,
+    /// this ~0.1 s; docs/benchmarks.md). No bookmarks. `None` where zfs cannot tell, or
+    /// when a newest snapshot was destroyed between the two calls: list in full then.
+    pub async fn list_newest(
+        &self,
+        root: &DatasetName,
+        recursive: bool,
+    ) -> Result<Option<Vec<DatasetState>>, StoreError> {
+        if !self.caps.prevsnap {
+            return Ok(None);
+        }
+        let argv = self
+            .zfs()
+            .args(["list", "-Hp", "-o"])
+            .arg("name,type,guid,createtxg,encryption,receive_resume_token,prevsnap")
+            .args([
+                "-t",
+                "filesystem,volume",
+                if recursive { "-r" } else { "-d0" },
+            ])
+            .arg(root.as_str());
+        let Some(out) = run_unless_missing(&argv).await? else {
+            return Ok(Some(Vec::new()));
+        };
+        let (mut entries, newest) = parse_with_newest(&out)?;
+        for chunk in newest.chunks(MAX_NAMES_PER_CALL) {
+            let argv = self
+                .zfs()
+                .args(["list", "-Hp", "-o", "name,type,guid,createtxg"])
+                .args(["-t", "snapshot"])
+                .args(chunk.iter().map(String::as_str));
+            match run(&argv).await {
+                Ok(out) => entries.extend(parse_list_with(&out, false)?),
+                Err(e) if e.stderr().is_some_and(is_missing_dataset) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let tree = tree_from_entries(entries, root, recursive)?;
+        self.remember_encryption(&tree);
+        Ok(Some(tree))
     }
 
     /// The filesystems and volumes at (and with `recursive`, below) `root`, without their
@@ -1265,6 +1314,31 @@ pub fn tree_from_entries(
 }
 
 /// Runs `argv`; `None` if zfs says the dataset it names does not exist.
+/// At most this many names on one `zfs` command line.
+const MAX_NAMES_PER_CALL: usize = 256;
+
+/// The entries of a listing of filesystems and volumes whose last column is `prevsnap`,
+/// and the names of their newest snapshots. `prevsnap` is `-` without snapshots, and a
+/// clone without snapshots of its own names its origin, another dataset's: neither counts.
+fn parse_with_newest(out: &str) -> Result<(Vec<Entry>, Vec<String>), StoreError> {
+    let mut rest = String::with_capacity(out.len());
+    let mut newest = Vec::new();
+    for (i, line) in out.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+        let (head, prev) = line.rsplit_once('\t').ok_or_else(|| ParseError {
+            line_no: i + 1,
+            line: line.to_string(),
+            reason: "no prevsnap column".into(),
+        })?;
+        let name = head.split('\t').next().unwrap_or_default();
+        if prev.split_once('@').is_some_and(|(ds, _)| ds == name) {
+            newest.push(prev.to_string());
+        }
+        rest.push_str(head);
+        rest.push('\n');
+    }
+    Ok((parse_list_with(&rest, false)?, newest))
+}
+
 async fn run_unless_missing(argv: &Argv) -> Result<Option<String>, StoreError> {
     match run(argv).await {
         Ok(out) => Ok(Some(out)),
@@ -1277,6 +1351,23 @@ async fn run_unless_missing(argv: &Argv) -> Result<Option<String>, StoreError> {
 mod tests {
     use super::*;
     use crate::parse::parse_list;
+
+    #[test]
+    fn prevsnap_names_the_newest_snapshot_of_the_dataset_itself() {
+        // As OpenZFS 2.3 printed it: a tree, a clone without snapshots of its own (its
+        // prevsnap is its origin), a dataset without snapshots.
+        let out = "pp\tfilesystem\t1\t1\toff\t-\t-\n\
+                   pp/cl\tfilesystem\t2\t12\toff\t-\tpp/fs@a\n\
+                   pp/fs\tfilesystem\t3\t8\toff\t-\tpp/fs@b\n\
+                   pp/fs/c\tfilesystem\t4\t9\toff\t-\tpp/fs/c@a\n";
+        let (entries, newest) = parse_with_newest(out).unwrap();
+        assert_eq!(newest, ["pp/fs@b", "pp/fs/c@a"]);
+        assert_eq!(entries.len(), 4);
+        assert_eq!(entries[2].name, "pp/fs");
+        assert_eq!(entries[2].createtxg, 8);
+        assert_eq!(entries[2].encryption.as_deref(), Some("off"));
+        assert!(parse_with_newest("pp\n").is_err());
+    }
 
     fn e(name: &str, kind: Kind, guid: u64, createtxg: u64) -> Entry {
         Entry {

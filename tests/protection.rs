@@ -295,14 +295,56 @@ fn destroyed_mid_step(test: &str, mode: Mode) {
 /// new cursor placed and the old one removed once each. Two datasets, one with 30
 /// snapshots of history and one with none, each get one more snapshot; the zfs commands of
 /// their runs (from the sender's debug log of commands) are the same once names are
-/// normalized.
+/// normalized. So are the receiver's, and where zfs names a dataset's newest snapshot
+/// without listing the others (OpenZFS's `prevsnap`), its listings for the plan read as
+/// many lines whatever the history.
 #[test]
 fn a_steady_one_shot_run_asks_zfs_the_same_whatever_the_history() {
     let Some(_zfs) = zfs_or_skip("oneshot_calls") else {
         return;
     };
     let (src, dst, keys) = (Pool::new("s"), Pool::new("d"), Keys::new());
-    let recv = Recv::start(&keys, &[(&keys.send_fp, &dst.name)]);
+    let recv = Recv::start_logged(
+        &keys,
+        &[(&keys.send_fp, &dst.name)],
+        &["--log-format", "json"],
+        &[("ZQ_LOG", "warn,zq_store::calls=debug")],
+    );
+    // The receiver's commands since `from` (a length of its log) once it has been quiet
+    // for a second, with how many lines each printed; not its hold moves, which it batches
+    // across targets and steps, seconds after the verdict (crate::holds).
+    let settled = || -> String {
+        let text = || recv.log.lock().unwrap().clone();
+        let mut seen = usize::MAX;
+        let quiet = wait_for_every(Duration::from_secs(20), Duration::from_secs(1), || {
+            let now = text().len();
+            std::mem::replace(&mut seen, now) == now
+        });
+        assert!(quiet, "the receiver kept logging");
+        text()
+    };
+    let recv_calls = |from: usize, ds: &str, target: &str| -> Vec<(String, u64)> {
+        let mut calls: Vec<(String, u64)> = settled()[from..]
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "zq_store::calls")
+            .filter_map(|v| {
+                let call = normalize(v["fields"]["message"].as_str()?, ds, target);
+                Some((call, v["fields"]["lines"].as_u64().unwrap_or(0)))
+            })
+            .filter(|(c, _)| {
+                !(c.starts_with("zfs hold ")
+                    || c.starts_with("zfs release ")
+                    || c.contains(" userrefs "))
+            })
+            .collect();
+        calls.sort();
+        calls
+    };
+    let newest_named = std::process::Command::new("zfs")
+        .args(["get", "-H", "-o", "value", "prevsnap", &src.name])
+        .output()
+        .is_ok_and(|o| o.status.success());
     let run = |ds: &str, target: &str| -> Vec<String> {
         let out = std::process::Command::new(SEND)
             .args(["--log-format", "json", "run", ds, &recv.addr, target])
@@ -325,7 +367,7 @@ fn a_steady_one_shot_run_asks_zfs_the_same_whatever_the_history() {
         calls.sort();
         calls
     };
-    let mut steady = Vec::new();
+    let (mut steady, mut received) = (Vec::new(), Vec::new());
     for (name, history) in [("long", 30), ("short", 0)] {
         let ds = src.create(name);
         let target = dst.ds(name);
@@ -335,8 +377,26 @@ fn a_steady_one_shot_run_asks_zfs_the_same_whatever_the_history() {
         src.snap(name, "prev");
         run(&ds, &target);
         src.snap(name, "new");
+        let from = settled().len();
         steady.push(run(&ds, &target));
+        received.push(recv_calls(from, &ds, &target));
         assert_eq!(snapshots(&target).last().map(|s| s.0.as_str()), Some("new"));
+    }
+    eprintln!(
+        "the receiver's zfs commands (lines printed):\n{:?}",
+        received[0]
+    );
+    let commands = |r: &[(String, u64)]| r.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        commands(&received[0]),
+        commands(&received[1]),
+        "the history changed what the receiver asked of zfs"
+    );
+    if newest_named {
+        assert_eq!(
+            received[0], received[1],
+            "where zfs names the newest snapshot, the receiver read more with more history"
+        );
     }
     eprintln!(
         "a steady one-shot run's zfs commands:\n{}",

@@ -9,7 +9,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -593,7 +593,7 @@ impl Keys {
 pub struct Recv {
     child: Child,
     pub addr: String,
-    /// stderr, where it is captured ([`Recv::socket_activated`]).
+    /// stderr, where it is captured ([`Recv::socket_activated`], [`Recv::start_logged`]).
     pub log: Arc<Mutex<String>>,
 }
 
@@ -638,6 +638,37 @@ impl Recv {
         Recv::spawn_command(cmd)
     }
 
+    /// [`Recv::start`] with `global` options before `serve` (e.g. `--log-format json`) and
+    /// `env` set, its stderr kept in [`Recv::log`] (and passed on).
+    pub fn start_logged(
+        keys: &Keys,
+        allow: &[(&str, &str)],
+        global: &[&str],
+        env: &[(&str, &str)],
+    ) -> Recv {
+        let mut cmd = Command::new(RECV);
+        cmd.envs(env.iter().copied())
+            .args(global)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(serve_args(keys, allow));
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = keep_log(child.stderr.take().unwrap());
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected output {line:?} of {cmd:?}"))
+            .to_string();
+        Recv { child, addr, log }
+    }
+
     /// Starts `cmd` (a `zq-recv serve …`) and waits for the address it listens on.
     pub fn spawn_command(cmd: Command) -> Recv {
         let (child, addr) = spawn_listening(cmd);
@@ -667,6 +698,23 @@ pub fn spawn_listening(mut cmd: Command) -> (Child, String) {
         .unwrap_or_else(|| panic!("unexpected output {line:?} of {cmd:?}"))
         .to_string();
     (child, addr)
+}
+
+/// What a child prints on `stderr`, kept and passed on by a thread of its own (the pipe
+/// must never fill).
+fn keep_log(stderr: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let log = Arc::new(Mutex::new(String::new()));
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if let Ok(mut k) = kept.lock() {
+                k.push_str(&line);
+                k.push('\n');
+            }
+        }
+    });
+    log
 }
 
 /// `zq-recv serve`'s options but --listen.
@@ -735,17 +783,7 @@ impl Recv {
         let mut line = String::new();
         stderr.read_line(&mut line).unwrap();
         assert!(line.starts_with("Listening on"), "{line:?}");
-        let log = Arc::new(Mutex::new(String::new()));
-        let kept = log.clone();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                eprintln!("{line}");
-                if let Ok(mut k) = kept.lock() {
-                    k.push_str(&line);
-                    k.push('\n');
-                }
-            }
-        });
+        let log = keep_log(stderr);
         Recv { child, addr, log }
     }
 

@@ -788,6 +788,14 @@ mod tests {
                         },
                     }))
                 }),
+            proptest::collection::vec((arb_name(), any::<bool>()), 0..5).prop_map(|r| {
+                Message::ListNewest(ListRequest {
+                    roots: r
+                        .into_iter()
+                        .map(|(dataset, recursive)| ListRoot { dataset, recursive })
+                        .collect(),
+                })
+            }),
         ]
     }
 
@@ -820,10 +828,11 @@ mod tests {
                 Message::PartialReceives(_) => 19,
                 Message::StepBegin(_) => 20,
                 Message::StepWith(_) => 21,
+                Message::ListNewest(_) => 22,
             }
         }
         let mut runner = proptest::test_runner::TestRunner::deterministic();
-        let mut seen = [false; 22];
+        let mut seen = [false; 23];
         for _ in 0..2000 {
             let m = arb_message().new_tree(&mut runner).unwrap().current();
             seen[kind(&m)] = true;

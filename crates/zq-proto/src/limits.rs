@@ -16,7 +16,8 @@ pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// resume with `zfs send -t`, and discarding a partial receive).
 /// Version 8: `StepWith`, a `StepBegin` with properties: the stream carries the source's
 /// (`zfs send -p`), and the sender asks the receiver to set or exclude some.
-pub const PROTOCOL_VERSION_MAX: u16 = 8;
+/// Version 9: `ListNewest`, a listing of each dataset's newest snapshot only.
+pub const PROTOCOL_VERSION_MAX: u16 = 9;
 
 /// First four bytes of every `Hello`: "ZQ" and two bytes of zeros, so a stray client of
 /// another protocol is told apart from a zq peer of another version.

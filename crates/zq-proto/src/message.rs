@@ -73,6 +73,12 @@ pub enum Message {
     /// Sender → receiver, first frame of a step from version 8 when the step has
     /// properties to carry or ask for, instead of [`StepBegin`]. Boxed like it.
     StepWith(Box<StepWith>),
+    /// Sender → receiver, first frame of a listing stream from version 9, instead of
+    /// [`ListRequest`] when the sender needs only each dataset's newest snapshot (a one-shot
+    /// run's plan, which lists in full when that is not a common snapshot). Answered as a
+    /// `ListRequest` is, but each dataset's snapshots may be just its newest: where zfs
+    /// names it without reading the others, the answer costs nothing per snapshot.
+    ListNewest(ListRequest),
 }
 
 /// The compression name of chunks sent as they are: always understood.
@@ -115,6 +121,7 @@ impl Message {
             Message::PartialReceives(_) => "PartialReceives",
             Message::StepBegin(_) => "StepBegin",
             Message::StepWith(_) => "StepWith",
+            Message::ListNewest(_) => "ListNewest",
         }
     }
 
@@ -151,7 +158,7 @@ impl Message {
                 Ok(())
             }
             Message::Refused(r) => check_text("Refused.message", &r.message),
-            Message::ListRequest(r) => {
+            Message::ListRequest(r) | Message::ListNewest(r) => {
                 check_count("ListRequest.roots", r.roots.len(), MAX_LIST_DATASETS)?;
                 r.roots
                     .iter()

@@ -518,10 +518,17 @@ impl Receiver {
                     }
                 };
             }
-            Ok(Message::ListRequest(r)) => {
+            Ok(m @ (Message::ListRequest(_) | Message::ListNewest(_)))
+                if agreed.version >= 9 || matches!(m, Message::ListRequest(_)) =>
+            {
+                let (r, newest) = match m {
+                    Message::ListNewest(r) => (r, true),
+                    Message::ListRequest(r) => (r, false),
+                    _ => unreachable!("matched above"),
+                };
                 let roots = r.roots.clone();
                 // The pools' features (for Destination) are read while zfs lists.
-                let (listing, _) = tokio::join!(self.list(root, r), async {
+                let (listing, _) = tokio::join!(self.list(root, r, newest), async {
                     if agreed.version >= 6 {
                         self.read_features(root, &roots).await;
                     }
@@ -646,11 +653,13 @@ impl Receiver {
 
     /// The listing, the names of the listed datasets that are encrypted, and the partial
     /// receives under the roots (none that a step of ours is receiving into: that state is
-    /// in flux, and the step's end settles it).
+    /// in flux, and the step's end settles it). With `newest`, each dataset's snapshots may
+    /// be its newest only ([`Zfs::list_newest`]), where zfs can tell it cheaply.
     async fn list(
         &self,
         root: &DatasetName,
         req: zq_proto::ListRequest,
+        newest: bool,
     ) -> Result<
         (
             ListResponse,
@@ -664,11 +673,19 @@ impl Receiver {
         let mut partial = Vec::new();
         for r in req.roots {
             let ds = authorize(root, &r.dataset)?;
-            let tree = self
-                .zfs
-                .list(&ds, r.recursive)
-                .await
-                .map_err(|e| WireError::new(ErrorKind::Zfs, e.to_string()))?;
+            let zfs_err = |e: zq_store::StoreError| WireError::new(ErrorKind::Zfs, e.to_string());
+            let short = match newest {
+                true => self
+                    .zfs
+                    .list_newest(&ds, r.recursive)
+                    .await
+                    .map_err(zfs_err)?,
+                false => None,
+            };
+            let tree = match short {
+                Some(tree) => tree,
+                None => self.zfs.list(&ds, r.recursive).await.map_err(zfs_err)?,
+            };
             // A dataset without snapshots may be a full stream in flight (OpenZFS lists it
             // while it is received): one of our steps, or a receive zfs marks
             // inconsistent (one zfs get for all such datasets of the tree). Left out, the

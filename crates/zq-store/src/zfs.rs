@@ -504,7 +504,7 @@ impl Zfs {
     /// [`Self::list`], but with each dataset's newest snapshot only, found without reading
     /// the others: where zfs has [`Capabilities::prevsnap`], two `zfs list` calls whatever
     /// the history (a full listing of 110 received snapshots took 1.4 s in the test guest,
-    /// this ~0.1 s; docs/benchmarks.md). No bookmarks. `None` where zfs cannot tell, or
+    /// these two 0.15 s; docs/benchmarks.md). No bookmarks. `None` where zfs cannot tell, or
     /// when a newest snapshot was destroyed between the two calls: list in full then.
     pub async fn list_newest(
         &self,

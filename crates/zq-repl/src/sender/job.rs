@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use futures_util::stream::{self, StreamExt};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 use zq_proto::Committed;
 use zq_store::{DatasetName, Zfs};
 
@@ -88,6 +88,42 @@ pub(super) struct Listed<'a> {
     held: Option<&'a [String]>,
 }
 
+/// Whether a listing of the destination's newest snapshots ([`Listing::newest_only`]) is
+/// not enough to plan `job` over `sources`: with `--force` (which acts on the whole
+/// destination), or where a target's newest snapshot is none of its source's snapshots
+/// and bookmarks the job replicates (a divergence, or an older common snapshot to find).
+fn needs_full_listing(
+    job: &Job,
+    sources: &[zq_store::DatasetState],
+    listing: &super::session::Listing,
+) -> bool {
+    if !listing.newest_only {
+        return false;
+    }
+    if job.options.force {
+        return true;
+    }
+    sources.iter().any(|src| {
+        let Ok(target) = src.name.rebase(&job.source, &job.target) else {
+            return true;
+        };
+        let Some(newest) = listing
+            .datasets
+            .iter()
+            .find(|d| d.name == target.as_str())
+            .and_then(|d| d.snapshots.last())
+        else {
+            return false;
+        };
+        let common = job
+            .kept_snapshots(&src.snapshots)
+            .iter()
+            .any(|s| s.guid == newest.guid)
+            || src.bookmarks.iter().any(|b| b.guid == newest.guid);
+        !common
+    })
+}
+
 impl Sender {
     /// Replicates `job`: lists both sides once, plans each dataset, runs the steps
     /// (parents before children, siblings side by side: `job.parallel`). One dataset's
@@ -98,9 +134,13 @@ impl Sender {
         // The listing says which snapshots are held: the tidy of stale holds needs no
         // query of its own.
         let lister = self.zfs.clone().listing_holds();
+        // Of the destination, each dataset's newest snapshot is enough when the source has
+        // it: the next step starts there (and a newer one there would be a divergence the
+        // newest shows). Only when it is not, or with --force, is the destination listed
+        // in full; so a run's cost on the receiver does not grow with history.
         let (sources, dest, _) = tokio::join!(
             lister.list(&job.source, job.recursive),
-            self.list_remote(&job.target, job.recursive),
+            self.list_remote_newest(&job.target, job.recursive),
             self.zfs.pool_features(job.source.pool())
         );
         let sources = sources?;
@@ -111,7 +151,11 @@ impl Sender {
         if sources.is_empty() {
             return Err(ReplError::AllExcluded(job.source.to_string()));
         }
-        let listing = dest?;
+        let mut listing = dest?;
+        if needs_full_listing(job, &sources, &listing) {
+            debug!("the destination's newest snapshot is not the source's everywhere; listing it in full");
+            listing = self.list_remote(&job.target, job.recursive).await?;
+        }
         let dest: HashMap<&str, &[zq_proto::SnapshotInfo]> = listing
             .datasets
             .iter()
@@ -499,5 +543,105 @@ impl Sender {
         }
         let last = last.ok_or_else(|| ReplError::Protocol("nothing new to send".into()))?;
         Ok((last, bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sender::session::Listing;
+    use zq_store::{DatasetState, Kind, Snapshot};
+
+    fn name(s: &str) -> DatasetName {
+        DatasetName::parse(s).unwrap()
+    }
+
+    fn snap(name: &str, guid: u64) -> Snapshot {
+        Snapshot {
+            name: name.into(),
+            guid,
+            createtxg: guid,
+        }
+    }
+
+    fn source(ds: &str, snapshots: Vec<Snapshot>, bookmarks: Vec<Snapshot>) -> DatasetState {
+        DatasetState {
+            name: name(ds),
+            kind: Kind::Filesystem,
+            encryption: None,
+            resume_token: None,
+            snapshots,
+            bookmarks,
+            held: None,
+        }
+    }
+
+    fn newest(targets: &[(&str, Option<u64>)]) -> Listing {
+        Listing {
+            datasets: targets
+                .iter()
+                .map(|(t, g)| zq_proto::DatasetSnapshots {
+                    name: t.to_string(),
+                    snapshots: g
+                        .iter()
+                        .map(|g| to_info(&snap(&format!("s{g}"), *g)))
+                        .collect(),
+                })
+                .collect(),
+            newest_only: true,
+            ..Default::default()
+        }
+    }
+
+    fn job() -> Job {
+        Job {
+            source: name("src/a"),
+            target: name("dst/a"),
+            recursive: true,
+            options: PlanOptions::default(),
+            filter: Default::default(),
+            snapshots: Default::default(),
+            parallel: 1,
+        }
+    }
+
+    #[test]
+    fn the_newest_snapshots_do_when_the_source_has_each() {
+        let sources = [
+            source("src/a", vec![snap("s1", 1), snap("s2", 2)], vec![]),
+            // Its newest replicated snapshot destroyed, its cursor bookmark kept.
+            source("src/a/b", vec![snap("s4", 4)], vec![snap("s3", 3)]),
+            source("src/a/new", vec![snap("s5", 5)], vec![]),
+            source("src/a/empty", vec![snap("s6", 6)], vec![]),
+        ];
+        let listing = newest(&[
+            ("dst/a", Some(1)),
+            ("dst/a/b", Some(3)),
+            ("dst/a/empty", None),
+        ]);
+        assert!(!needs_full_listing(&job(), &sources, &listing));
+
+        let full = Listing {
+            newest_only: false,
+            ..listing.clone()
+        };
+        let diverged = newest(&[("dst/a", Some(9))]);
+        assert!(needs_full_listing(&job(), &sources, &diverged));
+        // A full listing is never listed again.
+        let diverged_full = Listing {
+            newest_only: false,
+            ..diverged
+        };
+        assert!(!needs_full_listing(&job(), &sources, &diverged_full));
+        assert!(!needs_full_listing(&job(), &sources, &full));
+
+        let mut force = job();
+        force.options.force = true;
+        assert!(needs_full_listing(&force, &sources, &listing));
+
+        // A snapshot the job does not replicate is no common base.
+        let mut filtered = job();
+        filtered.snapshots.exclude = vec![regex::Regex::new("^s1$").unwrap()];
+        assert!(needs_full_listing(&filtered, &sources, &listing));
     }
 }

@@ -32,6 +32,8 @@ pub struct Listing {
     pub destination: Option<Arc<DestinationFacts>>,
     /// Targets an interrupted `zfs receive -s` left partial (protocol 7).
     pub partial: Vec<zq_proto::PartialReceive>,
+    /// Asked with `ListNewest` (protocol 9): a dataset's snapshots may be its newest only.
+    pub newest_only: bool,
 }
 
 /// What the receiver kept of an interrupted step into a target.
@@ -291,14 +293,40 @@ impl Sender {
         target: &DatasetName,
         recursive: bool,
     ) -> Result<Listing, ReplError> {
+        self.list_remote_with(target, recursive, false).await
+    }
+
+    /// [`Self::list_remote`], where each dataset's snapshots may be its newest only
+    /// ([`Listing::newest_only`]; from protocol 9, else a full listing): enough to plan
+    /// the next step from a common newest snapshot, at no cost per snapshot on the
+    /// receiver where zfs names the newest (OpenZFS).
+    pub async fn list_remote_newest(
+        &self,
+        target: &DatasetName,
+        recursive: bool,
+    ) -> Result<Listing, ReplError> {
+        self.list_remote_with(target, recursive, self.session.version >= 9)
+            .await
+    }
+
+    async fn list_remote_with(
+        &self,
+        target: &DatasetName,
+        recursive: bool,
+        newest_only: bool,
+    ) -> Result<Listing, ReplError> {
         let (send, recv) = self.conn.open_bi().await.map_err(ReplError::connection)?;
         let (mut send, mut recv) = (FramedSend::new(send), FramedRecv::new(recv));
-        send.send(&Message::ListRequest(ListRequest {
+        let request = ListRequest {
             roots: vec![ListRoot {
                 dataset: target.to_string(),
                 recursive,
             }],
-        }))
+        };
+        send.send(&match newest_only {
+            true => Message::ListNewest(request),
+            false => Message::ListRequest(request),
+        })
         .await?;
         send.finish()?;
         let datasets = match recv.message("ListResponse").await? {
@@ -363,6 +391,7 @@ impl Sender {
             resumable,
             destination,
             partial,
+            newest_only,
         })
     }
 

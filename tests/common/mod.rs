@@ -651,21 +651,7 @@ impl Recv {
             .args(global)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(serve_args(keys, allow));
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = keep_log(child.stderr.take().unwrap());
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected output {line:?} of {cmd:?}"))
-            .to_string();
+        let (child, addr, log) = spawn_listening_kept(cmd, true);
         Recv { child, addr, log }
     }
 
@@ -682,12 +668,28 @@ impl Recv {
 
 /// Starts `cmd` (a `zq-recv serve` or `zq-send serve`, which print `listening on ADDR`
 /// first) and returns it with that address.
-pub fn spawn_listening(mut cmd: Command) -> (Child, String) {
+pub fn spawn_listening(cmd: Command) -> (Child, String) {
+    let (child, addr, _) = spawn_listening_kept(cmd, false);
+    (child, addr)
+}
+
+/// [`spawn_listening`], with the child's stderr kept (and passed on) if `keep`, else
+/// inherited (the log is then empty).
+fn spawn_listening_kept(mut cmd: Command, keep: bool) -> (Child, String, Arc<Mutex<String>>) {
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(if keep {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        })
         .spawn()
         .unwrap();
+    // Read from before the address is: the pipe must never fill.
+    let log = match child.stderr.take() {
+        Some(stderr) => keep_log(stderr),
+        None => Arc::default(),
+    };
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -697,7 +699,7 @@ pub fn spawn_listening(mut cmd: Command) -> (Child, String) {
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected output {line:?} of {cmd:?}"))
         .to_string();
-    (child, addr)
+    (child, addr, log)
 }
 
 /// What a child prints on `stderr`, kept and passed on by a thread of its own (the pipe

@@ -555,6 +555,15 @@ mod tests {
             )
     }
 
+    fn arb_list_request() -> impl Strategy<Value = ListRequest> {
+        proptest::collection::vec((arb_name(), any::<bool>()), 0..5).prop_map(|r| ListRequest {
+            roots: r
+                .into_iter()
+                .map(|(dataset, recursive)| ListRoot { dataset, recursive })
+                .collect(),
+        })
+    }
+
     fn arb_message() -> impl Strategy<Value = Message> {
         let caps = proptest::collection::vec("[a-z0-9-]{1,10}", 0..4);
         prop_oneof![
@@ -588,14 +597,7 @@ mod tests {
                     software,
                 })
             }),
-            proptest::collection::vec((arb_name(), any::<bool>()), 0..5).prop_map(|r| {
-                Message::ListRequest(ListRequest {
-                    roots: r
-                        .into_iter()
-                        .map(|(dataset, recursive)| ListRoot { dataset, recursive })
-                        .collect(),
-                })
-            }),
+            arb_list_request().prop_map(Message::ListRequest),
             proptest::collection::vec(
                 (
                     arb_name(),
@@ -788,14 +790,7 @@ mod tests {
                         },
                     }))
                 }),
-            proptest::collection::vec((arb_name(), any::<bool>()), 0..5).prop_map(|r| {
-                Message::ListNewest(ListRequest {
-                    roots: r
-                        .into_iter()
-                        .map(|(dataset, recursive)| ListRoot { dataset, recursive })
-                        .collect(),
-                })
-            }),
+            arb_list_request().prop_map(Message::ListNewest),
         ]
     }
 

@@ -347,8 +347,11 @@ fn retention_prunes_old_zq_snapshots_on_both_sides_and_keeps_the_chain() {
                 "{ds} still has {first}: {names:?}"
             );
             let zq = names.iter().filter(|n| n.starts_with("zq_")).count();
-            // 3 kept, plus what was created since the last pass (one pass per 5 s).
-            assert!(zq <= 3 + 6, "{ds} holds {zq} zq_ snapshots: {names:?}");
+            // 3 kept, plus what was created since the last pass (one pass per 5 s), plus
+            // what a pass may not destroy on the source: the former cursor, whose hold is
+            // released in a batch up to 10 s later (crate::holds; seen in CI: 10), and a
+            // running step's base. Never pruned, there would be one per second (16 here).
+            assert!(zq <= 3 + 6 + 2, "{ds} holds {zq} zq_ snapshots: {names:?}");
         }
         // The chain holds: the destination's newest is a source snapshot.
         let newest = snapshots(t).last().unwrap().1;

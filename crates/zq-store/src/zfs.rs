@@ -1313,7 +1313,6 @@ pub fn tree_from_entries(
     Ok(datasets)
 }
 
-/// Runs `argv`; `None` if zfs says the dataset it names does not exist.
 /// At most this many names on one `zfs` command line.
 const MAX_NAMES_PER_CALL: usize = 256;
 
@@ -1339,6 +1338,7 @@ fn parse_with_newest(out: &str) -> Result<(Vec<Entry>, Vec<String>), StoreError>
     Ok((parse_list_with(&rest, false)?, newest))
 }
 
+/// Runs `argv`; `None` if zfs says the dataset it names does not exist.
 async fn run_unless_missing(argv: &Argv) -> Result<Option<String>, StoreError> {
     match run(argv).await {
         Ok(out) => Ok(Some(out)),
